@@ -1,0 +1,1 @@
+//! `installer`: builds the bare-metal installer ISO (not built yet).

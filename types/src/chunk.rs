@@ -1,0 +1,55 @@
+//! Requests to a node's chunk service. Bulk data travels beside the message (the RPC
+//! frame's data part), never inside it and never through the Raft log.
+
+use crate::ids::*;
+use serde::{Deserialize, Serialize};
+
+/// A blake3 hash of one checksum block; all zeros for a block never written.
+pub type BlockSum = [u8; 32];
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ChunkRequest {
+    /// Write `data` at `offset` in the chunk, durably. Refused with `Fenced` if `epoch` is
+    /// older than the newest epoch this server has seen for the volume, and with
+    /// `StaleVersion` if `version` is older than the replica's. Creates the replica if absent.
+    Write { disk: u32, chunk: ChunkId, chunk_size: u64, version: ChunkVersion, epoch: Epoch, offset: u64 },
+    /// Read `len` bytes at `offset`, checksums verified. Refused with `StaleReplica` if the
+    /// replica's version is older than `version`.
+    Read { disk: u32, chunk: ChunkId, version: ChunkVersion, offset: u64, len: u64 },
+    /// Raise the replica's version (the metadata group changed the replica set and this
+    /// replica stays in it).
+    SetVersion { disk: u32, chunk: ChunkId, version: ChunkVersion },
+    /// Remember that `volume` is now at `epoch`; older writers are refused from now on.
+    Fence { volume: VolumeId, epoch: Epoch },
+    /// Per-block checksums of a replica (used for incremental catch-up).
+    BlockSums { disk: u32, chunk: ChunkId },
+    /// Raw verified blocks `first..first+count` for re-replication (no version check
+    /// beyond `min_version`).
+    ReadBlocks { disk: u32, chunk: ChunkId, min_version: ChunkVersion, first: u64, count: u64 },
+    /// Make this replica (a `Syncing` target) a copy of `source`, fetching only the blocks
+    /// whose checksums differ; blocks written by clients meanwhile are kept.
+    SyncFrom { disk: u32, chunk: ChunkId, chunk_size: u64, version: ChunkVersion, source: ReplicaAddr },
+    /// Re-fetch the given blocks from `source` because they failed verification here.
+    RepairBlocks { disk: u32, chunk: ChunkId, blocks: Vec<u64>, source: ReplicaAddr },
+    /// Delete a replica (stale copy, or deleted volume).
+    Delete { disk: u32, chunk: ChunkId },
+    /// Delete every replica of a volume on this node.
+    DeleteVolume { volume: VolumeId },
+}
+
+/// Where a replica lives: the node's RPC address and the disk on it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaAddr {
+    pub rpc_addr: String,
+    pub disk: DiskId,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ChunkResponse {
+    Ok,
+    /// Answer to `Read`/`ReadBlocks`: the bytes are in the frame's data part.
+    Data,
+    Sums { version: ChunkVersion, sums: Vec<BlockSum> },
+    /// Answer to `SyncFrom`: how many blocks were copied and how many were already equal.
+    Synced { copied: u64, skipped: u64 },
+}

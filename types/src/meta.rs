@@ -1,0 +1,220 @@
+//! The cluster map kept by the metadata group, and the requests that read or change it.
+
+use crate::error::RemoteError;
+use crate::ids::*;
+use serde::{Deserialize, Serialize};
+
+/// Default chunk size of a new volume: 64 MiB.
+pub const DEFAULT_CHUNK_SIZE: u64 = 64 << 20;
+/// Checksum block: every `BLOCK_SIZE` bytes of a replica carry one blake3 hash.
+pub const BLOCK_SIZE: u64 = 4096;
+/// Replicas per chunk when the cluster has enough hosts.
+pub const REPLICAS: usize = 3;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeState {
+    /// Heartbeats arrive.
+    Alive,
+    /// Missed heartbeats for longer than the dead timeout: its replicas are re-replicated.
+    Dead,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskInfo {
+    pub id: DiskId,
+    pub path: String,
+    pub total_bytes: u64,
+    pub free_bytes: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub id: NodeId,
+    pub name: String,
+    /// QUIC address for node-to-node RPC.
+    pub rpc_addr: String,
+    /// NBD TCP address of this node's block export.
+    pub nbd_addr: String,
+    pub disks: Vec<DiskInfo>,
+    pub state: NodeState,
+    /// Leader clock when `state` last changed (ms since the Unix epoch).
+    pub since_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// Who holds the write lease (e.g. `nbd@node2`).
+    pub holder: String,
+    pub node: NodeId,
+    pub epoch: Epoch,
+    pub acquired_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeInfo {
+    pub id: VolumeId,
+    pub name: String,
+    pub size: u64,
+    pub chunk_size: u64,
+    pub created_ms: u64,
+    /// Current epoch; bumped by every lease takeover. Chunk servers refuse older epochs.
+    pub epoch: Epoch,
+    pub lease: Option<Lease>,
+    /// Number of chunks allocated so far (thin provisioning).
+    pub allocated_chunks: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplicaState {
+    /// Up to date: receives writes and serves reads.
+    Ok,
+    /// Being filled by re-replication: receives writes, never serves reads.
+    Syncing,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replica {
+    pub disk: DiskId,
+    pub state: ReplicaState,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkInfo {
+    pub id: ChunkId,
+    /// Bumped on every change of `replicas`; a replica holding an older version is stale.
+    pub version: ChunkVersion,
+    pub replicas: Vec<Replica>,
+    /// Disks that hold an out-of-date copy (dropped from the set). They are preferred as
+    /// re-replication targets (incremental catch-up) and deleted once the chunk is healthy.
+    pub stale: Vec<DiskId>,
+}
+
+impl ChunkInfo {
+    pub fn readable(&self) -> impl Iterator<Item = &Replica> {
+        self.replicas.iter().filter(|r| r.state == ReplicaState::Ok)
+    }
+}
+
+/// Changes to the cluster map. These are the entries of the Raft log; applying one reads no
+/// clock and no network: every input (time, placement) is decided by the proposer.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaCommand {
+    #[default]
+    Noop,
+    RegisterNode {
+        id: NodeId,
+        name: String,
+        rpc_addr: String,
+        nbd_addr: String,
+        disks: Vec<DiskInfo>,
+        now_ms: u64,
+    },
+    SetNodeState { id: NodeId, state: NodeState, now_ms: u64 },
+    CreateVolume { name: String, size: u64, chunk_size: u64, now_ms: u64 },
+    DeleteVolume { name: String },
+    ResizeVolume { name: String, size: u64 },
+    /// Take the volume's write lease. Fails with `Fenced` if another holder has it, unless
+    /// `force` (takeover), which bumps the epoch.
+    AcquireLease { volume: String, holder: String, node: NodeId, force: bool, now_ms: u64 },
+    ReleaseLease { volume: String, holder: String },
+    /// Create a chunk's replica set (placement chosen by the proposer). A no-op returning
+    /// the existing chunk if it was allocated already.
+    AllocateChunk { chunk: ChunkId, disks: Vec<DiskId> },
+    /// Remove replicas from a chunk (failed mid-write, or on a dead node). Bumps the version.
+    /// Refused if it would leave fewer than `min_replicas` readable replicas.
+    DropReplicas { chunk: ChunkId, version: ChunkVersion, disks: Vec<DiskId>, min_replicas: u32 },
+    /// Add a re-replication target in `Syncing` state. Bumps the version.
+    AddReplica { chunk: ChunkId, version: ChunkVersion, disk: DiskId },
+    /// A syncing replica caught up: it may serve reads now.
+    ReplicaSynced { chunk: ChunkId, version: ChunkVersion, disk: DiskId },
+    /// The stale copy on `disk` was deleted.
+    ForgetStale { chunk: ChunkId, disk: DiskId },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaReply {
+    Ok,
+    NodeId(NodeId),
+    Volume(VolumeInfo),
+    Lease(Lease),
+    Chunk(ChunkInfo),
+    Error(RemoteError),
+}
+
+/// Disk usage a node reports with each heartbeat.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskUsage {
+    pub disk: u32,
+    pub total_bytes: u64,
+    pub free_bytes: u64,
+    pub chunks: u64,
+}
+
+/// Requests to the metadata service; any node accepts them and forwards to the leader.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum MetaRequest {
+    Heartbeat { node: NodeId, disks: Vec<DiskUsage> },
+    RegisterNode { id: NodeId, name: String, rpc_addr: String, nbd_addr: String, disks: Vec<DiskInfo> },
+    CreateVolume { name: String, size: u64, chunk_size: Option<u64> },
+    DeleteVolume { name: String },
+    ResizeVolume { name: String, size: u64 },
+    GetVolume { name: String },
+    ListVolumes,
+    AcquireLease { volume: String, holder: String, node: NodeId, force: bool },
+    ReleaseLease { volume: String, holder: String },
+    /// Chunks `first..first+count` of a volume that are allocated.
+    GetChunks { volume: VolumeId, first: u64, count: u64 },
+    /// Allocate a chunk on first write; the leader picks 3 disks on distinct hosts.
+    AllocateChunk { chunk: ChunkId, epoch: Epoch },
+    DropReplicas { chunk: ChunkId, version: ChunkVersion, disks: Vec<DiskId> },
+    Status,
+    /// Make a registered node a Raft voter (membership change, online).
+    AddVoter { node: NodeId },
+    /// Remove a node from the Raft voters (replace a dead voter).
+    RemoveVoter { node: NodeId },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum MetaResponse {
+    Ok,
+    NodeId(NodeId),
+    Volume(VolumeInfo),
+    Volumes(Vec<VolumeInfo>),
+    Lease(Lease),
+    Chunk(ChunkInfo),
+    Chunks(Vec<ChunkInfo>),
+    Status(ClusterStatus),
+    /// Sent to a heartbeating node: stale copies it may delete.
+    HeartbeatAck { delete: Vec<(ChunkId, DiskId)> },
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkHealth {
+    pub total: u64,
+    /// Fewer than the wanted number of readable replicas.
+    pub degraded: u64,
+    /// A re-replication target is being filled.
+    pub syncing: u64,
+    /// No readable replica on a live node.
+    pub unavailable: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub info: NodeInfo,
+    pub voter: bool,
+    /// Milliseconds since the leader last heard from this node (None: never, since it led).
+    pub last_seen_ms_ago: Option<u64>,
+    pub disks: Vec<DiskUsage>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    pub nodes: Vec<NodeStatus>,
+    pub volumes: u64,
+    pub capacity_bytes: u64,
+    pub free_bytes: u64,
+    pub chunks: ChunkHealth,
+}

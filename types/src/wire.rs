@@ -1,0 +1,30 @@
+//! The envelope of every node-to-node RPC.
+
+use crate::chunk::{ChunkRequest, ChunkResponse};
+use crate::error::RemoteError;
+use crate::meta::{MetaRequest, MetaResponse};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum NodeRequest {
+    Meta(MetaRequest),
+    Chunk(ChunkRequest),
+    /// An openraft message, encoded by `storaged` (clients never see Raft types).
+    Raft(RaftKind, Vec<u8>),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RaftKind {
+    AppendEntries,
+    Vote,
+    InstallSnapshot,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum NodeResponse {
+    Meta(Result<MetaResponse, RemoteError>),
+    Chunk(Result<ChunkResponse, RemoteError>),
+    Raft(Result<Vec<u8>, RemoteError>),
+    /// The request could not be decoded or is not served by this node.
+    Error(RemoteError),
+}
