@@ -48,7 +48,8 @@ pub(crate) fn chunk_count(size: u64, chunk_size: u64) -> u64 {
     size.div_ceil(chunk_size)
 }
 
-pub(crate) fn validate_volume_name(name: &str) -> Result<(), RemoteError> {
+/// The naming rule of `CreateVolume`; frontends may check early with it.
+pub fn validate_volume_name(name: &str) -> Result<(), RemoteError> {
     if name.is_empty() || name.len() > MAX_VOLUME_NAME {
         return Err(invalid(format!(
             "volume name must be 1 to {MAX_VOLUME_NAME} characters, got {}",
@@ -66,7 +67,8 @@ pub(crate) fn validate_volume_name(name: &str) -> Result<(), RemoteError> {
     Ok(())
 }
 
-pub(crate) fn validate_volume_size(size: u64) -> Result<(), RemoteError> {
+/// The size rule of `CreateVolume` and `ResizeVolume`; frontends may check early with it.
+pub fn validate_volume_size(size: u64) -> Result<(), RemoteError> {
     if size == 0 || size % SECTOR_SIZE != 0 {
         return Err(invalid(format!(
             "volume size must be a positive multiple of {SECTOR_SIZE} bytes, got {size}"
@@ -75,7 +77,8 @@ pub(crate) fn validate_volume_size(size: u64) -> Result<(), RemoteError> {
     Ok(())
 }
 
-pub(crate) fn validate_chunk_size(chunk_size: u64) -> Result<(), RemoteError> {
+/// The chunk-size rule of `CreateVolume`; frontends may check early with it.
+pub fn validate_chunk_size(chunk_size: u64) -> Result<(), RemoteError> {
     if !chunk_size.is_power_of_two()
         || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size)
         || chunk_size % BLOCK_SIZE != 0

@@ -4,15 +4,15 @@
 //! byte order is the ids' numeric order, and the chunks of one volume are one contiguous
 //! range (`c` + volume id is their common prefix):
 //!
-//! | key                                       | value (bincode 2, standard config) |
-//! |-------------------------------------------|------------------------------------|
-//! | `s` `next_volume_id`                      | `u64`                              |
-//! | `n` node id (8 bytes BE)                  | [`NodeInfo`]                       |
-//! | `v` volume id (8 bytes BE)                | [`VolumeInfo`]                     |
-//! | `c` volume id (8 BE) chunk index (8 BE)   | [`ChunkInfo`]                      |
+//! | key                                     | value                          |
+//! |-----------------------------------------|--------------------------------|
+//! | `s` `next_volume_id`                    | `u64`                          |
+//! | `n` node id (8 bytes BE)                | [`NodeInfo`](basalt_types::NodeInfo)     |
+//! | `v` volume id (8 bytes BE)              | [`VolumeInfo`](basalt_types::VolumeInfo) |
+//! | `c` volume id (8 BE), chunk index (8 BE) | [`ChunkInfo`](basalt_types::ChunkInfo)   |
 //!
 //! The volume-name index is not persisted: it is derived from the volumes when loading, so
-//! it can never disagree with them. Values are the `basalt-types` structs encoded with
+//! it can never disagree with them. Values are the `basalt-types` values encoded with
 //! serde through bincode 2 (`config::standard()`); changing those structs changes the
 //! on-disk format.
 //!

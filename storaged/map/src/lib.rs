@@ -20,6 +20,10 @@ mod map;
 mod placement;
 mod repair;
 
+pub use apply::{
+    validate_chunk_size, validate_volume_name, validate_volume_size, MAX_CHUNK_SIZE, MAX_VOLUME_NAME, MIN_CHUNK_SIZE,
+    SECTOR_SIZE,
+};
 pub use kv::{is_map_key, KvChange};
 pub use map::ClusterMap;
 pub use placement::{place, DiskSpace, Usage};

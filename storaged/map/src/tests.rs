@@ -628,3 +628,32 @@ fn unavailable_chunks_get_no_add_but_dead_ones_are_dropped() {
     assert!(plan_repairs(&map, &Usage::new(), 10, 0).is_empty());
     assert_eq!(map.chunk_health().unavailable, 1);
 }
+
+#[test]
+fn small_cluster_chunk_as_healthy_as_it_can_be_drops_its_stale_copies() {
+    // Two hosts: two copies is the target, there is nowhere to add a third.
+    let mut map = cluster(&[2, 1]);
+    create(&mut map, "v", MIB);
+    let c = allocate(&mut map, cid(1, 0), &[disk(1, 1), disk(2, 0)]).id;
+    // Disk 1/1 misses a write; the copy moves to disk 1/0 of the same host.
+    apply_ok(&mut map, &drop_cmd(c, 1, &[disk(1, 1)], 1));
+    let plan = plan_repairs(&map, &Usage::new(), 10, 0);
+    assert!(
+        matches!(plan.as_slice(), [RepairAction::AddReplica { disk: d, incremental: true, .. }] if *d == disk(1, 1)),
+        "{plan:?}"
+    );
+    apply_ok(&mut map, &MetaCommand::AddReplica { chunk: c, version: 2, disk: disk(1, 0) });
+    assert_eq!(map.chunk_health(), ChunkHealth { total: 1, degraded: 1, syncing: 1, unavailable: 0 });
+    apply_ok(&mut map, &MetaCommand::ReplicaSynced { chunk: c, version: 3, disk: disk(1, 0) });
+    assert_eq!(map.chunk_health().degraded, 0);
+    assert_eq!(plan_repairs(&map, &Usage::new(), 10, 0), vec![RepairAction::DeleteStale { chunk: c, disk: disk(1, 1) }]);
+}
+
+#[test]
+fn a_chunk_with_only_a_syncing_copy_is_unavailable() {
+    let (mut map, c) = with_chunk();
+    apply_ok(&mut map, &MetaCommand::AddReplica { chunk: c, version: 1, disk: disk(4, 0) });
+    apply_ok(&mut map, &drop_cmd(c, 2, &[disk(1, 0), disk(2, 0), disk(3, 0)], 0));
+    assert_eq!(map.chunk_health(), ChunkHealth { total: 1, degraded: 1, syncing: 1, unavailable: 1 });
+    assert!(plan_repairs(&map, &Usage::new(), 10, 0).is_empty(), "nothing readable to copy from");
+}
