@@ -75,7 +75,9 @@ pub fn plan_repairs(map: &ClusterMap, usage: &Usage, max: usize, seed: u64) -> V
         return actions;
     }
     let target = map.target_replicas();
-    let mut work: Vec<(usize, &ChunkInfo)> = map
+    // (cleanup only, live readable replicas, chunk): repairs before clean-ups, then the
+    // chunks closest to losing data first.
+    let mut work: Vec<(bool, usize, &ChunkInfo)> = map
         .chunks()
         .filter_map(|c| {
             let live = map.live_readable(c);
@@ -84,14 +86,15 @@ pub fn plan_repairs(map: &ClusterMap, usage: &Usage, max: usize, seed: u64) -> V
             let needs_add = !syncing && c.replicas.len() < REPLICAS && live > 0;
             let healthy = !dead && !syncing && live >= target;
             let has_stale = c.stale.iter().any(|d| map.is_alive(d.node));
-            (dead || needs_add || (healthy && has_stale)).then_some((live, c))
+            let repair = dead || needs_add;
+            (repair || (healthy && has_stale)).then_some((!repair, live, c))
         })
         .collect();
     // Stable sort keeps the id order among equally urgent chunks.
-    work.sort_by_key(|&(live, _)| live);
+    work.sort_by_key(|&(cleanup, live, _)| (cleanup, live));
 
     let mut working = usage.clone();
-    for (live, chunk) in work {
+    for (_, live, chunk) in work {
         if actions.len() >= max {
             break;
         }

@@ -657,3 +657,28 @@ fn a_chunk_with_only_a_syncing_copy_is_unavailable() {
     assert_eq!(map.chunk_health(), ChunkHealth { total: 1, degraded: 1, syncing: 1, unavailable: 1 });
     assert!(plan_repairs(&map, &Usage::new(), 10, 0).is_empty(), "nothing readable to copy from");
 }
+
+#[test]
+fn clean_ups_come_after_every_repair() {
+    let mut map = cluster(&[1, 1, 1, 1, 1]);
+    create(&mut map, "vol", 4 * MIB);
+    // Chunk 0: healthy with a stale copy on node 4. Chunk 1: three copies, one on a node
+    // about to die (same readable count as chunk 0 until then).
+    let c0 = allocate(&mut map, cid(1, 0), &[disk(1, 0), disk(2, 0), disk(4, 0)]).id;
+    apply_ok(&mut map, &drop_cmd(c0, 1, &[disk(4, 0)], 2));
+    apply_ok(&mut map, &MetaCommand::AddReplica { chunk: c0, version: 2, disk: disk(3, 0) });
+    apply_ok(&mut map, &MetaCommand::ReplicaSynced { chunk: c0, version: 3, disk: disk(3, 0) });
+    let c1 = allocate(&mut map, cid(1, 1), &[disk(1, 0), disk(2, 0), disk(3, 0)]).id;
+    apply_ok(&mut map, &MetaCommand::AddReplica { chunk: c1, version: 1, disk: disk(5, 0) });
+    apply_ok(&mut map, &MetaCommand::ReplicaSynced { chunk: c1, version: 2, disk: disk(5, 0) });
+    set_state(&mut map, 5, NodeState::Dead);
+    let plan = plan_repairs(&map, &Usage::new(), 10, 0);
+    assert_eq!(
+        plan,
+        vec![
+            RepairAction::DropDead { chunk: c1, version: 2, disks: vec![disk(5, 0)] },
+            RepairAction::DeleteStale { chunk: c0, disk: disk(4, 0) },
+        ]
+    );
+    assert_eq!(plan_repairs(&map, &Usage::new(), 1, 0), plan[..1].to_vec());
+}
