@@ -1,0 +1,947 @@
+//! `ChunkStore`: the replicas of every data disk of this node, their versions, and the volume
+//! epochs. The async methods run their file I/O on tokio's blocking pool.
+
+use crate::disk::{fsync_dir, write_meta, Disk, ReplicaMeta};
+use crate::error::{Error, IoContext, Result};
+use crate::replica::{
+    blocks_of, classify, lock, set_entry, sum_at, BlockSet, BlockState, Files, Replica, ReplicaState, SyncCounters,
+    BS, ZERO_SUM,
+};
+use basalt_types::{BlockSum, ChunkId, ChunkVersion, DiskUsage, Epoch, VolumeId, BLOCK_SIZE};
+use bytes::Bytes;
+use std::collections::{HashMap, VecDeque};
+use std::fs::{self, File};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+/// Blocks verified per step by whole-replica walks (sums, scrub), so writers to the same
+/// replica wait at most one step for the lock.
+pub(crate) const WALK_BLOCKS: u64 = 256;
+
+/// Tunables of a store.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Replicas whose two files stay open at once; older ones are closed (and reopened on the
+    /// next access) beyond this. Default 4096 (8192 descriptors).
+    pub max_open_replicas: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { max_open_replicas: 4096 }
+    }
+}
+
+/// Identity of one data directory of the store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskIdentity {
+    pub disk: u32,
+    pub path: PathBuf,
+    pub uuid: String,
+}
+
+/// Counters for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// fdatasync calls made on replica files.
+    pub fdatasyncs: u64,
+    pub open_replicas: u64,
+}
+
+/// The replica store of one node. Cheap to clone; clones share everything.
+#[derive(Clone)]
+pub struct ChunkStore {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    disks: Vec<Disk>,
+    /// Highest epoch seen per volume. Writes hold the read side for their whole duration, so
+    /// once `fence` returns no write with an older epoch is still in progress.
+    epochs: tokio::sync::RwLock<HashMap<VolumeId, Epoch>>,
+    replicas: Mutex<HashMap<(u32, ChunkId), Arc<Replica>>>,
+    /// Serialises creating and removing replicas (map entry and files together).
+    create_lock: Mutex<()>,
+    open_lru: Mutex<VecDeque<Weak<Replica>>>,
+    max_open: usize,
+    /// Replicas being filled by re-replication, with the blocks clients wrote since
+    /// `begin_sync`. Updated under the replica's write lock by client writes, read under it by
+    /// `write_blocks`, so a copied block never lands on top of a newer client write.
+    syncing: Mutex<HashMap<(u32, ChunkId), BlockSet>>,
+    fdatasyncs: AtomicU64,
+    #[cfg(test)]
+    pub(crate) hooks: TestHooks,
+}
+
+#[cfg(test)]
+#[derive(Default)]
+pub(crate) struct TestHooks {
+    pub sync_latency: Mutex<Duration>,
+    /// Makes the next write stop right after its sums pwrite, as if the process were killed.
+    pub crash_after_sums: std::sync::atomic::AtomicBool,
+}
+
+fn check_range(offset: u64, len: u64, chunk_size: u64) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= chunk_size => Ok(()),
+        _ => Err(Error::OutOfRange { offset, len, chunk_size }),
+    }
+}
+
+/// Whether block `b` is entirely covered by `[offset, offset+len)`.
+fn is_full(b: u64, offset: u64, len: u64) -> bool {
+    b * BLOCK_SIZE >= offset && (b + 1) * BLOCK_SIZE <= offset + len
+}
+
+/// First block and number of blocks touched by `[offset, offset+len)`, `len > 0`.
+fn block_span(offset: u64, len: u64) -> (u64, u64) {
+    let first = offset / BLOCK_SIZE;
+    (first, (offset + len).div_ceil(BLOCK_SIZE) - first)
+}
+
+impl ChunkStore {
+    /// Opens the store on `disks` (disk index = position), creating and labelling new
+    /// directories, and loads the replica inventory and the volume epochs.
+    pub async fn open(disks: Vec<PathBuf>) -> Result<ChunkStore> {
+        Self::open_with(disks, Options::default()).await
+    }
+
+    pub async fn open_with(disks: Vec<PathBuf>, options: Options) -> Result<ChunkStore> {
+        tokio::task::spawn_blocking(move || Inner::open(disks, options))
+            .await
+            .map_err(|e| Error::BadDisk(format!("open task failed: {e}")))?
+            .map(|inner| ChunkStore { inner: Arc::new(inner) })
+    }
+
+    async fn blocking<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Inner) -> Result<T> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(|e| Error::BadDisk(format!("I/O task failed: {e}")))?
+    }
+
+    pub fn disks(&self) -> Vec<DiskIdentity> {
+        self.inner
+            .disks
+            .iter()
+            .map(|d| DiskIdentity { disk: d.index, path: d.root.clone(), uuid: d.uuid.clone() })
+            .collect()
+    }
+
+    pub fn stats(&self) -> Stats {
+        let open = lock(&self.inner.replicas).values().filter(|r| lock(&r.files).is_some()).count();
+        Stats { fdatasyncs: self.inner.fdatasyncs.load(Ordering::Relaxed), open_replicas: open as u64 }
+    }
+
+    /// Refuses `epoch` if older than the volume's; records (durably) a newer one. The returned
+    /// guard keeps a concurrent `fence` waiting until the caller's write is done.
+    async fn admit(
+        &self,
+        volume: VolumeId,
+        epoch: Epoch,
+    ) -> Result<tokio::sync::RwLockReadGuard<'_, HashMap<VolumeId, Epoch>>> {
+        {
+            let epochs = self.inner.epochs.read().await;
+            let have = epochs.get(&volume).copied().unwrap_or(0);
+            if epoch < have {
+                return Err(Error::Fenced { volume, have, got: epoch });
+            }
+            if epoch == have {
+                return Ok(epochs);
+            }
+        }
+        let mut epochs = self.inner.epochs.write().await;
+        let have = epochs.get(&volume).copied().unwrap_or(0);
+        if epoch < have {
+            return Err(Error::Fenced { volume, have, got: epoch });
+        }
+        if epoch > have {
+            self.blocking(move |inner| inner.persist_epoch(volume, epoch)).await?;
+            epochs.insert(volume, epoch);
+        }
+        Ok(epochs.downgrade())
+    }
+
+    /// Writes `data` at `offset` of the replica, durably. See the crate docs for the checks.
+    ///
+    /// Takes `Bytes` rather than a slice so the data reaches the blocking pool without a copy.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn write(
+        &self,
+        disk: u32,
+        chunk: ChunkId,
+        chunk_size: u64,
+        version: ChunkVersion,
+        epoch: Epoch,
+        offset: u64,
+        data: Bytes,
+    ) -> Result<()> {
+        check_range(offset, data.len() as u64, chunk_size)?;
+        let _epoch = self.admit(chunk.volume, epoch).await?;
+        self.blocking(move |inner| inner.write(disk, chunk, chunk_size, version, offset, &data)).await
+    }
+
+    /// Reads `len` bytes at `offset`, every touched block verified.
+    pub async fn read(&self, disk: u32, chunk: ChunkId, version: ChunkVersion, offset: u64, len: u64) -> Result<Bytes> {
+        self.blocking(move |inner| inner.read(disk, chunk, version, offset, len)).await
+    }
+
+    /// Raises the replica's version (never lowers it).
+    pub async fn set_version(&self, disk: u32, chunk: ChunkId, version: ChunkVersion) -> Result<()> {
+        self.blocking(move |inner| {
+            let rep = inner.lookup(disk, chunk)?;
+            let mut st = rep.write_state();
+            if st.deleted {
+                return Err(Error::NotFound { disk, chunk });
+            }
+            if version > st.version {
+                Inner::raise_version(&rep, &mut st, version)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    pub fn version(&self, disk: u32, chunk: ChunkId) -> Option<ChunkVersion> {
+        lock(&self.inner.replicas).get(&(disk, chunk)).map(|r| r.version.load(Ordering::Acquire))
+    }
+
+    /// Records that `volume` is at `epoch` (keeps the maximum). When this returns, writes with
+    /// an older epoch are refused and none is still in progress.
+    pub async fn fence(&self, volume: VolumeId, epoch: Epoch) -> Result<()> {
+        let mut epochs = self.inner.epochs.write().await;
+        if epoch > epochs.get(&volume).copied().unwrap_or(0) {
+            self.blocking(move |inner| inner.persist_epoch(volume, epoch)).await?;
+            epochs.insert(volume, epoch);
+        }
+        Ok(())
+    }
+
+    /// Highest epoch seen for `volume` (0 if none).
+    pub async fn epoch(&self, volume: VolumeId) -> Epoch {
+        self.inner.epochs.read().await.get(&volume).copied().unwrap_or(0)
+    }
+
+    /// The replica's version and, per block, the sum of what a reader gets: zero for unwritten
+    /// blocks and for blocks that fail verification (so a catch-up copies them).
+    pub async fn block_sums(&self, disk: u32, chunk: ChunkId) -> Result<(ChunkVersion, Vec<BlockSum>)> {
+        self.blocking(move |inner| {
+            let rep = inner.lookup(disk, chunk)?;
+            let (version, nblocks) = {
+                let st = rep.read_state();
+                (st.version, blocks_of(st.chunk_size))
+            };
+            let mut sums = Vec::with_capacity(nblocks as usize);
+            let mut first = 0;
+            while first < nblocks {
+                let count = WALK_BLOCKS.min(nblocks - first);
+                sums.extend(inner.check_batch(&rep, first, count, false)?.sums);
+                first += count;
+            }
+            Ok((version, sums))
+        })
+        .await
+    }
+
+    /// Verified blocks `first..first+count` with their sums, for re-replication. Refused with
+    /// `StaleReplica` if the replica is older than `min_version`.
+    pub async fn read_blocks(
+        &self,
+        disk: u32,
+        chunk: ChunkId,
+        min_version: ChunkVersion,
+        first: u64,
+        count: u64,
+    ) -> Result<(Vec<BlockSum>, Bytes)> {
+        self.blocking(move |inner| {
+            let rep = inner.lookup(disk, chunk)?;
+            {
+                let st = rep.read_state();
+                if st.version < min_version {
+                    return Err(Error::StaleReplica { have: st.version, want: min_version });
+                }
+                let nblocks = blocks_of(st.chunk_size);
+                if first.checked_add(count).is_none_or(|end| end > nblocks) {
+                    return Err(Error::OutOfRange {
+                        offset: first.saturating_mul(BLOCK_SIZE),
+                        len: count.saturating_mul(BLOCK_SIZE),
+                        chunk_size: st.chunk_size,
+                    });
+                }
+            }
+            let batch = inner.check_batch(&rep, first, count, true)?;
+            if !batch.bad.is_empty() {
+                return Err(Error::Corrupt { chunk, blocks: batch.bad });
+            }
+            Ok((batch.sums, Bytes::from(batch.data.unwrap_or_default())))
+        })
+        .await
+    }
+
+    /// Writes consecutive blocks from `first_block` with their sums (catch-up and repair): no
+    /// epoch check, creates the replica if absent. A zero sum makes the block unwritten. Blocks
+    /// for which `skip` says true, and blocks clients wrote since `begin_sync`, are left alone.
+    /// Returns how many blocks were written.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn write_blocks(
+        &self,
+        disk: u32,
+        chunk: ChunkId,
+        chunk_size: u64,
+        version: ChunkVersion,
+        first_block: u64,
+        sums: Vec<BlockSum>,
+        data: Bytes,
+        skip: &(dyn Fn(u64) -> bool + Sync),
+    ) -> Result<u64> {
+        let wanted: Vec<bool> = (0..sums.len() as u64).map(|i| !skip(first_block + i)).collect();
+        self.blocking(move |inner| {
+            inner.write_blocks(disk, chunk, chunk_size, version, first_block, &sums, &data, &wanted)
+        })
+        .await
+    }
+
+    /// Starts recording which blocks client writes touch on this (re-replication target)
+    /// replica, so `write_blocks` does not overwrite them. Not persistent: after a restart the
+    /// sync starts over.
+    pub fn begin_sync(&self, disk: u32, chunk: ChunkId) -> Result<()> {
+        self.inner.disk(disk)?;
+        lock(&self.inner.syncing).insert((disk, chunk), BlockSet::default());
+        Ok(())
+    }
+
+    pub fn end_sync(&self, disk: u32, chunk: ChunkId) {
+        lock(&self.inner.syncing).remove(&(disk, chunk));
+    }
+
+    /// Makes `[offset, offset+len)` read as zeros: whole blocks become unwritten (and their
+    /// space is freed), partial edge blocks get zeros written. Durable on return.
+    pub async fn trim(&self, disk: u32, chunk: ChunkId, offset: u64, len: u64) -> Result<()> {
+        self.blocking(move |inner| inner.trim(disk, chunk, offset, len)).await
+    }
+
+    /// Deletes a replica; succeeds if it does not exist.
+    pub async fn delete(&self, disk: u32, chunk: ChunkId) -> Result<()> {
+        self.blocking(move |inner| inner.delete(disk, chunk)).await
+    }
+
+    /// Deletes every replica of `volume` on every disk. The volume's epoch record is kept, so
+    /// a fenced holder still cannot write to it.
+    pub async fn delete_volume(&self, volume: VolumeId) -> Result<()> {
+        self.blocking(move |inner| {
+            let keys: Vec<(u32, ChunkId)> =
+                lock(&inner.replicas).keys().filter(|(_, c)| c.volume == volume).copied().collect();
+            for (disk, chunk) in keys {
+                inner.delete(disk, chunk)?;
+            }
+            let _g = lock(&inner.create_lock);
+            for d in &inner.disks {
+                let dir = d.volume_dir(volume);
+                match fs::remove_dir(&dir) {
+                    Ok(()) => fsync_dir(&d.chunks_dir())?,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => tracing::warn!(path = %dir.display(), error = %e, "volume directory not removed"),
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Every replica: disk index, chunk, version. Sorted.
+    pub fn list(&self) -> Vec<(u32, ChunkId, ChunkVersion)> {
+        let mut v: Vec<_> = lock(&self.inner.replicas)
+            .values()
+            .map(|r| (r.disk, r.chunk, r.version.load(Ordering::Acquire)))
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Size, free space and replica count of each disk.
+    pub async fn usage(&self) -> Result<Vec<DiskUsage>> {
+        self.blocking(|inner| {
+            let mut counts: HashMap<u32, u64> = HashMap::new();
+            for (disk, _) in lock(&inner.replicas).keys() {
+                *counts.entry(*disk).or_default() += 1;
+            }
+            inner
+                .disks
+                .iter()
+                .map(|d| {
+                    let st = nix::sys::statvfs::statvfs(&d.root)
+                        .map_err(|e| Error::io(&d.root, std::io::Error::from(e)))?;
+                    let frsize = st.fragment_size() as u64;
+                    Ok(DiskUsage {
+                        disk: d.index,
+                        total_bytes: st.blocks() as u64 * frsize,
+                        free_bytes: st.blocks_available() as u64 * frsize,
+                        chunks: counts.get(&d.index).copied().unwrap_or(0),
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    /// Verifies every block of a replica; returns the indices of bad ones.
+    pub async fn scrub_replica(&self, disk: u32, chunk: ChunkId) -> Result<Vec<u64>> {
+        let mut bad = Vec::new();
+        let mut first = 0;
+        loop {
+            let step = self.scrub_step(disk, chunk, first).await?;
+            bad.extend(step.bad);
+            match step.next {
+                Some(n) => first = n,
+                None => return Ok(bad),
+            }
+        }
+    }
+
+    /// Verifies one walk step of a replica starting at block `first`.
+    pub(crate) async fn scrub_step(&self, disk: u32, chunk: ChunkId, first: u64) -> Result<ScrubStep> {
+        self.blocking(move |inner| {
+            let rep = inner.lookup(disk, chunk)?;
+            let nblocks = blocks_of(rep.read_state().chunk_size);
+            if first >= nblocks {
+                return Ok(ScrubStep { bad: Vec::new(), bytes_read: 0, next: None });
+            }
+            let count = WALK_BLOCKS.min(nblocks - first);
+            let batch = inner.check_batch(&rep, first, count, false)?;
+            let next = (first + count < nblocks).then_some(first + count);
+            Ok(ScrubStep { bad: batch.bad, bytes_read: batch.bytes_read, next })
+        })
+        .await
+    }
+
+    #[cfg(test)]
+    pub(crate) fn inner(&self) -> &Inner {
+        &self.inner
+    }
+}
+
+pub(crate) struct ScrubStep {
+    pub bad: Vec<u64>,
+    pub bytes_read: u64,
+    pub next: Option<u64>,
+}
+
+/// Result of verifying a run of blocks.
+struct Batch {
+    /// What a reader gets per block (zero when unwritten or bad).
+    sums: Vec<BlockSum>,
+    bad: Vec<u64>,
+    /// The blocks' data (unwritten blocks zeroed), when asked for.
+    data: Option<Vec<u8>>,
+    bytes_read: u64,
+}
+
+impl Inner {
+    fn open(paths: Vec<PathBuf>, options: Options) -> Result<Inner> {
+        if paths.is_empty() {
+            return Err(Error::BadDisk("no data directories given".into()));
+        }
+        let disks = paths
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let index = u32::try_from(i).map_err(|_| Error::BadDisk("too many disks".into()))?;
+                Disk::open(index, p)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut epochs: HashMap<VolumeId, Epoch> = HashMap::new();
+        let mut replicas = HashMap::new();
+        for d in &disks {
+            // Every disk keeps every epoch, so losing a disk loses no fencing record.
+            for (volume, epoch) in d.load_epochs()? {
+                let e = epochs.entry(volume).or_default();
+                *e = (*e).max(epoch);
+            }
+            for found in d.scan()? {
+                let paths = d.replica_paths(found.chunk);
+                let rep = Replica::new(d.index, found.chunk, paths, found.meta.chunk_size, found.meta.version);
+                replicas.insert((d.index, found.chunk), Arc::new(rep));
+            }
+        }
+        tracing::info!(disks = disks.len(), replicas = replicas.len(), volumes = epochs.len(), "chunk store opened");
+        Ok(Inner {
+            disks,
+            epochs: tokio::sync::RwLock::new(epochs),
+            replicas: Mutex::new(replicas),
+            create_lock: Mutex::new(()),
+            open_lru: Mutex::new(VecDeque::new()),
+            max_open: options.max_open_replicas.max(1),
+            syncing: Mutex::new(HashMap::new()),
+            fdatasyncs: AtomicU64::new(0),
+            #[cfg(test)]
+            hooks: TestHooks::default(),
+        })
+    }
+
+    fn disk(&self, disk: u32) -> Result<&Disk> {
+        self.disks.get(disk as usize).ok_or(Error::UnknownDisk(disk))
+    }
+
+    fn persist_epoch(&self, volume: VolumeId, epoch: Epoch) -> Result<()> {
+        for d in &self.disks {
+            d.store_epoch(volume, epoch)?;
+        }
+        Ok(())
+    }
+
+    fn counters(&self) -> SyncCounters<'_> {
+        #[cfg(test)]
+        let latency = *lock(&self.hooks.sync_latency);
+        #[cfg(not(test))]
+        let latency = Duration::ZERO;
+        SyncCounters { fdatasyncs: &self.fdatasyncs, latency }
+    }
+
+    fn lookup(&self, disk: u32, chunk: ChunkId) -> Result<Arc<Replica>> {
+        self.disk(disk)?;
+        lock(&self.replicas).get(&(disk, chunk)).cloned().ok_or(Error::NotFound { disk, chunk })
+    }
+
+    fn get_or_create(&self, disk: u32, chunk: ChunkId, chunk_size: u64, version: ChunkVersion) -> Result<Arc<Replica>> {
+        if let Ok(rep) = self.lookup(disk, chunk) {
+            return Ok(rep);
+        }
+        let _g = lock(&self.create_lock);
+        if let Some(rep) = lock(&self.replicas).get(&(disk, chunk)) {
+            return Ok(rep.clone());
+        }
+        if chunk_size == 0 {
+            return Err(Error::OutOfRange { offset: 0, len: 0, chunk_size });
+        }
+        let d = self.disk(disk)?;
+        d.ensure_volume_dir(chunk.volume)?;
+        let paths = d.replica_paths(chunk);
+        let nblocks = blocks_of(chunk_size);
+        // Data and sums first, sized and synced; the metadata file last, because its existence
+        // is what makes the replica exist (see `Disk::scan`).
+        for (path, len) in [(&paths.data, nblocks * BLOCK_SIZE), (&paths.sums, nblocks * crate::replica::ENTRY as u64)] {
+            let f = File::create(path).at(path)?;
+            f.set_len(len).at(path)?;
+            f.sync_all().at(path)?;
+        }
+        write_meta(&paths, &ReplicaMeta { version, chunk_size })?;
+        tracing::debug!(disk, %chunk, chunk_size, version, "replica created");
+        let rep = Arc::new(Replica::new(disk, chunk, paths, chunk_size, version));
+        lock(&self.replicas).insert((disk, chunk), rep.clone());
+        Ok(rep)
+    }
+
+    /// The replica's open files, opening them (and closing the oldest others) if needed.
+    fn files(&self, rep: &Arc<Replica>, chunk_size: u64) -> Result<Arc<Files>> {
+        {
+            let mut slot = lock(&rep.files);
+            if let Some(f) = &*slot {
+                return Ok(f.clone());
+            }
+            let f = Arc::new(rep.open_files(chunk_size)?);
+            *slot = Some(f.clone());
+            drop(slot);
+            let mut lru = lock(&self.open_lru);
+            lru.push_back(Arc::downgrade(rep));
+            while lru.len() > self.max_open {
+                if let Some(old) = lru.pop_front().and_then(|w| w.upgrade()) {
+                    if !Arc::ptr_eq(&old, rep) {
+                        // In-flight operations keep their own `Arc<Files>`; this only stops
+                        // new ones from reusing the handles.
+                        *lock(&old.files) = None;
+                    }
+                }
+            }
+            Ok(f)
+        }
+    }
+
+    fn raise_version(rep: &Replica, st: &mut ReplicaState, version: ChunkVersion) -> Result<()> {
+        write_meta(&rep.paths, &ReplicaMeta { version, chunk_size: st.chunk_size })?;
+        st.version = version;
+        rep.version.store(version, Ordering::Release);
+        tracing::debug!(disk = rep.disk, chunk = %rep.chunk, version, "replica version raised");
+        Ok(())
+    }
+
+    /// Records client writes for a replica being re-replicated. Caller holds the replica's
+    /// write lock (or the create lock when the replica does not exist yet).
+    fn mark_client_write(&self, disk: u32, chunk: ChunkId, first: u64, count: u64) {
+        let mut syncing = lock(&self.syncing);
+        if let Some(set) = syncing.get_mut(&(disk, chunk)) {
+            set.insert_range(first, count);
+        }
+    }
+
+    /// Gets the replica for a mutation, creating it if absent, with its state locked and its
+    /// version checked (and raised if `version` is newer).
+    fn for_update<T>(
+        &self,
+        disk: u32,
+        chunk: ChunkId,
+        chunk_size: u64,
+        version: ChunkVersion,
+        f: impl FnOnce(&Arc<Replica>, &Arc<Files>) -> Result<T>,
+    ) -> Result<(Arc<Replica>, Arc<Files>, T)> {
+        let mut f = Some(f);
+        // A delete racing with us leaves `deleted` set; look up (and create) again.
+        for _ in 0..3 {
+            let rep = self.get_or_create(disk, chunk, chunk_size, version)?;
+            rep.sync.check(&rep.paths)?;
+            let mut st = rep.write_state();
+            if st.deleted {
+                continue;
+            }
+            if st.chunk_size != chunk_size {
+                return Err(Error::ChunkSizeMismatch { have: st.chunk_size, got: chunk_size });
+            }
+            if version < st.version {
+                return Err(Error::StaleVersion { have: st.version, got: version });
+            }
+            let files = self.files(&rep, st.chunk_size)?;
+            if version > st.version {
+                Self::raise_version(&rep, &mut st, version)?;
+            }
+            let Some(f) = f.take() else { break };
+            let out = f(&rep, &files)?;
+            drop(st);
+            return Ok((rep, files, out));
+        }
+        Err(Error::NotFound { disk, chunk })
+    }
+
+    fn write(&self, disk: u32, chunk: ChunkId, chunk_size: u64, version: ChunkVersion, offset: u64, data: &[u8]) -> Result<()> {
+        let len = data.len() as u64;
+        // Hash the whole blocks before taking the lock; only edge blocks need the old data.
+        let full: Vec<BlockSum> = if len == 0 {
+            Vec::new()
+        } else {
+            let (first, n) = block_span(offset, len);
+            (first..first + n)
+                .filter(|&b| is_full(b, offset, len))
+                .map(|b| {
+                    let at = (b * BLOCK_SIZE - offset) as usize;
+                    *blake3::hash(&data[at..at + BS]).as_bytes()
+                })
+                .collect()
+        };
+        let (rep, files, ()) = self.for_update(disk, chunk, chunk_size, version, |rep, files| {
+            if len > 0 {
+                self.write_locked(rep, files, offset, data, &full)?;
+                let (first, n) = block_span(offset, len);
+                self.mark_client_write(disk, chunk, first, n);
+            }
+            Ok(())
+        })?;
+        if len == 0 {
+            return Ok(());
+        }
+        rep.sync.sync(&files, &rep.paths, &self.counters())
+    }
+
+    /// Reads block `b` (entry `i` of `entries`) for a read-modify-write: its verified contents
+    /// and the sum describing them.
+    fn load_block(rep: &Replica, files: &Files, entries: &[u8], i: usize, b: u64) -> Result<(Vec<u8>, BlockSum)> {
+        let mut block = vec![0u8; BS];
+        if sum_at(entries, i, 0) == ZERO_SUM && sum_at(entries, i, 1) == ZERO_SUM {
+            return Ok((block, ZERO_SUM));
+        }
+        files.read_data(&rep.paths, b * BLOCK_SIZE, &mut block)?;
+        match classify(entries, i, &block) {
+            (BlockState::Corrupt, _) => {
+                tracing::warn!(disk = rep.disk, chunk = %rep.chunk, block = b, "corrupt block under a partial write");
+                Err(Error::Corrupt { chunk: rep.chunk, blocks: vec![b] })
+            }
+            (BlockState::Unwritten, _) => Ok((vec![0u8; BS], ZERO_SUM)),
+            (_, sum) => Ok((block, sum)),
+        }
+    }
+
+    /// The write proper, under the replica's write lock: new sums first, then the data.
+    fn write_locked(&self, rep: &Replica, files: &Files, offset: u64, data: &[u8], full: &[BlockSum]) -> Result<()> {
+        let len = data.len() as u64;
+        let (first, n) = block_span(offset, len);
+        let mut entries = files.read_entries(&rep.paths, first, n)?;
+        let mut edges: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut full_sums = full.iter();
+        for i in 0..n as usize {
+            let b = first + i as u64;
+            let (new_sum, prev) = if is_full(b, offset, len) {
+                let sum = full_sums.next().copied().ok_or_else(|| Error::BadDisk("block plan mismatch".into()))?;
+                (sum, sum_at(&entries, i, 0))
+            } else {
+                let (mut block, old) = Self::load_block(rep, files, &entries, i, b)?;
+                let start = b * BLOCK_SIZE;
+                let lo = offset.max(start);
+                let hi = (offset + len).min(start + BLOCK_SIZE);
+                block[(lo - start) as usize..(hi - start) as usize]
+                    .copy_from_slice(&data[(lo - offset) as usize..(hi - offset) as usize]);
+                let sum = *blake3::hash(&block).as_bytes();
+                edges.push((b, block));
+                // The sum of what is on disk now, so an interrupted write still verifies.
+                (sum, old)
+            };
+            set_entry(&mut entries, i, &new_sum, &prev);
+        }
+        files.write_entries(&rep.paths, first, &entries)?;
+        #[cfg(test)]
+        if self.hooks.crash_after_sums.swap(false, Ordering::SeqCst) {
+            return Err(Error::BadDisk("simulated crash after the sums pwrite".into()));
+        }
+        // Whole blocks go straight from the caller's buffer; edges from their merged copies.
+        let full_first = (first..first + n).find(|&b| is_full(b, offset, len));
+        if let Some(ff) = full_first {
+            let count = full.len() as u64;
+            let at = (ff * BLOCK_SIZE - offset) as usize;
+            files.write_data(&rep.paths, ff * BLOCK_SIZE, &data[at..at + (count * BLOCK_SIZE) as usize])?;
+        }
+        for (b, block) in &edges {
+            files.write_data(&rep.paths, b * BLOCK_SIZE, block)?;
+        }
+        Ok(())
+    }
+
+    fn read(&self, disk: u32, chunk: ChunkId, version: ChunkVersion, offset: u64, len: u64) -> Result<Bytes> {
+        let rep = self.lookup(disk, chunk)?;
+        rep.sync.check(&rep.paths)?;
+        let st = rep.read_state();
+        if st.deleted {
+            return Err(Error::NotFound { disk, chunk });
+        }
+        if st.version < version {
+            return Err(Error::StaleReplica { have: st.version, want: version });
+        }
+        check_range(offset, len, st.chunk_size)?;
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let files = self.files(&rep, st.chunk_size)?;
+        let (first, n) = block_span(offset, len);
+        let entries = files.read_entries(&rep.paths, first, n)?;
+        let mut buf = vec![0u8; (n * BLOCK_SIZE) as usize];
+        files.read_data(&rep.paths, first * BLOCK_SIZE, &mut buf)?;
+        drop(st);
+        // Verify outside the lock: the sums and data read under it are consistent.
+        let mut bad = Vec::new();
+        for (i, block) in buf.chunks_exact_mut(BS).enumerate() {
+            match classify(&entries, i, block).0 {
+                BlockState::Unwritten => block.fill(0),
+                BlockState::Corrupt => bad.push(first + i as u64),
+                BlockState::Current | BlockState::Previous => {}
+            }
+        }
+        if !bad.is_empty() {
+            tracing::warn!(disk, %chunk, blocks = ?bad, "read found corrupt blocks");
+            return Err(Error::Corrupt { chunk, blocks: bad });
+        }
+        let start = (offset - first * BLOCK_SIZE) as usize;
+        Ok(Bytes::from(buf).slice(start..start + len as usize))
+    }
+
+    fn check_batch(&self, rep: &Arc<Replica>, first: u64, count: u64, keep_data: bool) -> Result<Batch> {
+        let st = rep.read_state();
+        if st.deleted {
+            return Err(Error::NotFound { disk: rep.disk, chunk: rep.chunk });
+        }
+        let files = self.files(rep, st.chunk_size)?;
+        let entries = files.read_entries(&rep.paths, first, count)?;
+        let any_written = entries.iter().any(|&b| b != 0);
+        let mut data = vec![0u8; (count * BLOCK_SIZE) as usize];
+        let mut bytes_read = 0;
+        if any_written {
+            files.read_data(&rep.paths, first * BLOCK_SIZE, &mut data)?;
+            bytes_read = data.len() as u64;
+        }
+        drop(st);
+        let mut sums = Vec::with_capacity(count as usize);
+        let mut bad = Vec::new();
+        for (i, block) in data.chunks_exact_mut(BS).enumerate() {
+            let (state, sum) = classify(&entries, i, block);
+            match state {
+                BlockState::Unwritten => block.fill(0),
+                BlockState::Corrupt => bad.push(first + i as u64),
+                BlockState::Current | BlockState::Previous => {}
+            }
+            sums.push(sum);
+        }
+        if !bad.is_empty() {
+            tracing::warn!(disk = rep.disk, chunk = %rep.chunk, blocks = ?bad, "verification found corrupt blocks");
+        }
+        Ok(Batch { sums, bad, data: keep_data.then_some(data), bytes_read })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write_blocks(
+        &self,
+        disk: u32,
+        chunk: ChunkId,
+        chunk_size: u64,
+        version: ChunkVersion,
+        first: u64,
+        sums: &[BlockSum],
+        data: &[u8],
+        wanted: &[bool],
+    ) -> Result<u64> {
+        let n = sums.len() as u64;
+        if data.len() as u64 != n * BLOCK_SIZE || first.checked_add(n).is_none_or(|end| end > blocks_of(chunk_size)) {
+            return Err(Error::OutOfRange {
+                offset: first.saturating_mul(BLOCK_SIZE),
+                len: data.len() as u64,
+                chunk_size,
+            });
+        }
+        if n == 0 {
+            return Ok(0);
+        }
+        // The copy must be what its source verified; refuse blocks damaged on the way.
+        let bad: Vec<u64> = (0..n as usize)
+            .filter(|&i| wanted[i] && sums[i] != ZERO_SUM && *blake3::hash(&data[i * BS..(i + 1) * BS]).as_bytes() != sums[i])
+            .map(|i| first + i as u64)
+            .collect();
+        if !bad.is_empty() {
+            return Err(Error::Corrupt { chunk, blocks: bad });
+        }
+        let (rep, files, written) = self.for_update(disk, chunk, chunk_size, version, |rep, files| {
+            let write: Vec<bool> = {
+                let syncing = lock(&self.syncing);
+                let dirty = syncing.get(&(disk, chunk));
+                (0..n).map(|i| wanted[i as usize] && !dirty.is_some_and(|d| d.contains(first + i))).collect()
+            };
+            let written = write.iter().filter(|&&w| w).count() as u64;
+            if written == 0 {
+                return Ok(0);
+            }
+            let mut entries = files.read_entries(&rep.paths, first, n)?;
+            for i in (0..n as usize).filter(|&i| write[i]) {
+                if sums[i] == ZERO_SUM {
+                    set_entry(&mut entries, i, &ZERO_SUM, &ZERO_SUM);
+                } else {
+                    let cur = sum_at(&entries, i, 0);
+                    set_entry(&mut entries, i, &sums[i], &cur);
+                }
+            }
+            files.write_entries(&rep.paths, first, &entries)?;
+            // Runs of blocks to write, each one pwrite (or one hole punch for unwritten ones).
+            let mut i = 0usize;
+            while i < n as usize {
+                if !write[i] {
+                    i += 1;
+                    continue;
+                }
+                let zero = sums[i] == ZERO_SUM;
+                let mut j = i + 1;
+                while j < n as usize && write[j] && (sums[j] == ZERO_SUM) == zero {
+                    j += 1;
+                }
+                let at = (first + i as u64) * BLOCK_SIZE;
+                if zero {
+                    files.zero_data(&rep.paths, at, ((j - i) * BS) as u64)?;
+                } else {
+                    files.write_data(&rep.paths, at, &data[i * BS..j * BS])?;
+                }
+                i = j;
+            }
+            Ok(written)
+        })?;
+        if written > 0 {
+            rep.sync.sync(&files, &rep.paths, &self.counters())?;
+        }
+        Ok(written)
+    }
+
+    fn trim(&self, disk: u32, chunk: ChunkId, offset: u64, len: u64) -> Result<()> {
+        let rep = match self.lookup(disk, chunk) {
+            Ok(rep) => rep,
+            Err(Error::NotFound { .. }) => {
+                // Nothing stored, so nothing to trim; but a re-replication copy must not bring
+                // back what the client just discarded.
+                let _g = lock(&self.create_lock);
+                match lock(&self.replicas).get(&(disk, chunk)).cloned() {
+                    Some(rep) => rep,
+                    None => {
+                        if len > 0 {
+                            let (first, n) = block_span(offset, len);
+                            self.mark_client_write(disk, chunk, first, n);
+                        }
+                        return Ok(());
+                    }
+                }
+            }
+            Err(e) => return Err(e),
+        };
+        rep.sync.check(&rep.paths)?;
+        let st = rep.write_state();
+        if st.deleted {
+            return Ok(());
+        }
+        check_range(offset, len, st.chunk_size)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let files = self.files(&rep, st.chunk_size)?;
+        let (first, n) = block_span(offset, len);
+        let mut entries = files.read_entries(&rep.paths, first, n)?;
+        let mut edges: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut full: Option<(u64, u64)> = None;
+        for i in 0..n as usize {
+            let b = first + i as u64;
+            if is_full(b, offset, len) {
+                set_entry(&mut entries, i, &ZERO_SUM, &ZERO_SUM);
+                full = Some(full.map_or((b, b + 1), |(s, _)| (s, b + 1)));
+                continue;
+            }
+            if sum_at(&entries, i, 0) == ZERO_SUM && sum_at(&entries, i, 1) == ZERO_SUM {
+                continue;
+            }
+            let (mut block, old) = Self::load_block(&rep, &files, &entries, i, b)?;
+            let start = b * BLOCK_SIZE;
+            let lo = offset.max(start);
+            let hi = (offset + len).min(start + BLOCK_SIZE);
+            block[(lo - start) as usize..(hi - start) as usize].fill(0);
+            set_entry(&mut entries, i, blake3::hash(&block).as_bytes(), &old);
+            edges.push((b, block));
+        }
+        files.write_entries(&rep.paths, first, &entries)?;
+        if let Some((s, e)) = full {
+            files.zero_data(&rep.paths, s * BLOCK_SIZE, (e - s) * BLOCK_SIZE)?;
+        }
+        for (b, block) in &edges {
+            files.write_data(&rep.paths, b * BLOCK_SIZE, block)?;
+        }
+        self.mark_client_write(disk, chunk, first, n);
+        drop(st);
+        rep.sync.sync(&files, &rep.paths, &self.counters())
+    }
+
+    fn delete(&self, disk: u32, chunk: ChunkId) -> Result<()> {
+        self.disk(disk)?;
+        let _g = lock(&self.create_lock);
+        let Some(rep) = lock(&self.replicas).remove(&(disk, chunk)) else {
+            return Ok(());
+        };
+        let mut st = rep.write_state();
+        st.deleted = true;
+        *lock(&rep.files) = None;
+        // Metadata first: without it the replica no longer exists, and a crash before the
+        // other two files are gone leaves garbage that the next scan removes.
+        let meta = rep.paths.dir.join(&rep.paths.meta_name);
+        for path in [&meta, &rep.paths.data, &rep.paths.sums] {
+            match fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(path, e)),
+            }
+            if path == &meta {
+                fsync_dir(&rep.paths.dir)?;
+            }
+        }
+        tracing::debug!(disk, %chunk, "replica deleted");
+        Ok(())
+    }
+}
