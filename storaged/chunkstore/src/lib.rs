@@ -72,4 +72,4 @@ mod tests;
 
 pub use error::{Error, Result};
 pub use scrub::{ScrubReport, Scrubber};
-pub use store::{ChunkStore, DiskIdentity, Options, Stats};
+pub use store::{ChunkStore, Config, DiskIdentity, Stats};

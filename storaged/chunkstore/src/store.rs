@@ -22,15 +22,15 @@ pub(crate) const WALK_BLOCKS: u64 = 256;
 
 /// Tunables of a store.
 #[derive(Clone, Debug)]
-pub struct Options {
+pub struct Config {
     /// Replicas whose two files stay open at once; older ones are closed (and reopened on the
     /// next access) beyond this. Default 4096 (8192 descriptors).
     pub max_open_replicas: usize,
 }
 
-impl Default for Options {
+impl Default for Config {
     fn default() -> Self {
-        Options { max_open_replicas: 4096 }
+        Config { max_open_replicas: 4096 }
     }
 }
 
@@ -105,11 +105,11 @@ impl ChunkStore {
     /// Opens the store on `disks` (disk index = position), creating and labelling new
     /// directories, and loads the replica inventory and the volume epochs.
     pub async fn open(disks: Vec<PathBuf>) -> Result<ChunkStore> {
-        Self::open_with(disks, Options::default()).await
+        Self::open_with(disks, Config::default()).await
     }
 
-    pub async fn open_with(disks: Vec<PathBuf>, options: Options) -> Result<ChunkStore> {
-        tokio::task::spawn_blocking(move || Inner::open(disks, options))
+    pub async fn open_with(disks: Vec<PathBuf>, config: Config) -> Result<ChunkStore> {
+        tokio::task::spawn_blocking(move || Inner::open(disks, config))
             .await
             .map_err(|e| Error::BadDisk(format!("open task failed: {e}")))?
             .map(|inner| ChunkStore { inner: Arc::new(inner) })
@@ -321,9 +321,20 @@ impl ChunkStore {
     }
 
     /// Makes `[offset, offset+len)` read as zeros: whole blocks become unwritten (and their
-    /// space is freed), partial edge blocks get zeros written. Durable on return.
-    pub async fn trim(&self, disk: u32, chunk: ChunkId, offset: u64, len: u64) -> Result<()> {
-        self.blocking(move |inner| inner.trim(disk, chunk, offset, len)).await
+    /// space is freed), partial edge blocks get zeros written. Durable on return. Discarding
+    /// data is a write, so it is fenced and version-checked like one; a missing replica has
+    /// nothing to trim and is not created.
+    pub async fn trim(
+        &self,
+        disk: u32,
+        chunk: ChunkId,
+        version: ChunkVersion,
+        epoch: Epoch,
+        offset: u64,
+        len: u64,
+    ) -> Result<()> {
+        let _epoch = self.admit(chunk.volume, epoch).await?;
+        self.blocking(move |inner| inner.trim(disk, chunk, version, offset, len)).await
     }
 
     /// Deletes a replica; succeeds if it does not exist.
@@ -443,7 +454,7 @@ struct Batch {
 }
 
 impl Inner {
-    fn open(paths: Vec<PathBuf>, options: Options) -> Result<Inner> {
+    fn open(paths: Vec<PathBuf>, config: Config) -> Result<Inner> {
         if paths.is_empty() {
             return Err(Error::BadDisk("no data directories given".into()));
         }
@@ -476,7 +487,7 @@ impl Inner {
             replicas: Mutex::new(replicas),
             create_lock: Mutex::new(()),
             open_lru: Mutex::new(VecDeque::new()),
-            max_open: options.max_open_replicas.max(1),
+            max_open: config.max_open_replicas.max(1),
             syncing: Mutex::new(HashMap::new()),
             fdatasyncs: AtomicU64::new(0),
             #[cfg(test)]
@@ -855,7 +866,7 @@ impl Inner {
         Ok(written)
     }
 
-    fn trim(&self, disk: u32, chunk: ChunkId, offset: u64, len: u64) -> Result<()> {
+    fn trim(&self, disk: u32, chunk: ChunkId, version: ChunkVersion, offset: u64, len: u64) -> Result<()> {
         let rep = match self.lookup(disk, chunk) {
             Ok(rep) => rep,
             Err(Error::NotFound { .. }) => {
@@ -876,11 +887,17 @@ impl Inner {
             Err(e) => return Err(e),
         };
         rep.sync.check(&rep.paths)?;
-        let st = rep.write_state();
+        let mut st = rep.write_state();
         if st.deleted {
             return Ok(());
         }
+        if version < st.version {
+            return Err(Error::StaleVersion { have: st.version, got: version });
+        }
         check_range(offset, len, st.chunk_size)?;
+        if version > st.version {
+            Self::raise_version(&rep, &mut st, version)?;
+        }
         if len == 0 {
             return Ok(());
         }

@@ -313,7 +313,7 @@ async fn catch_up_never_overwrites_blocks_clients_wrote_during_sync() {
     s.begin_sync(0, c).expect("begin");
     let client = pattern(1, B as usize);
     s.write(0, c, CS, 2, 1, 2 * B, Bytes::from(client.clone())).await.expect("client write");
-    s.trim(0, c, 4 * B, B).await.expect("client trim");
+    s.trim(0, c, 2, 1, 4 * B, B).await.expect("client trim");
     // The copy of blocks 0..6 from the source, fetched before the client's write.
     let source = pattern(2, 6 * B as usize);
     let sums: Vec<BlockSum> = source.chunks(B as usize).map(sum).collect();
@@ -349,7 +349,7 @@ async fn trim_unwrites_whole_blocks_and_zeroes_edges() {
     let allocated_before = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&path).expect("stat"));
 
     let (off, len) = (B + 100, 200 * B);
-    s.trim(0, c, off, len).await.expect("trim");
+    s.trim(0, c, 1, 1, off, len).await.expect("trim");
     let mut model = data;
     model[off as usize..(off + len) as usize].fill(0);
     assert!(s.read(0, c, 1, 0, CS).await.expect("read")[..] == model[..]);
@@ -373,7 +373,14 @@ async fn trim_unwrites_whole_blocks_and_zeroes_edges() {
     assert!(got[..] == want[..]);
     assert!(s.scrub_replica(0, c).await.expect("scrub").is_empty());
     // Trimming a missing replica is a no-op.
-    s.trim(0, chunk(1000), 0, B).await.expect("trim missing");
+    s.trim(0, chunk(1000), 1, 1, 0, B).await.expect("trim missing");
+    assert!(s.version(0, chunk(1000)).is_none());
+    // Trims are fenced and version-checked like writes.
+    s.fence(VOL, 5).await.expect("fence");
+    assert!(matches!(s.trim(0, c, 1, 4, 0, B).await, Err(Error::Fenced { have: 5, got: 4, .. })));
+    s.set_version(0, c, 3).await.expect("raise");
+    assert!(matches!(s.trim(0, c, 2, 5, 0, B).await, Err(Error::StaleVersion { have: 3, got: 2 })));
+    assert!(s.read(0, c, 3, 0, B).await.expect("read")[..] == model[..B as usize]);
 }
 
 #[tokio::test]
@@ -492,7 +499,7 @@ async fn out_of_range_and_bad_arguments_are_refused() {
     ));
     assert!(matches!(s.write(3, c, CS, 1, 1, 0, Bytes::from(vec![0; 2])).await, Err(Error::UnknownDisk(3))));
     assert!(matches!(s.read_blocks(0, c, 1, CS / B - 1, 2).await, Err(Error::OutOfRange { .. })));
-    assert!(matches!(s.trim(0, c, CS, 1).await, Err(Error::OutOfRange { .. })));
+    assert!(matches!(s.trim(0, c, 1, 1, CS, 1).await, Err(Error::OutOfRange { .. })));
 }
 
 #[tokio::test]
@@ -509,4 +516,19 @@ async fn scrubber_keeps_to_its_rate_limit() {
     assert_eq!(report.bytes_read, 2 * CS);
     assert_eq!(report.replicas, 2);
     assert!(elapsed >= Duration::from_millis(240), "took {elapsed:?}");
+}
+
+#[tokio::test]
+async fn open_files_are_bounded_and_reopened_on_demand() {
+    let dir = TempDir::new().expect("tempdir");
+    let s = ChunkStore::open_with(disk_paths(&dir, 1), crate::Config { max_open_replicas: 2 }).await.expect("open");
+    for i in 0..5 {
+        s.write(0, chunk(30 + i), CS, 1, 1, i * 100, Bytes::from(pattern(i, 5000))).await.expect("write");
+        assert!(s.stats().open_replicas <= 2);
+    }
+    for i in 0..5 {
+        let got = s.read(0, chunk(30 + i), 1, i * 100, 5000).await.expect("read");
+        assert!(got[..] == pattern(i, 5000)[..]);
+        assert!(s.stats().open_replicas <= 2);
+    }
 }
