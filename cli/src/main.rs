@@ -1,1 +1,270 @@
-fn main() {}
+//! `basalt`: run a local cluster, look at it, manage volumes.
+
+use anyhow::{bail, Result};
+use basalt_cli::dev::{self, ClusterFile, UpOptions};
+use basalt_cli::sizes::{human, parse_duration, parse_size};
+use basalt_types::{ClusterStatus, NodeState, VolumeInfo};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "basalt", version, about = "Basalt hyperconverged cluster: local cluster, status, volumes")]
+struct Cli {
+    /// Directory of the local cluster (holds cluster.json).
+    #[arg(long, global = true, env = "BASALT_DIR", default_value = "basalt-dev")]
+    dir: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Local multi-node cluster on this machine.
+    Dev {
+        #[command(subcommand)]
+        cmd: DevCmd,
+    },
+    /// Nodes, metadata leader, capacity and chunk health.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage volumes.
+    Volume {
+        #[command(subcommand)]
+        cmd: VolumeCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum DevCmd {
+    /// Start a cluster (or restart the stopped nodes of an existing one) and wait until healthy.
+    Up {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Data directories (disks) per node.
+        #[arg(long, default_value_t = 1)]
+        disks: usize,
+        /// Silence after which a node is declared dead and re-replication starts.
+        #[arg(long, default_value = "30s")]
+        dead_timeout: String,
+    },
+    /// SIGKILL one node (name like node2, or id).
+    Kill { node: String },
+    /// Start a stopped or killed node again.
+    Start { node: String },
+    /// Stop every node (data is kept; --purge deletes the cluster directory).
+    Down {
+        #[arg(long)]
+        purge: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum VolumeCmd {
+    Create {
+        name: String,
+        /// Size, e.g. 10G.
+        #[arg(long)]
+        size: String,
+        /// Chunk size (power of two, 1M..1G; default 64M).
+        #[arg(long)]
+        chunk_size: Option<String>,
+    },
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    Info {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    Delete { name: String },
+    Resize {
+        name: String,
+        #[arg(long)]
+        size: String,
+    },
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    if let Err(e) = run(cli).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Dev { cmd } => dev_cmd(&cli.dir, cmd).await,
+        Cmd::Status { json } => {
+            let cluster = ClusterFile::load(&cli.dir)?;
+            let status = cluster.client()?.status().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print_status(&status);
+            }
+            Ok(())
+        }
+        Cmd::Volume { cmd } => volume_cmd(&cli.dir, cmd).await,
+    }
+}
+
+async fn dev_cmd(dir: &std::path::Path, cmd: DevCmd) -> Result<()> {
+    match cmd {
+        DevCmd::Up { nodes, disks, dead_timeout } => {
+            let mut opts = UpOptions::new(dir, nodes);
+            opts.disks_per_node = disks;
+            opts.dead_timeout = parse_duration(&dead_timeout)?;
+            let cluster = dev::up(&opts).await?;
+            println!("Basalt dev cluster up in {} ({} nodes)", cluster.dir.display(), cluster.nodes.len());
+            for n in &cluster.nodes {
+                println!(
+                    "  {:<7} pid {:<7} rpc {:<21} nbd {}/<volume>  (unix {}){}",
+                    n.name,
+                    n.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                    n.rpc_addr,
+                    n.nbd_uri,
+                    n.nbd_socket.display(),
+                    if n.voter { "  [metadata voter]" } else { "" }
+                );
+            }
+            println!("Try: basalt --dir {} volume create vol1 --size 1G", cluster.dir.display());
+            println!("     qemu-img info {}/vol1", cluster.nodes[0].nbd_uri);
+            Ok(())
+        }
+        DevCmd::Kill { node } => {
+            let mut cluster = ClusterFile::load(dir)?;
+            dev::kill_node(&mut cluster, &node)?;
+            cluster.save()?;
+            println!("killed {node}");
+            Ok(())
+        }
+        DevCmd::Start { node } => {
+            let mut cluster = ClusterFile::load(dir)?;
+            let opts = UpOptions::new(dir, cluster.nodes.len());
+            let pid = dev::start_node(&mut cluster, &node, &opts)?;
+            cluster.save()?;
+            println!("started {node} (pid {pid})");
+            Ok(())
+        }
+        DevCmd::Down { purge } => {
+            let mut cluster = ClusterFile::load(dir)?;
+            dev::down(&mut cluster, Duration::from_secs(10))?;
+            cluster.save()?;
+            if purge {
+                std::fs::remove_dir_all(&cluster.dir)?;
+                println!("cluster stopped and {} deleted", cluster.dir.display());
+            } else {
+                println!("cluster stopped; data kept in {}", cluster.dir.display());
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn volume_cmd(dir: &std::path::Path, cmd: VolumeCmd) -> Result<()> {
+    let cluster = ClusterFile::load(dir)?;
+    let client = cluster.client()?;
+    match cmd {
+        VolumeCmd::Create { name, size, chunk_size } => {
+            let chunk = chunk_size.as_deref().map(parse_size).transpose()?;
+            let v = client.create_volume(&name, parse_size(&size)?, chunk).await?;
+            println!("created {} ({}, chunk {})", v.name, human(v.size), human(v.chunk_size));
+        }
+        VolumeCmd::List { json } => {
+            let vols = client.list_volumes().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&vols)?);
+            } else {
+                println!("{:<24} {:>12} {:>10} {:>8} {}", "NAME", "SIZE", "ALLOCATED", "EPOCH", "LEASE");
+                for v in &vols {
+                    print_volume_line(v);
+                }
+            }
+        }
+        VolumeCmd::Info { name, json } => {
+            let v = client.volume(&name).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("name:       {}", v.name);
+                println!("id:         {}", v.id);
+                println!("size:       {} ({} bytes)", human(v.size), v.size);
+                println!("chunk size: {}", human(v.chunk_size));
+                println!("allocated:  {} chunks ({})", v.allocated_chunks, human(v.allocated_chunks * v.chunk_size));
+                println!("epoch:      {}", v.epoch);
+                match &v.lease {
+                    Some(l) => println!("lease:      {} on node {} (epoch {})", l.holder, l.node, l.epoch),
+                    None => println!("lease:      none"),
+                }
+                for n in &cluster.nodes {
+                    println!("nbd:        {}/{}", n.nbd_uri, v.name);
+                }
+            }
+        }
+        VolumeCmd::Delete { name } => {
+            client.delete_volume(&name).await?;
+            println!("deleted {name}");
+        }
+        VolumeCmd::Resize { name, size } => {
+            let size = parse_size(&size)?;
+            if size == 0 {
+                bail!("size must be > 0");
+            }
+            let v = client.resize_volume(&name, size).await?;
+            println!("{} is now {}", v.name, human(v.size));
+        }
+    }
+    Ok(())
+}
+
+fn print_volume_line(v: &VolumeInfo) {
+    println!(
+        "{:<24} {:>12} {:>10} {:>8} {}",
+        v.name,
+        human(v.size),
+        human(v.allocated_chunks * v.chunk_size),
+        v.epoch,
+        v.lease.as_ref().map(|l| l.holder.as_str()).unwrap_or("-")
+    );
+}
+
+fn print_status(s: &ClusterStatus) {
+    println!(
+        "metadata leader: {}   term {}",
+        s.leader.map(|l| format!("node {l}")).unwrap_or_else(|| "none".into()),
+        s.term
+    );
+    println!("capacity: {} total, {} free; {} volumes", human(s.capacity_bytes), human(s.free_bytes), s.volumes);
+    println!(
+        "chunks: {} total, {} degraded, {} under re-replication, {} unavailable",
+        s.chunks.total, s.chunks.degraded, s.chunks.syncing, s.chunks.unavailable
+    );
+    println!("{:<4} {:<10} {:<6} {:<6} {:<22} {:>10} {:>12}", "ID", "NAME", "STATE", "VOTER", "RPC", "SEEN", "FREE");
+    for n in &s.nodes {
+        let free: u64 = n.disks.iter().map(|d| d.free_bytes).sum();
+        println!(
+            "{:<4} {:<10} {:<6} {:<6} {:<22} {:>10} {:>12}",
+            n.info.id,
+            n.info.name,
+            match n.info.state {
+                NodeState::Alive => "alive",
+                NodeState::Dead => "dead",
+            },
+            if n.voter { "yes" } else { "no" },
+            n.info.rpc_addr,
+            n.last_seen_ms_ago.map(|ms| format!("{:.1}s ago", ms as f64 / 1000.0)).unwrap_or_else(|| "-".into()),
+            human(free)
+        );
+    }
+}

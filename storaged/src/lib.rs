@@ -1,1 +1,235 @@
-//! placeholder
+//! `storaged`: the storage daemon of one node.
+//!
+//! Composition root: [`run`] builds the node from its [`Config`] and the listeners its
+//! caller bound — the QUIC RPC endpoint, the chunk store and chunk service, the metadata
+//! replica (openraft + RocksDB, in `basalt-meta`), the repair manager (active on the Raft
+//! leader), the heartbeat and scrubber loops, and the NBD export — and runs them until the
+//! shutdown token fires.
+
+pub mod chunk_service;
+pub mod config;
+pub mod nbd_export;
+pub mod repair;
+pub mod throttle;
+
+pub use config::{Config, ConfigError, ConfigFile};
+
+use async_trait::async_trait;
+use basalt_chunkstore::ChunkStore;
+use basalt_meta::{MetaConfig, MetaService};
+use basalt_rpc::{Identity, PeerInfo, RpcEndpoint, Service};
+use basalt_storaged_client::{ClientConfig, StorageClient};
+use basalt_types::*;
+use bytes::Bytes;
+use chunk_service::ChunkService;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, info_span, warn, Instrument};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("configuration: {0}")]
+    Config(#[from] ConfigError),
+    #[error("certificates: {0}")]
+    Tls(String),
+    #[error("transport: {0}")]
+    Rpc(String),
+    #[error("chunk store: {0}")]
+    Store(#[from] basalt_chunkstore::Error),
+    #[error("metadata: {0}")]
+    Meta(String),
+    #[error("NBD: {0}")]
+    Nbd(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Sockets bound by the caller (so tests can use port 0).
+pub struct Listeners {
+    pub rpc: std::net::UdpSocket,
+    pub nbd: tokio::net::TcpListener,
+    pub nbd_unix: Option<tokio::net::UnixListener>,
+}
+
+impl Listeners {
+    /// Bind the addresses of a configuration.
+    pub async fn bind(config: &Config) -> std::io::Result<Listeners> {
+        let rpc = std::net::UdpSocket::bind(config.file.rpc_listen)?;
+        let nbd = tokio::net::TcpListener::bind(config.file.nbd_listen).await?;
+        let nbd_unix = match &config.file.nbd_socket {
+            Some(path) => {
+                // A socket file left by a killed process would make bind fail.
+                let _ = std::fs::remove_file(path);
+                Some(tokio::net::UnixListener::bind(path)?)
+            }
+            None => None,
+        };
+        Ok(Listeners { rpc, nbd, nbd_unix })
+    }
+}
+
+/// Answers every RPC a node serves: Raft traffic and metadata requests go to the metadata
+/// replica, chunk requests to the chunk service.
+struct NodeService {
+    meta: Arc<MetaService>,
+    chunks: Arc<ChunkService>,
+}
+
+#[async_trait]
+impl Service for NodeService {
+    type Request = NodeRequest;
+    type Response = NodeResponse;
+
+    async fn call(&self, _peer: PeerInfo, req: NodeRequest, data: Bytes) -> (NodeResponse, Bytes) {
+        match req {
+            NodeRequest::Raft(kind, payload) => (NodeResponse::Raft(self.meta.handle_raft(kind, payload).await), Bytes::new()),
+            NodeRequest::Meta(req) => (NodeResponse::Meta(self.meta.handle(req).await), Bytes::new()),
+            NodeRequest::Chunk(req) => {
+                let (resp, data) = self.chunks.handle(req, data).await;
+                (NodeResponse::Chunk(resp), data)
+            }
+        }
+    }
+}
+
+/// Run a node until `shutdown` fires.
+pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> Result<()> {
+    let f = &config.file;
+    let node = f.node_id;
+    let span = info_span!("node", node, name = %f.name);
+    async move {
+        let identity = Identity::load(&f.certs_dir, &f.name).map_err(|e| Error::Tls(e.to_string()))?;
+        let rpc = RpcEndpoint::new(listeners.rpc, &identity).map_err(|e| Error::Rpc(e.to_string()))?;
+        let store = ChunkStore::open(f.data_dirs.clone()).await?;
+
+        let mut meta_cfg = MetaConfig::new(node, config.rpc_advertise.to_string(), f.meta_dir.clone());
+        meta_cfg.dead_timeout = f.dead_timeout;
+        meta_cfg.min_replicas = f.min_replicas;
+        let meta = MetaService::open(meta_cfg, rpc.clone(), shutdown.clone())
+            .await
+            .map_err(|e| Error::Meta(e.to_string()))?;
+        let chunks = ChunkService::new(store.clone(), rpc.clone(), f.repair_bytes_per_sec);
+        let service = Arc::new(NodeService { meta: meta.clone(), chunks: chunks.clone() });
+        let mut tasks = tokio::task::JoinSet::new();
+        {
+            let rpc = rpc.clone();
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move { rpc.serve(service, shutdown).await }.in_current_span());
+        }
+
+        // The lowest-numbered initial voter creates the group on the very first start.
+        if f.initial_voters.keys().next() == Some(&node) {
+            let voters = f.initial_voters.iter().map(|(id, a)| (*id, a.to_string())).collect();
+            meta.bootstrap(voters).await.map_err(|e| Error::Meta(e.to_string()))?;
+        }
+
+        let mut seeds = vec![config.rpc_advertise];
+        seeds.extend(f.initial_voters.values().copied());
+        seeds.extend(f.seeds.iter().copied());
+        seeds.dedup();
+        let mut client_cfg = ClientConfig::new(seeds);
+        client_cfg.local_node = Some(node);
+        let client = StorageClient::new(rpc.clone(), client_cfg);
+
+        register(&config, &meta, &store, &shutdown).await;
+
+        tasks.spawn(heartbeats(meta.clone(), store.clone(), node, f.heartbeat_interval, shutdown.clone()).in_current_span());
+        tasks.spawn(repair::RepairManager::new(meta.clone(), client.clone()).run(shutdown.clone()).in_current_span());
+        if f.scrub_bytes_per_sec > 0 {
+            let (chunks, client, shutdown) = (chunks.clone(), client.clone(), shutdown.clone());
+            let (rate, interval) = (f.scrub_bytes_per_sec, f.scrub_interval);
+            tasks.spawn(
+                async move {
+                    loop {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(interval) => {}
+                        }
+                        chunks.scrub_pass(rate, &client, node).await;
+                    }
+                }
+                .in_current_span(),
+            );
+        }
+
+        let exports: Arc<dyn basalt_nbd::ExportProvider> =
+            Arc::new(nbd_export::ExportsProvider(nbd_export::Exports::new(client.clone(), node, &f.name)));
+        tasks.spawn(basalt_nbd::serve_tcp(listeners.nbd, exports.clone(), shutdown.clone()).in_current_span());
+        if let Some(unix) = listeners.nbd_unix {
+            tasks.spawn(basalt_nbd::serve_unix(unix, exports.clone(), shutdown.clone()).in_current_span());
+        }
+        info!(rpc = %config.rpc_advertise, nbd = %f.nbd_listen, "node running");
+
+        shutdown.cancelled().await;
+        info!("shutting down");
+        let drain = async { while tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(Duration::from_secs(10), drain).await.is_err() {
+            warn!("some tasks did not stop within 10 s");
+        }
+        meta.shutdown().await;
+        rpc.close();
+        Ok(())
+    }
+    .instrument(span)
+    .await
+}
+
+/// Register this node (addresses and disks) in the cluster map; retried until a leader
+/// accepts it, since on a fresh cluster the group is still electing.
+async fn register(config: &Config, meta: &MetaService, store: &ChunkStore, shutdown: &CancellationToken) {
+    let f = &config.file;
+    let disks = store
+        .disks()
+        .into_iter()
+        .map(|d| DiskInfo {
+            id: DiskId { node: f.node_id, disk: d.disk },
+            path: d.path.display().to_string(),
+            total_bytes: 0,
+            free_bytes: 0,
+        })
+        .collect::<Vec<_>>();
+    let req = MetaRequest::RegisterNode {
+        id: f.node_id,
+        name: f.name.clone(),
+        rpc_addr: config.rpc_advertise.to_string(),
+        nbd_addr: f.nbd_listen.to_string(),
+        disks,
+    };
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match meta.handle(req.clone()).await {
+            Ok(_) => {
+                info!("registered in the cluster map");
+                return;
+            }
+            Err(e) => {
+                info!(error = %e, "registration not accepted yet; retrying");
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+async fn heartbeats(meta: Arc<MetaService>, store: ChunkStore, node: NodeId, every: Duration, shutdown: CancellationToken) {
+    loop {
+        let disks = match store.usage().await {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(error = %e, "cannot read disk usage");
+                Vec::new()
+            }
+        };
+        if let Err(e) = meta.handle(MetaRequest::Heartbeat { node, disks }).await {
+            tracing::debug!(error = %e, "heartbeat not delivered");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}

@@ -1,1 +1,43 @@
-fn main() {}
+//! `storaged --config FILE`: run one storage node.
+
+use anyhow::Context;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "storaged", about = "Basalt storage daemon (metadata replica, chunk service, NBD export)")]
+struct Args {
+    /// Node configuration (JSON).
+    #[arg(long, env = "BASALT_STORAGED_CONFIG")]
+    config: std::path::PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,openraft=warn,quinn=warn".into()),
+        )
+        .init();
+    let config = basalt_storaged::Config::load(&args.config)?;
+    let listeners = basalt_storaged::Listeners::bind(&config).await.context("binding listeners")?;
+    let shutdown = CancellationToken::new();
+    {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            shutdown.cancel();
+        });
+    }
+    basalt_storaged::run(config, listeners, shutdown).await?;
+    Ok(())
+}

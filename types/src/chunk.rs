@@ -16,6 +16,9 @@ pub enum ChunkRequest {
     /// Read `len` bytes at `offset`, checksums verified. Refused with `StaleReplica` if the
     /// replica's version is older than `version`.
     Read { disk: u32, chunk: ChunkId, version: ChunkVersion, offset: u64, len: u64 },
+    /// Make whole blocks in the range unwritten (they read as zeros) and zero partial edges.
+    /// Same epoch and version rules as `Write`.
+    Trim { disk: u32, chunk: ChunkId, chunk_size: u64, version: ChunkVersion, epoch: Epoch, offset: u64, len: u64 },
     /// Raise the replica's version (the metadata group changed the replica set and this
     /// replica stays in it).
     SetVersion { disk: u32, chunk: ChunkId, version: ChunkVersion },
@@ -26,6 +29,11 @@ pub enum ChunkRequest {
     /// Raw verified blocks `first..first+count` for re-replication (no version check
     /// beyond `min_version`).
     ReadBlocks { disk: u32, chunk: ChunkId, min_version: ChunkVersion, first: u64, count: u64 },
+    /// Get ready to become a re-replication target: create the replica if absent, raise its
+    /// version to `version`, and from now on remember which blocks client writes touch, so
+    /// that the copy made by `SyncFrom` never overwrites them. Sent before the metadata group
+    /// adds the replica to the set.
+    PrepareSync { disk: u32, chunk: ChunkId, chunk_size: u64, version: ChunkVersion },
     /// Make this replica (a `Syncing` target) a copy of `source`, fetching only the blocks
     /// whose checksums differ; blocks written by clients meanwhile are kept.
     SyncFrom { disk: u32, chunk: ChunkId, chunk_size: u64, version: ChunkVersion, source: ReplicaAddr },

@@ -168,6 +168,8 @@ pub enum MetaRequest {
     AllocateChunk { chunk: ChunkId, epoch: Epoch },
     DropReplicas { chunk: ChunkId, version: ChunkVersion, disks: Vec<DiskId> },
     Status,
+    /// Every registered node (addresses, state); cheap, unlike `Status`.
+    ListNodes,
     /// Make a registered node a Raft voter (membership change, online).
     AddVoter { node: NodeId },
     /// Remove a node from the Raft voters (replace a dead voter).
@@ -184,6 +186,7 @@ pub enum MetaResponse {
     Chunk(ChunkInfo),
     Chunks(Vec<ChunkInfo>),
     Status(ClusterStatus),
+    Nodes(Vec<NodeInfo>),
     /// Sent to a heartbeating node: stale copies it may delete.
     HeartbeatAck { delete: Vec<(ChunkId, DiskId)> },
 }

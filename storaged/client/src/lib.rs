@@ -1,1 +1,250 @@
-//! placeholder
+//! Client library for Basalt volumes.
+//!
+//! [`StorageClient`] talks to the metadata service (any node; non-leaders forward) and
+//! [`Volume`] does replicated chunk I/O straight to the chunk servers: data never goes
+//! through the metadata group. Frontends (the NBD export, later iSCSI/S3/NFS) and the CLI use
+//! only this crate, never the server's internals.
+
+mod error;
+mod rangelock;
+mod volume;
+
+pub use error::{Error, Result};
+pub use volume::{Volume, VolumeOptions};
+
+use basalt_rpc::RpcEndpoint;
+use basalt_types::*;
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+use tracing::debug;
+
+/// How long a metadata call keeps retrying through leader changes before giving up.
+const META_DEADLINE: Duration = Duration::from_secs(30);
+/// Per-attempt timeout of one RPC.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// RPC addresses of some cluster nodes (any will do; more is more available).
+    pub seeds: Vec<SocketAddr>,
+    /// This client's node, if it runs on one: its replicas are preferred for reads.
+    pub local_node: Option<NodeId>,
+    /// How long a write keeps retrying while too few replicas are reachable before failing.
+    pub io_deadline: Duration,
+}
+
+impl ClientConfig {
+    pub fn new(seeds: Vec<SocketAddr>) -> Self {
+        Self { seeds, local_node: None, io_deadline: Duration::from_secs(60) }
+    }
+}
+
+/// A connection to a Basalt cluster.
+pub struct StorageClient {
+    rpc: Arc<RpcEndpoint>,
+    config: ClientConfig,
+    /// Node id → RPC address, refreshed from the metadata service.
+    nodes: RwLock<HashMap<NodeId, NodeInfo>>,
+    /// Index into the seed list of the last node that answered a metadata call.
+    preferred_seed: std::sync::atomic::AtomicUsize,
+}
+
+impl StorageClient {
+    pub fn new(rpc: Arc<RpcEndpoint>, config: ClientConfig) -> Arc<Self> {
+        Arc::new(Self {
+            rpc,
+            config,
+            nodes: RwLock::new(HashMap::new()),
+            preferred_seed: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
+    pub fn rpc(&self) -> &Arc<RpcEndpoint> {
+        &self.rpc
+    }
+
+    pub fn config(&self) -> &ClientConfig {
+        &self.config
+    }
+
+    /// Send a metadata request, trying the seeds in turn and retrying through leader
+    /// elections and unreachable nodes until [`META_DEADLINE`].
+    pub async fn meta(&self, req: MetaRequest) -> Result<MetaResponse> {
+        use std::sync::atomic::Ordering;
+        let deadline = Instant::now() + META_DEADLINE;
+        let seeds = self.seed_addrs();
+        if seeds.is_empty() {
+            return Err(Error::NoSeeds);
+        }
+        let mut attempt = 0usize;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let i = (self.preferred_seed.load(Ordering::Relaxed) + attempt) % seeds.len();
+            let addr = seeds[i];
+            let outcome = self
+                .rpc
+                .call::<NodeRequest, NodeResponse>(
+                    addr,
+                    &NodeRequest::Meta(req.clone()),
+                    Bytes::new(),
+                    CALL_TIMEOUT,
+                )
+                .await;
+            let retry_reason = match outcome {
+                Ok((NodeResponse::Meta(Ok(resp)), _)) => {
+                    self.preferred_seed.store(i, Ordering::Relaxed);
+                    return Ok(resp);
+                }
+                Ok((NodeResponse::Meta(Err(e)), _)) => match e.code {
+                    ErrorCode::NotLeader | ErrorCode::Unavailable => e.to_string(),
+                    _ => return Err(Error::Remote(e)),
+                },
+                Ok((NodeResponse::Error(e), _)) => return Err(Error::Remote(e)),
+                Ok((other, _)) => return Err(Error::Protocol(format!("unexpected answer {other:?}"))),
+                Err(e) => e.to_string(),
+            };
+            attempt += 1;
+            if Instant::now() >= deadline {
+                return Err(Error::MetaUnavailable(retry_reason));
+            }
+            debug!(%addr, reason = %retry_reason, "metadata call retried");
+            // Walk all seeds quickly once, then back off between rounds.
+            if attempt % seeds.len() == 0 {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+
+    fn seed_addrs(&self) -> Vec<SocketAddr> {
+        let mut addrs = self.config.seeds.clone();
+        if let Ok(nodes) = self.nodes.read() {
+            for n in nodes.values() {
+                if let Ok(a) = n.rpc_addr.parse::<SocketAddr>() {
+                    if !addrs.contains(&a) {
+                        addrs.push(a);
+                    }
+                }
+            }
+        }
+        addrs
+    }
+
+    pub async fn status(&self) -> Result<ClusterStatus> {
+        match self.meta(MetaRequest::Status).await? {
+            MetaResponse::Status(s) => Ok(s),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn list_nodes(&self) -> Result<Vec<NodeInfo>> {
+        match self.meta(MetaRequest::ListNodes).await? {
+            MetaResponse::Nodes(nodes) => {
+                if let Ok(mut map) = self.nodes.write() {
+                    map.clear();
+                    for n in &nodes {
+                        map.insert(n.id, n.clone());
+                    }
+                }
+                Ok(nodes)
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// RPC address of a node, refreshing the node list once if it is unknown.
+    pub async fn node_addr(&self, node: NodeId) -> Result<SocketAddr> {
+        if let Some(a) = self.cached_node_addr(node) {
+            return Ok(a);
+        }
+        self.list_nodes().await?;
+        self.cached_node_addr(node).ok_or(Error::UnknownNode(node))
+    }
+
+    fn cached_node_addr(&self, node: NodeId) -> Option<SocketAddr> {
+        let nodes = self.nodes.read().ok()?;
+        nodes.get(&node)?.rpc_addr.parse().ok()
+    }
+
+    pub async fn create_volume(&self, name: &str, size: u64, chunk_size: Option<u64>) -> Result<VolumeInfo> {
+        let req = MetaRequest::CreateVolume { name: name.to_string(), size, chunk_size };
+        match self.meta(req).await? {
+            MetaResponse::Volume(v) => Ok(v),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Delete a volume and, best effort, its replicas on every reachable node (nodes that
+    /// are down drop them when they come back: their replicas belong to no volume).
+    pub async fn delete_volume(&self, name: &str) -> Result<()> {
+        let info = self.volume(name).await?;
+        self.meta(MetaRequest::DeleteVolume { name: name.to_string() }).await?;
+        let nodes = self.list_nodes().await.unwrap_or_default();
+        let calls = nodes.iter().filter_map(|n| n.rpc_addr.parse::<SocketAddr>().ok()).map(|addr| {
+            let req = NodeRequest::Chunk(ChunkRequest::DeleteVolume { volume: info.id });
+            async move {
+                let _ = self
+                    .rpc
+                    .call::<NodeRequest, NodeResponse>(addr, &req, Bytes::new(), CALL_TIMEOUT)
+                    .await;
+            }
+        });
+        futures::future::join_all(calls).await;
+        Ok(())
+    }
+
+    pub async fn resize_volume(&self, name: &str, size: u64) -> Result<VolumeInfo> {
+        match self.meta(MetaRequest::ResizeVolume { name: name.to_string(), size }).await? {
+            MetaResponse::Volume(v) => Ok(v),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn volume(&self, name: &str) -> Result<VolumeInfo> {
+        match self.meta(MetaRequest::GetVolume { name: name.to_string() }).await? {
+            MetaResponse::Volume(v) => Ok(v),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn list_volumes(&self) -> Result<Vec<VolumeInfo>> {
+        match self.meta(MetaRequest::ListVolumes).await? {
+            MetaResponse::Volumes(v) => Ok(v),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Open a volume for I/O, taking its write lease as `holder`. With `force`, take the
+    /// lease over from another holder: the epoch is bumped and every reachable chunk server
+    /// is told, so the old holder's writes are refused from then on.
+    pub async fn open_volume(self: &Arc<Self>, name: &str, opts: VolumeOptions) -> Result<Arc<Volume>> {
+        Volume::open(self.clone(), name, opts).await
+    }
+
+    /// Send one chunk-service request to a node.
+    pub async fn chunk_call(
+        &self,
+        addr: SocketAddr,
+        req: ChunkRequest,
+        data: Bytes,
+        timeout: Duration,
+    ) -> Result<(ChunkResponse, Bytes)> {
+        let (resp, data) = self
+            .rpc
+            .call::<NodeRequest, NodeResponse>(addr, &NodeRequest::Chunk(req), data, timeout)
+            .await
+            .map_err(|e| Error::Transport(e.to_string()))?;
+        match resp {
+            NodeResponse::Chunk(Ok(r)) => Ok((r, data)),
+            NodeResponse::Chunk(Err(e)) | NodeResponse::Error(e) => Err(Error::Remote(e)),
+            other => Err(Error::Protocol(format!("unexpected answer {other:?}"))),
+        }
+    }
+}
+
+pub(crate) fn unexpected(resp: MetaResponse) -> Error {
+    Error::Protocol(format!("unexpected metadata answer {resp:?}"))
+}

@@ -1,0 +1,130 @@
+//! Node configuration: a serde file format with documented defaults, validated once into
+//! [`Config`].
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The on-disk form (JSON) of a node's configuration.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Unique id of this node in the cluster (> 0).
+    pub node_id: u64,
+    /// Human name, also the CN of the node certificate (`<certs_dir>/<name>.pem`).
+    pub name: String,
+    /// Directory with `ca.pem`, `<name>.pem` and `<name>.key`.
+    pub certs_dir: PathBuf,
+    /// UDP address for QUIC node-to-node RPC.
+    pub rpc_listen: SocketAddr,
+    /// Address other nodes use to reach `rpc_listen` (default: `rpc_listen`).
+    #[serde(default)]
+    pub rpc_advertise: Option<SocketAddr>,
+    /// TCP address of the NBD export.
+    pub nbd_listen: SocketAddr,
+    /// Unix socket of the NBD export (optional).
+    #[serde(default)]
+    pub nbd_socket: Option<PathBuf>,
+    /// Data directories, one per disk: chunk replicas live here.
+    pub data_dirs: Vec<PathBuf>,
+    /// RocksDB directory of the metadata replica.
+    pub meta_dir: PathBuf,
+    /// Voters of a new cluster (node id → RPC address). The lowest id bootstraps the group
+    /// the first time; later starts ignore this.
+    #[serde(default)]
+    pub initial_voters: BTreeMap<u64, SocketAddr>,
+    /// RPC addresses of existing nodes to register with (any subset of the cluster).
+    #[serde(default)]
+    pub seeds: Vec<SocketAddr>,
+    /// A node silent for this long is declared dead and its replicas re-replicated.
+    #[serde(default = "default_dead_timeout", with = "humantime_serde")]
+    pub dead_timeout: Duration,
+    /// Writes are never acknowledged by fewer replicas than this.
+    #[serde(default = "default_min_replicas")]
+    pub min_replicas: u32,
+    #[serde(default = "default_heartbeat", with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// Re-replication and repair traffic per node, bytes per second.
+    #[serde(default = "default_repair_rate")]
+    pub repair_bytes_per_sec: u64,
+    /// Background verification of every replica, bytes per second (0 = off).
+    #[serde(default = "default_scrub_rate")]
+    pub scrub_bytes_per_sec: u64,
+    /// Pause between two scrub passes.
+    #[serde(default = "default_scrub_interval", with = "humantime_serde")]
+    pub scrub_interval: Duration,
+}
+
+fn default_dead_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_min_replicas() -> u32 {
+    2
+}
+fn default_heartbeat() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_repair_rate() -> u64 {
+    200 << 20
+}
+fn default_scrub_rate() -> u64 {
+    32 << 20
+}
+fn default_scrub_interval() -> Duration {
+    Duration::from_secs(600)
+}
+
+/// A validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub file: ConfigFile,
+    pub rpc_advertise: SocketAddr,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("cannot parse {path}: {source}")]
+    Parse { path: PathBuf, source: serde_json::Error },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let file: ConfigFile =
+            serde_json::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })?;
+        Config::validate(file)
+    }
+
+    pub fn validate(file: ConfigFile) -> Result<Config, ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if file.node_id == 0 {
+            return bad("node_id must be > 0".into());
+        }
+        if file.name.is_empty() || !file.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            return bad(format!("node name {:?} must be non-empty [A-Za-z0-9_-]", file.name));
+        }
+        if file.data_dirs.is_empty() {
+            return bad("at least one data_dir is needed".into());
+        }
+        if file.min_replicas == 0 || file.min_replicas as usize > basalt_types::REPLICAS {
+            return bad(format!("min_replicas must be 1..={}", basalt_types::REPLICAS));
+        }
+        if file.dead_timeout < file.heartbeat_interval * 3 {
+            return bad("dead_timeout must be at least 3 heartbeat intervals".into());
+        }
+        if file.initial_voters.is_empty() && file.seeds.is_empty() {
+            return bad("either initial_voters (new cluster) or seeds (join) is needed".into());
+        }
+        let rpc_advertise = file.rpc_advertise.unwrap_or(file.rpc_listen);
+        if rpc_advertise.ip().is_unspecified() {
+            return bad("rpc_advertise must be a concrete address when rpc_listen is 0.0.0.0".into());
+        }
+        Ok(Config { file, rpc_advertise })
+    }
+}
