@@ -52,8 +52,8 @@ impl ChunkService {
                     Err(e) => (Err(store_err(e)), Bytes::new()),
                 }
             }
-            ChunkRequest::Trim { disk, chunk, chunk_size, version, epoch, offset, len } => {
-                ok(self.trim(disk, chunk, chunk_size, version, epoch, offset, len).await)
+            ChunkRequest::Trim { disk, chunk, chunk_size: _, version, epoch, offset, len } => {
+                ok(self.store.trim(disk, chunk, version, epoch, offset, len).await)
             }
             ChunkRequest::SetVersion { disk, chunk, version } => ok(self.store.set_version(disk, chunk, version).await),
             ChunkRequest::Fence { volume, epoch } => ok(self.store.fence(volume, epoch).await),
@@ -79,23 +79,6 @@ impl ChunkService {
             ChunkRequest::Delete { disk, chunk } => ok(self.store.delete(disk, chunk).await),
             ChunkRequest::DeleteVolume { volume } => ok(self.store.delete_volume(volume).await),
         }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn trim(
-        &self,
-        disk: u32,
-        chunk: ChunkId,
-        chunk_size: u64,
-        version: ChunkVersion,
-        epoch: Epoch,
-        offset: u64,
-        len: u64,
-    ) -> Result<(), basalt_chunkstore::Error> {
-        // Same admission rules as a write: a fenced or stale writer must not trim either.
-        // A zero-length write carries the checks (and creates the replica if needed).
-        self.store.write(disk, chunk, chunk_size, version, epoch, offset, Bytes::new()).await?;
-        self.store.trim(disk, chunk, offset, len).await
     }
 
     /// Create the target replica if needed, raise its version, and start recording client

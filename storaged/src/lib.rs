@@ -93,6 +93,16 @@ impl Service for NodeService {
     }
 }
 
+impl basalt_storaged_client::LocalChunks for ChunkService {
+    fn call(
+        &self,
+        req: ChunkRequest,
+        data: Bytes,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = (Result<ChunkResponse, RemoteError>, Bytes)> + Send + '_>> {
+        Box::pin(self.handle(req, data))
+    }
+}
+
 /// Run a node until `shutdown` fires.
 pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> Result<()> {
     let f = &config.file;
@@ -131,6 +141,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         let mut client_cfg = ClientConfig::new(seeds);
         client_cfg.local_node = Some(node);
         let client = StorageClient::new(rpc.clone(), client_cfg);
+        client.set_local(config.rpc_advertise, chunks.clone());
 
         register(&config, &meta, &store, &shutdown).await;
 

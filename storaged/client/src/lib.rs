@@ -42,8 +42,20 @@ impl ClientConfig {
     }
 }
 
+/// The chunk service of the node this client runs in. Requests for replicas on this node
+/// are handed to it directly instead of looping through QUIC to ourselves: a third of a
+/// write's traffic, and all of a local read's, never touches the network stack.
+pub trait LocalChunks: Send + Sync + 'static {
+    fn call(
+        &self,
+        req: ChunkRequest,
+        data: Bytes,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = (std::result::Result<ChunkResponse, RemoteError>, Bytes)> + Send + '_>>;
+}
+
 /// A connection to a Basalt cluster.
 pub struct StorageClient {
+    local: std::sync::OnceLock<(SocketAddr, Arc<dyn LocalChunks>)>,
     rpc: Arc<RpcEndpoint>,
     config: ClientConfig,
     /// Node id → RPC address, refreshed from the metadata service.
@@ -55,11 +67,17 @@ pub struct StorageClient {
 impl StorageClient {
     pub fn new(rpc: Arc<RpcEndpoint>, config: ClientConfig) -> Arc<Self> {
         Arc::new(Self {
+            local: std::sync::OnceLock::new(),
             rpc,
             config,
             nodes: RwLock::new(HashMap::new()),
             preferred_seed: std::sync::atomic::AtomicUsize::new(0),
         })
+    }
+
+    /// Serve requests addressed to `addr` (this node) with `local` instead of the network.
+    pub fn set_local(&self, addr: SocketAddr, local: Arc<dyn LocalChunks>) {
+        let _ = self.local.set((addr, local));
     }
 
     pub fn rpc(&self) -> &Arc<RpcEndpoint> {
@@ -232,6 +250,12 @@ impl StorageClient {
         data: Bytes,
         timeout: Duration,
     ) -> Result<(ChunkResponse, Bytes)> {
+        if let Some((local_addr, local)) = self.local.get() {
+            if *local_addr == addr {
+                let (resp, data) = local.call(req, data).await;
+                return resp.map(|r| (r, data)).map_err(Error::Remote);
+            }
+        }
         let (resp, data) = self
             .rpc
             .call::<NodeRequest, NodeResponse>(addr, &NodeRequest::Chunk(req), data, timeout)
