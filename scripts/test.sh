@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
-# Binaries the cluster tests start (storaged) and drive (basalt).
-cargo build -p basalt-storaged -p basalt-cli
+# Build everything once, with one feature set: the binaries the cluster tests start
+# (storaged) and every test. Building subsets with different features would rebuild RocksDB.
+cargo build --workspace --all-targets
 cargo nextest run --workspace --profile ci "$@"

@@ -1,6 +1,7 @@
 //! `basalt`: run a local cluster, look at it, manage volumes.
 
 use anyhow::{bail, Result};
+use basalt_cli::bench;
 use basalt_cli::dev::{self, ClusterFile, UpOptions};
 use basalt_cli::sizes::{human, parse_duration, parse_size};
 use basalt_types::{ClusterStatus, NodeState, VolumeInfo};
@@ -35,6 +36,39 @@ enum Cmd {
         #[command(subcommand)]
         cmd: VolumeCmd,
     },
+    /// Metadata group membership (online).
+    Meta {
+        #[command(subcommand)]
+        cmd: MetaCmd,
+    },
+    /// Benchmarks against a local cluster.
+    Bench {
+        #[command(subcommand)]
+        cmd: BenchCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// fio through NBD on a 3-replica cluster, side by side with fio on a plain local file on
+    /// the same disk; prints the ratios to the physical limits and the goals.
+    Block {
+        /// Use the existing cluster in DIR (given after `block`); by default a fresh 3-node
+        /// cluster is started under /var/tmp and torn down afterwards.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Volume (and local file) size.
+        #[arg(long, default_value = "1G")]
+        size: String,
+        /// Measured time per job (after a 2s ramp).
+        #[arg(long, default_value = "15s")]
+        runtime: String,
+        /// Directory for the local-file baseline (default: the cluster's directory, same disk).
+        #[arg(long)]
+        local_dir: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -59,6 +93,14 @@ enum DevCmd {
         #[arg(long)]
         purge: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum MetaCmd {
+    /// Make a registered node a metadata voter (e.g. to replace a dead one).
+    AddVoter { node: u64 },
+    /// Remove a node from the metadata voters (it keeps a copy of the map as a learner).
+    RemoveVoter { node: u64 },
 }
 
 #[derive(Subcommand)]
@@ -116,6 +158,36 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Volume { cmd } => volume_cmd(&cli.dir, cmd).await,
+        Cmd::Meta { cmd } => {
+            let client = ClusterFile::load(&cli.dir)?.client()?;
+            let (req, what) = match cmd {
+                MetaCmd::AddVoter { node } => (basalt_types::MetaRequest::AddVoter { node }, format!("node {node} is now a voter")),
+                MetaCmd::RemoveVoter { node } => {
+                    (basalt_types::MetaRequest::RemoveVoter { node }, format!("node {node} is no longer a voter"))
+                }
+            };
+            client.meta(req).await?;
+            println!("{what}");
+            Ok(())
+        }
+        Cmd::Bench { cmd } => bench_cmd(cmd).await,
+    }
+}
+
+async fn bench_cmd(cmd: BenchCmd) -> Result<()> {
+    match cmd {
+        BenchCmd::Block { dir, size, runtime, local_dir, json } => {
+            let mut opts = bench::BlockOptions::new(parse_size(&size)?, parse_duration(&runtime)?);
+            opts.cluster_dir = dir;
+            opts.local_dir = local_dir;
+            let report = bench::run_block(&opts).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", bench::render_table(&report));
+            }
+            Ok(())
+        }
     }
 }
 
