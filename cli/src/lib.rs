@@ -1,5 +1,6 @@
 //! The `basalt` command's library: the local development cluster (also used by the test
 //! harness and benchmarks) and command-line helpers.
 
+pub mod bench;
 pub mod dev;
 pub mod sizes;
