@@ -155,10 +155,9 @@ where
         }
         let req = match Request::decode(&h) {
             Ok(r) => r,
-            Err(magic) => {
-                warn!(magic = format_args!("{magic:#x}"), "bad request magic, closing connection");
-                return Err(Error::Protocol(format!("bad request magic {magic:#x}")));
-            }
+            // Without a valid header we cannot find the next one: the stream is lost. The
+            // connection owner logs the reason.
+            Err(magic) => return Err(Error::Protocol(format!("bad request magic {magic:#x}"))),
         };
         if req.command == proto::CMD_DISC {
             debug!("client sent NBD_CMD_DISC");
