@@ -402,7 +402,7 @@ where
         return reply_err(stream, opt, proto::REP_ERR_INVALID, &msg).await;
     }
     let selected = if set {
-        queries.iter().any(|q| *q == proto::META_BASE_ALLOCATION)
+        queries.contains(&proto::META_BASE_ALLOCATION)
     } else {
         // LIST: no query lists everything; "base:" is the namespace wildcard.
         queries.is_empty() || queries.iter().any(|q| *q == "base:" || *q == proto::META_BASE_ALLOCATION)

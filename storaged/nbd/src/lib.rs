@@ -98,7 +98,8 @@ impl Config {
             ));
         }
         if self.max_payload < self.preferred_block_size
-            || self.max_payload % self.min_block_size != 0
+            // min_block_size is a power of two (checked above).
+            || self.max_payload & (self.min_block_size - 1) != 0
             || self.max_payload > u32::MAX - 64
         {
             return Err(Error::Config(
