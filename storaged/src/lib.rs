@@ -105,10 +105,10 @@ impl basalt_storaged_client::LocalChunks for ChunkService {
 
 /// Run a node until `shutdown` fires.
 pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> Result<()> {
-    let f = &config.file;
-    let node = f.node_id;
-    let span = info_span!("node", node, name = %f.name);
+    let node = config.file.node_id;
+    let span = info_span!("node", node, name = %config.file.name);
     async move {
+        let f = &config.file;
         let identity = Identity::load(&f.certs_dir, &f.name).map_err(|e| Error::Tls(e.to_string()))?;
         let rpc = RpcEndpoint::new(listeners.rpc, &identity).map_err(|e| Error::Rpc(e.to_string()))?;
         let store = ChunkStore::open(f.data_dirs.clone()).await?;
