@@ -28,6 +28,8 @@ use tokio_util::task::TaskTracker;
 
 /// How long a request forwarded to the leader may take before the caller is told to retry.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long shutdown waits for openraft's tasks to close the database.
+const DB_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the leader looks for nodes that stopped sending heartbeats.
 const DEAD_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// A snapshot is built after this many log entries; the log before it is then purged.
@@ -129,6 +131,8 @@ pub struct MetaService {
     cancel: CancellationToken,
     tasks: TaskTracker,
     stopped: AtomicBool,
+    /// Fails `changed()` once openraft's tasks have let go of the database after shutdown.
+    db_closed: tokio::sync::watch::Receiver<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -209,6 +213,7 @@ impl MetaService {
         let db = tokio::task::spawn_blocking(move || store::open_db(&path))
             .await
             .map_err(|e| Error::Raft(format!("opening the metadata store: {e}")))??;
+        let db_closed = db.closed();
         let (log, sm) = store::open_stores(db)?;
         let map = sm.map();
         let id = cfg.node_id;
@@ -227,6 +232,7 @@ impl MetaService {
             cancel: shutdown.child_token(),
             tasks: TaskTracker::new(),
             stopped: AtomicBool::new(false),
+            db_closed,
         });
         svc.tasks.spawn(leader_duties(Arc::downgrade(&svc), svc.raft.metrics(), svc.cancel.clone()));
         // Tie our lifetime to the caller's token without keeping the service alive.
@@ -375,6 +381,18 @@ impl MetaService {
         }
         self.tasks.close();
         self.tasks.wait().await;
+        // The state machine worker and snapshot builders drop their handles shortly after
+        // the core stops; wait for that so the same database can be reopened right away
+        // (RocksDB allows one opener per directory).
+        let mut closed = self.db_closed.clone();
+        let wait = async {
+            // No value is ever sent: `changed` returns only when the sender, dropped right
+            // after the database closes, is gone.
+            while closed.changed().await.is_ok() {}
+        };
+        if tokio::time::timeout(DB_CLOSE_TIMEOUT, wait).await.is_err() {
+            tracing::warn!(node = self.id, "metadata database still open after shutdown");
+        }
         tracing::info!(node = self.id, "metadata service stopped");
     }
 
