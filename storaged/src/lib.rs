@@ -143,9 +143,12 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         let client = StorageClient::new(rpc.clone(), client_cfg);
         client.set_local(config.rpc_advertise, chunks.clone());
 
-        register(&config, &meta, &store, &shutdown).await;
+        // Registration and heartbeats go through the client: a node that is not (yet) a member
+        // of the Raft group knows no leader, so it asks the other nodes in turn.
+        register(&config, &client, &store, &shutdown).await;
+        release_own_leases(&client, &f.name).await;
 
-        tasks.spawn(heartbeats(meta.clone(), store.clone(), node, f.heartbeat_interval, shutdown.clone()).in_current_span());
+        tasks.spawn(heartbeats(client.clone(), store.clone(), node, f.heartbeat_interval, shutdown.clone()).in_current_span());
         tasks.spawn(repair::RepairManager::new(meta.clone(), client.clone()).run(shutdown.clone()).in_current_span());
         if f.scrub_bytes_per_sec > 0 {
             let (chunks, client, shutdown) = (chunks.clone(), client.clone(), shutdown.clone());
@@ -188,7 +191,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
 
 /// Register this node (addresses and disks) in the cluster map; retried until a leader
 /// accepts it, since on a fresh cluster the group is still electing.
-async fn register(config: &Config, meta: &MetaService, store: &ChunkStore, shutdown: &CancellationToken) {
+async fn register(config: &Config, client: &StorageClient, store: &ChunkStore, shutdown: &CancellationToken) {
     let f = &config.file;
     let disks = store
         .disks()
@@ -209,7 +212,7 @@ async fn register(config: &Config, meta: &MetaService, store: &ChunkStore, shutd
     };
     let mut delay = Duration::from_millis(100);
     loop {
-        match meta.handle(req.clone()).await {
+        match client.meta(req.clone()).await {
             Ok(_) => {
                 info!("registered in the cluster map");
                 return;
@@ -226,7 +229,28 @@ async fn register(config: &Config, meta: &MetaService, store: &ChunkStore, shutd
     }
 }
 
-async fn heartbeats(meta: Arc<MetaService>, store: ChunkStore, node: NodeId, every: Duration, shutdown: CancellationToken) {
+/// A freshly started process holds no NBD connection, so write leases still recorded for
+/// this node's export (left by a crash) are released; the epoch is kept, so nothing the
+/// old process might still have in flight can land after a new holder starts.
+async fn release_own_leases(client: &StorageClient, node_name: &str) {
+    let holder = nbd_export::holder_name(node_name);
+    let volumes = match client.list_volumes().await {
+        Ok(v) => v,
+        Err(e) => {
+            warn!(error = %e, "cannot list volumes to release stale leases");
+            return;
+        }
+    };
+    for v in volumes.into_iter().filter(|v| v.lease.as_ref().is_some_and(|l| l.holder == holder)) {
+        let req = MetaRequest::ReleaseLease { volume: v.name.clone(), holder: holder.clone() };
+        match client.meta(req).await {
+            Ok(_) => info!(volume = %v.name, "released the lease left by this node's previous run"),
+            Err(e) => warn!(volume = %v.name, error = %e, "cannot release a stale lease"),
+        }
+    }
+}
+
+async fn heartbeats(client: Arc<StorageClient>, store: ChunkStore, node: NodeId, every: Duration, shutdown: CancellationToken) {
     loop {
         let disks = match store.usage().await {
             Ok(d) => d,
@@ -235,7 +259,7 @@ async fn heartbeats(meta: Arc<MetaService>, store: ChunkStore, node: NodeId, eve
                 Vec::new()
             }
         };
-        if let Err(e) = meta.handle(MetaRequest::Heartbeat { node, disks }).await {
+        if let Err(e) = client.meta(MetaRequest::Heartbeat { node, disks }).await {
             tracing::debug!(error = %e, "heartbeat not delivered");
         }
         tokio::select! {

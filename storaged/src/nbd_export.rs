@@ -15,6 +15,11 @@ use std::sync::Arc;
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
+/// The lease holder name of a node's NBD export.
+pub fn holder_name(node_name: &str) -> String {
+    format!("nbd@{node_name}")
+}
+
 pub struct Exports {
     client: Arc<StorageClient>,
     node: NodeId,
@@ -24,7 +29,7 @@ pub struct Exports {
 
 impl Exports {
     pub fn new(client: Arc<StorageClient>, node: NodeId, node_name: &str) -> Arc<Self> {
-        Arc::new(Self { client, node, holder: format!("nbd@{node_name}"), open: Mutex::new(HashMap::new()) })
+        Arc::new(Self { client, node, holder: holder_name(node_name), open: Mutex::new(HashMap::new()) })
     }
 
     async fn open_volume(&self, name: &str) -> Result<Arc<Volume>, ClientError> {
