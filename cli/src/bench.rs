@@ -922,6 +922,59 @@ mod tests {
         }
     }
 
+    fn result(iops: f64, bs: u64) -> FioResult {
+        FioResult {
+            iops,
+            bw_bytes: iops * bs as f64,
+            ios: (iops * 5.0) as u64,
+            p50_us: 250.0,
+            p99_us: 1500.0,
+            runtime_ms: 5000,
+            fio_cpu_us_per_io: 3.0,
+        }
+    }
+
+    #[test]
+    fn table_shows_ratios_goals_and_verdicts() {
+        let row = |w: Workload, basalt: f64, local: f64| {
+            let ratio = ratio(w.direction, basalt, local, 3);
+            Row {
+                workload: w,
+                basalt: result(basalt, w.block_size),
+                cluster_cpu: ClusterCpu { cpu_seconds: 1.0, wall_seconds: 5.0, cpu_us_per_io: 42.0 },
+                local: result(local, w.block_size),
+                local_no_sync: (w.direction == Direction::Write).then(|| result(local * 2.0, w.block_size)),
+                limit: limit(w.direction, local, 3),
+                ratio,
+                verdict: verdict(w.goal, ratio),
+            }
+        };
+        let report = BlockReport {
+            volume: "bench-1".into(),
+            size: 256 << 20,
+            chunk_size: 64 << 20,
+            replicas: 3,
+            nodes: 3,
+            nbd_uri: "nbd://127.0.0.1:1/bench-1".into(),
+            local_file: "/var/tmp/x/local.dat".into(),
+            runtime_s: 5.0,
+            ramp_s: 2.0,
+            // QD32 write at 0.6 of local/3: met; seq read at 0.25 of local: not met.
+            rows: vec![row(WORKLOADS[1], 600.0, 3000.0), row(WORKLOADS[5], 100.0, 400.0)],
+        };
+        let table = render_table(&report);
+        let line = |label: &str| table.lines().find(|l| l.starts_with(label)).expect(label).to_string();
+        let qd32 = line("rand write 4K QD32");
+        assert!(qd32.contains("600 IOPS") && qd32.contains("0.60x") && qd32.trim_end().ends_with("met"), "{qd32}");
+        assert!(!qd32.contains("NOT"), "{qd32}");
+        let seq = line("seq read 1M QD8");
+        assert!(seq.contains("100.0 MiB/s") && seq.contains("0.25x") && seq.contains("NOT met"), "{seq}");
+        assert!(table.contains("rand write 4K QD32 6000 IOPS"), "{table}");
+        let json = serde_json::to_value(&report).expect("json");
+        assert_eq!(json["rows"][1]["verdict"], "not_met");
+        assert_eq!(json["rows"][0]["workload"]["id"], "randwrite-4k-qd32");
+    }
+
     #[test]
     fn proc_stat_cpu_ticks_survive_odd_command_names() {
         let stat = "1234 (stor aged) x) S 1 1234 1234 0 -1 4194560 500 0 0 0 170 30 0 0 20 0 9 0 100 0 0";

@@ -53,10 +53,11 @@ enum BenchCmd {
     /// fio through NBD on a 3-replica cluster, side by side with fio on a plain local file on
     /// the same disk; prints the ratios to the physical limits and the goals.
     Block {
-        /// Use the existing cluster in DIR (given after `block`); by default a fresh 3-node
-        /// cluster is started under /var/tmp and torn down afterwards.
-        #[arg(long)]
-        dir: Option<PathBuf>,
+        /// Use the existing cluster in DIR; by default a fresh 3-node cluster is started
+        /// under /var/tmp and torn down afterwards. (Not `--dir`: that global flag always has
+        /// a value, so it cannot say "start a fresh one".)
+        #[arg(long, value_name = "DIR")]
+        cluster: Option<PathBuf>,
         /// Volume (and local file) size.
         #[arg(long, default_value = "1G")]
         size: String,
@@ -170,15 +171,21 @@ async fn run(cli: Cli) -> Result<()> {
             println!("{what}");
             Ok(())
         }
-        Cmd::Bench { cmd } => bench_cmd(cmd).await,
+        Cmd::Bench { cmd } => bench_cmd(&cli.dir, cmd).await,
     }
 }
 
-async fn bench_cmd(cmd: BenchCmd) -> Result<()> {
+async fn bench_cmd(dir: &std::path::Path, cmd: BenchCmd) -> Result<()> {
     match cmd {
-        BenchCmd::Block { dir, size, runtime, local_dir, json } => {
+        BenchCmd::Block { cluster, size, runtime, local_dir, json } => {
+            if cluster.is_none() && dir.join(dev::CLUSTER_FILE).exists() {
+                eprintln!(
+                    "note: benchmarking a fresh cluster; to use the one in {} pass --cluster {0}",
+                    dir.display()
+                );
+            }
             let mut opts = bench::BlockOptions::new(parse_size(&size)?, parse_duration(&runtime)?);
-            opts.cluster_dir = dir;
+            opts.cluster_dir = cluster;
             opts.local_dir = local_dir;
             let report = bench::run_block(&opts).await?;
             if json {
