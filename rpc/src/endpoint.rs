@@ -31,7 +31,7 @@ const CONNECTION_RECEIVE_WINDOW: u32 = 64 << 20;
 const MAX_CONCURRENT_CALLS: u32 = 1024;
 const KEEP_ALIVE: Duration = Duration::from_secs(1);
 /// A peer silent for this long (despite the keep-alives) is taken as dead.
-const IDLE_TIMEOUT_MS: u32 = 10_000;
+const IDLE_TIMEOUT_MS: u32 = 5_000;
 /// UDP socket buffers wanted for bulk transfers; the kernel may cap them (net.core.rmem_max).
 const SOCKET_BUFFER: usize = 8 << 20;
 

@@ -84,14 +84,7 @@ impl ChunkService {
     /// Create the target replica if needed, raise its version, and start recording client
     /// writes so the copy does not overwrite them.
     async fn prepare_sync(&self, disk: u32, chunk: ChunkId, chunk_size: u64, version: ChunkVersion) -> Result<(), RemoteError> {
-        if self.store.version(disk, chunk).is_none() {
-            // Writing no blocks creates an empty replica at this version.
-            self.store
-                .write_blocks(disk, chunk, chunk_size, version, 0, Vec::new(), Bytes::new(), &|_| false)
-                .await
-                .map_err(store_err)?;
-        }
-        self.store.set_version(disk, chunk, version).await.map_err(store_err)?;
+        self.store.create(disk, chunk, chunk_size, version).await.map_err(store_err)?;
         self.store.begin_sync(disk, chunk).map_err(store_err)?;
         Ok(())
     }

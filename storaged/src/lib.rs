@@ -85,6 +85,7 @@ impl Service for NodeService {
         match req {
             NodeRequest::Raft(kind, payload) => (NodeResponse::Raft(self.meta.handle_raft(kind, payload).await), Bytes::new()),
             NodeRequest::Meta(req) => (NodeResponse::Meta(self.meta.handle(req).await), Bytes::new()),
+            NodeRequest::MetaForwarded(req) => (NodeResponse::Meta(self.meta.handle_forwarded(req).await), Bytes::new()),
             NodeRequest::Chunk(req) => {
                 let (resp, data) = self.chunks.handle(req, data).await;
                 (NodeResponse::Chunk(resp), data)
@@ -259,8 +260,13 @@ async fn heartbeats(client: Arc<StorageClient>, store: ChunkStore, node: NodeId,
                 Vec::new()
             }
         };
-        if let Err(e) = client.meta(MetaRequest::Heartbeat { node, disks }).await {
-            tracing::debug!(error = %e, "heartbeat not delivered");
+        let started = tokio::time::Instant::now();
+        match client.meta(MetaRequest::Heartbeat { node, disks }).await {
+            Ok(_) if started.elapsed() > every => {
+                warn!(took = ?started.elapsed(), "heartbeat delivered late");
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, took = ?started.elapsed(), "heartbeat not delivered"),
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,

@@ -14,6 +14,7 @@ pub struct TestCluster {
     pub file: ClusterFile,
     pub opts: UpOptions,
     dir: tempfile::TempDir,
+    passed: bool,
 }
 
 pub fn init_tracing() {
@@ -30,7 +31,9 @@ impl TestCluster {
         let dir = tempfile::Builder::new().prefix("basalt-test-").tempdir()?;
         let mut opts = UpOptions::new(dir.path().join("cluster"), nodes);
         opts.dead_timeout = dead_timeout;
-        opts.env.push(("RUST_LOG".into(), "info,openraft=warn,quinn=warn".into()));
+        // BASALT_TEST_LOG overrides the nodes' log filter (e.g. "debug") when chasing a bug.
+        let filter = std::env::var("BASALT_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn,quinn=warn".into());
+        opts.env.push(("RUST_LOG".into(), filter));
         if !opts.storaged_bin.exists() {
             bail!(
                 "storaged binary not found at {} — build it first (`cargo build -p basalt-storaged`)",
@@ -38,7 +41,14 @@ impl TestCluster {
             );
         }
         let file = dev::up(&opts).await?;
-        Ok(TestCluster { file, opts, dir })
+        Ok(TestCluster { file, opts, dir, passed: false })
+    }
+
+    /// Marks the test as passed: its directory is removed when the cluster is dropped.
+    /// Without this (an error returned or a panic), the nodes' logs are kept for inspection.
+    pub fn passed(mut self) -> Result<()> {
+        self.passed = true;
+        Ok(())
     }
 
     pub fn dir(&self) -> &Path {
@@ -96,12 +106,35 @@ impl TestCluster {
 impl Drop for TestCluster {
     fn drop(&mut self) {
         let _ = dev::down(&mut self.file, Duration::from_secs(2));
-        if std::thread::panicking() || std::env::var_os("BASALT_KEEP_TEST_DIRS").is_some() {
-            // Keep the logs of a failed test for inspection.
+        let keep_all = std::env::var_os("BASALT_KEEP_TEST_DIRS").is_some();
+        if !self.passed || keep_all {
+            // Keep the logs of a failed test for inspection; drop the bulky data unless asked.
             let kept = self.dir.path().to_path_buf();
-            let dir = std::mem::replace(&mut self.dir, tempfile::TempDir::new().expect("tempdir"));
-            let _ = dir.keep();
-            eprintln!("cluster directory kept: {}", kept.display());
+            if !keep_all {
+                remove_bulk(&kept);
+            }
+            if let Ok(dir) = tempfile::TempDir::new() {
+                let _ = std::mem::replace(&mut self.dir, dir).keep();
+                eprintln!("cluster directory kept (logs): {}", kept.display());
+            }
+        }
+    }
+}
+
+/// Removes the test's data files (images, chunk replicas), keeping logs and metadata.
+fn remove_bulk(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let path = e.path();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if path.is_dir() {
+            if name.starts_with("disk") || name == "chunks" {
+                let _ = std::fs::remove_dir_all(&path);
+            } else {
+                remove_bulk(&path);
+            }
+        } else if name.ends_with(".img") {
+            let _ = std::fs::remove_file(&path);
         }
     }
 }

@@ -152,5 +152,5 @@ async fn bad_input_gets_clear_errors_and_the_cluster_keeps_serving() -> Result<(
     assert_eq!(status.nodes.iter().filter(|n| n.info.state == NodeState::Alive).count(), 3);
     let vol = client.open_volume("good", basalt_storaged_client::VolumeOptions::writer("t", 0)).await?;
     assert!(vol.read(0, 4096).await?.iter().all(|&b| b == 9));
-    Ok(())
+    c.passed()
 }

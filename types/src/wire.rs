@@ -11,6 +11,9 @@ pub enum NodeRequest {
     Chunk(ChunkRequest),
     /// An openraft message, encoded by `storaged` (clients never see Raft types).
     Raft(RaftKind, Vec<u8>),
+    /// A metadata request forwarded by a node that is not the leader: served only by the
+    /// leader, never forwarded again (a stale leader view cannot bounce it around).
+    MetaForwarded(MetaRequest),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -307,6 +307,13 @@ impl ChunkStore {
         .await
     }
 
+    /// Creates an empty replica (every block unwritten) at `version`, or raises an existing
+    /// one to it: a re-replication target before its copy starts.
+    pub async fn create(&self, disk: u32, chunk: ChunkId, chunk_size: u64, version: ChunkVersion) -> Result<()> {
+        self.blocking(move |inner| inner.for_update(disk, chunk, chunk_size, version, |_, _| Ok(())).map(|_| ()))
+            .await
+    }
+
     /// Starts recording which blocks client writes touch on this (re-replication target)
     /// replica, so `write_blocks` does not overwrite them. Not persistent: after a restart the
     /// sync starts over.

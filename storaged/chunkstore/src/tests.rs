@@ -259,6 +259,27 @@ async fn killed_between_sums_and_data_reads_back_old_data() {
 }
 
 #[tokio::test]
+async fn create_makes_an_empty_replica_that_survives_reopen() {
+    let dir = TempDir::new().expect("tempdir");
+    let c = chunk(7);
+    {
+        let s = open(&dir, 1).await;
+        s.create(0, c, CS, 3).await.expect("create");
+        assert_eq!(s.version(0, c), Some(3));
+        let z = s.read(0, c, 3, 0, 2 * B).await.expect("read empty replica");
+        assert!(z.iter().all(|&b| b == 0));
+        // Creating again raises the version and keeps the data.
+        s.write(0, c, CS, 3, 1, 0, Bytes::from(vec![7u8; 4096])).await.expect("write");
+        s.create(0, c, CS, 4).await.expect("create again");
+        assert_eq!(s.read(0, c, 4, 0, B).await.expect("read")[..], [7u8; 4096][..]);
+        let err = s.create(0, c, CS, 2).await.expect_err("older version refused");
+        assert_eq!(err.code(), ErrorCode::StaleVersion);
+    }
+    let s = open(&dir, 1).await;
+    assert_eq!(s.version(0, c), Some(4));
+}
+
+#[tokio::test]
 async fn reopen_keeps_replicas_versions_and_data() {
     let dir = TempDir::new().expect("tempdir");
     let mut expect = Vec::new();

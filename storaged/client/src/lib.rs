@@ -23,8 +23,11 @@ use tracing::debug;
 
 /// How long a metadata call keeps retrying through leader changes before giving up.
 const META_DEADLINE: Duration = Duration::from_secs(30);
-/// Per-attempt timeout of one RPC.
-const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Per-attempt timeout of one metadata RPC. Metadata operations are one Raft commit; a
+/// node that does not answer in this time is tried again later, after the others.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an address that failed at the transport level is tried only after the others.
+const DOWN_FOR: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
@@ -62,6 +65,9 @@ pub struct StorageClient {
     nodes: RwLock<HashMap<NodeId, NodeInfo>>,
     /// Index into the seed list of the last node that answered a metadata call.
     preferred_seed: std::sync::atomic::AtomicUsize,
+    /// Addresses that failed at the transport level recently, and until when they count
+    /// as down: calls go to the others first instead of waiting for a timeout again.
+    down: std::sync::Mutex<HashMap<SocketAddr, Instant>>,
 }
 
 impl StorageClient {
@@ -72,6 +78,7 @@ impl StorageClient {
             config,
             nodes: RwLock::new(HashMap::new()),
             preferred_seed: std::sync::atomic::AtomicUsize::new(0),
+            down: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -97,50 +104,80 @@ impl StorageClient {
         if seeds.is_empty() {
             return Err(Error::NoSeeds);
         }
-        let mut attempt = 0usize;
         let mut backoff = Duration::from_millis(50);
         loop {
-            let i = (self.preferred_seed.load(Ordering::Relaxed) + attempt) % seeds.len();
-            let addr = seeds[i];
-            let outcome = self
-                .rpc
-                .call::<NodeRequest, NodeResponse>(
-                    addr,
-                    &NodeRequest::Meta(req.clone()),
-                    Bytes::new(),
-                    CALL_TIMEOUT,
-                )
-                .await;
-            let retry_reason = match outcome {
-                Ok((NodeResponse::Meta(Ok(resp)), _)) => {
-                    self.preferred_seed.store(i, Ordering::Relaxed);
-                    return Ok(resp);
+            // One round: from the node that answered last, nodes believed down last.
+            let first = self.preferred_seed.load(Ordering::Relaxed) % seeds.len();
+            let mut round: Vec<usize> = (0..seeds.len()).map(|k| (first + k) % seeds.len()).collect();
+            round.sort_by_key(|&i| self.is_down(seeds[i]));
+            let mut retry_reason = String::new();
+            for i in round {
+                let addr = seeds[i];
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
                 }
-                Ok((NodeResponse::Meta(Err(e)), _)) => match e.code {
-                    ErrorCode::NotLeader | ErrorCode::Unavailable => e.to_string(),
-                    _ => return Err(Error::Remote(e)),
-                },
-                Ok((NodeResponse::Error(e), _)) => return Err(Error::Remote(e)),
-                Ok((other, _)) => return Err(Error::Protocol(format!("unexpected answer {other:?}"))),
-                Err(e) => e.to_string(),
-            };
-            attempt += 1;
+                let outcome = self
+                    .rpc
+                    .call::<NodeRequest, NodeResponse>(
+                        addr,
+                        &NodeRequest::Meta(req.clone()),
+                        Bytes::new(),
+                        CALL_TIMEOUT.min(left),
+                    )
+                    .await;
+                retry_reason = match outcome {
+                    Ok((NodeResponse::Meta(Ok(resp)), _)) => {
+                        self.preferred_seed.store(i, Ordering::Relaxed);
+                        self.mark_up(addr);
+                        return Ok(resp);
+                    }
+                    Ok((NodeResponse::Meta(Err(e)), _)) => match e.code {
+                        ErrorCode::NotLeader | ErrorCode::Unavailable => e.to_string(),
+                        _ => return Err(Error::Remote(e)),
+                    },
+                    Ok((NodeResponse::Error(e), _)) if e.code == ErrorCode::Unavailable => e.to_string(),
+                    Ok((NodeResponse::Error(e), _)) => return Err(Error::Remote(e)),
+                    Ok((other, _)) => return Err(Error::Protocol(format!("unexpected answer {other:?}"))),
+                    Err(e) => {
+                        self.mark_down(addr);
+                        e.to_string()
+                    }
+                };
+                debug!(%addr, reason = %retry_reason, "metadata call retried");
+            }
             if Instant::now() >= deadline {
                 return Err(Error::MetaUnavailable(retry_reason));
             }
-            debug!(%addr, reason = %retry_reason, "metadata call retried");
-            // Walk all seeds quickly once, then back off between rounds.
-            if attempt % seeds.len() == 0 {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-            }
+            // Every node said "no leader" (an election) or failed: back off between rounds.
+            tokio::time::sleep(backoff.min(deadline.saturating_duration_since(Instant::now()))).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
         }
     }
 
+    /// Whether `addr` failed at the transport level within the last [`DOWN_FOR`].
+    pub fn is_down(&self, addr: SocketAddr) -> bool {
+        let down = self.down.lock().unwrap_or_else(|p| p.into_inner());
+        down.get(&addr).is_some_and(|until| Instant::now() < *until)
+    }
+
+    fn mark_down(&self, addr: SocketAddr) {
+        let mut down = self.down.lock().unwrap_or_else(|p| p.into_inner());
+        down.insert(addr, Instant::now() + DOWN_FOR);
+    }
+
+    fn mark_up(&self, addr: SocketAddr) {
+        let mut down = self.down.lock().unwrap_or_else(|p| p.into_inner());
+        down.remove(&addr);
+    }
+
+    /// The configured seeds, then every known node (by id), without duplicates.
     fn seed_addrs(&self) -> Vec<SocketAddr> {
         let mut addrs = self.config.seeds.clone();
         if let Ok(nodes) = self.nodes.read() {
-            for n in nodes.values() {
+            let mut known: Vec<&NodeInfo> = nodes.values().collect();
+            known.sort_by_key(|n| n.id);
+            for n in known {
                 if let Ok(a) = n.rpc_addr.parse::<SocketAddr>() {
                     if !addrs.contains(&a) {
                         addrs.push(a);
@@ -256,11 +293,17 @@ impl StorageClient {
                 return resp.map(|r| (r, data)).map_err(Error::Remote);
             }
         }
-        let (resp, data) = self
+        let (resp, data) = match self
             .rpc
             .call::<NodeRequest, NodeResponse>(addr, &NodeRequest::Chunk(req), data, timeout)
             .await
-            .map_err(|e| Error::Transport(e.to_string()))?;
+        {
+            Ok(answer) => answer,
+            Err(e) => {
+                self.mark_down(addr);
+                return Err(Error::Transport(e.to_string()));
+            }
+        };
         match resp {
             NodeResponse::Chunk(Ok(r)) => Ok((r, data)),
             NodeResponse::Chunk(Err(e)) | NodeResponse::Error(e) => Err(Error::Remote(e)),

@@ -214,7 +214,9 @@ impl Volume {
             let Some(chunk) = self.chunk(index, false, refresh).await? else {
                 return Ok(Bytes::from(vec![0u8; len as usize]));
             };
-            let chunk = self.drop_unfenced(chunk).await?;
+            let mut stale = false;
+            // Reads do not drop unfenced replicas (only writers must): they just try them
+            // last, like suspects.
             let mut replicas: Vec<Replica> = chunk.readable().copied().collect();
             // Prefer our own node, then rotate so reads spread over replicas; suspects last.
             let rr = self.read_rr.fetch_add(1, Ordering::Relaxed);
@@ -223,7 +225,10 @@ impl Volume {
                 replicas.rotate_left(k);
             }
             let local = self.client.config.local_node;
-            replicas.sort_by_key(|r| (Some(r.disk.node) != local, self.is_suspect(r.disk.node)));
+            replicas.sort_by_key(|r| {
+                let n = r.disk.node;
+                (self.is_suspect(n) || self.is_unfenced(n), Some(n) != local)
+            });
             for (i, r) in replicas.iter().enumerate() {
                 let Ok(addr) = self.client.node_addr(r.disk.node).await else { continue };
                 let req = ChunkRequest::Read { disk: r.disk.disk, chunk: chunk.id, version: chunk.version, offset: off, len };
@@ -231,6 +236,11 @@ impl Volume {
                     Ok((ChunkResponse::Data, data)) if data.len() as u64 == len => return Ok(data),
                     Ok((other, data)) => {
                         last_error = format!("replica {} answered {other:?} with {} bytes", r.disk, data.len());
+                    }
+                    Err(Error::Remote(e)) if e.code == ErrorCode::StaleVersion => {
+                        // Our descriptor is old (a replica was dropped or added): refresh.
+                        last_error = e.to_string();
+                        stale = true;
                     }
                     Err(Error::Remote(e)) if e.code == ErrorCode::Corrupt => {
                         warn!(chunk = %chunk.id, replica = %r.disk, "corrupt block on read; repairing from another replica");
@@ -252,7 +262,8 @@ impl Volume {
                 return Err(Error::Io(format!("read of chunk {index} of {}: {last_error}", self.name)));
             }
             refresh = true;
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            let pause = if stale { Duration::from_millis(20) } else { Duration::from_millis(200) };
+            tokio::time::sleep(pause).await;
         }
     }
 
@@ -458,27 +469,49 @@ impl Volume {
         futures::future::join_all(calls).await;
     }
 
-    /// Before using a chunk, drop its replicas on nodes we could not fence.
-    async fn drop_unfenced(&self, chunk: ChunkInfo) -> Result<ChunkInfo> {
-        let unfenced: Vec<DiskId> = {
-            let set = self.unfenced.lock().unwrap_or_else(|p| p.into_inner());
-            if set.is_empty() {
-                return Ok(chunk);
-            }
-            chunk.replicas.iter().filter(|r| set.contains(&r.disk.node)).map(|r| r.disk).collect()
-        };
-        if unfenced.is_empty() || self.opts.read_only {
+    /// Before writing a chunk, drop its replicas on nodes we could not fence: a writer with
+    /// an older epoch may still reach them. Races with other droppers (a concurrent write,
+    /// the repair manager) show up as a stale version: refresh and look again.
+    async fn drop_unfenced(&self, mut chunk: ChunkInfo) -> Result<ChunkInfo> {
+        if self.opts.read_only {
             return Ok(chunk);
         }
-        let req = MetaRequest::DropReplicas { chunk: chunk.id, version: chunk.version, disks: unfenced };
-        match self.client.meta(req).await? {
-            MetaResponse::Chunk(newer) => {
-                self.set_version_on(&newer).await;
-                self.cache_chunk(newer.clone());
-                Ok(newer)
+        let deadline = Instant::now() + self.client.config.io_deadline;
+        loop {
+            let unfenced: Vec<DiskId> = {
+                let set = self.unfenced.lock().unwrap_or_else(|p| p.into_inner());
+                chunk.replicas.iter().filter(|r| set.contains(&r.disk.node)).map(|r| r.disk).collect()
+            };
+            if unfenced.is_empty() {
+                return Ok(chunk);
             }
-            other => Err(unexpected(other)),
+            let req = MetaRequest::DropReplicas { chunk: chunk.id, version: chunk.version, disks: unfenced };
+            match self.client.meta(req).await {
+                Ok(MetaResponse::Chunk(newer)) => {
+                    self.set_version_on(&newer).await;
+                    self.cache_chunk(newer.clone());
+                    return Ok(newer);
+                }
+                Ok(other) => return Err(unexpected(other)),
+                Err(e) => {
+                    let retry = matches!(e.remote_code(), Some(ErrorCode::StaleVersion | ErrorCode::Unavailable));
+                    if !retry || Instant::now() >= deadline {
+                        return Err(e);
+                    }
+                    if e.remote_code() == Some(ErrorCode::Unavailable) {
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                    chunk = match self.chunk(chunk.id.index, false, true).await? {
+                        Some(c) => c,
+                        None => return Err(Error::Protocol(format!("chunk {} vanished", chunk.id))),
+                    };
+                }
+            }
         }
+    }
+
+    fn is_unfenced(&self, node: NodeId) -> bool {
+        self.unfenced.lock().unwrap_or_else(|p| p.into_inner()).contains(&node)
     }
 
     /// The chunk descriptor for `index`: from the cache, or from the metadata group

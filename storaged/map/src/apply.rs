@@ -404,6 +404,14 @@ impl ClusterMap {
             .iter()
             .all(|r| self.node(r.disk.node).is_some_and(|n| n.state == NodeState::Dead));
         let readable_left = kept.iter().filter(|r| r.state == ReplicaState::Ok).count();
+        // But never the last readable copies: when every current replica sits on dead
+        // nodes, the chunk is down, not lost; it waits for one of them to come back.
+        if readable_left == 0 {
+            return Err(err(
+                ErrorCode::Unavailable,
+                format!("chunk {id} has no readable replica outside the ones being dropped; keeping them"),
+            ));
+        }
         if !only_dead && readable_left < min_replicas as usize {
             return Err(err(
                 ErrorCode::Unavailable,

@@ -59,7 +59,8 @@ impl RepairAction {
 /// deletions of healthy chunks come last.
 ///
 /// Per chunk:
-/// - replicas on Dead nodes → `DropDead` (nothing else for that chunk in this plan);
+/// - replicas on Dead nodes → `DropDead` (nothing else for that chunk in this plan), unless
+///   no readable replica is left on a live node: then the chunk waits for its nodes;
 /// - else, with no replica syncing (one catch-up at a time per chunk) and fewer than
 ///   [`REPLICAS`] replicas → `AddReplica`: to the most recently dropped stale disk on an
 ///   Alive node not already holding a replica (incremental), else to a placed disk. Nodes
@@ -101,6 +102,11 @@ pub fn plan_repairs(map: &ClusterMap, usage: &Usage, max: usize, seed: u64) -> V
         let dead: Vec<DiskId> =
             chunk.replicas.iter().filter(|r| is_dead(map, r.disk.node)).map(|r| r.disk).collect();
         if !dead.is_empty() {
+            if live == 0 {
+                // Every readable copy is on a dead node: nothing to copy from, and dropping
+                // them would lose the chunk. It comes back with its node.
+                continue;
+            }
             actions.push(RepairAction::DropDead { chunk: chunk.id, version: chunk.version, disks: dead });
             continue;
         }

@@ -360,6 +360,13 @@ fn dropping_replicas_of_dead_nodes_is_always_allowed() {
     // Would leave 1 readable < 3, but both dropped disks are on dead nodes.
     let after = reply_chunk(apply_ok(&mut map, &drop_cmd(c, 1, &[disk(2, 0), disk(3, 0)], 3)));
     assert_eq!(after.replicas.len(), 1);
+    // But not the last readable copy: all three on dead nodes stay until one comes back.
+    let (mut map, c) = with_chunk();
+    for n in 1..=3 {
+        set_state(&mut map, n, NodeState::Dead);
+    }
+    apply_err(&mut map, &drop_cmd(c, 1, &[disk(1, 0), disk(2, 0), disk(3, 0)], 2), ErrorCode::Unavailable);
+    assert!(plan_repairs(&map, &Usage::new(), 10, 0).is_empty(), "nothing to repair from");
     // Mixing in a live node's replica loses the exemption.
     let (mut map, c) = with_chunk();
     set_state(&mut map, 2, NodeState::Dead);
@@ -616,17 +623,20 @@ fn one_plan_spreads_new_replicas_over_equally_free_disks() {
 }
 
 #[test]
-fn unavailable_chunks_get_no_add_but_dead_ones_are_dropped() {
+fn chunks_whose_every_copy_is_on_dead_nodes_are_left_alone_until_one_returns() {
     let (mut map, c) = with_chunk();
     for n in 1..=3 {
         set_state(&mut map, n, NodeState::Dead);
     }
-    let plan = plan_repairs(&map, &Usage::new(), 10, 0);
-    assert_eq!(plan, vec![RepairAction::DropDead { chunk: c, version: 1, disks: vec![disk(1, 0), disk(2, 0), disk(3, 0)] }]);
-    apply_ok(&mut map, &plan[0].command().expect("command"));
-    // No readable source anywhere: nothing to copy from.
+    // No readable source anywhere: nothing to copy from, and nothing to drop.
     assert!(plan_repairs(&map, &Usage::new(), 10, 0).is_empty());
     assert_eq!(map.chunk_health().unavailable, 1);
+    // One node comes back: its copy is current, so the chunk is readable again and the
+    // other two dead copies can go.
+    set_state(&mut map, 2, NodeState::Alive);
+    assert_eq!(map.chunk_health().unavailable, 0);
+    let plan = plan_repairs(&map, &Usage::new(), 10, 0);
+    assert_eq!(plan, vec![RepairAction::DropDead { chunk: c, version: 1, disks: vec![disk(1, 0), disk(3, 0)] }]);
 }
 
 #[test]
@@ -650,12 +660,14 @@ fn small_cluster_chunk_as_healthy_as_it_can_be_drops_its_stale_copies() {
 }
 
 #[test]
-fn a_chunk_with_only_a_syncing_copy_is_unavailable() {
+fn the_last_readable_copies_are_never_dropped_even_with_min_zero() {
     let (mut map, c) = with_chunk();
     apply_ok(&mut map, &MetaCommand::AddReplica { chunk: c, version: 1, disk: disk(4, 0) });
-    apply_ok(&mut map, &drop_cmd(c, 2, &[disk(1, 0), disk(2, 0), disk(3, 0)], 0));
-    assert_eq!(map.chunk_health(), ChunkHealth { total: 1, degraded: 1, syncing: 1, unavailable: 1 });
-    assert!(plan_repairs(&map, &Usage::new(), 10, 0).is_empty(), "nothing readable to copy from");
+    // Only a syncing copy would be left: refused, whatever the minimum.
+    apply_err(&mut map, &drop_cmd(c, 2, &[disk(1, 0), disk(2, 0), disk(3, 0)], 0), ErrorCode::Unavailable);
+    let after = reply_chunk(apply_ok(&mut map, &drop_cmd(c, 2, &[disk(1, 0), disk(2, 0)], 0)));
+    assert_eq!(after.readable().count(), 1);
+    assert_eq!(map.chunk_health(), ChunkHealth { total: 1, degraded: 1, syncing: 1, unavailable: 0 });
 }
 
 #[test]

@@ -26,8 +26,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// How long a request forwarded to the leader may take before the caller is told to retry.
-const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a request forwarded to the leader may take before the caller is told to retry
+/// (cut short when the leader changes meanwhile).
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long shutdown waits for openraft's tasks to close the database.
 const DB_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the leader looks for nodes that stopped sending heartbeats.
@@ -302,6 +303,14 @@ impl MetaService {
         }
     }
 
+    /// Serves a request another node forwarded: only as the leader, never forwarding it on.
+    pub async fn handle_forwarded(&self, req: MetaRequest) -> Result<MetaResponse, RemoteError> {
+        match self.leader() {
+            Some(l) if l == self.id => self.handle_local(req).await,
+            other => Err(not_leader(other)),
+        }
+    }
+
     /// Proposes a command (leader only: elsewhere it fails with `NotLeader`, naming the
     /// leader when known). A refusal by the state machine (`MetaReply::Error`) is returned
     /// as `Err`, so `Ok` never holds `MetaReply::Error`.
@@ -413,11 +422,33 @@ impl MetaService {
             .parse()
             .map_err(|e| err(ErrorCode::Internal, format!("leader {leader} has a bad address {addr:?}: {e}")))?;
         tracing::debug!(leader, ?req, "forwarding metadata request");
-        match self
-            .rpc
-            .call::<NodeRequest, NodeResponse>(sock, &NodeRequest::Meta(req), Bytes::new(), FORWARD_TIMEOUT)
-            .await
-        {
+        let forwarded = NodeRequest::MetaForwarded(req);
+        let call = self.rpc.call::<NodeRequest, NodeResponse>(
+            sock,
+            &forwarded,
+            Bytes::new(),
+            FORWARD_TIMEOUT,
+        );
+        // A dead leader answers nothing: give up as soon as Raft sees another leader (or
+        // none), rather than at the timeout, so the caller retries with the new one.
+        let mut metrics = self.raft.metrics();
+        let leader_changed = async move {
+            loop {
+                if metrics.borrow_and_update().current_leader != Some(leader) {
+                    return;
+                }
+                if metrics.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        let answer = tokio::select! {
+            answer = call => answer,
+            _ = leader_changed => {
+                return Err(err(ErrorCode::Unavailable, format!("metadata leader {leader} lost while forwarding; retry")));
+            }
+        };
+        match answer {
             Ok((NodeResponse::Meta(r), _)) => r,
             Ok((NodeResponse::Error(e), _)) => Err(e),
             Ok((other, _)) => Err(err(ErrorCode::Internal, format!("leader {leader} answered {other:?}"))),
@@ -678,6 +709,9 @@ impl MetaService {
             let map = self.read_map();
             map.nodes()
                 .filter(|n| n.state == NodeState::Alive)
+                // The leader is running this code: it is alive whatever its heartbeat
+                // loop is doing.
+                .filter(|n| n.id != self.id)
                 .filter(|n| last_seen.get(&n.id).is_none_or(|at| at.elapsed() >= self.cfg.dead_timeout))
                 .map(|n| n.id)
                 .collect()

@@ -34,6 +34,7 @@ impl Service for Dispatch {
             (None, _) => NodeResponse::Error(RemoteError::new(ErrorCode::Unavailable, "metadata service not running")),
             (Some(m), NodeRequest::Raft(kind, payload)) => NodeResponse::Raft(m.handle_raft(kind, payload).await),
             (Some(m), NodeRequest::Meta(req)) => NodeResponse::Meta(m.handle(req).await),
+            (Some(m), NodeRequest::MetaForwarded(req)) => NodeResponse::Meta(m.handle_forwarded(req).await),
             (Some(_), NodeRequest::Chunk(_)) => {
                 NodeResponse::Error(RemoteError::new(ErrorCode::InvalidArgument, "no chunk service here"))
             }
