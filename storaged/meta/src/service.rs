@@ -536,6 +536,20 @@ impl MetaService {
         rpc_addr
             .parse::<SocketAddr>()
             .map_err(|e| err(ErrorCode::InvalidArgument, format!("rpc_addr {rpc_addr:?} is not ip:port: {e}")))?;
+        // Two members at one address would make Raft talk to the wrong node (and itself).
+        let clash = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            let found =
+                m.membership_config.membership().nodes().find(|(other, n)| **other != id && n.addr == rpc_addr).map(|(o, _)| *o);
+            found
+        };
+        if let Some(other) = clash {
+            return Err(err(
+                ErrorCode::InvalidArgument,
+                format!("rpc_addr {rpc_addr} already belongs to node {other}; refusing to register node {id} there"),
+            ));
+        }
         let cmd = MetaCommand::RegisterNode { id, name, rpc_addr: rpc_addr.clone(), nbd_addr, disks, now_ms: now_ms() };
         let resp = reply_to_response(self.propose(cmd).await?)?;
         // Every registered node keeps a copy of the map as a Raft learner (voters are

@@ -324,17 +324,39 @@ async fn silent_nodes_are_marked_dead_and_revive_on_heartbeat() {
     agreed_leader(&[&n1]).await;
     n1.register().await;
 
-    let state = || n1.meta().map().read().expect("map lock").node(1).map(|n| n.state);
-    assert_eq!(state(), Some(NodeState::Alive));
-    // No heartbeat: after the dead timeout (counted from when it became leader) it is dead.
-    eventually("node 1 to be marked dead", || (state() == Some(NodeState::Dead)).then_some(())).await;
-    n1.heartbeat().await;
-    eventually("node 1 to be alive again", || (state() == Some(NodeState::Alive)).then_some(())).await;
+    // Node 2 is a storage node outside the Raft group (registered through node 1).
+    let MetaRequest::RegisterNode { name: _, rpc_addr, nbd_addr, disks, .. } = n1.registration() else {
+        unreachable!("registration is a RegisterNode")
+    };
+    let disks: Vec<DiskInfo> = disks.into_iter().map(|d| DiskInfo { id: DiskId { node: 2, disk: 0 }, ..d }).collect();
+    // Not at node 1's address: refused, two Raft members cannot share one.
+    let clash = MetaRequest::RegisterNode {
+        id: 2,
+        name: "node2".into(),
+        rpc_addr,
+        nbd_addr: nbd_addr.clone(),
+        disks: disks.clone(),
+    };
+    assert_eq!(n1.handle(clash).await.map_err(|e| e.code).err(), Some(ErrorCode::InvalidArgument));
+    // An address nobody listens on: node 2 never answers (nor heartbeats).
+    let rpc_addr = "127.0.0.1:9".to_string();
+    n1.request(MetaRequest::RegisterNode { id: 2, name: "node2".into(), rpc_addr, nbd_addr, disks }).await;
+
+    let state = |id| n1.meta().map().read().expect("map lock").node(id).map(|n| n.state);
+    assert_eq!(state(2), Some(NodeState::Alive));
+    // No heartbeat: after the dead timeout (counted from when 1 became leader) 2 is dead.
+    eventually("node 2 to be marked dead", || (state(2) == Some(NodeState::Dead)).then_some(())).await;
+    // The leader never marks itself dead, heartbeat or not: it is running.
+    assert_eq!(state(1), Some(NodeState::Alive));
+    let disks = vec![DiskUsage { disk: 0, total_bytes: 1 << 40, free_bytes: 1 << 39, chunks: 0 }];
+    n1.request(MetaRequest::Heartbeat { node: 2, disks }).await;
+    eventually("node 2 to be alive again", || (state(2) == Some(NodeState::Alive)).then_some(())).await;
 
     // The last voter cannot be removed.
     let refused = n1.handle(MetaRequest::RemoveVoter { node: 1 }).await;
     assert_eq!(refused.map_err(|e| e.code).err(), Some(ErrorCode::InvalidArgument));
-    // Too few hosts for a chunk: one node, min_replicas 2.
+    // Too few hosts for a chunk (min_replicas 2): node 2 goes silent again, one host is left.
+    eventually("node 2 to be marked dead again", || (state(2) == Some(NodeState::Dead)).then_some(())).await;
     let vol = volume(n1.request(MetaRequest::CreateVolume { name: "v".into(), size: 1 << 30, chunk_size: None }).await);
     let r = n1.handle(MetaRequest::AllocateChunk { chunk: ChunkId { volume: vol.id, index: 0 }, epoch: vol.epoch }).await;
     assert_eq!(r.map_err(|e| e.code).err(), Some(ErrorCode::Unavailable));
