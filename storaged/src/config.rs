@@ -55,6 +55,9 @@ pub struct ConfigFile {
     /// Pause between two scrub passes.
     #[serde(default = "default_scrub_interval", with = "humantime_serde")]
     pub scrub_interval: Duration,
+    /// How often replicas of deleted volumes (missed while this node was down) are looked for.
+    #[serde(default = "default_gc_interval", with = "humantime_serde")]
+    pub gc_interval: Duration,
 }
 
 fn default_dead_timeout() -> Duration {
@@ -71,6 +74,9 @@ fn default_repair_rate() -> u64 {
 }
 fn default_scrub_rate() -> u64 {
     32 << 20
+}
+fn default_gc_interval() -> Duration {
+    Duration::from_secs(300)
 }
 fn default_scrub_interval() -> Duration {
     Duration::from_secs(600)

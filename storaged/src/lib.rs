@@ -8,6 +8,7 @@
 
 pub mod chunk_service;
 pub mod config;
+pub mod gc;
 pub mod nbd_export;
 pub mod repair;
 pub mod throttle;
@@ -150,6 +151,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         release_own_leases(&client, &f.name).await;
 
         tasks.spawn(heartbeats(client.clone(), store.clone(), node, f.heartbeat_interval, shutdown.clone()).in_current_span());
+        tasks.spawn(gc::run(store.clone(), client.clone(), f.gc_interval, shutdown.clone()).in_current_span());
         tasks.spawn(repair::RepairManager::new(meta.clone(), client.clone()).run(shutdown.clone()).in_current_span());
         if f.scrub_bytes_per_sec > 0 {
             let (chunks, client, shutdown) = (chunks.clone(), client.clone(), shutdown.clone());

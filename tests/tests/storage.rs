@@ -224,3 +224,43 @@ async fn whole_cluster_sigkill_keeps_every_acknowledged_write() -> Result<()> {
     assert_same_file(&src, &back)?;
     c.passed()
 }
+
+/// Files under a node's data directories that hold replicas of `volume`.
+fn replica_files(c: &TestCluster, node: &str, volume: u64) -> Result<usize> {
+    let mut n = 0;
+    for dir in &c.file.node(node)?.data_dirs {
+        let vdir = dir.join("chunks").join(volume.to_string());
+        if let Ok(entries) = std::fs::read_dir(&vdir) {
+            n += entries.count();
+        }
+    }
+    Ok(n)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_of_a_volume_deleted_while_a_node_was_down_are_collected_when_it_returns() -> Result<()> {
+    let mut c = TestCluster::start(3, Duration::from_secs(60)).await?;
+    let client = c.client()?;
+    let gone = client.create_volume("gone", 8 << 20, Some(4 << 20)).await?;
+    let kept = client.create_volume("kept", 4 << 20, Some(4 << 20)).await?;
+    for name in ["gone", "kept"] {
+        let vol = client.open_volume(name, VolumeOptions::writer("test", 0)).await?;
+        vol.write(0, Bytes::from(vec![9u8; 4 * MIB])).await?;
+        vol.close().await?;
+    }
+    assert!(replica_files(&c, "node3", gone.id)? > 0, "node3 holds no replica of the volume");
+    c.kill("node3")?;
+    client.delete_volume("gone").await?;
+    assert_eq!(replica_files(&c, "node1", gone.id)?, 0, "a live node kept replicas of the deleted volume");
+    assert!(replica_files(&c, "node3", gone.id)? > 0);
+    c.start_node("node3")?;
+    wait_for("node3 to collect the deleted volume's replicas", Duration::from_secs(60), || async {
+        Ok((replica_files(&c, "node3", gone.id)? == 0).then_some(()))
+    })
+    .await?;
+    // Nothing else was touched.
+    assert!(replica_files(&c, "node3", kept.id)? > 0, "the other volume's replica was collected too");
+    let vol = client.open_volume("kept", VolumeOptions::reader()).await?;
+    assert_eq!(&vol.read(0, 4096).await?[..], &[9u8; 4096][..]);
+    c.passed()
+}

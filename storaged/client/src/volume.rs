@@ -40,6 +40,11 @@ impl VolumeOptions {
     pub fn writer(holder: impl Into<String>, node: NodeId) -> Self {
         Self { holder: holder.into(), node, force: false, read_only: false }
     }
+
+    /// Open without a lease, for reading only.
+    pub fn reader() -> Self {
+        Self { holder: String::new(), node: 0, force: false, read_only: true }
+    }
 }
 
 pub struct Volume {
