@@ -129,7 +129,25 @@ pub enum MetaCommand {
     ReplicaSynced { chunk: ChunkId, version: ChunkVersion, disk: DiskId },
     /// The stale copy on `disk` was deleted.
     ForgetStale { chunk: ChunkId, disk: DiskId },
+    /// Write (`value` Some) or delete (None) a record, if its version is `expected`
+    /// (`Some(0)`: it must not exist; `None`: whatever it is).
+    PutRecord { key: String, value: Option<Vec<u8>>, expected: Option<u64> },
 }
+
+/// A small versioned value kept by the metadata group for the frontends (iSCSI targets and
+/// reservations, later S3 accounts...): configuration, never data. Versions come from one
+/// cluster-wide counter, so a deleted and re-created record never repeats a version.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub key: String,
+    pub value: Vec<u8>,
+    pub version: u64,
+}
+
+/// Longest record key, in bytes.
+pub const MAX_RECORD_KEY: usize = 256;
+/// Largest record value, in bytes: records are configuration, not data.
+pub const MAX_RECORD_VALUE: usize = 64 * 1024;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MetaReply {
@@ -138,6 +156,8 @@ pub enum MetaReply {
     Volume(VolumeInfo),
     Lease(Lease),
     Chunk(ChunkInfo),
+    /// The record after a put (None after a delete).
+    Record(Option<Record>),
     Error(RemoteError),
 }
 
@@ -174,6 +194,11 @@ pub enum MetaRequest {
     AddVoter { node: NodeId },
     /// Remove a node from the Raft voters (replace a dead voter).
     RemoveVoter { node: NodeId },
+    /// Compare-and-swap a record (see [`MetaCommand::PutRecord`]).
+    PutRecord { key: String, value: Option<Vec<u8>>, expected: Option<u64> },
+    GetRecord { key: String },
+    /// Every record whose key starts with `prefix`, in key order.
+    ListRecords { prefix: String },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -189,6 +214,8 @@ pub enum MetaResponse {
     Nodes(Vec<NodeInfo>),
     /// Sent to a heartbeating node: stale copies it may delete.
     HeartbeatAck { delete: Vec<(ChunkId, DiskId)> },
+    Record(Option<Record>),
+    Records(Vec<Record>),
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -272,6 +272,30 @@ impl StorageClient {
         }
     }
 
+    /// Writes (`value` Some) or deletes a record if it is at version `expected` (`Some(0)`:
+    /// absent; `None`: unconditionally). A version mismatch is `ErrorCode::StaleVersion`.
+    pub async fn put_record(&self, key: &str, value: Option<Vec<u8>>, expected: Option<u64>) -> Result<Option<Record>> {
+        match self.meta(MetaRequest::PutRecord { key: key.to_string(), value, expected }).await? {
+            MetaResponse::Record(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn get_record(&self, key: &str) -> Result<Option<Record>> {
+        match self.meta(MetaRequest::GetRecord { key: key.to_string() }).await? {
+            MetaResponse::Record(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Records whose key starts with `prefix`, in key order.
+    pub async fn list_records(&self, prefix: &str) -> Result<Vec<Record>> {
+        match self.meta(MetaRequest::ListRecords { prefix: prefix.to_string() }).await? {
+            MetaResponse::Records(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Open a volume for I/O, taking its write lease as `holder`. With `force`, take the
     /// lease over from another holder: the epoch is bumped and every reachable chunk server
     /// is told, so the old holder's writes are refused from then on.

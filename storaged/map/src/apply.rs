@@ -9,8 +9,8 @@ use crate::kv::{encode_value, KvChange, MapKey};
 use crate::map::ClusterMap;
 use basalt_types::{
     ChunkId, ChunkInfo, ChunkVersion, DiskId, DiskInfo, ErrorCode, Lease, MetaCommand, MetaReply,
-    NodeId, NodeInfo, NodeState, RemoteError, Replica, ReplicaState, VolumeId, VolumeInfo,
-    BLOCK_SIZE, REPLICAS,
+    NodeId, NodeInfo, NodeState, Record, RemoteError, Replica, ReplicaState, VolumeId, VolumeInfo,
+    BLOCK_SIZE, MAX_RECORD_KEY, MAX_RECORD_VALUE, REPLICAS,
 };
 
 /// Longest volume name, in bytes (names are ASCII).
@@ -28,6 +28,9 @@ enum Mutation {
     DeleteVolume(VolumeId),
     PutChunk(ChunkInfo),
     DeleteChunk(ChunkId),
+    RecordSeq(u64),
+    PutRecord(Record),
+    DeleteRecord(String),
 }
 
 type Outcome = Result<(MetaReply, Vec<Mutation>), RemoteError>;
@@ -63,6 +66,17 @@ pub fn validate_volume_name(name: &str) -> Result<(), RemoteError> {
     }
     if name.starts_with(['.', '-']) {
         return Err(invalid(format!("volume name {name:?} must not start with '.' or '-'")));
+    }
+    Ok(())
+}
+
+/// The key rule of records: 1 to [`MAX_RECORD_KEY`] bytes of printable ASCII, `/`-separated.
+pub fn validate_record_key(key: &str) -> Result<(), RemoteError> {
+    if key.is_empty() || key.len() > MAX_RECORD_KEY {
+        return Err(invalid(format!("record key must be 1 to {MAX_RECORD_KEY} bytes, got {}", key.len())));
+    }
+    if let Some(bad) = key.chars().find(|c| !c.is_ascii_graphic()) {
+        return Err(invalid(format!("record key {key:?} contains {bad:?}; only printable ASCII is allowed")));
     }
     Ok(())
 }
@@ -137,6 +151,7 @@ impl ClusterMap {
                 self.replica_synced(*chunk, *version, *disk)
             }
             MetaCommand::ForgetStale { chunk, disk } => self.forget_stale(*chunk, *disk),
+            MetaCommand::PutRecord { key, value, expected } => self.put_record(key, value.as_deref(), *expected),
         };
         let (reply, mutations) = match outcome {
             Ok(ok) => ok,
@@ -182,6 +197,13 @@ impl ClusterMap {
                 }
                 Mutation::DeleteChunk(id) => {
                     self.chunks.remove(&id);
+                }
+                Mutation::RecordSeq(seq) => self.record_seq = seq,
+                Mutation::PutRecord(r) => {
+                    self.records.insert(r.key.clone(), r);
+                }
+                Mutation::DeleteRecord(key) => {
+                    self.records.remove(&key);
                 }
             }
         }
@@ -432,6 +454,36 @@ impl ClusterMap {
         Ok((MetaReply::Chunk(chunk.clone()), vec![Mutation::PutChunk(chunk)]))
     }
 
+    fn put_record(&self, key: &str, value: Option<&[u8]>, expected: Option<u64>) -> Outcome {
+        validate_record_key(key)?;
+        if let Some(v) = value {
+            if v.len() > MAX_RECORD_VALUE {
+                return Err(invalid(format!("record value is {} bytes, more than {MAX_RECORD_VALUE}", v.len())));
+            }
+        }
+        let current = self.records.get(key).map_or(0, |r| r.version);
+        if let Some(want) = expected {
+            if want != current {
+                return Err(err(
+                    ErrorCode::StaleVersion,
+                    format!("record {key:?} is at version {current}, not {want}"),
+                ));
+            }
+        }
+        match value {
+            None if current == 0 => Ok((MetaReply::Record(None), Vec::new())),
+            None => Ok((MetaReply::Record(None), vec![Mutation::DeleteRecord(key.to_owned())])),
+            Some(v) => {
+                let seq = self
+                    .record_seq
+                    .checked_add(1)
+                    .ok_or_else(|| err(ErrorCode::Internal, "record versions exhausted"))?;
+                let record = Record { key: key.to_owned(), value: v.to_vec(), version: seq };
+                Ok((MetaReply::Record(Some(record.clone())), vec![Mutation::RecordSeq(seq), Mutation::PutRecord(record)]))
+            }
+        }
+    }
+
     fn add_replica(&self, id: ChunkId, version: ChunkVersion, disk: DiskId) -> Outcome {
         let chunk = self.chunk_info(id)?;
         check_version(chunk, version)?;
@@ -487,6 +539,11 @@ fn encode_all(mutations: &[Mutation]) -> Result<Vec<KvChange>, bincode::error::E
                 Mutation::DeleteVolume(id) => KvChange { key: MapKey::Volume(*id).encode(), value: None },
                 Mutation::PutChunk(c) => KvChange { key: MapKey::Chunk(c.id).encode(), value: Some(encode_value(c)?) },
                 Mutation::DeleteChunk(id) => KvChange { key: MapKey::Chunk(*id).encode(), value: None },
+                Mutation::RecordSeq(seq) => KvChange { key: MapKey::RecordSeq.encode(), value: Some(encode_value(seq)?) },
+                Mutation::PutRecord(r) => {
+                    KvChange { key: MapKey::Record(r.key.clone()).encode(), value: Some(encode_value(r)?) }
+                }
+                Mutation::DeleteRecord(k) => KvChange { key: MapKey::Record(k.clone()).encode(), value: None },
             })
         })
         .collect()

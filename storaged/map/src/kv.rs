@@ -10,6 +10,8 @@
 //! | `n` node id (8 bytes BE)                | [`NodeInfo`](basalt_types::NodeInfo)     |
 //! | `v` volume id (8 bytes BE)              | [`VolumeInfo`](basalt_types::VolumeInfo) |
 //! | `c` volume id (8 BE), chunk index (8 BE) | [`ChunkInfo`](basalt_types::ChunkInfo)   |
+//! | `s` `record_seq`                        | `u64` (last record version)    |
+//! | `r` record key (UTF-8)                  | [`Record`](basalt_types::Record)         |
 //!
 //! The volume-name index is not persisted: it is derived from the volumes when loading, so
 //! it can never disagree with them. Values are the `basalt-types` values encoded with
@@ -38,29 +40,36 @@ const TAG_SYS: u8 = b's';
 const TAG_NODE: u8 = b'n';
 const TAG_VOLUME: u8 = b'v';
 const TAG_CHUNK: u8 = b'c';
+const TAG_RECORD: u8 = b'r';
 const SYS_NEXT_VOLUME_ID: &[u8] = b"next_volume_id";
+const SYS_RECORD_SEQ: &[u8] = b"record_seq";
 
 /// A parsed cluster-map key.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum MapKey {
     NextVolumeId,
     Node(NodeId),
     Volume(VolumeId),
     Chunk(ChunkId),
+    RecordSeq,
+    Record(String),
 }
 
 impl MapKey {
     pub fn encode(&self) -> Vec<u8> {
-        match *self {
-            MapKey::NextVolumeId => {
-                let mut k = Vec::with_capacity(1 + SYS_NEXT_VOLUME_ID.len());
-                k.push(TAG_SYS);
-                k.extend_from_slice(SYS_NEXT_VOLUME_ID);
-                k
-            }
-            MapKey::Node(id) => tagged(TAG_NODE, &[id]),
-            MapKey::Volume(id) => tagged(TAG_VOLUME, &[id]),
+        let with = |tag: u8, rest: &[u8]| {
+            let mut k = Vec::with_capacity(1 + rest.len());
+            k.push(tag);
+            k.extend_from_slice(rest);
+            k
+        };
+        match self {
+            MapKey::NextVolumeId => with(TAG_SYS, SYS_NEXT_VOLUME_ID),
+            MapKey::Node(id) => tagged(TAG_NODE, &[*id]),
+            MapKey::Volume(id) => tagged(TAG_VOLUME, &[*id]),
             MapKey::Chunk(c) => tagged(TAG_CHUNK, &[c.volume, c.index]),
+            MapKey::RecordSeq => with(TAG_SYS, SYS_RECORD_SEQ),
+            MapKey::Record(key) => with(TAG_RECORD, key.as_bytes()),
         }
     }
 
@@ -69,6 +78,8 @@ impl MapKey {
         let (&tag, rest) = key.split_first()?;
         match tag {
             TAG_SYS if rest == SYS_NEXT_VOLUME_ID => Some(MapKey::NextVolumeId),
+            TAG_SYS if rest == SYS_RECORD_SEQ => Some(MapKey::RecordSeq),
+            TAG_RECORD => std::str::from_utf8(rest).ok().map(|k| MapKey::Record(k.to_owned())),
             TAG_NODE => Some(MapKey::Node(be_u64(rest)?)),
             TAG_VOLUME => Some(MapKey::Volume(be_u64(rest)?)),
             TAG_CHUNK if rest.len() == 16 => {
@@ -87,6 +98,8 @@ impl fmt::Display for MapKey {
             MapKey::Node(id) => write!(f, "node/{id}"),
             MapKey::Volume(id) => write!(f, "volume/{id}"),
             MapKey::Chunk(c) => write!(f, "chunk/{c}"),
+            MapKey::RecordSeq => write!(f, "sys/record_seq"),
+            MapKey::Record(k) => write!(f, "record/{k}"),
         }
     }
 }
@@ -149,10 +162,12 @@ mod tests {
             MapKey::Chunk(ChunkId { volume: 3, index: 255 }),
             MapKey::Chunk(ChunkId { volume: 3, index: 256 }),
             MapKey::Chunk(ChunkId { volume: 4, index: 0 }),
+            MapKey::RecordSeq,
+            MapKey::Record("iscsi/target/iqn.2026-11.io.basalt:a".into()),
         ];
         for k in keys {
-            assert_eq!(MapKey::parse(&k.encode()), Some(k));
             assert!(is_map_key(&k.encode()));
+            assert_eq!(MapKey::parse(&k.encode()), Some(k));
         }
         // Byte order of encoded chunk keys is (volume, index) order.
         let a = MapKey::Chunk(ChunkId { volume: 3, index: 255 }).encode();

@@ -4,7 +4,7 @@
 use crate::kv::{decode_value, encode_value, show_raw_key, MapKey};
 use crate::{MapError, Result};
 use basalt_types::{
-    ChunkId, ChunkInfo, NodeId, NodeInfo, NodeState, VolumeId, VolumeInfo, REPLICAS,
+    ChunkId, ChunkInfo, NodeId, NodeInfo, NodeState, Record, VolumeId, VolumeInfo, REPLICAS,
 };
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -23,6 +23,9 @@ pub struct ClusterMap {
     pub(crate) volume_names: BTreeMap<String, VolumeId>,
     pub(crate) chunks: BTreeMap<ChunkId, ChunkInfo>,
     pub(crate) next_volume_id: VolumeId,
+    pub(crate) records: BTreeMap<String, Record>,
+    /// Version given to the last record written (0: none yet).
+    pub(crate) record_seq: u64,
 }
 
 impl Default for ClusterMap {
@@ -39,7 +42,18 @@ impl ClusterMap {
             volume_names: BTreeMap::new(),
             chunks: BTreeMap::new(),
             next_volume_id: FIRST_VOLUME_ID,
+            records: BTreeMap::new(),
+            record_seq: 0,
         }
+    }
+
+    pub fn record(&self, key: &str) -> Option<&Record> {
+        self.records.get(key)
+    }
+
+    /// Records whose key starts with `prefix`, in key order.
+    pub fn records_with_prefix<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = &'a Record> + 'a {
+        self.records.range(prefix.to_owned()..).take_while(move |(k, _)| k.starts_with(prefix)).map(|(_, r)| r)
     }
 
     pub fn node(&self, id: NodeId) -> Option<&NodeInfo> {
@@ -126,6 +140,12 @@ impl ClusterMap {
         for (id, c) in &self.chunks {
             put(MapKey::Chunk(*id), encode_value(c));
         }
+        if self.record_seq > 0 {
+            put(MapKey::RecordSeq, encode_value(&self.record_seq));
+        }
+        for (k, r) in &self.records {
+            put(MapKey::Record(k.clone()), encode_value(r));
+        }
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
     }
@@ -162,6 +182,14 @@ impl ClusterMap {
                         return Err(MapError::Inconsistent(format!("{parsed} holds chunk {}", chunk.id)));
                     }
                     map.chunks.insert(id, chunk);
+                }
+                MapKey::RecordSeq => map.record_seq = decode_value(&parsed, &value)?,
+                MapKey::Record(ref key) => {
+                    let record: Record = decode_value(&parsed, &value)?;
+                    if &record.key != key {
+                        return Err(MapError::Inconsistent(format!("{parsed} holds record {:?}", record.key)));
+                    }
+                    map.records.insert(key.clone(), record);
                 }
             }
         }

@@ -200,6 +200,7 @@ fn reply_to_response(reply: MetaReply) -> Result<MetaResponse, RemoteError> {
         MetaReply::Volume(v) => MetaResponse::Volume(v),
         MetaReply::Lease(l) => MetaResponse::Lease(l),
         MetaReply::Chunk(c) => MetaResponse::Chunk(c),
+        MetaReply::Record(r) => MetaResponse::Record(r),
         MetaReply::Error(e) => return Err(e),
     })
 }
@@ -511,6 +512,15 @@ impl MetaService {
             }
             MetaRequest::AddVoter { node } => return self.add_voter(node).await,
             MetaRequest::RemoveVoter { node } => return self.remove_voter(node).await,
+            MetaRequest::PutRecord { key, value, expected } => MetaCommand::PutRecord { key, value, expected },
+            MetaRequest::GetRecord { key } => {
+                self.linearizable().await?;
+                return Ok(MetaResponse::Record(self.read_map().record(&key).cloned()));
+            }
+            MetaRequest::ListRecords { prefix } => {
+                self.linearizable().await?;
+                return Ok(MetaResponse::Records(self.read_map().records_with_prefix(&prefix).cloned().collect()));
+            }
         };
         reply_to_response(self.propose(cmd).await?)
     }
