@@ -1,0 +1,336 @@
+//! The contract between the iSCSI transport and the SCSI layer, and what a logical unit
+//! needs from the rest of Basalt.
+//!
+//! The transport ([`crate::conn`]) turns SCSI Command PDUs plus their Data-Out into one
+//! [`ScsiCommand`], hands it to a [`crate::scsi::Target`], and turns the [`ScsiResponse`] into
+//! Data-In and SCSI Response PDUs (residuals, status, sense). The SCSI layer knows nothing of
+//! PDUs; the transport knows nothing of CDBs.
+//!
+//! A logical unit stores its blocks on a [`BlockDevice`] (a Basalt volume through the storaged
+//! client, or memory in tests), asks an [`AluaStates`] which of its target port groups is
+//! optimised, and keeps persistent reservations in a [`ReservationStore`] shared by every node
+//! serving the unit (cluster metadata), so a clustered initiator sees one reservation whatever
+//! path it uses.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// The I_T nexus a command arrived on: who sent it and through which target port.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Nexus {
+    /// iSCSI initiator name (`iqn.…`), as logged in.
+    pub initiator_name: String,
+    /// Initiator session id (6 bytes); with the name it identifies the initiator port.
+    pub isid: [u8; 6],
+    /// Relative target port identifier of the portal group the session uses (1-based; one
+    /// per node in Basalt).
+    pub relative_port: u16,
+    /// Target portal group tag of that port.
+    pub tpgt: u16,
+}
+
+impl Nexus {
+    /// The initiator port name used in TransportIDs: `<name>,i,0x<isid hex>`.
+    pub fn initiator_port(&self) -> String {
+        let isid: String = self.isid.iter().map(|b| format!("{b:02x}")).collect();
+        format!("{},i,0x{isid}", self.initiator_name)
+    }
+}
+
+/// SAM task attribute of a command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TaskAttr {
+    Untagged,
+    Simple,
+    Ordered,
+    HeadOfQueue,
+    Aca,
+}
+
+/// One SCSI command with all its write data gathered.
+#[derive(Clone, Debug)]
+pub struct ScsiCommand {
+    /// The LUN, decoded from the 8-byte SAM LUN field (peripheral or flat addressing).
+    pub lun: u64,
+    /// The CDB (16 bytes from the BHS, longer with an extended-CDB AHS), trailing bytes of
+    /// the BHS field included: the SCSI layer uses the length its opcode defines.
+    pub cdb: Bytes,
+    /// Write data (immediate, unsolicited and solicited Data-Out together); empty for reads.
+    pub data_out: Bytes,
+    /// Expected Data Transfer Length for data-in: the SCSI layer may return more or less;
+    /// the transport truncates and reports the residual.
+    pub expected_in: u32,
+    pub attr: TaskAttr,
+    pub nexus: Nexus,
+}
+
+/// SAM status codes used by the target.
+pub mod status {
+    pub const GOOD: u8 = 0x00;
+    pub const CHECK_CONDITION: u8 = 0x02;
+    pub const CONDITION_MET: u8 = 0x04;
+    pub const BUSY: u8 = 0x08;
+    pub const RESERVATION_CONFLICT: u8 = 0x18;
+    pub const TASK_SET_FULL: u8 = 0x28;
+    pub const TASK_ABORTED: u8 = 0x40;
+}
+
+/// The outcome of a command.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScsiResponse {
+    pub status: u8,
+    /// Sense data (fixed format, as REQUEST SENSE would return it), with CHECK CONDITION.
+    pub sense: Option<Bytes>,
+    pub data_in: Bytes,
+}
+
+/// Task management functions the transport forwards (RFC 7143 11.5.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TaskManagement {
+    AbortTask,
+    AbortTaskSet,
+    ClearAca,
+    ClearTaskSet,
+    LogicalUnitReset,
+    TargetWarmReset,
+    TargetColdReset,
+}
+
+/// What a logical unit's blocks are stored on.
+#[async_trait]
+pub trait BlockDevice: Send + Sync + 'static {
+    /// Size in bytes (a multiple of 4096).
+    fn size(&self) -> u64;
+    async fn read(&self, offset: u64, len: u64) -> Result<Bytes, DeviceError>;
+    /// Durable when it returns: Basalt acknowledges only writes that every replica made
+    /// durable, so the unit reports no volatile write cache.
+    async fn write(&self, offset: u64, data: Bytes) -> Result<(), DeviceError>;
+    async fn flush(&self) -> Result<(), DeviceError>;
+    /// Deallocates the range: it reads as zeros afterwards.
+    async fn unmap(&self, offset: u64, len: u64) -> Result<(), DeviceError>;
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceError {
+    /// The data could not be read or written (MEDIUM ERROR / HARDWARE ERROR).
+    #[error("I/O error: {0}")]
+    Io(String),
+    /// Another node took the volume over (or is taking it): this path is not usable right
+    /// now; the initiator should retry, possibly on another path (NOT READY, ALUA
+    /// transition).
+    #[error("path not active: {0}")]
+    Transitioning(String),
+    /// The storage is temporarily unable to serve (too few replicas, no metadata leader).
+    #[error("temporarily unavailable: {0}")]
+    Unavailable(String),
+    #[error("out of range")]
+    OutOfRange,
+}
+
+/// Asymmetric access state of a target port group (SPC-4 table "ASYMMETRIC ACCESS STATE").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AccessState {
+    ActiveOptimized,
+    ActiveNonOptimized,
+    Standby,
+    Unavailable,
+    Transitioning,
+}
+
+/// One target port group as REPORT TARGET PORT GROUPS lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortGroup {
+    pub id: u16,
+    pub state: AccessState,
+    /// Relative target port identifiers in the group.
+    pub ports: Vec<u16>,
+}
+
+/// Which port group currently serves a unit best (in Basalt: the node holding the volume's
+/// write lease is optimised, the others non-optimised).
+#[async_trait]
+pub trait AluaStates: Send + Sync + 'static {
+    async fn port_groups(&self) -> Vec<PortGroup>;
+}
+
+/// Persistent reservation state of one logical unit, as stored (opaque to the store).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reservations {
+    /// Incremented by every PERSISTENT RESERVE OUT that changes registrations (PRgeneration).
+    pub generation: u32,
+    /// Registered I_T nexuses (initiator port + relative target port) and their keys.
+    pub registrations: Vec<Registration>,
+    pub holder: Option<Reservation>,
+    /// Activate Persist Through Power Loss, as last set by REGISTER.
+    pub aptpl: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registration {
+    pub initiator_port: String,
+    pub relative_port: u16,
+    pub key: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reservation {
+    /// The registration holding it (for all-registrants types: any, see `kind`).
+    pub initiator_port: String,
+    pub relative_port: u16,
+    pub key: u64,
+    /// SPC TYPE code: 1 write exclusive, 3 exclusive access, 5/6 registrants only,
+    /// 7/8 all registrants.
+    pub kind: u8,
+}
+
+/// Where a unit's reservations live. Updates are compare-and-swap on a version the store
+/// keeps (not the PRgeneration, which only counts registration changes).
+#[async_trait]
+pub trait ReservationStore: Send + Sync + 'static {
+    /// The current state and its store version.
+    async fn load(&self) -> Result<(Reservations, u64), DeviceError>;
+    /// Replaces the state if the store is still at `version`; `Ok(false)` if someone else
+    /// changed it first (load again and redo the change).
+    async fn store(&self, state: &Reservations, version: u64) -> Result<bool, DeviceError>;
+}
+
+/// How a task management function ended (RFC 7143 11.6.1 response codes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TmfOutcome {
+    Complete,
+    NoSuchTask,
+    NoSuchLun,
+    NotSupported,
+    Rejected,
+}
+
+/// The SCSI side of one iSCSI target: its logical units. Implemented by
+/// [`crate::scsi::Target`]. Must be cancellation-safe: the transport drops the future of an
+/// aborted command.
+#[async_trait]
+pub trait ScsiTarget: Send + Sync + 'static {
+    /// Executes one command, including REPORT LUNS and commands to LUNs that do not exist.
+    async fn execute(&self, cmd: ScsiCommand) -> ScsiResponse;
+    /// Unit-level side of a task management function (unit attentions, SPC-2 releases).
+    /// Aborting the tasks themselves is the transport's job (it owns them); it calls this
+    /// after they are gone.
+    async fn task_management(&self, tmf: TaskManagement, lun: u64, nexus: &Nexus) -> TmfOutcome;
+    /// The nexus logged out or its session was dropped.
+    async fn nexus_gone(&self, nexus: &Nexus);
+}
+
+/// CHAP secrets of a target (RFC 7143 12.1.3). Secrets are 12-16 bytes or longer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Chap {
+    /// What the initiator must answer as (CHAP_N) and with (the secret behind CHAP_R).
+    pub user: String,
+    pub secret: String,
+    /// Mutual CHAP: the name and secret the target answers the initiator's challenge with.
+    pub mutual: Option<(String, String)>,
+}
+
+/// How a target may be logged in to.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetAccess {
+    /// Target name (`iqn.…`).
+    pub name: String,
+    pub alias: Option<String>,
+    /// When set, normal sessions must authenticate with CHAP (no AuthMethod=None).
+    pub chap: Option<Chap>,
+    /// Initiator names allowed to log in; empty = any.
+    pub initiators: Vec<String>,
+}
+
+/// A network portal of a target (for SendTargets): address and portal group tag.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Portal {
+    pub addr: std::net::SocketAddr,
+    pub tpgt: u16,
+}
+
+/// The targets a portal serves, as discovery and login see them.
+#[async_trait]
+pub trait TargetRegistry: Send + Sync + 'static {
+    /// Every target with every portal it can be reached at (all nodes: multipath).
+    async fn discover(&self) -> Vec<(TargetAccess, Vec<Portal>)>;
+    /// A target by name, with its SCSI side, for a login on this portal.
+    async fn open(&self, name: &str) -> Option<(TargetAccess, std::sync::Arc<dyn ScsiTarget>)>;
+    /// The relative target port id and portal group tag of this node's portal.
+    fn local_port(&self) -> (u16, u16);
+}
+
+/// In-memory stores and devices for tests and single-node use.
+pub mod memory {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A reservation store in memory (one process only).
+    #[derive(Default)]
+    pub struct MemoryReservations(Mutex<(Reservations, u64)>);
+
+    #[async_trait]
+    impl ReservationStore for MemoryReservations {
+        async fn load(&self) -> Result<(Reservations, u64), DeviceError> {
+            Ok(self.0.lock().unwrap_or_else(|p| p.into_inner()).clone())
+        }
+        async fn store(&self, state: &Reservations, version: u64) -> Result<bool, DeviceError> {
+            let mut cur = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            if cur.1 != version {
+                return Ok(false);
+            }
+            *cur = (state.clone(), version + 1);
+            Ok(true)
+        }
+    }
+
+    /// A block device in memory.
+    pub struct MemoryDevice(Mutex<Vec<u8>>);
+
+    impl MemoryDevice {
+        pub fn new(size: u64) -> Self {
+            Self(Mutex::new(vec![0; size as usize]))
+        }
+        fn range(&self, offset: u64, len: u64) -> Result<std::ops::Range<usize>, DeviceError> {
+            let end = offset.checked_add(len).ok_or(DeviceError::OutOfRange)?;
+            if end > self.size() {
+                return Err(DeviceError::OutOfRange);
+            }
+            Ok(offset as usize..end as usize)
+        }
+    }
+
+    #[async_trait]
+    impl BlockDevice for MemoryDevice {
+        fn size(&self) -> u64 {
+            self.0.lock().unwrap_or_else(|p| p.into_inner()).len() as u64
+        }
+        async fn read(&self, offset: u64, len: u64) -> Result<Bytes, DeviceError> {
+            let r = self.range(offset, len)?;
+            Ok(Bytes::copy_from_slice(&self.0.lock().unwrap_or_else(|p| p.into_inner())[r]))
+        }
+        async fn write(&self, offset: u64, data: Bytes) -> Result<(), DeviceError> {
+            let r = self.range(offset, data.len() as u64)?;
+            self.0.lock().unwrap_or_else(|p| p.into_inner())[r].copy_from_slice(&data);
+            Ok(())
+        }
+        async fn flush(&self) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        async fn unmap(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+            let r = self.range(offset, len)?;
+            self.0.lock().unwrap_or_else(|p| p.into_inner())[r].fill(0);
+            Ok(())
+        }
+    }
+
+    /// One port group, always active/optimised.
+    pub struct SinglePath;
+
+    #[async_trait]
+    impl AluaStates for SinglePath {
+        async fn port_groups(&self) -> Vec<PortGroup> {
+            vec![PortGroup { id: 1, state: AccessState::ActiveOptimized, ports: vec![1] }]
+        }
+    }
+}

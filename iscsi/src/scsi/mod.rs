@@ -1,0 +1,415 @@
+//! SCSI block device emulation (SPC-4/SBC-3) for the logical units of a target.
+//!
+//! [`Target`] implements [`ScsiTarget`]: REPORT LUNS and commands to absent LUNs are
+//! answered here, everything else goes to the [`LogicalUnit`]'s dispatcher, which checks the
+//! CDB against the opcode table ([`opcodes`]), reports pending unit attentions, applies the
+//! persistent reservation conflict rules and the port's ALUA state, then runs the handler:
+//! [`inquiry`] (INQUIRY, VPD), [`rw`] (block I/O, UNMAP, WRITE SAME, COMPARE AND WRITE,
+//! capacity), [`mode`] (MODE SENSE/SELECT), [`pr`] (persistent reservations) and [`maint`]
+//! (REPORT LUNS, REPORT TARGET PORT GROUPS, REPORT SUPPORTED OPERATION CODES/TMFs).
+//!
+//! State a unit keeps in this process: pending unit attentions per I_T nexus and the lock
+//! that makes COMPARE AND WRITE atomic. Reservations live in the [`ReservationStore`], so
+//! every node serving the unit sees the same ones.
+
+pub mod cdb;
+mod inquiry;
+mod maint;
+mod mode;
+pub mod opcodes;
+mod pr;
+mod rw;
+pub mod sense;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::lu::{
+    status, AccessState, AluaStates, BlockDevice, Nexus, ReservationStore, ScsiCommand,
+    ScsiResponse, ScsiTarget, TaskManagement, TmfOutcome,
+};
+use cdb::Cdb;
+use opcodes::{Access, Cmd, Lookup, OpInfo};
+use sense::{CmdResult, Failure, Sense};
+
+/// Logical block size the units report.
+pub const BLOCK_SIZE: u64 = 512;
+/// LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT: 4096-byte physical blocks, Basalt's unit of
+/// checksumming and replication.
+pub const LBPPBE: u8 = 3;
+/// Largest READ/WRITE we accept, in blocks (8 MiB): bounds the memory one command pins.
+pub const MAX_TRANSFER_BLOCKS: u64 = 16 * 1024;
+/// OPTIMAL TRANSFER LENGTH (1 MiB) and its granularity (one physical block).
+pub const OPTIMAL_TRANSFER_BLOCKS: u32 = 2048;
+pub const OPTIMAL_GRANULARITY_BLOCKS: u16 = 8;
+/// UNMAP limits: 512 MiB per command, 256 descriptors; granularity one physical block.
+pub const MAX_UNMAP_BLOCKS: u64 = 1 << 20;
+pub const MAX_UNMAP_DESCRIPTORS: usize = 256;
+pub const UNMAP_GRANULARITY_BLOCKS: u32 = 8;
+/// WRITE SAME may cover 512 MiB; it is written in MAX_TRANSFER_BLOCKS pieces.
+pub const MAX_WRITE_SAME_BLOCKS: u64 = 1 << 20;
+/// COMPARE AND WRITE up to 64 blocks (VMware and Linux use 1).
+pub const MAX_COMPARE_AND_WRITE_BLOCKS: u64 = 64;
+
+/// IEEE company id in the NAA designator. Placeholder until Basalt registers its own OUI:
+/// what matters to initiators is that (company id, vendor specific id) never repeats.
+pub const COMPANY_ID: u32 = 0x00_1D_AB;
+
+/// What a unit tells initiators about itself. Must be stable for the life of the volume:
+/// multipath and cluster software identify the disk by the NAA id and the serial number.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    /// NAA IEEE Registered designator (type 6), see [`Identity::naa_for_volume`].
+    pub naa: [u8; 8],
+    /// UNIT SERIAL NUMBER (VPD 0x80), printable ASCII.
+    pub serial: String,
+    /// T10 vendor id, at most 8 characters ("BASALT").
+    pub vendor: String,
+    /// Product id, at most 16 characters.
+    pub product: String,
+    /// Product revision, at most 4 characters.
+    pub revision: String,
+}
+
+impl Identity {
+    /// The identity of a Basalt volume: NAA from its id, serial = the id in hex.
+    pub fn for_volume(volume_id: u64, product: &str, revision: &str) -> Self {
+        Identity {
+            naa: Self::naa_for_volume(volume_id),
+            serial: format!("{volume_id:016x}"),
+            vendor: "BASALT".into(),
+            product: product.into(),
+            revision: revision.into(),
+        }
+    }
+
+    /// NAA 6h: 4 bits NAA, 24 bits company id, 36 bits vendor specific. The volume id is
+    /// folded into the 36 bits: ids below 2^36 map to themselves, so distinct volumes of
+    /// any realistic cluster get distinct designators, and the mapping never changes.
+    pub fn naa_for_volume(volume_id: u64) -> [u8; 8] {
+        let vendor_specific = (volume_id ^ (volume_id >> 36)) & ((1 << 36) - 1);
+        let v = (0x6u64 << 60) | (u64::from(COMPANY_ID & 0xFF_FFFF) << 36) | vendor_specific;
+        v.to_be_bytes()
+    }
+}
+
+/// An I_T nexus as the unit tells them apart (initiator port, relative target port).
+type NexusKey = (String, u16);
+
+fn nexus_key(n: &Nexus) -> NexusKey {
+    (n.initiator_port(), n.relative_port)
+}
+
+/// At most this many unit attentions wait per nexus; older ones are dropped (SAM-5 allows
+/// reporting only the most important when the queue overflows).
+const MAX_PENDING_ATTENTIONS: usize = 8;
+
+/// One logical unit: a block device with identity, ALUA states and reservations.
+pub struct LogicalUnit {
+    device: Arc<dyn BlockDevice>,
+    alua: Arc<dyn AluaStates>,
+    reservations: Arc<dyn ReservationStore>,
+    identity: Identity,
+    /// COMPARE AND WRITE takes this exclusively for its read-compare-write; every other
+    /// write takes it shared, so no write lands between the compare and the write. (Atomic
+    /// among the commands this process serves; across nodes the volume's single writer
+    /// lease serialises.) A tokio lock: it is held across device awaits, and dropping an
+    /// aborted command's future releases it.
+    atomic: tokio::sync::RwLock<()>,
+    /// Pending unit attentions per I_T nexus; an entry exists for every nexus seen, so a
+    /// reset can address "all other nexuses". Never held across an await.
+    attentions: Mutex<HashMap<NexusKey, VecDeque<Sense>>>,
+}
+
+impl LogicalUnit {
+    pub fn new(
+        device: Arc<dyn BlockDevice>,
+        alua: Arc<dyn AluaStates>,
+        reservations: Arc<dyn ReservationStore>,
+        identity: Identity,
+    ) -> Self {
+        LogicalUnit {
+            device,
+            alua,
+            reservations,
+            identity,
+            atomic: tokio::sync::RwLock::new(()),
+            attentions: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// Capacity in logical blocks.
+    fn blocks(&self) -> u64 {
+        self.device.size() / BLOCK_SIZE
+    }
+
+    fn attentions(&self) -> std::sync::MutexGuard<'_, HashMap<NexusKey, VecDeque<Sense>>> {
+        self.attentions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues `sense` for every nexus `to` selects among those seen plus `extra` (e.g.
+    /// registrants of a reservation that have not sent us a command yet).
+    fn post_attention(
+        &self,
+        sense: Sense,
+        extra: &[NexusKey],
+        mut to: impl FnMut(&NexusKey) -> bool,
+    ) {
+        let mut map = self.attentions();
+        for k in extra {
+            map.entry(k.clone()).or_default();
+        }
+        for (k, q) in map.iter_mut() {
+            if to(k) && !q.contains(&sense) {
+                if q.len() >= MAX_PENDING_ATTENTIONS {
+                    q.pop_front();
+                }
+                q.push_back(sense);
+            }
+        }
+    }
+
+    /// Takes the oldest unit attention of `key`, registering the nexus if it is new.
+    fn take_attention(&self, key: &NexusKey) -> Option<Sense> {
+        self.attentions().entry(key.clone()).or_default().pop_front()
+    }
+
+    /// Executes one command on this unit.
+    pub async fn execute(&self, cmd: &ScsiCommand, target_name: &str) -> ScsiResponse {
+        match self.run(cmd, target_name).await {
+            Ok(data_in) => ScsiResponse { status: status::GOOD, sense: None, data_in },
+            Err(f) => f.into_response(),
+        }
+    }
+
+    async fn run(&self, cmd: &ScsiCommand, target_name: &str) -> CmdResult {
+        let cdb = Cdb(&cmd.cdb);
+        let info = match opcodes::lookup(cdb.op(), cdb.service_action()) {
+            Lookup::Found(info) => info,
+            Lookup::BadServiceAction => return Err(Sense::invalid_cdb(1, Some(4)).into()),
+            Lookup::Unknown => return Err(Sense::invalid_opcode().into()),
+        };
+        let len = info.usage.len();
+        if cmd.cdb.len() < len {
+            return Err(Sense::invalid_cdb(0, None).into());
+        }
+        let cdb = Cdb(&cmd.cdb[..len]);
+        // NormACA = 0 in INQUIRY: a CDB asking for ACA is refused (SAM-5 5.9.1.2).
+        if cdb.u8(len - 1) & 0x04 != 0 {
+            return Err(Sense::invalid_cdb(len as u16 - 1, Some(2)).into());
+        }
+        let key = nexus_key(&cmd.nexus);
+        // SPC-4 7.9: INQUIRY, REPORT LUNS and REQUEST SENSE neither report nor clear a unit
+        // attention (REQUEST SENSE returns it as its data instead).
+        if !matches!(info.cmd, Cmd::Inquiry | Cmd::ReportLuns | Cmd::RequestSense) {
+            if let Some(ua) = self.take_attention(&key) {
+                return Err(ua.into());
+            }
+        }
+        self.check_reservation(info, cdb, &cmd.nexus).await?;
+        if info.medium {
+            self.check_alua(cmd.nexus.relative_port).await?;
+        }
+        let ctx = Ctx { cdb, cmd, target_name, key: &key };
+        self.dispatch(info, &ctx).await
+    }
+
+    /// RESERVATION CONFLICT for a command another nexus's reservation excludes.
+    async fn check_reservation(&self, info: &OpInfo, cdb: Cdb<'_>, nexus: &Nexus) -> CmdResult<()> {
+        let access = match info.access {
+            Access::Always | Access::PrOut => return Ok(()),
+            Access::Read => pr::Want::Read,
+            Access::Write => pr::Want::Write,
+        };
+        // START STOP UNIT with START = 1 is allowed; stopping conflicts (SBC-3 table 13).
+        let access = if info.cmd == Cmd::StartStopUnit && cdb.u8(4) & 0x01 == 0 {
+            pr::Want::Write
+        } else {
+            access
+        };
+        let (state, _) = self
+            .reservations
+            .load()
+            .await
+            .map_err(|e| sense::device_error(&e, sense::Io::Read))?;
+        if pr::conflicts(&state, nexus, access) {
+            return Err(Failure::Conflict);
+        }
+        Ok(())
+    }
+
+    /// NOT READY when this port's target port group cannot access the medium now.
+    async fn check_alua(&self, port: u16) -> CmdResult<()> {
+        let groups = self.alua.port_groups().await;
+        let state = groups.iter().find(|g| g.ports.contains(&port)).map(|g| g.state);
+        match state {
+            Some(AccessState::Standby) => Err(Sense::alua_standby().into()),
+            Some(AccessState::Unavailable) => Err(Sense::alua_unavailable().into()),
+            Some(AccessState::Transitioning) => Err(Sense::alua_transitioning().into()),
+            // A port missing from the groups is served as active: the device itself
+            // answers Transitioning if this node may not access the volume.
+            _ => Ok(()),
+        }
+    }
+
+    async fn dispatch(&self, info: &OpInfo, ctx: &Ctx<'_>) -> CmdResult {
+        match info.cmd {
+            Cmd::TestUnitReady => Ok(Bytes::new()),
+            Cmd::RequestSense => Ok(self.request_sense(ctx)),
+            Cmd::Inquiry => self.inquiry(ctx).await,
+            Cmd::Read => self.read(ctx).await,
+            Cmd::Write => self.write(ctx).await,
+            Cmd::WriteAndVerify => self.write(ctx).await,
+            Cmd::Verify => self.verify(ctx).await,
+            Cmd::SynchronizeCache => self.synchronize_cache(ctx).await,
+            Cmd::WriteSame => self.write_same(ctx).await,
+            Cmd::Unmap => self.unmap(ctx).await,
+            Cmd::CompareAndWrite => self.compare_and_write(ctx).await,
+            Cmd::ReadCapacity10 => self.read_capacity10(ctx),
+            Cmd::ReadCapacity16 => self.read_capacity16(ctx),
+            Cmd::GetLbaStatus => self.get_lba_status(ctx),
+            Cmd::ModeSense => self.mode_sense(ctx),
+            Cmd::ModeSelect => self.mode_select(ctx),
+            Cmd::PersistentReserveIn => self.persistent_reserve_in(ctx).await,
+            Cmd::PersistentReserveOut => self.persistent_reserve_out(ctx).await,
+            Cmd::ReportLuns => Err(Sense::invalid_opcode().into()), // answered by Target
+            Cmd::ReportTargetPortGroups => self.report_target_port_groups(ctx).await,
+            Cmd::ReportSupportedOpcodes => maint::report_supported_opcodes(ctx.cdb),
+            Cmd::ReportSupportedTmfs => maint::report_supported_tmfs(ctx.cdb),
+            // Nothing to spin up or down; the medium is always ready.
+            Cmd::StartStopUnit => Ok(Bytes::new()),
+            // Not removable (RMB = 0): there is nothing to lock, and SBC-3 lets a device
+            // server without a removal mechanism accept the command.
+            Cmd::PreventAllowMediumRemoval => Ok(Bytes::new()),
+        }
+    }
+
+    /// REQUEST SENSE: the pending unit attention if any (consumed), else NO SENSE. Sense of
+    /// earlier failed commands is not kept: iSCSI delivers it with the failed command
+    /// (autosense), which is all SAM-5 requires.
+    fn request_sense(&self, ctx: &Ctx<'_>) -> Bytes {
+        let sense = self.take_attention(ctx.key).unwrap_or(Sense::no_sense());
+        cdb::truncate(sense.to_bytes().to_vec(), usize::from(ctx.cdb.u8(4)))
+    }
+
+    fn reset(&self, except: &NexusKey) {
+        self.post_attention(Sense::power_on_reset(), &[], |k| k != except);
+    }
+}
+
+/// What a handler needs besides the unit: the trimmed CDB and the command it came in.
+pub(crate) struct Ctx<'a> {
+    pub cdb: Cdb<'a>,
+    pub cmd: &'a ScsiCommand,
+    /// iSCSI target name, for the SCSI name string of the target port (VPD 0x83).
+    pub target_name: &'a str,
+    key: &'a NexusKey,
+}
+
+/// The logical units of one iSCSI target.
+pub struct Target {
+    name: String,
+    luns: BTreeMap<u64, Arc<LogicalUnit>>,
+}
+
+impl Target {
+    /// `name` is the iSCSI target name (`iqn.…`), reported in device identification.
+    pub fn new(name: impl Into<String>) -> Self {
+        Target { name: name.into(), luns: BTreeMap::new() }
+    }
+
+    pub fn with_lun(mut self, lun: u64, unit: Arc<LogicalUnit>) -> Self {
+        self.luns.insert(lun, unit);
+        self
+    }
+
+    pub fn lun(&self, lun: u64) -> Option<&Arc<LogicalUnit>> {
+        self.luns.get(&lun)
+    }
+
+    async fn run(&self, cmd: &ScsiCommand) -> ScsiResponse {
+        let op = cmd.cdb.first().copied().unwrap_or(0xFF);
+        // REPORT LUNS goes to any LUN, LUN 0 included when it does not exist (SPC-4 6.33).
+        if op == 0xA0 {
+            return match maint::report_luns(&cmd.cdb, self.luns.keys().copied()) {
+                Ok(data_in) => ScsiResponse { status: status::GOOD, sense: None, data_in },
+                Err(f) => f.into_response(),
+            };
+        }
+        if let Some(unit) = self.luns.get(&cmd.lun) {
+            return unit.execute(cmd, &self.name).await;
+        }
+        match op {
+            0x12 => match inquiry::absent_lun(Cdb(&cmd.cdb)) {
+                Ok(data_in) => ScsiResponse { status: status::GOOD, sense: None, data_in },
+                Err(f) => f.into_response(),
+            },
+            // SPC-4 6.39: REQUEST SENSE to an absent LUN returns LOGICAL UNIT NOT SUPPORTED
+            // as its parameter data, with GOOD status.
+            0x03 => ScsiResponse {
+                status: status::GOOD,
+                sense: None,
+                data_in: cdb::truncate(
+                    Sense::lun_not_supported().to_bytes().to_vec(),
+                    usize::from(Cdb(&cmd.cdb).u8(4)),
+                ),
+            },
+            _ => Failure::Check(Sense::lun_not_supported()).into_response(),
+        }
+    }
+}
+
+#[async_trait]
+impl ScsiTarget for Target {
+    async fn execute(&self, cmd: ScsiCommand) -> ScsiResponse {
+        self.run(&cmd).await
+    }
+
+    async fn task_management(&self, tmf: TaskManagement, lun: u64, nexus: &Nexus) -> TmfOutcome {
+        let key = nexus_key(nexus);
+        match tmf {
+            // The transport aborts the tasks; the units keep no per-task state.
+            TaskManagement::AbortTask
+            | TaskManagement::AbortTaskSet
+            | TaskManagement::ClearTaskSet
+            | TaskManagement::ClearAca => TmfOutcome::Complete,
+            TaskManagement::LogicalUnitReset => match self.luns.get(&lun) {
+                Some(unit) => {
+                    unit.reset(&key);
+                    TmfOutcome::Complete
+                }
+                None => TmfOutcome::NoSuchLun,
+            },
+            // Persistent reservations survive resets (SPC-4 5.12.1); only the unit
+            // attention is established.
+            TaskManagement::TargetWarmReset | TaskManagement::TargetColdReset => {
+                for unit in self.luns.values() {
+                    unit.reset(&key);
+                }
+                TmfOutcome::Complete
+            }
+        }
+    }
+
+    async fn nexus_gone(&self, nexus: &Nexus) {
+        // Registrations and reservations persist (they are the point of *persistent*
+        // reservations); only the bookkeeping of a nexus with nothing pending is dropped,
+        // so the attention map does not grow with every session ever seen.
+        let key = nexus_key(nexus);
+        for unit in self.luns.values() {
+            let mut map = unit.attentions();
+            if map.get(&key).is_some_and(|q| q.is_empty()) {
+                map.remove(&key);
+            }
+        }
+    }
+}
