@@ -2,7 +2,8 @@
 # Installs the Debian packages Basalt needs to build, run and test. Idempotent and quiet
 # when everything is already there.
 set -euo pipefail
-PKGS=(build-essential pkg-config libclang-dev clang qemu-utils libnbd-bin fio)
+PKGS=(build-essential pkg-config libclang-dev clang qemu-utils libnbd-bin fio
+      libiscsi-bin qemu-block-extra)  # iSCSI initiators for basalt-iscsi tests
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -13,6 +13,14 @@
 //! - [`cluster`]: the Basalt side: targets in metadata records, volumes as devices, ALUA
 //!   states from write leases, reservations in metadata.
 
+pub mod chap;
+pub mod conn;
 pub mod lu;
+pub mod pdu;
+pub mod portal;
 pub mod scsi;
+pub mod text;
+
+pub use conn::Config;
+pub use pdu::{Error, Result};
 
