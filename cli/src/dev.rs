@@ -46,6 +46,9 @@ pub struct NodeEntry {
     pub nbd_uri: String,
     /// Whether this node is one of the initial metadata voters.
     pub voter: bool,
+    /// iSCSI target portal of the node (every node serves every target: multipath).
+    #[serde(default)]
+    pub iscsi_addr: Option<SocketAddr>,
 }
 
 #[derive(Clone, Debug)]
@@ -202,6 +205,7 @@ pub async fn up(opts: &UpOptions) -> Result<ClusterFile> {
         let ip = "127.0.0.1";
         let rpc_addr = free_udp_port(ip)?;
         let nbd_addr = free_tcp_port(ip)?;
+        let iscsi_addr = free_tcp_port(ip)?;
         nodes.push(NodeEntry {
             id: i as u64,
             name: name.clone(),
@@ -215,6 +219,7 @@ pub async fn up(opts: &UpOptions) -> Result<ClusterFile> {
             nbd_socket: ndir.join("nbd.sock"),
             nbd_uri: format!("nbd://{nbd_addr}"),
             voter: i <= voters,
+            iscsi_addr: Some(iscsi_addr),
         });
     }
     let initial_voters: BTreeMap<u64, SocketAddr> =
@@ -227,6 +232,7 @@ pub async fn up(opts: &UpOptions) -> Result<ClusterFile> {
             "rpc_listen": n.rpc_addr,
             "nbd_listen": n.nbd_addr,
             "nbd_socket": n.nbd_socket,
+            "iscsi_listen": n.iscsi_addr,
             "data_dirs": n.data_dirs,
             "meta_dir": n.meta_dir,
             "initial_voters": initial_voters,

@@ -3,4 +3,5 @@
 
 pub mod bench;
 pub mod dev;
+pub mod iscsi;
 pub mod sizes;

@@ -41,6 +41,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: MetaCmd,
     },
+    /// iSCSI targets, LUNs, CHAP and ACLs (served by every node).
+    Iscsi {
+        #[command(subcommand)]
+        cmd: basalt_cli::iscsi::IscsiCmd,
+    },
     /// Benchmarks against a local cluster.
     Bench {
         #[command(subcommand)]
@@ -172,6 +177,10 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Bench { cmd } => bench_cmd(&cli.dir, cmd).await,
+        Cmd::Iscsi { cmd } => {
+            let client = ClusterFile::load(&cli.dir)?.client()?;
+            basalt_cli::iscsi::run(&client, cmd).await
+        }
     }
 }
 
@@ -208,17 +217,22 @@ async fn dev_cmd(dir: &std::path::Path, cmd: DevCmd) -> Result<()> {
             println!("Basalt dev cluster up in {} ({} nodes)", cluster.dir.display(), cluster.nodes.len());
             for n in &cluster.nodes {
                 println!(
-                    "  {:<7} pid {:<7} rpc {:<21} nbd {}/<volume>  (unix {}){}",
+                    "  {:<7} pid {:<7} rpc {:<21} nbd {}/<volume>  iscsi {}{}",
                     n.name,
                     n.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
                     n.rpc_addr,
                     n.nbd_uri,
-                    n.nbd_socket.display(),
+                    n.iscsi_addr.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
                     if n.voter { "  [metadata voter]" } else { "" }
                 );
             }
             println!("Try: basalt --dir {} volume create vol1 --size 1G", cluster.dir.display());
             println!("     qemu-img info {}/vol1", cluster.nodes[0].nbd_uri);
+            println!("     basalt --dir {} iscsi create iqn.2026-11.io.basalt:vol1", cluster.dir.display());
+            println!("     basalt --dir {} iscsi lun-add iqn.2026-11.io.basalt:vol1 --lun 0 --volume vol1", cluster.dir.display());
+            if let Some(a) = cluster.nodes[0].iscsi_addr {
+                println!("     iscsi-ls -s iscsi://{a}");
+            }
             Ok(())
         }
         DevCmd::Kill { node } => {

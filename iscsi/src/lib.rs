@@ -23,4 +23,4 @@ pub mod text;
 
 pub use conn::Config;
 pub use pdu::{Error, Result};
-
+pub mod cluster;

@@ -27,6 +27,10 @@ pub struct ConfigFile {
     /// Unix socket of the NBD export (optional).
     #[serde(default)]
     pub nbd_socket: Option<PathBuf>,
+    /// TCP address of the iSCSI target portal (optional; 3260 is the standard port). It is
+    /// published to the cluster, so use an address initiators can reach.
+    #[serde(default)]
+    pub iscsi_listen: Option<SocketAddr>,
     /// Data directories, one per disk: chunk replicas live here.
     pub data_dirs: Vec<PathBuf>,
     /// RocksDB directory of the metadata replica.

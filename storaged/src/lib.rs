@@ -42,6 +42,8 @@ pub enum Error {
     Meta(String),
     #[error("NBD: {0}")]
     Nbd(String),
+    #[error("iSCSI: {0}")]
+    Iscsi(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -51,6 +53,7 @@ pub struct Listeners {
     pub rpc: std::net::UdpSocket,
     pub nbd: tokio::net::TcpListener,
     pub nbd_unix: Option<tokio::net::UnixListener>,
+    pub iscsi: Option<tokio::net::TcpListener>,
 }
 
 impl Listeners {
@@ -66,7 +69,11 @@ impl Listeners {
             }
             None => None,
         };
-        Ok(Listeners { rpc, nbd, nbd_unix })
+        let iscsi = match config.file.iscsi_listen {
+            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await?),
+            None => None,
+        };
+        Ok(Listeners { rpc, nbd, nbd_unix, iscsi })
     }
 }
 
@@ -173,6 +180,15 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         let exports: Arc<dyn basalt_nbd::ExportProvider> =
             Arc::new(nbd_export::ExportsProvider(nbd_export::Exports::new(client.clone(), node, &f.name)));
         tasks.spawn(basalt_nbd::serve_tcp(listeners.nbd, exports.clone(), shutdown.clone()).in_current_span());
+        if let Some(iscsi) = listeners.iscsi {
+            let addr = iscsi.local_addr().map_err(|e| Error::Iscsi(e.to_string()))?;
+            if let Err(e) = basalt_iscsi::cluster::publish_portal(&client, node, addr).await {
+                warn!(error = %e, "could not publish the iSCSI portal; discovery will not list it yet");
+            }
+            let targets = basalt_iscsi::cluster::ClusterTargets::new(client.clone(), node, &f.name);
+            info!(%addr, "iSCSI target listening");
+            tasks.spawn(basalt_iscsi::portal::serve(iscsi, targets, shutdown.clone()).in_current_span());
+        }
         if let Some(unix) = listeners.nbd_unix {
             tasks.spawn(basalt_nbd::serve_unix(unix, exports.clone(), shutdown.clone()).in_current_span());
         }

@@ -43,7 +43,7 @@ impl Error {
         }
     }
 
-    pub(crate) fn remote_code(&self) -> Option<ErrorCode> {
+    pub fn remote_code(&self) -> Option<ErrorCode> {
         match self {
             Error::Remote(e) => Some(e.code),
             _ => None,

@@ -1,0 +1,189 @@
+//! `basalt iscsi ...`: targets, LUNs, CHAP and initiator ACLs, stored in cluster metadata
+//! (every node's target serves them; changes apply to new logins).
+
+use anyhow::{anyhow, Result};
+use basalt_iscsi::cluster::{self, LunDef, TargetDef};
+use basalt_iscsi::lu::Chap;
+use basalt_storaged_client::StorageClient;
+use clap::Subcommand;
+
+#[derive(Subcommand)]
+pub enum IscsiCmd {
+    /// Create a target (an iSCSI name such as iqn.2026-11.io.basalt:db1).
+    Create {
+        name: String,
+        #[arg(long)]
+        alias: Option<String>,
+    },
+    /// Delete a target (its volumes are kept).
+    Delete { name: String },
+    /// List targets with their LUNs, CHAP user and ACL.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Export a volume as a LUN of a target.
+    LunAdd {
+        target: String,
+        #[arg(long)]
+        lun: u64,
+        #[arg(long)]
+        volume: String,
+    },
+    /// Remove a LUN from a target (the volume is kept).
+    LunRemove {
+        target: String,
+        #[arg(long)]
+        lun: u64,
+    },
+    /// Require CHAP for the target (secrets of 12 to 255 bytes); with --mutual-user and
+    /// --mutual-secret the target also proves itself to the initiator.
+    ChapSet {
+        target: String,
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        secret: String,
+        #[arg(long, requires = "mutual_secret")]
+        mutual_user: Option<String>,
+        #[arg(long, requires = "mutual_user")]
+        mutual_secret: Option<String>,
+    },
+    /// Stop requiring CHAP.
+    ChapClear { target: String },
+    /// Allow an initiator name (once any is listed, only listed initiators may log in).
+    AclAdd { target: String, initiator: String },
+    AclRemove { target: String, initiator: String },
+}
+
+pub async fn run(client: &StorageClient, cmd: IscsiCmd) -> Result<()> {
+    let e = |m: String| anyhow!(m);
+    match cmd {
+        IscsiCmd::Create { name, alias } => {
+            if cluster::get_target(client, &name).await.map_err(e)?.is_some() {
+                return Err(anyhow!("target {name} already exists"));
+            }
+            cluster::update_target(client, &name, true, |t| {
+                t.alias = alias.clone();
+                Ok(())
+            })
+            .await
+            .map_err(e)?;
+            println!("target {name} created");
+        }
+        IscsiCmd::Delete { name } => {
+            cluster::delete_target(client, &name).await.map_err(e)?;
+            println!("target {name} deleted");
+        }
+        IscsiCmd::List { json } => {
+            let targets = cluster::list_targets(client).await.map_err(e)?;
+            let portals = cluster::live_portals(client).await.map_err(e)?;
+            if json {
+                // Secrets stay out of listings.
+                let shown: Vec<serde_json::Value> = targets
+                    .iter()
+                    .map(|t| {
+                        serde_json::json!({
+                            "name": t.name,
+                            "alias": t.alias,
+                            "luns": t.luns,
+                            "chap_user": t.chap.as_ref().map(|c| c.user.clone()),
+                            "mutual_chap": t.chap.as_ref().is_some_and(|c| c.mutual.is_some()),
+                            "initiators": t.initiators,
+                        })
+                    })
+                    .collect();
+                let portals: Vec<String> = portals.values().map(|a| a.to_string()).collect();
+                println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "targets": shown, "portals": portals }))?);
+                return Ok(());
+            }
+            if targets.is_empty() {
+                println!("no targets");
+            }
+            for t in &targets {
+                let auth = match &t.chap {
+                    None => "no CHAP".to_string(),
+                    Some(c) if c.mutual.is_some() => format!("mutual CHAP (user {})", c.user),
+                    Some(c) => format!("CHAP (user {})", c.user),
+                };
+                let acl = if t.initiators.is_empty() { "any initiator".to_string() } else { t.initiators.join(", ") };
+                println!("{}  [{auth}; {acl}]", t.name);
+                for l in &t.luns {
+                    println!("  LUN {:<4} volume {}", l.lun, l.volume);
+                }
+            }
+            let list: Vec<String> = portals.iter().map(|(n, a)| format!("{a} (node {n})")).collect();
+            println!("portals: {}", if list.is_empty() { "none".into() } else { list.join(", ") });
+        }
+        IscsiCmd::LunAdd { target, lun, volume } => {
+            cluster::update_target(client, &target, false, |t| {
+                if t.luns.iter().any(|l| l.lun == lun) {
+                    return Err(format!("LUN {lun} of {target} is already in use"));
+                }
+                t.luns.push(LunDef { lun, volume: volume.clone() });
+                t.luns.sort_by_key(|l| l.lun);
+                Ok(())
+            })
+            .await
+            .map_err(e)?;
+            println!("volume {volume} is LUN {lun} of {target}");
+        }
+        IscsiCmd::LunRemove { target, lun } => {
+            cluster::update_target(client, &target, false, |t| {
+                let before = t.luns.len();
+                t.luns.retain(|l| l.lun != lun);
+                if t.luns.len() == before {
+                    return Err(format!("{target} has no LUN {lun}"));
+                }
+                Ok(())
+            })
+            .await
+            .map_err(e)?;
+            println!("LUN {lun} removed from {target}");
+        }
+        IscsiCmd::ChapSet { target, user, secret, mutual_user, mutual_secret } => {
+            let mutual = mutual_user.zip(mutual_secret);
+            cluster::update_target(client, &target, false, |t: &mut TargetDef| {
+                t.chap = Some(Chap { user: user.clone(), secret: secret.clone(), mutual: mutual.clone() });
+                Ok(())
+            })
+            .await
+            .map_err(e)?;
+            println!("CHAP required for {target}");
+        }
+        IscsiCmd::ChapClear { target } => {
+            cluster::update_target(client, &target, false, |t| {
+                t.chap = None;
+                Ok(())
+            })
+            .await
+            .map_err(e)?;
+            println!("CHAP no longer required for {target}");
+        }
+        IscsiCmd::AclAdd { target, initiator } => {
+            cluster::update_target(client, &target, false, |t| {
+                if !t.initiators.contains(&initiator) {
+                    t.initiators.push(initiator.clone());
+                }
+                Ok(())
+            })
+            .await
+            .map_err(e)?;
+            println!("{initiator} may log in to {target}");
+        }
+        IscsiCmd::AclRemove { target, initiator } => {
+            cluster::update_target(client, &target, false, |t| {
+                let before = t.initiators.len();
+                t.initiators.retain(|i| i != &initiator);
+                if t.initiators.len() == before {
+                    return Err(format!("{initiator} is not in the ACL of {target}"));
+                }
+                Ok(())
+            })
+            .await
+            .map_err(e)?;
+            println!("{initiator} removed from the ACL of {target}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,696 @@
+//! Basalt side of the target: targets, LUNs, CHAP and ACLs stored as cluster metadata
+//! records, volumes as block devices, ALUA states from the volumes' write leases, and
+//! persistent reservations kept in metadata so every node sees the same ones.
+//!
+//! Records (JSON values, see [`basalt_types::Record`]):
+//! - `iscsi/target/<iqn>`: a [`TargetDef`];
+//! - `iscsi/portal/<node id>`: the iSCSI address that node serves on (written at start);
+//! - `iscsi/pr/<volume id>`: the volume's [`Reservations`].
+//!
+//! Multipath: every node serves every target. Each node is one target port group with one
+//! port; the group id, relative port id and portal group tag are all the node id. The node
+//! that holds the volume's write lease is active/optimised, the others active/non-optimised.
+//! A write arriving on another node takes the lease over (bumping the epoch, so the old
+//! node's writes are refused) — that is how a path moves when an initiator fails over.
+
+use crate::lu::{
+    AccessState, AluaStates, BlockDevice, Chap, DeviceError, Portal, PortGroup, Reservations,
+    ReservationStore, TargetAccess,
+};
+use async_trait::async_trait;
+use basalt_storaged_client::{Error as ClientError, StorageClient, Volume, VolumeOptions};
+use basalt_types::{ErrorCode, NodeId, NodeState, VolumeId};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tracing::info;
+
+pub const TARGET_PREFIX: &str = "iscsi/target/";
+pub const PORTAL_PREFIX: &str = "iscsi/portal/";
+pub const PR_PREFIX: &str = "iscsi/pr/";
+/// Lease holders of iSCSI paths start with this; a path takes a lease over only from another
+/// iSCSI path, never from a VM's NBD export.
+pub const HOLDER_PREFIX: &str = "iscsi@";
+/// Highest LUN we accept (flat space addressing goes to 16383).
+pub const MAX_LUN: u64 = 16383;
+
+/// A target as stored in metadata.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetDef {
+    pub name: String,
+    #[serde(default)]
+    pub alias: Option<String>,
+    #[serde(default)]
+    pub luns: Vec<LunDef>,
+    #[serde(default)]
+    pub chap: Option<Chap>,
+    /// Initiator names allowed; empty = any.
+    #[serde(default)]
+    pub initiators: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LunDef {
+    pub lun: u64,
+    pub volume: String,
+}
+
+impl TargetDef {
+    pub fn access(&self) -> TargetAccess {
+        TargetAccess {
+            name: self.name.clone(),
+            alias: self.alias.clone(),
+            chap: self.chap.clone(),
+            initiators: self.initiators.clone(),
+        }
+    }
+
+    /// Checks names, LUN numbers and secrets; every write of a target goes through it.
+    pub fn validate(&self) -> Result<(), String> {
+        validate_iscsi_name(&self.name)?;
+        for i in &self.initiators {
+            validate_iscsi_name(i).map_err(|e| format!("initiator: {e}"))?;
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for l in &self.luns {
+            if l.lun > MAX_LUN {
+                return Err(format!("LUN {} is above {MAX_LUN}", l.lun));
+            }
+            if !seen.insert(l.lun) {
+                return Err(format!("LUN {} is used twice", l.lun));
+            }
+        }
+        if let Some(chap) = &self.chap {
+            validate_chap(&chap.user, &chap.secret)?;
+            if let Some((user, secret)) = &chap.mutual {
+                validate_chap(user, secret).map_err(|e| format!("mutual CHAP: {e}"))?;
+                if secret == &chap.secret {
+                    return Err("the mutual CHAP secret must differ from the initiator's secret".into());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// iSCSI names (RFC 7143 4.2.7): `iqn.YYYY-MM.reversed.domain[:anything]`, `eui.` + 16 hex
+/// digits or `naa.` + 16 or 32 hex digits; at most 223 bytes, lower case.
+pub fn validate_iscsi_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 223 {
+        return Err(format!("iSCSI name must be 1 to 223 bytes, got {}", name.len()));
+    }
+    if name.chars().any(|c| c.is_ascii_uppercase() || c.is_whitespace() || c.is_control()) {
+        return Err(format!("iSCSI name {name:?} must be lower case without spaces"));
+    }
+    let hex = |s: &str, lens: &[usize]| lens.contains(&s.len()) && s.chars().all(|c| c.is_ascii_hexdigit());
+    if let Some(rest) = name.strip_prefix("iqn.") {
+        let date_ok = rest.len() > 8
+            && rest.as_bytes()[4] == b'-'
+            && rest[..4].chars().all(|c| c.is_ascii_digit())
+            && rest[5..7].chars().all(|c| c.is_ascii_digit())
+            && rest.as_bytes()[7] == b'.';
+        if !date_ok {
+            return Err(format!("{name:?} is not iqn.YYYY-MM.domain[:id]"));
+        }
+        return Ok(());
+    }
+    if let Some(rest) = name.strip_prefix("eui.") {
+        return if hex(rest, &[16]) { Ok(()) } else { Err(format!("{name:?}: eui. needs 16 hex digits")) };
+    }
+    if let Some(rest) = name.strip_prefix("naa.") {
+        return if hex(rest, &[16, 32]) { Ok(()) } else { Err(format!("{name:?}: naa. needs 16 or 32 hex digits")) };
+    }
+    Err(format!("{name:?} is not an iSCSI name (iqn., eui. or naa.)"))
+}
+
+/// CHAP secrets: 12 to 255 bytes (Windows and Linux initiators refuse shorter ones; RFC 7143
+/// 12.1.3 asks for at least 96 bits).
+fn validate_chap(user: &str, secret: &str) -> Result<(), String> {
+    if user.is_empty() || user.len() > 255 {
+        return Err("CHAP user name must be 1 to 255 bytes".into());
+    }
+    if secret.len() < 12 || secret.len() > 255 {
+        return Err(format!("CHAP secret must be 12 to 255 bytes, got {}", secret.len()));
+    }
+    Ok(())
+}
+
+fn target_key(name: &str) -> String {
+    format!("{TARGET_PREFIX}{name}")
+}
+
+fn client_err(e: ClientError) -> String {
+    e.to_string()
+}
+
+/// Every target, in name order.
+pub async fn list_targets(client: &StorageClient) -> Result<Vec<TargetDef>, String> {
+    let records = client.list_records(TARGET_PREFIX).await.map_err(client_err)?;
+    records
+        .iter()
+        .map(|r| serde_json::from_slice(&r.value).map_err(|e| format!("record {}: {e}", r.key)))
+        .collect()
+}
+
+pub async fn get_target(client: &StorageClient, name: &str) -> Result<Option<(TargetDef, u64)>, String> {
+    match client.get_record(&target_key(name)).await.map_err(client_err)? {
+        None => Ok(None),
+        Some(r) => {
+            let def = serde_json::from_slice(&r.value).map_err(|e| format!("record {}: {e}", r.key))?;
+            Ok(Some((def, r.version)))
+        }
+    }
+}
+
+/// Reads a target, lets `change` edit it, and writes it back if nobody changed it meanwhile
+/// (retrying otherwise). `create`: start from an empty target if absent (else NotFound).
+pub async fn update_target(
+    client: &StorageClient,
+    name: &str,
+    create: bool,
+    change: impl Fn(&mut TargetDef) -> Result<(), String>,
+) -> Result<TargetDef, String> {
+    loop {
+        let (mut def, version) = match get_target(client, name).await? {
+            Some(found) => found,
+            None if create => (
+                TargetDef { name: name.to_string(), alias: None, luns: Vec::new(), chap: None, initiators: Vec::new() },
+                0,
+            ),
+            None => return Err(format!("target {name} does not exist")),
+        };
+        change(&mut def)?;
+        def.validate()?;
+        for l in &def.luns {
+            client.volume(&l.volume).await.map_err(|e| format!("LUN {} volume {}: {e}", l.lun, l.volume))?;
+        }
+        let value = serde_json::to_vec(&def).map_err(|e| e.to_string())?;
+        match client.put_record(&target_key(name), Some(value), Some(version)).await {
+            Ok(_) => return Ok(def),
+            Err(e) if e.remote_code() == Some(ErrorCode::StaleVersion) => continue,
+            Err(e) => return Err(client_err(e)),
+        }
+    }
+}
+
+pub async fn delete_target(client: &StorageClient, name: &str) -> Result<(), String> {
+    if get_target(client, name).await?.is_none() {
+        return Err(format!("target {name} does not exist"));
+    }
+    client.put_record(&target_key(name), None, None).await.map_err(client_err)?;
+    Ok(())
+}
+
+/// Announces this node's iSCSI portal.
+pub async fn publish_portal(client: &StorageClient, node: NodeId, addr: SocketAddr) -> Result<(), String> {
+    let key = format!("{PORTAL_PREFIX}{node}");
+    client.put_record(&key, Some(addr.to_string().into_bytes()), None).await.map_err(client_err)?;
+    Ok(())
+}
+
+/// Portals of the nodes that are alive, by node id.
+pub async fn live_portals(client: &StorageClient) -> Result<BTreeMap<NodeId, SocketAddr>, String> {
+    let nodes = client.list_nodes().await.map_err(client_err)?;
+    let alive: std::collections::BTreeSet<NodeId> =
+        nodes.iter().filter(|n| n.state == NodeState::Alive).map(|n| n.id).collect();
+    let mut out = BTreeMap::new();
+    for r in client.list_records(PORTAL_PREFIX).await.map_err(client_err)? {
+        let Some(node) = r.key.strip_prefix(PORTAL_PREFIX).and_then(|n| n.parse::<NodeId>().ok()) else { continue };
+        let Some(addr) = std::str::from_utf8(&r.value).ok().and_then(|a| a.parse().ok()) else { continue };
+        if alive.contains(&node) {
+            out.insert(node, addr);
+        }
+    }
+    Ok(out)
+}
+
+/// Port ids are 16-bit; Basalt node ids are small in practice. Ids that do not fit are
+/// folded (a clash only makes two nodes share a port group in reports).
+pub fn port_of(node: NodeId) -> u16 {
+    if node <= u64::from(u16::MAX) && node > 0 {
+        node as u16
+    } else {
+        (node % 65_535 + 1) as u16
+    }
+}
+
+/// How long ALUA states and reservations read from metadata are reused. The SCSI layer asks
+/// for both on every command; a metadata round trip each time would cost more than the I/O.
+/// Changes made on this node are seen at once (the caches are updated or cleared locally);
+/// changes made through another node are seen within this time.
+const METADATA_CACHE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// ALUA states of one volume as last computed, shared by its device (which clears it when
+/// this node takes or loses the lease) and its [`LeaseAlua`].
+#[derive(Clone, Default)]
+pub struct AluaCache(Arc<std::sync::Mutex<Option<(std::time::Instant, Vec<PortGroup>)>>>);
+
+impl AluaCache {
+    fn get(&self) -> Option<Vec<PortGroup>> {
+        let c = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        c.as_ref().filter(|(at, _)| at.elapsed() < METADATA_CACHE).map(|(_, g)| g.clone())
+    }
+    fn put(&self, groups: Vec<PortGroup>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((std::time::Instant::now(), groups));
+    }
+    pub fn clear(&self) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+}
+
+fn device_err(e: ClientError) -> DeviceError {
+    match e.code() {
+        ErrorCode::Fenced => DeviceError::Transitioning(e.to_string()),
+        ErrorCode::Unavailable | ErrorCode::NotLeader => DeviceError::Unavailable(e.to_string()),
+        ErrorCode::InvalidArgument => DeviceError::OutOfRange,
+        _ => DeviceError::Io(e.to_string()),
+    }
+}
+
+/// A Basalt volume as seen by one node's iSCSI target. Reads need no lease; the first write
+/// takes the volume's write lease for this node (taking it over from another iSCSI path).
+pub struct VolumeDevice {
+    client: Arc<StorageClient>,
+    name: String,
+    id: VolumeId,
+    size: u64,
+    holder: String,
+    node: NodeId,
+    writer: tokio::sync::Mutex<Option<Arc<Volume>>>,
+    reader: tokio::sync::OnceCell<Arc<Volume>>,
+    alua: AluaCache,
+}
+
+impl VolumeDevice {
+    pub async fn open(
+        client: Arc<StorageClient>,
+        volume: &str,
+        node: NodeId,
+        node_name: &str,
+        alua: AluaCache,
+    ) -> Result<Self, DeviceError> {
+        let info = client.volume(volume).await.map_err(device_err)?;
+        Ok(Self {
+            alua,
+            client,
+            name: volume.to_string(),
+            id: info.id,
+            size: info.size,
+            holder: format!("{HOLDER_PREFIX}{node_name}"),
+            node,
+            writer: tokio::sync::Mutex::new(None),
+            reader: tokio::sync::OnceCell::new(),
+        })
+    }
+
+    pub fn volume_id(&self) -> VolumeId {
+        self.id
+    }
+
+    async fn writer(&self) -> Result<Arc<Volume>, DeviceError> {
+        let mut w = self.writer.lock().await;
+        if let Some(v) = &*w {
+            return Ok(v.clone());
+        }
+        let info = self.client.volume(&self.name).await.map_err(device_err)?;
+        let force = match &info.lease {
+            None => false,
+            Some(l) if l.holder == self.holder => false,
+            Some(l) if l.holder.starts_with(HOLDER_PREFIX) => true,
+            Some(l) => {
+                return Err(DeviceError::Transitioning(format!(
+                    "volume {} is in use by {} (not an iSCSI path)",
+                    self.name, l.holder
+                )))
+            }
+        };
+        let opts = VolumeOptions { force, ..VolumeOptions::writer(self.holder.clone(), self.node) };
+        let v = self.client.open_volume(&self.name, opts).await.map_err(device_err)?;
+        self.alua.clear();
+        if force {
+            info!(volume = %self.name, epoch = v.epoch(), "iSCSI path took the volume over (now active/optimised here)");
+        }
+        *w = Some(v.clone());
+        Ok(v)
+    }
+
+    /// Forgets a fenced writer so the next write takes the lease again.
+    async fn drop_writer(&self, fenced: &Arc<Volume>) {
+        let mut w = self.writer.lock().await;
+        if w.as_ref().is_some_and(|v| Arc::ptr_eq(v, fenced)) {
+            *w = None;
+            self.alua.clear();
+        }
+    }
+
+    /// Runs a write-type operation, taking the lease back once if another path fenced us.
+    async fn writing<F, Fut>(&self, op: F) -> Result<(), DeviceError>
+    where
+        F: Fn(Arc<Volume>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), ClientError>>,
+    {
+        let mut attempt = 0;
+        loop {
+            let v = self.writer().await?;
+            match op(v.clone()).await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.code() == ErrorCode::Fenced && attempt == 0 => {
+                    self.drop_writer(&v).await;
+                    attempt += 1;
+                }
+                Err(e) => {
+                    if e.code() == ErrorCode::Fenced {
+                        self.drop_writer(&v).await;
+                    }
+                    return Err(device_err(e));
+                }
+            }
+        }
+    }
+
+    async fn reading_volume(&self) -> Result<Arc<Volume>, DeviceError> {
+        if let Some(v) = &*self.writer.lock().await {
+            return Ok(v.clone());
+        }
+        self.reader
+            .get_or_try_init(|| async {
+                self.client.open_volume(&self.name, VolumeOptions::reader()).await.map_err(device_err)
+            })
+            .await
+            .cloned()
+    }
+
+    /// Releases the lease (on shutdown).
+    pub async fn close(&self) {
+        if let Some(v) = self.writer.lock().await.take() {
+            let _ = v.close().await;
+        }
+    }
+}
+
+#[async_trait]
+impl BlockDevice for VolumeDevice {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    async fn read(&self, offset: u64, len: u64) -> Result<Bytes, DeviceError> {
+        let v = self.reading_volume().await?;
+        v.read(offset, len).await.map_err(device_err)
+    }
+
+    async fn write(&self, offset: u64, data: Bytes) -> Result<(), DeviceError> {
+        self.writing(|v| {
+            let data = data.clone();
+            async move { v.write(offset, data).await }
+        })
+        .await
+    }
+
+    async fn flush(&self) -> Result<(), DeviceError> {
+        // Every acknowledged write is already durable on every replica.
+        match &*self.writer.lock().await {
+            Some(v) => v.flush().await.map_err(device_err),
+            None => Ok(()),
+        }
+    }
+
+    async fn unmap(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        self.writing(|v| async move { v.trim(offset, len).await }).await
+    }
+}
+
+/// ALUA states of one volume: the node holding its write lease is optimised; with no
+/// (live) holder, the lowest live node with a portal is, so initiators agree on one path.
+pub struct LeaseAlua {
+    client: Arc<StorageClient>,
+    volume: String,
+    cache: AluaCache,
+}
+
+impl LeaseAlua {
+    pub fn new(client: Arc<StorageClient>, volume: &str, cache: AluaCache) -> Self {
+        Self { client, volume: volume.to_string(), cache }
+    }
+
+    async fn groups(&self) -> Result<Vec<PortGroup>, String> {
+        let portals = live_portals(&self.client).await?;
+        let info = self.client.volume(&self.volume).await.map_err(client_err)?;
+        let holder = info
+            .lease
+            .filter(|l| l.holder.starts_with(HOLDER_PREFIX) && portals.contains_key(&l.node))
+            .map(|l| l.node);
+        let optimised = holder.or_else(|| portals.keys().next().copied());
+        Ok(portals
+            .keys()
+            .map(|&node| PortGroup {
+                id: port_of(node),
+                state: if Some(node) == optimised { AccessState::ActiveOptimized } else { AccessState::ActiveNonOptimized },
+                ports: vec![port_of(node)],
+            })
+            .collect())
+    }
+}
+
+#[async_trait]
+impl AluaStates for LeaseAlua {
+    async fn port_groups(&self) -> Vec<PortGroup> {
+        if let Some(g) = self.cache.get() {
+            return g;
+        }
+        match self.groups().await {
+            Ok(g) => {
+                self.cache.put(g.clone());
+                g
+            }
+            Err(e) => {
+                tracing::warn!(volume = %self.volume, error = %e, "cannot compute ALUA states; reporting transitioning");
+                Vec::new()
+            }
+        }
+    }
+}
+
+/// Persistent reservations of one volume, in a metadata record.
+/// Reads are cached for [`METADATA_CACHE`] (the SCSI layer checks reservations on every
+/// command); a successful store updates the cache and a lost compare-and-swap clears it, so
+/// this node's own changes are never read stale.
+pub struct RecordReservations {
+    client: Arc<StorageClient>,
+    key: String,
+    cache: std::sync::Mutex<Option<(std::time::Instant, Reservations, u64)>>,
+}
+
+impl RecordReservations {
+    pub fn new(client: Arc<StorageClient>, volume: VolumeId) -> Self {
+        Self { client, key: format!("{PR_PREFIX}{volume}"), cache: std::sync::Mutex::new(None) }
+    }
+
+    fn cached(&self) -> Option<(Reservations, u64)> {
+        let c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        c.as_ref().filter(|(at, _, _)| at.elapsed() < METADATA_CACHE).map(|(_, r, v)| (r.clone(), *v))
+    }
+
+    fn remember(&self, value: Option<(Reservations, u64)>) {
+        *self.cache.lock().unwrap_or_else(|p| p.into_inner()) =
+            value.map(|(r, v)| (std::time::Instant::now(), r, v));
+    }
+}
+
+#[async_trait]
+impl ReservationStore for RecordReservations {
+    async fn load(&self) -> Result<(Reservations, u64), DeviceError> {
+        if let Some(hit) = self.cached() {
+            return Ok(hit);
+        }
+        let loaded = match self.client.get_record(&self.key).await.map_err(device_err)? {
+            None => (Reservations::default(), 0),
+            Some(r) => {
+                let state = serde_json::from_slice(&r.value)
+                    .map_err(|e| DeviceError::Io(format!("reservation record {} is unreadable: {e}", r.key)))?;
+                (state, r.version)
+            }
+        };
+        self.remember(Some(loaded.clone()));
+        Ok(loaded)
+    }
+
+    async fn store(&self, state: &Reservations, version: u64) -> Result<bool, DeviceError> {
+        let value = serde_json::to_vec(state).map_err(|e| DeviceError::Io(e.to_string()))?;
+        match self.client.put_record(&self.key, Some(value), Some(version)).await {
+            Ok(Some(record)) => {
+                self.remember(Some((state.clone(), record.version)));
+                Ok(true)
+            }
+            Ok(None) => {
+                self.remember(None);
+                Ok(true)
+            }
+            Err(e) if e.remote_code() == Some(ErrorCode::StaleVersion) => {
+                self.remember(None);
+                Ok(false)
+            }
+            Err(e) => {
+                self.remember(None);
+                Err(device_err(e))
+            }
+        }
+    }
+}
+
+/// The portal list of discovery: every live node's portal.
+pub async fn portals_for_discovery(client: &StorageClient) -> Vec<Portal> {
+    match live_portals(client).await {
+        Ok(p) => p.into_iter().map(|(node, addr)| Portal { addr, tpgt: port_of(node) }).collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list iSCSI portals");
+            Vec::new()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn def() -> TargetDef {
+        TargetDef {
+            name: "iqn.2026-11.io.basalt:t1".into(),
+            alias: None,
+            luns: vec![LunDef { lun: 0, volume: "v".into() }],
+            chap: None,
+            initiators: vec![],
+        }
+    }
+
+    #[test]
+    fn iscsi_names_follow_rfc_7143() {
+        for ok in ["iqn.2026-11.io.basalt:t1", "iqn.1994-05.com.redhat:abc", "eui.02004567A425678D".to_lowercase().as_str(), "naa.52004567ba64678d"] {
+            assert_eq!(validate_iscsi_name(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", "iqn.26-11.x", "iqn.2026-11", "IQN.2026-11.io.x", "iqn.2026-11.io x", "eui.123", "naa.xyz", "target1"] {
+            assert!(validate_iscsi_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn targets_are_validated() {
+        assert_eq!(def().validate(), Ok(()));
+        let mut d = def();
+        d.luns.push(LunDef { lun: 0, volume: "w".into() });
+        assert!(d.validate().unwrap_err().contains("twice"));
+        let mut d = def();
+        d.luns[0].lun = MAX_LUN + 1;
+        assert!(d.validate().is_err());
+        let mut d = def();
+        d.chap = Some(Chap { user: "u".into(), secret: "short".into(), mutual: None });
+        assert!(d.validate().unwrap_err().contains("12"));
+        d.chap = Some(Chap { user: "u".into(), secret: "0123456789ab".into(), mutual: Some(("t".into(), "0123456789ab".into())) });
+        assert!(d.validate().unwrap_err().contains("differ"));
+        d.chap = Some(Chap { user: "u".into(), secret: "0123456789ab".into(), mutual: Some(("t".into(), "ba9876543210".into())) });
+        assert_eq!(d.validate(), Ok(()));
+        let mut d = def();
+        d.initiators = vec!["not-a-name".into()];
+        assert!(d.validate().is_err());
+    }
+
+    #[test]
+    fn port_ids_fit_sixteen_bits_and_are_never_zero() {
+        assert_eq!(port_of(1), 1);
+        assert_eq!(port_of(65_535), 65_535);
+        assert!(port_of(0) != 0 && port_of(u64::MAX) != 0);
+    }
+
+    #[test]
+    fn target_records_round_trip_through_json() {
+        let mut d = def();
+        d.chap = Some(Chap { user: "u".into(), secret: "0123456789ab".into(), mutual: None });
+        let back: TargetDef = serde_json::from_slice(&serde_json::to_vec(&d).expect("encode")).expect("decode");
+        assert_eq!(back, d);
+        // Older records without optional fields still load.
+        let minimal: TargetDef = serde_json::from_str(r#"{"name":"iqn.2026-11.io.basalt:x"}"#).expect("decode");
+        assert!(minimal.luns.is_empty() && minimal.chap.is_none());
+    }
+}
+
+/// The targets this node serves: read from metadata at each discovery and login, so
+/// changes made with `basalt iscsi` apply to the next login on every node. Logical units
+/// are shared node-wide per volume (one write lease, one COMPARE AND WRITE lock, one set of
+/// unit attentions), whichever target and session use them.
+pub struct ClusterTargets {
+    client: Arc<StorageClient>,
+    node: NodeId,
+    node_name: String,
+    units: tokio::sync::Mutex<std::collections::HashMap<VolumeId, std::sync::Weak<crate::scsi::LogicalUnit>>>,
+}
+
+impl ClusterTargets {
+    pub fn new(client: Arc<StorageClient>, node: NodeId, node_name: &str) -> Arc<Self> {
+        Arc::new(Self {
+            client,
+            node,
+            node_name: node_name.to_string(),
+            units: tokio::sync::Mutex::new(std::collections::HashMap::new()),
+        })
+    }
+
+    async fn unit(&self, volume: &str) -> Result<Arc<crate::scsi::LogicalUnit>, DeviceError> {
+        let info = self.client.volume(volume).await.map_err(device_err)?;
+        let mut units = self.units.lock().await;
+        if let Some(u) = units.get(&info.id).and_then(std::sync::Weak::upgrade) {
+            return Ok(u);
+        }
+        units.retain(|_, w| w.strong_count() > 0);
+        let alua = AluaCache::default();
+        let device = VolumeDevice::open(self.client.clone(), volume, self.node, &self.node_name, alua.clone()).await?;
+        let unit = Arc::new(crate::scsi::LogicalUnit::new(
+            Arc::new(device),
+            Arc::new(LeaseAlua::new(self.client.clone(), volume, alua)),
+            Arc::new(RecordReservations::new(self.client.clone(), info.id)),
+            crate::scsi::Identity::for_volume(info.id, "VOLUME", "0001"),
+        ));
+        units.insert(info.id, Arc::downgrade(&unit));
+        Ok(unit)
+    }
+}
+
+#[async_trait]
+impl crate::lu::TargetRegistry for ClusterTargets {
+    async fn discover(&self) -> Vec<(TargetAccess, Vec<Portal>)> {
+        let targets = match list_targets(&self.client).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list iSCSI targets for discovery");
+                return Vec::new();
+            }
+        };
+        let portals = portals_for_discovery(&self.client).await;
+        targets.into_iter().map(|t| (t.access(), portals.clone())).collect()
+    }
+
+    async fn open(&self, name: &str) -> Option<(TargetAccess, Arc<dyn crate::lu::ScsiTarget>)> {
+        let def = match get_target(&self.client, name).await {
+            Ok(Some((def, _))) => def,
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::warn!(target_name = %name, error = %e, "cannot read iSCSI target");
+                return None;
+            }
+        };
+        let mut target = crate::scsi::Target::new(def.name.clone());
+        for l in &def.luns {
+            match self.unit(&l.volume).await {
+                Ok(unit) => target = target.with_lun(l.lun, unit),
+                // A LUN whose volume is gone or unreachable is left out; the others serve.
+                Err(e) => tracing::warn!(target_name = %name, lun = l.lun, volume = %l.volume, error = %e, "LUN not served"),
+            }
+        }
+        Some((def.access(), Arc::new(target)))
+    }
+
+    fn local_port(&self) -> (u16, u16) {
+        (port_of(self.node), port_of(self.node))
+    }
+}
