@@ -1,6 +1,8 @@
 //! Harness for end-to-end tests: real `storaged` processes started through the same code as
 //! `basalt dev up`, each cluster in its own temporary directory, stopped when dropped.
 
+pub mod initiator;
+
 use anyhow::{bail, Context, Result};
 use basalt_cli::dev::{self, ClusterFile, UpOptions};
 use basalt_storaged_client::StorageClient;
