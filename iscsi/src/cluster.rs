@@ -14,8 +14,8 @@
 //! node's writes are refused) — that is how a path moves when an initiator fails over.
 
 use crate::lu::{
-    AccessState, AluaStates, BlockDevice, Chap, DeviceError, Portal, PortGroup, Reservations,
-    ReservationStore, TargetAccess,
+    AccessState, AluaStates, BlockDevice, Chap, DeviceError, Extent, Portal, PortGroup,
+    Reservations, ReservationStore, TargetAccess,
 };
 use async_trait::async_trait;
 use basalt_storaged_client::{Error as ClientError, StorageClient, Volume, VolumeOptions};
@@ -419,6 +419,26 @@ impl BlockDevice for VolumeDevice {
 
     async fn unmap(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
         self.writing(|v| async move { v.trim(offset, len).await }).await
+    }
+
+    /// Per chunk: a chunk never written is deallocated; inside a written chunk the client
+    /// cannot tell trimmed blocks apart, so the whole chunk is reported mapped.
+    async fn allocation(&self, offset: u64, len: u64) -> Result<Option<Vec<Extent>>, DeviceError> {
+        let v = self.reading_volume().await?;
+        let chunk = v.chunk_size();
+        if chunk == 0 {
+            return Ok(None);
+        }
+        let end = offset.checked_add(len).filter(|&e| e <= self.size).ok_or(DeviceError::OutOfRange)?;
+        let mut extents = Vec::new();
+        let mut at = offset;
+        while at < end {
+            let next = ((at / chunk + 1) * chunk).min(end);
+            let mapped = v.is_allocated(at / chunk).await.map_err(device_err)?;
+            extents.push(Extent { offset: at, len: next - at, mapped });
+            at = next;
+        }
+        Ok(Some(extents))
     }
 }
 

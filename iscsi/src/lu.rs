@@ -109,6 +109,21 @@ pub trait BlockDevice: Send + Sync + 'static {
     async fn flush(&self) -> Result<(), DeviceError>;
     /// Deallocates the range: it reads as zeros afterwards.
     async fn unmap(&self, offset: u64, len: u64) -> Result<(), DeviceError>;
+    /// Which parts of `[offset, offset + len)` are allocated, as extents covering the range
+    /// in ascending order (GET LBA STATUS). `None`: the device cannot tell, and the whole
+    /// range is reported mapped (allowed: a mapped block may read as anything, zeros too).
+    async fn allocation(&self, offset: u64, len: u64) -> Result<Option<Vec<Extent>>, DeviceError> {
+        let _ = (offset, len);
+        Ok(None)
+    }
+}
+
+/// A byte range of a device and whether it holds data (`mapped`) or is deallocated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub offset: u64,
+    pub len: u64,
+    pub mapped: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -284,12 +299,26 @@ pub mod memory {
         }
     }
 
-    /// A block device in memory.
-    pub struct MemoryDevice(Mutex<Vec<u8>>);
+    /// A block device in memory. Allocation is tracked per 4 KiB page, Basalt's physical
+    /// block: a write maps the pages it touches, an unmap deallocates the pages it covers
+    /// whole (partly covered ones are zeroed and stay mapped).
+    pub struct MemoryDevice(Mutex<Pages>);
+
+    struct Pages {
+        bytes: Vec<u8>,
+        mapped: Vec<bool>,
+    }
+
+    /// Allocation granularity of [`MemoryDevice`].
+    pub const PAGE: u64 = 4096;
 
     impl MemoryDevice {
         pub fn new(size: u64) -> Self {
-            Self(Mutex::new(vec![0; size as usize]))
+            let pages = size.div_ceil(PAGE) as usize;
+            Self(Mutex::new(Pages { bytes: vec![0; size as usize], mapped: vec![false; pages] }))
+        }
+        fn pages(&self) -> std::sync::MutexGuard<'_, Pages> {
+            self.0.lock().unwrap_or_else(|p| p.into_inner())
         }
         fn range(&self, offset: u64, len: u64) -> Result<std::ops::Range<usize>, DeviceError> {
             let end = offset.checked_add(len).ok_or(DeviceError::OutOfRange)?;
@@ -303,15 +332,20 @@ pub mod memory {
     #[async_trait]
     impl BlockDevice for MemoryDevice {
         fn size(&self) -> u64 {
-            self.0.lock().unwrap_or_else(|p| p.into_inner()).len() as u64
+            self.pages().bytes.len() as u64
         }
         async fn read(&self, offset: u64, len: u64) -> Result<Bytes, DeviceError> {
             let r = self.range(offset, len)?;
-            Ok(Bytes::copy_from_slice(&self.0.lock().unwrap_or_else(|p| p.into_inner())[r]))
+            Ok(Bytes::copy_from_slice(&self.pages().bytes[r]))
         }
         async fn write(&self, offset: u64, data: Bytes) -> Result<(), DeviceError> {
             let r = self.range(offset, data.len() as u64)?;
-            self.0.lock().unwrap_or_else(|p| p.into_inner())[r].copy_from_slice(&data);
+            let mut p = self.pages();
+            if !r.is_empty() {
+                let touched = r.start / PAGE as usize..=(r.end - 1) / PAGE as usize;
+                p.mapped[touched].fill(true);
+            }
+            p.bytes[r].copy_from_slice(&data);
             Ok(())
         }
         async fn flush(&self) -> Result<(), DeviceError> {
@@ -319,8 +353,29 @@ pub mod memory {
         }
         async fn unmap(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
             let r = self.range(offset, len)?;
-            self.0.lock().unwrap_or_else(|p| p.into_inner())[r].fill(0);
+            let mut p = self.pages();
+            let whole = r.start.div_ceil(PAGE as usize)..r.end / PAGE as usize;
+            if whole.start < whole.end {
+                p.mapped[whole].fill(false);
+            }
+            p.bytes[r].fill(0);
             Ok(())
+        }
+        async fn allocation(&self, offset: u64, len: u64) -> Result<Option<Vec<Extent>>, DeviceError> {
+            let r = self.range(offset, len)?;
+            let p = self.pages();
+            let mut extents: Vec<Extent> = Vec::new();
+            let mut at = r.start as u64;
+            while at < r.end as u64 {
+                let next = ((at / PAGE + 1) * PAGE).min(r.end as u64);
+                let mapped = p.mapped[(at / PAGE) as usize];
+                match extents.last_mut() {
+                    Some(e) if e.mapped == mapped => e.len += next - at,
+                    _ => extents.push(Extent { offset: at, len: next - at, mapped }),
+                }
+                at = next;
+            }
+            Ok(Some(extents))
         }
     }
 

@@ -51,8 +51,10 @@ pub const OPTIMAL_GRANULARITY_BLOCKS: u16 = 8;
 pub const MAX_UNMAP_BLOCKS: u64 = 1 << 20;
 pub const MAX_UNMAP_DESCRIPTORS: usize = 256;
 pub const UNMAP_GRANULARITY_BLOCKS: u32 = 8;
-/// WRITE SAME may cover 512 MiB; it is written in MAX_TRANSFER_BLOCKS pieces.
-pub const MAX_WRITE_SAME_BLOCKS: u64 = 1 << 20;
+/// WRITE SAME covers at most what one WRITE may: initiators (libiscsi's conformance
+/// suite among them) write and read back a range of the largest length the unit allows
+/// for WRITE SAME with single READ/WRITE commands.
+pub const MAX_WRITE_SAME_BLOCKS: u64 = MAX_TRANSFER_BLOCKS;
 /// COMPARE AND WRITE up to 64 blocks (VMware and Linux use 1).
 pub const MAX_COMPARE_AND_WRITE_BLOCKS: u64 = 64;
 
@@ -276,7 +278,7 @@ impl LogicalUnit {
             Cmd::CompareAndWrite => self.compare_and_write(ctx).await,
             Cmd::ReadCapacity10 => self.read_capacity10(ctx),
             Cmd::ReadCapacity16 => self.read_capacity16(ctx),
-            Cmd::GetLbaStatus => self.get_lba_status(ctx),
+            Cmd::GetLbaStatus => self.get_lba_status(ctx).await,
             Cmd::ModeSense => self.mode_sense(ctx),
             Cmd::ModeSelect => self.mode_select(ctx),
             Cmd::PersistentReserveIn => self.persistent_reserve_in(ctx).await,

@@ -9,6 +9,7 @@ use bytes::{Bytes, BytesMut};
 use super::cdb::{be16, be32, be64, block_range, check_range, no_protection, truncate};
 use super::sense::{device_error, CmdResult, Io, Sense};
 use super::*;
+use crate::lu::Extent;
 
 /// Byte offset of the TRANSFER LENGTH field for each CDB size, for field pointers.
 fn length_field(op: u8) -> u16 {
@@ -151,9 +152,10 @@ impl LogicalUnit {
         Ok(Bytes::new())
     }
 
-    /// WRITE SAME(10/16): replicate one block, or deallocate when UNMAP is set and the
-    /// block is zeros (what deallocated blocks read as, LBPRZ = 1). NDOB (16 only) means
-    /// a block of zeros without Data-Out.
+    /// WRITE SAME(10/16): replicate one block, or deallocate when UNMAP is set, whatever
+    /// the block holds (SBC-4 4.7.3.3: the device server may deallocate instead of writing;
+    /// with LBPRZ = 1 the blocks then read as zeros, which initiators rely on). NDOB (16
+    /// only) means a block of zeros without Data-Out.
     pub(super) async fn write_same(&self, ctx: &Ctx<'_>) -> CmdResult {
         let r = block_range(ctx.cdb, false);
         no_protection(&r)?;
@@ -183,7 +185,7 @@ impl LogicalUnit {
             return Ok(Bytes::new());
         }
         let _shared = self.atomic.read().await;
-        if unmap && block.iter().all(|&b| b == 0) {
+        if unmap {
             self.device
                 .unmap(r.lba * BLOCK_SIZE, blocks * BLOCK_SIZE)
                 .await
@@ -269,8 +271,13 @@ impl LogicalUnit {
             return Err(Sense::invalid_cdb(13, None).into());
         }
         check_range(lba, blocks, self.blocks())?;
-        // Zero blocks: nothing compared or written, not an error (SBC-3 5.2).
+        // Zero blocks: nothing compared or written, not an error (SBC-3 5.2) — unless
+        // Data-Out came with it: then the initiator meant more blocks than the 8-bit field
+        // holds (256 wraps to 0), and the field is what is wrong.
         if blocks == 0 {
+            if !ctx.cmd.data_out.is_empty() {
+                return Err(Sense::invalid_cdb(13, None).into());
+            }
             return Ok(Bytes::new());
         }
         let len = blocks * BLOCK_SIZE;
@@ -310,22 +317,75 @@ impl LogicalUnit {
         Ok(truncate(d, alloc))
     }
 
-    /// GET LBA STATUS: `BlockDevice` cannot tell which blocks are allocated, so the whole
-    /// rest of the unit is reported as one mapped extent. That is a permitted answer
-    /// (mapped blocks may read as anything, deallocated ones read as zeros either way).
-    pub(super) fn get_lba_status(&self, ctx: &Ctx<'_>) -> CmdResult {
+    /// GET LBA STATUS: the allocation of up to [`LBA_STATUS_SPAN`] blocks from the starting
+    /// LBA, as the device reports it (one mapped extent when it cannot tell). The first
+    /// descriptor starts at the starting LBA (SBC-4 5.9.2); as many descriptors as the
+    /// allocation length holds are returned.
+    pub(super) async fn get_lba_status(&self, ctx: &Ctx<'_>) -> CmdResult {
         let lba = ctx.cdb.u64(2);
         let alloc = ctx.cdb.u32(10) as usize;
         let capacity = self.blocks();
         if lba >= capacity {
             return Err(Sense::lba_out_of_range().into());
         }
-        let n = u32::try_from(capacity - lba).unwrap_or(u32::MAX);
-        let mut d = vec![0u8; 24];
-        d[0..4].copy_from_slice(&20u32.to_be_bytes()); // bytes after this field
-        d[8..16].copy_from_slice(&lba.to_be_bytes());
-        d[16..20].copy_from_slice(&n.to_be_bytes());
-        d[20] = 0x00; // mapped
+        let span = (capacity - lba).min(LBA_STATUS_SPAN);
+        let extents = self
+            .device
+            .allocation(lba * BLOCK_SIZE, span * BLOCK_SIZE)
+            .await
+            .map_err(|e| device_error(&e, Io::Read))?;
+        let extents = lba_extents(lba, span, extents.unwrap_or_default());
+        let room = (alloc.saturating_sub(8) / 16).max(1);
+        let mut d = vec![0u8; 8];
+        for (start, n, mapped) in extents.into_iter().take(room) {
+            let mut desc = [0u8; 16];
+            desc[0..8].copy_from_slice(&start.to_be_bytes());
+            desc[8..12].copy_from_slice(&(n as u32).to_be_bytes());
+            desc[12] = if mapped { 0x00 } else { 0x01 }; // mapped / deallocated
+            d.extend_from_slice(&desc);
+        }
+        let len = (d.len() - 4) as u32;
+        d[0..4].copy_from_slice(&len.to_be_bytes());
         Ok(truncate(d, alloc))
     }
+}
+
+/// Blocks one GET LBA STATUS looks at (512 MiB): bounds what it costs to answer.
+const LBA_STATUS_SPAN: u64 = 1 << 20;
+
+/// Device extents (bytes) as LBA status runs `(lba, blocks, mapped)` covering exactly
+/// `[lba, lba + span)`: a block is deallocated only if the device says all of it is, gaps
+/// and anything the device did not describe count as mapped, neighbours of the same
+/// status merge.
+fn lba_extents(lba: u64, span: u64, extents: Vec<Extent>) -> Vec<(u64, u64, bool)> {
+    let end = lba + span;
+    let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+    let mut push = |start: u64, stop: u64, mapped: bool| {
+        if start >= stop {
+            return;
+        }
+        match runs.last_mut() {
+            Some(r) if r.2 == mapped && r.0 + r.1 == start => r.1 += stop - start,
+            _ => runs.push((start, stop - start, mapped)),
+        }
+    };
+    let mut at = lba;
+    for e in extents {
+        let e_end = e.offset.saturating_add(e.len);
+        // Deallocated: only whole blocks; mapped: every block touched.
+        let (first, last) = if e.mapped {
+            (e.offset / BLOCK_SIZE, e_end.div_ceil(BLOCK_SIZE))
+        } else {
+            (e.offset.div_ceil(BLOCK_SIZE), e_end / BLOCK_SIZE)
+        };
+        let (first, last) = (first.max(at), last.min(end));
+        if first >= last {
+            continue;
+        }
+        push(at, first, true);
+        push(first, last, e.mapped);
+        at = last;
+    }
+    push(at, end, true);
+    runs
 }

@@ -522,21 +522,55 @@ async fn synchronize_cache_checks_range() {
     assert_eq!(check(&f.run(&rw10(0x35, BLOCKS as u32, 1), &[]).await), LBA_RANGE);
 }
 
+fn get_lba_status(lba: u64, alloc: u32) -> Vec<u8> {
+    let mut c = rw16(0x9E, lba, alloc);
+    c[1] = 0x12;
+    c
+}
+
+/// (LBA, blocks, provisioning status) of each descriptor in GET LBA STATUS data.
+fn lba_status(d: &[u8]) -> Vec<(u64, u64, u8)> {
+    let len = u32::from_be_bytes(d[0..4].try_into().expect("4")) as usize;
+    assert_eq!(len + 4, d.len(), "parameter data length");
+    d[8..]
+        .chunks(16)
+        .map(|c| {
+            let lba = u64::from_be_bytes(c[0..8].try_into().expect("8"));
+            (lba, u64::from(u32::from_be_bytes(c[8..12].try_into().expect("4"))), c[12] & 0x0F)
+        })
+        .collect()
+}
+
 #[tokio::test]
-async fn get_lba_status_reports_one_mapped_extent() {
+async fn get_lba_status_reports_what_is_allocated_from_the_starting_lba() {
     let f = fixture();
-    let mut c = rw16(0x9E, 100, 24);
-    c[1] = 0x12;
-    let r = f.run(&c, &[]).await;
-    let d = good(&r);
-    assert_eq!(d.len(), 24);
-    assert_eq!(&d[0..4], &20u32.to_be_bytes());
-    assert_eq!(u64::from_be_bytes(d[8..16].try_into().expect("8")), 100);
-    assert_eq!(u32::from_be_bytes(d[16..20].try_into().expect("4")) as u64, BLOCKS - 100);
-    assert_eq!(d[20] & 0x0F, 0);
-    let mut c = rw16(0x9E, BLOCKS, 24);
-    c[1] = 0x12;
-    assert_eq!(check(&f.run(&c, &[]).await), LBA_RANGE);
+    good(&f.run(&rw10(0x2A, 0, 24), &pattern(24, 1)).await);
+    let l = unmap_list(&[(0, 8), (16, 4)]);
+    good(&f.run(&unmap_cdb(l.len() as u16), &l).await);
+    let r = f.run(&get_lba_status(0, 1024), &[]).await;
+    // Blocks 16..20 are half a 4 KiB page: zeroed but still mapped.
+    assert_eq!(lba_status(good(&r)), vec![(0, 8, 1), (8, 16, 0), (24, BLOCKS - 24, 1)]);
+    // The first descriptor starts at the starting LBA, even inside an extent.
+    let r = f.run(&get_lba_status(9, 1024), &[]).await;
+    assert_eq!(lba_status(good(&r)), vec![(9, 15, 0), (24, BLOCKS - 24, 1)]);
+    let r = f.run(&get_lba_status(3, 1024), &[]).await;
+    assert_eq!(lba_status(good(&r))[0], (3, 5, 1));
+    // As many descriptors as the allocation length holds.
+    let r = f.run(&get_lba_status(0, 24), &[]).await;
+    assert_eq!(lba_status(good(&r)), vec![(0, 8, 1)]);
+    assert_eq!(check(&f.run(&get_lba_status(BLOCKS, 24), &[]).await), LBA_RANGE);
+}
+
+#[tokio::test]
+async fn get_lba_status_reports_mapped_when_the_device_cannot_tell() {
+    let lu = unit(
+        Arc::new(Slow(MemoryDevice::new(BLOCKS * BS as u64))),
+        Arc::new(SinglePath),
+        Arc::new(MemoryReservations::default()),
+    );
+    let t = Target::new("t").with_lun(0, lu);
+    let r = exec_lun(&t, 0, &nexus("a", 1), &get_lba_status(100, 24), &[]).await;
+    assert_eq!(lba_status(good(&r)), vec![(100, BLOCKS - 100, 0)]);
 }
 
 // ---- WRITE SAME, UNMAP ---------------------------------------------------------------
@@ -560,9 +594,11 @@ async fn write_same_unmap_ndob_and_zero_length() {
     c[1] = 0x08; // UNMAP
     good(&f.run(&c, &[0; BS]).await);
     assert_eq!(f.block(0, 2).await, vec![0; 2 * BS]);
-    // UNMAP with non-zero data writes the data instead.
+    // UNMAP deallocates whatever the block holds: deallocated blocks read as zeros.
+    good(&f.run(&rw10(0x2A, 0, 4), &pattern(4, 1)).await);
     good(&f.run(&c, &pattern(1, 2)).await);
-    assert_eq!(f.block(0, 1).await, pattern(1, 2));
+    assert_eq!(f.block(0, 2).await, vec![0; 2 * BS]);
+    assert_eq!(f.block(2, 2).await, pattern(4, 1)[2 * BS..].to_vec());
     // NDOB: zeros without Data-Out.
     let mut c = rw16(0x93, 2, 2);
     c[1] = 0x09;
@@ -581,6 +617,9 @@ async fn write_same_refuses_wrong_data_size_and_excess_length() {
     assert_eq!(check(&f.run(&rw10(0x41, 0, 1), &[0; 256]).await).0, key::ILLEGAL_REQUEST);
     assert_eq!(check(&f.run(&rw10(0x41, 0, 1), &[0; 1024]).await).0, key::ILLEGAL_REQUEST);
     let r = f.run(&rw16(0x93, 0, MAX_WRITE_SAME_BLOCKS as u32 + 1), &[0; BS]).await;
+    assert_eq!(check(&r), INVALID_FIELD);
+    // Never longer than one WRITE: initiators read back what they wrote the same way.
+    let r = f.run(&rw16(0x93, 0, MAX_TRANSFER_BLOCKS as u32 + 1), &[0; BS]).await;
     assert_eq!(check(&r), INVALID_FIELD);
     assert_eq!(check(&f.run(&rw10(0x41, BLOCKS as u32 - 1, 2), &[0; BS]).await), LBA_RANGE);
 }
@@ -676,6 +715,11 @@ async fn compare_and_write_writes_on_match_and_reports_miscompare_offset() {
 async fn compare_and_write_edge_cases() {
     let f = fixture();
     good(&f.run(&caw(0, 0), &[]).await);
+    // Zero blocks with Data-Out: a length that wrapped (256 blocks), nothing is written.
+    good(&f.run(&rw10(0x2A, 0, 1), &pattern(1, 1)).await);
+    let r = f.run(&caw(0, 0), &[pattern(1, 1), pattern(1, 2)].concat()).await;
+    assert_eq!(check(&r), INVALID_FIELD);
+    assert_eq!(f.block(0, 1).await, pattern(1, 1));
     let r = f.run(&caw(0, MAX_COMPARE_AND_WRITE_BLOCKS as u8 + 1), &[]).await;
     assert_eq!(check(&r), INVALID_FIELD);
     assert_eq!(check(&f.run(&caw(BLOCKS, 1), &[0; 2 * BS]).await), LBA_RANGE);
