@@ -1226,6 +1226,7 @@ impl Conn {
             read: t.read,
             bidi: t.bidi,
             expected_in: t.expected_in,
+            expected_out: t.write_len,
             r2ts: t.r2tsn,
             max_data: self.params.initiator_max_recv_dsl,
             max_burst: self.params.max_burst_length,
@@ -1343,6 +1344,8 @@ pub struct ResponseInfo {
     pub read: bool,
     pub bidi: bool,
     pub expected_in: u32,
+    /// Expected Data Transfer Length of the Data-Out (0 for commands without).
+    pub expected_out: u32,
     /// R2Ts sent for the command (they count in ExpDataSN).
     pub r2ts: u32,
     /// The initiator's MaxRecvDataSegmentLength.
@@ -1364,6 +1367,17 @@ pub fn response_pdus(info: &ResponseInfo, resp: lu::ScsiResponse) -> Vec<Pdu> {
     } else if info.read && data.len() < expected {
         under = true;
         residual = (expected - data.len()) as u32;
+    }
+    // Write residual (RFC 7143 11.4.5): what the CDB asked for against what the initiator
+    // said it would send. For bidirectional commands it takes the Residual Count and the
+    // read residual above the Bidirectional one.
+    let (mut w_over, mut w_under, mut w_residual) = (false, false, 0u32);
+    if let Some(want) = resp.data_out_len.filter(|_| !info.read || info.bidi) {
+        match want.cmp(&info.expected_out) {
+            std::cmp::Ordering::Greater => (w_over, w_residual) = (true, want - info.expected_out),
+            std::cmp::Ordering::Less => (w_under, w_residual) = (true, info.expected_out - want),
+            std::cmp::Ordering::Equal => {}
+        }
     }
     let mut out = Vec::new();
     let status_in_data = resp.sense.is_none() && !data.is_empty();
@@ -1411,10 +1425,13 @@ pub fn response_pdus(info: &ResponseInfo, resp: lu::ScsiResponse) -> Vec<Pdu> {
             h.bidi_overflow = over;
             h.bidi_underflow = under;
             h.bidi_residual = residual;
-        } else {
+            (h.overflow, h.underflow, h.residual) = (w_over, w_under, w_residual);
+        } else if info.read {
             h.overflow = over;
             h.underflow = under;
             h.residual = residual;
+        } else {
+            (h.overflow, h.underflow, h.residual) = (w_over, w_under, w_residual);
         }
         out.push(Pdu::with_data(Header::ScsiResponse(h), sense.unwrap_or_default()));
     }

@@ -700,15 +700,41 @@ fn bidirectional_residuals_go_in_the_bidi_fields() {
         read: true,
         bidi: true,
         expected_in: 100,
+        expected_out: 0,
         r2ts: 2,
         max_data: 8192,
         max_burst: 262_144,
     };
     let sense = Some(Bytes::from_static(&[0x70, 0, 5]));
-    let out = response_pdus(&info, lu::ScsiResponse { status: 2, sense, data_in: Bytes::from(vec![1u8; 60]) });
+    let out = response_pdus(&info, lu::ScsiResponse { status: 2, sense, data_in: Bytes::from(vec![1u8; 60]), ..Default::default() });
     assert_eq!(out.len(), 2, "data-in then a response carrying the sense");
     let Header::ScsiResponse(r) = &out[1].header else { panic!() };
     assert!(r.bidi_underflow && r.bidi_residual == 40 && !r.underflow);
     assert_eq!(r.exp_datasn, 3);
     assert_eq!(&out[1].data[..], &[0, 3, 0x70, 0, 5]);
+}
+
+#[test]
+fn write_residuals_compare_the_cdb_length_with_the_expected_length() {
+    let info = |expected_out| ResponseInfo {
+        itt: 1,
+        lun_raw: [0; 8],
+        read: false,
+        bidi: false,
+        expected_in: 0,
+        expected_out,
+        r2ts: 0,
+        max_data: 8192,
+        max_burst: 262_144,
+    };
+    let wrote = |want| lu::ScsiResponse { status: 0, data_out_len: Some(want), ..Default::default() };
+    let response = |out: Vec<Pdu>| match out.as_slice() {
+        [Pdu { header: Header::ScsiResponse(r), .. }] => (r.overflow, r.underflow, r.residual),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(response(response_pdus(&info(0), wrote(512))), (true, false, 512));
+    assert_eq!(response(response_pdus(&info(10_000), wrote(512))), (false, true, 10_000 - 512));
+    assert_eq!(response(response_pdus(&info(1024), wrote(1024))), (false, false, 0));
+    let none = lu::ScsiResponse::default();
+    assert_eq!(response(response_pdus(&info(1024), none)), (false, false, 0));
 }

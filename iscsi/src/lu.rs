@@ -77,12 +77,15 @@ pub mod status {
 }
 
 /// The outcome of a command.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ScsiResponse {
     pub status: u8,
     /// Sense data (fixed format, as REQUEST SENSE would return it), with CHECK CONDITION.
     pub sense: Option<Bytes>,
     pub data_in: Bytes,
+    /// Data-Out bytes the CDB called for, for commands that take Data-Out: the transport
+    /// reports its difference from the Expected Data Transfer Length as the residual.
+    pub data_out_len: Option<u32>,
 }
 
 /// Task management functions the transport forwards (RFC 7143 11.5.1).

@@ -100,6 +100,25 @@ impl Identity {
     }
 }
 
+/// Data-Out bytes a CDB calls for (write residuals), for the commands that take Data-Out;
+/// `None` for the others and for commands whose length is not in the CDB.
+fn data_out_len(cdb: Cdb<'_>) -> Option<u32> {
+    let blocks = |n: u64| u32::try_from(n * BLOCK_SIZE).unwrap_or(u32::MAX);
+    match cdb.op() {
+        // WRITE (6/10/12/16), WRITE AND VERIFY (10/12/16).
+        0x0A | 0x2A | 0xAA | 0x8A | 0x2E | 0xAE | 0x8E => {
+            Some(blocks(cdb::block_range(cdb, true).blocks))
+        }
+        // WRITE SAME (10/16): one block, none with NDOB.
+        0x41 => Some(blocks(1)),
+        0x93 => Some(if cdb.u8(1) & 0x01 != 0 { 0 } else { blocks(1) }),
+        0x89 => Some(blocks(2 * u64::from(cdb.u8(13)))), // COMPARE AND WRITE
+        0x42 => Some(u32::from(cdb.u16(7))),             // UNMAP
+        0x5F => Some(cdb.u32(5)),                        // PERSISTENT RESERVE OUT
+        _ => None,
+    }
+}
+
 /// An I_T nexus as the unit tells them apart (initiator port, relative target port).
 type NexusKey = (String, u16);
 
@@ -187,10 +206,11 @@ impl LogicalUnit {
 
     /// Executes one command on this unit.
     pub async fn execute(&self, cmd: &ScsiCommand, target_name: &str) -> ScsiResponse {
-        match self.run(cmd, target_name).await {
-            Ok(data_in) => ScsiResponse { status: status::GOOD, sense: None, data_in },
+        let resp = match self.run(cmd, target_name).await {
+            Ok(data_in) => ScsiResponse { status: status::GOOD, data_in, ..Default::default() },
             Err(f) => f.into_response(),
-        }
+        };
+        ScsiResponse { data_out_len: data_out_len(Cdb(&cmd.cdb)), ..resp }
     }
 
     async fn run(&self, cmd: &ScsiCommand, target_name: &str) -> CmdResult {
@@ -343,7 +363,7 @@ impl Target {
         // REPORT LUNS goes to any LUN, LUN 0 included when it does not exist (SPC-4 6.33).
         if op == 0xA0 {
             return match maint::report_luns(&cmd.cdb, self.luns.keys().copied()) {
-                Ok(data_in) => ScsiResponse { status: status::GOOD, sense: None, data_in },
+                Ok(data_in) => ScsiResponse { status: status::GOOD, data_in, ..Default::default() },
                 Err(f) => f.into_response(),
             };
         }
@@ -352,18 +372,18 @@ impl Target {
         }
         match op {
             0x12 => match inquiry::absent_lun(Cdb(&cmd.cdb)) {
-                Ok(data_in) => ScsiResponse { status: status::GOOD, sense: None, data_in },
+                Ok(data_in) => ScsiResponse { status: status::GOOD, data_in, ..Default::default() },
                 Err(f) => f.into_response(),
             },
             // SPC-4 6.39: REQUEST SENSE to an absent LUN returns LOGICAL UNIT NOT SUPPORTED
             // as its parameter data, with GOOD status.
             0x03 => ScsiResponse {
                 status: status::GOOD,
-                sense: None,
                 data_in: cdb::truncate(
                     Sense::lun_not_supported().to_bytes().to_vec(),
                     usize::from(Cdb(&cmd.cdb).u8(4)),
                 ),
+                ..Default::default()
             },
             _ => Failure::Check(Sense::lun_not_supported()).into_response(),
         }

@@ -86,14 +86,27 @@ impl LogicalUnit {
     /// WRITE(6/10/12/16) and WRITE AND VERIFY(10/16). FUA is implied (no volatile cache);
     /// the verify step of WRITE AND VERIFY is the device's: a write it acknowledged is
     /// durable on every replica.
+    ///
+    /// An Expected Data Transfer Length below the CDB's length limits the write to the
+    /// blocks the initiator sent (RFC 7143 11.4.5.1: the target transfers at most EDTL
+    /// bytes; the transport reports the overflow residual); a partial block is refused.
     pub(super) async fn write(&self, ctx: &Ctx<'_>) -> CmdResult {
         let r = block_range(ctx.cdb, true);
         no_protection(&r)?;
         self.check_transfer(ctx, r.lba, r.blocks)?;
-        if r.blocks == 0 {
+        let sent = ctx.cmd.data_out.len() as u64;
+        let blocks = if sent < r.blocks * BLOCK_SIZE {
+            if !sent.is_multiple_of(BLOCK_SIZE) {
+                return Err(Sense::short_data_out().into());
+            }
+            sent / BLOCK_SIZE
+        } else {
+            r.blocks
+        };
+        if blocks == 0 {
             return Ok(Bytes::new());
         }
-        let data = data_out(ctx, r.blocks * BLOCK_SIZE)?;
+        let data = data_out(ctx, blocks * BLOCK_SIZE)?;
         let _shared = self.atomic.read().await;
         self.write_blocks(r.lba, data).await?;
         Ok(Bytes::new())

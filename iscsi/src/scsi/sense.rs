@@ -178,12 +178,11 @@ impl Failure {
             Failure::Check(s) => ScsiResponse {
                 status: status::CHECK_CONDITION,
                 sense: Some(s.to_bytes()),
-                data_in: Bytes::new(),
+                ..Default::default()
             },
             Failure::Conflict => ScsiResponse {
                 status: status::RESERVATION_CONFLICT,
-                sense: None,
-                data_in: Bytes::new(),
+                ..Default::default()
             },
         }
     }

@@ -421,11 +421,34 @@ async fn transfers_over_the_maximum_are_refused() {
 }
 
 #[tokio::test]
-async fn short_data_out_fails_and_writes_nothing() {
+async fn short_data_out_writes_the_whole_blocks_sent() {
     let f = fixture();
     let r = f.run(&rw10(0x2A, 0, 2), &pattern(1, 5)).await;
+    good(&r);
+    assert_eq!(r.data_out_len, Some(2 * BS as u32), "the transport reports the overflow");
+    assert_eq!(f.block(0, 2).await, [pattern(1, 5), vec![0; BS]].concat());
+    // No data at all: nothing written.
+    good(&f.run(&rw10(0x2A, 4, 1), &[]).await);
+    assert_eq!(f.block(4, 1).await, vec![0; BS]);
+}
+
+#[tokio::test]
+async fn short_data_out_of_a_partial_block_fails_and_writes_nothing() {
+    let f = fixture();
+    let r = f.run(&rw16(0x8E, 0, 2), &pattern(2, 5)[..BS + 200]).await;
     assert_eq!(check(&r), (key::ILLEGAL_REQUEST, 0x0E, 0x03));
+    assert_eq!(r.data_out_len, Some(2 * BS as u32));
     assert_eq!(f.block(0, 2).await, vec![0; 2 * BS]);
+}
+
+#[tokio::test]
+async fn extra_data_out_is_ignored_and_its_length_reported() {
+    let f = fixture();
+    let r = f.run(&rw10(0x2A, 0, 1), &pattern(2, 5)).await;
+    good(&r);
+    assert_eq!(r.data_out_len, Some(BS as u32));
+    assert_eq!(f.block(0, 2).await, [pattern(2, 5)[..BS].to_vec(), vec![0; BS]].concat());
+    assert_eq!(f.run(&rw10(0x28, 0, 1), &[]).await.data_out_len, None);
 }
 
 #[tokio::test]

@@ -46,11 +46,11 @@ fn check(key: u8, asc: u8, ascq: u8) -> ScsiResponse {
     s[7] = 10;
     s[12] = asc;
     s[13] = ascq;
-    ScsiResponse { status: status::CHECK_CONDITION, sense: Some(Bytes::from(s)), data_in: Bytes::new() }
+    ScsiResponse { status: status::CHECK_CONDITION, sense: Some(Bytes::from(s)), ..Default::default() }
 }
 
 fn good(data: Vec<u8>) -> ScsiResponse {
-    ScsiResponse { status: status::GOOD, sense: None, data_in: Bytes::from(data) }
+    ScsiResponse { status: status::GOOD, data_in: Bytes::from(data), ..Default::default() }
 }
 
 fn be(c: &[u8], from: usize, n: usize) -> u64 {
@@ -137,7 +137,7 @@ impl ScsiTarget for FakeTarget {
                 }
                 if op == 0x28 || op == 0x88 {
                     match self.dev.read(lba * BLOCK, n * BLOCK).await {
-                        Ok(d) => ScsiResponse { status: status::GOOD, sense: None, data_in: d },
+                        Ok(d) => ScsiResponse { status: status::GOOD, data_in: d, ..Default::default() },
                         Err(_) => check(0x03, 0x11, 0x00),
                     }
                 } else {
