@@ -331,6 +331,8 @@ impl VolumeDevice {
         self.alua.clear();
         if force {
             info!(volume = %self.name, epoch = v.epoch(), "iSCSI path took the volume over (now active/optimised here)");
+            let notice = basalt_types::Notice::PathMoved { volume: self.id };
+            self.client.broadcast_notice(notice, Some(self.node), NOTICE_TIMEOUT).await;
         }
         *w = Some(v.clone());
         Ok(v)
@@ -500,12 +502,22 @@ impl AluaStates for LeaseAlua {
 pub struct RecordReservations {
     client: Arc<StorageClient>,
     key: String,
+    volume: VolumeId,
+    node: NodeId,
     cache: std::sync::Mutex<Option<(std::time::Instant, Reservations, u64)>>,
 }
 
+/// How long a reservation change waits for the other nodes to drop their cached copy.
+const NOTICE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl RecordReservations {
-    pub fn new(client: Arc<StorageClient>, volume: VolumeId) -> Self {
-        Self { client, key: format!("{PR_PREFIX}{volume}"), cache: std::sync::Mutex::new(None) }
+    pub fn new(client: Arc<StorageClient>, volume: VolumeId, node: NodeId) -> Self {
+        Self { client, key: format!("{PR_PREFIX}{volume}"), volume, node, cache: std::sync::Mutex::new(None) }
+    }
+
+    /// Drops the cached copy (another node changed the reservations).
+    pub fn invalidate(&self) {
+        self.remember(None);
     }
 
     fn cached(&self) -> Option<(Reservations, u64)> {
@@ -540,12 +552,16 @@ impl ReservationStore for RecordReservations {
     async fn store(&self, state: &Reservations, version: u64) -> Result<bool, DeviceError> {
         let value = serde_json::to_vec(state).map_err(|e| DeviceError::Io(e.to_string()))?;
         match self.client.put_record(&self.key, Some(value), Some(version)).await {
-            Ok(Some(record)) => {
-                self.remember(Some((state.clone(), record.version)));
-                Ok(true)
-            }
-            Ok(None) => {
-                self.remember(None);
+            Ok(stored) => {
+                match stored {
+                    Some(record) => self.remember(Some((state.clone(), record.version))),
+                    None => self.remember(None),
+                }
+                // The command completes only after the other nodes dropped their cached
+                // copy (or the notice timed out: a node that missed it rereads within
+                // METADATA_CACHE), so a conflict is enforced on every path right away.
+                let notice = basalt_types::Notice::ReservationsChanged { volume: self.volume };
+                self.client.broadcast_notice(notice, Some(self.node), NOTICE_TIMEOUT).await;
                 Ok(true)
             }
             Err(e) if e.remote_code() == Some(ErrorCode::StaleVersion) => {
@@ -644,6 +660,8 @@ pub struct ClusterTargets {
     node: NodeId,
     node_name: String,
     units: tokio::sync::Mutex<std::collections::HashMap<VolumeId, std::sync::Weak<crate::scsi::LogicalUnit>>>,
+    /// The caches of each served volume, for notices from other nodes.
+    caches: std::sync::Mutex<std::collections::HashMap<VolumeId, (AluaCache, std::sync::Weak<RecordReservations>)>>,
 }
 
 impl ClusterTargets {
@@ -653,7 +671,33 @@ impl ClusterTargets {
             node,
             node_name: node_name.to_string(),
             units: tokio::sync::Mutex::new(std::collections::HashMap::new()),
+            caches: std::sync::Mutex::new(std::collections::HashMap::new()),
         })
+    }
+
+    /// Another node changed something this node caches.
+    pub async fn on_notice(&self, notice: &basalt_types::Notice) {
+        use basalt_types::Notice;
+        let caches = self.caches.lock().unwrap_or_else(|p| p.into_inner());
+        match notice {
+            Notice::ReservationsChanged { volume } => {
+                if let Some(r) = caches.get(volume).and_then(|(_, r)| r.upgrade()) {
+                    r.invalidate();
+                }
+            }
+            Notice::PathMoved { volume } => {
+                if let Some((alua, _)) = caches.get(volume) {
+                    alua.clear();
+                }
+            }
+            Notice::UnitReset { volume } => {
+                drop(caches);
+                let unit = self.units.lock().await.get(volume).and_then(std::sync::Weak::upgrade);
+                if let Some(unit) = unit {
+                    unit.reset_elsewhere();
+                }
+            }
+        }
     }
 
     async fn unit(&self, volume: &str) -> Result<Arc<crate::scsi::LogicalUnit>, DeviceError> {
@@ -665,14 +709,39 @@ impl ClusterTargets {
         units.retain(|_, w| w.strong_count() > 0);
         let alua = AluaCache::default();
         let device = VolumeDevice::open(self.client.clone(), volume, self.node, &self.node_name, alua.clone()).await?;
-        let unit = Arc::new(crate::scsi::LogicalUnit::new(
-            Arc::new(device),
-            Arc::new(LeaseAlua::new(self.client.clone(), volume, alua)),
-            Arc::new(RecordReservations::new(self.client.clone(), info.id)),
-            crate::scsi::Identity::for_volume(info.id, "VOLUME", "0001"),
-        ));
+        let reservations = Arc::new(RecordReservations::new(self.client.clone(), info.id, self.node));
+        {
+            let mut caches = self.caches.lock().unwrap_or_else(|p| p.into_inner());
+            caches.retain(|_, (_, r)| r.strong_count() > 0);
+            caches.insert(info.id, (alua.clone(), Arc::downgrade(&reservations)));
+        }
+        let events = Arc::new(ResetNotifier { client: self.client.clone(), volume: info.id, node: self.node });
+        let unit = Arc::new(
+            crate::scsi::LogicalUnit::new(
+                Arc::new(device),
+                Arc::new(LeaseAlua::new(self.client.clone(), volume, alua)),
+                reservations,
+                crate::scsi::Identity::for_volume(info.id, "VOLUME", "0001"),
+            )
+            .with_events(events),
+        );
         units.insert(info.id, Arc::downgrade(&unit));
         Ok(unit)
+    }
+}
+
+/// Tells the other nodes that a unit was reset here.
+struct ResetNotifier {
+    client: Arc<StorageClient>,
+    volume: VolumeId,
+    node: NodeId,
+}
+
+#[async_trait]
+impl crate::lu::UnitEvents for ResetNotifier {
+    async fn reset(&self) {
+        let notice = basalt_types::Notice::UnitReset { volume: self.volume };
+        self.client.broadcast_notice(notice, Some(self.node), NOTICE_TIMEOUT).await;
     }
 }
 

@@ -213,6 +213,15 @@ pub trait ReservationStore: Send + Sync + 'static {
     async fn store(&self, state: &Reservations, version: u64) -> Result<bool, DeviceError>;
 }
 
+/// Events of a logical unit that other nodes serving it must see (a unit served through
+/// several nodes is still one unit to its initiators).
+#[async_trait]
+pub trait UnitEvents: Send + Sync + 'static {
+    /// The unit was reset here; the other nodes establish the reset unit attention for the
+    /// nexuses they serve.
+    async fn reset(&self);
+}
+
 /// How a task management function ended (RFC 7143 11.6.1 response codes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TmfOutcome {

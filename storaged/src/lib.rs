@@ -82,6 +82,8 @@ impl Listeners {
 struct NodeService {
     meta: Arc<MetaService>,
     chunks: Arc<ChunkService>,
+    /// The iSCSI frontend, once started: it takes the cache notices.
+    iscsi: Arc<std::sync::OnceLock<Arc<basalt_iscsi::cluster::ClusterTargets>>>,
 }
 
 #[async_trait]
@@ -94,6 +96,12 @@ impl Service for NodeService {
             NodeRequest::Raft(kind, payload) => (NodeResponse::Raft(self.meta.handle_raft(kind, payload).await), Bytes::new()),
             NodeRequest::Meta(req) => (NodeResponse::Meta(self.meta.handle(req).await), Bytes::new()),
             NodeRequest::MetaForwarded(req) => (NodeResponse::Meta(self.meta.handle_forwarded(req).await), Bytes::new()),
+            NodeRequest::Notice(notice) => {
+                if let Some(iscsi) = self.iscsi.get() {
+                    iscsi.on_notice(&notice).await;
+                }
+                (NodeResponse::Done, Bytes::new())
+            }
             NodeRequest::Chunk(req) => {
                 let (resp, data) = self.chunks.handle(req, data).await;
                 (NodeResponse::Chunk(resp), data)
@@ -129,7 +137,8 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
             .await
             .map_err(|e| Error::Meta(e.to_string()))?;
         let chunks = ChunkService::new(store.clone(), rpc.clone(), f.repair_bytes_per_sec);
-        let service = Arc::new(NodeService { meta: meta.clone(), chunks: chunks.clone() });
+        let iscsi_slot = Arc::new(std::sync::OnceLock::new());
+        let service = Arc::new(NodeService { meta: meta.clone(), chunks: chunks.clone(), iscsi: iscsi_slot.clone() });
         let mut tasks = tokio::task::JoinSet::new();
         {
             let rpc = rpc.clone();
@@ -186,6 +195,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
                 warn!(error = %e, "could not publish the iSCSI portal; discovery will not list it yet");
             }
             let targets = basalt_iscsi::cluster::ClusterTargets::new(client.clone(), node, &f.name);
+            let _ = iscsi_slot.set(targets.clone());
             info!(%addr, "iSCSI target listening");
             tasks.spawn(basalt_iscsi::portal::serve(iscsi, targets, shutdown.clone()).in_current_span());
         }

@@ -189,7 +189,20 @@ fn parse_cunit(out: &str) -> BTreeMap<String, &'static str> {
 
 /// Tests of libiscsi's suite we fail on purpose, each with its reason (see the iSCSI issue
 /// notes). Anything else failing fails this test.
-const KNOWN_FAILURES: &[(&str, &str)] = &[];
+const KNOWN_FAILURES: &[(&str, &str)] = &[
+    (
+        "SCSI.GetLBAStatus.UnmapSingle",
+        "libiscsi 1.19 expects the first descriptor to start 8 blocks on when a LUN reports 4 KiB \
+         physical blocks; SBC says it starts at the requested LBA, which is what we answer \
+         (test_get_lba_status_unmap_single.c:135)",
+    ),
+    (
+        "iSCSI.iSCSIdatasn.iSCSIDataSnInvalid",
+        "after we drop the connection for the bad DataSN (as RFC 7143 requires at \
+         ErrorRecoveryLevel 0), libiscsi 1.19 reconnects without the test's ImmediateData=No, \
+         so the next write has no Data-Out PDU left for the test to corrupt",
+    ),
+];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn libiscsi_conformance_suite_passes_outside_a_short_justified_list() -> Result<()> {

@@ -145,6 +145,8 @@ pub struct LogicalUnit {
     /// Pending unit attentions per I_T nexus; an entry exists for every nexus seen, so a
     /// reset can address "all other nexuses". Never held across an await.
     attentions: Mutex<HashMap<NexusKey, VecDeque<Sense>>>,
+    /// Who else must hear of a reset (the other nodes serving the unit), if anyone.
+    events: Option<Arc<dyn crate::lu::UnitEvents>>,
 }
 
 impl LogicalUnit {
@@ -161,6 +163,24 @@ impl LogicalUnit {
             identity,
             atomic: tokio::sync::RwLock::new(()),
             attentions: Mutex::new(HashMap::new()),
+            events: None,
+        }
+    }
+
+    /// Reports resets to `events` (the other nodes serving this unit).
+    pub fn with_events(mut self, events: Arc<dyn crate::lu::UnitEvents>) -> Self {
+        self.events = Some(events);
+        self
+    }
+
+    /// Another node reset the unit: every nexus served here gets the reset unit attention.
+    pub fn reset_elsewhere(&self) {
+        self.post_attention(Sense::power_on_reset(), &[], |_| true);
+    }
+
+    async fn announce_reset(&self) {
+        if let Some(events) = &self.events {
+            events.reset().await;
         }
     }
 
@@ -323,8 +343,14 @@ impl LogicalUnit {
         cdb::truncate(sense.to_bytes().to_vec(), usize::from(ctx.cdb.u8(4)))
     }
 
-    fn reset(&self, except: &NexusKey) {
-        self.post_attention(Sense::power_on_reset(), &[], |k| k != except);
+    /// SAM-5 6.3.3: a logical unit reset establishes the reset unit attention for every
+    /// I_T nexus, the one that asked for it included (multipath initiators count on seeing
+    /// it on each path).
+    fn reset(&self, requester: &NexusKey) {
+        let mut map = self.attentions();
+        map.entry(requester.clone()).or_default();
+        drop(map);
+        self.post_attention(Sense::power_on_reset(), &[], |_| true);
     }
 }
 
@@ -407,6 +433,7 @@ impl ScsiTarget for Target {
             TaskManagement::LogicalUnitReset => match self.luns.get(&lun) {
                 Some(unit) => {
                     unit.reset(&key);
+                    unit.announce_reset().await;
                     TmfOutcome::Complete
                 }
                 None => TmfOutcome::NoSuchLun,
@@ -416,6 +443,7 @@ impl ScsiTarget for Target {
             TaskManagement::TargetWarmReset | TaskManagement::TargetColdReset => {
                 for unit in self.luns.values() {
                     unit.reset(&key);
+                    unit.announce_reset().await;
                 }
                 TmfOutcome::Complete
             }

@@ -902,13 +902,15 @@ async fn mode_select_accepts_current_values_only() {
 // ---- unit attentions ---------------------------------------------------------------------
 
 #[tokio::test]
-async fn lun_reset_posts_unit_attention_to_other_nexuses_only() {
+async fn lun_reset_posts_unit_attention_to_every_nexus() {
     let f = fixture();
     let (a, b) = (nexus("a", 1), nexus("b", 1));
     good(&f.run_as(&a, &[0, 0, 0, 0, 0, 0], &[]).await);
     good(&f.run_as(&b, &[0, 0, 0, 0, 0, 0], &[]).await);
     let out = f.target.task_management(TaskManagement::LogicalUnitReset, 0, &a).await;
     assert_eq!(out, TmfOutcome::Complete);
+    // The requester sees it too (SAM-5 6.3.3), once.
+    assert_eq!(check(&f.run_as(&a, &[0, 0, 0, 0, 0, 0], &[]).await), (key::UNIT_ATTENTION, 0x29, 0));
     good(&f.run_as(&a, &[0, 0, 0, 0, 0, 0], &[]).await);
     // INQUIRY neither reports nor clears it.
     good(&f.run_as(&b, &inquiry(false, 0, 36), &[]).await);
@@ -1179,6 +1181,8 @@ async fn registrations_survive_nexus_loss_and_resets() {
     f.target.nexus_gone(&a).await;
     f.target.task_management(TaskManagement::TargetColdReset, 0, &nexus("b", 1)).await;
     assert_eq!(f.keys().await, vec![0xA]);
+    // b gets the reset attention first (TEST UNIT READY is allowed under the reservation).
+    assert_eq!(check(&f.run_as(&nexus("b", 1), &[0, 0, 0, 0, 0, 0], &[]).await).0, key::UNIT_ATTENTION);
     assert_eq!(f.run_as(&nexus("b", 1), &rw10(0x28, 0, 1), &[]).await.status, status::RESERVATION_CONFLICT);
 }
 
@@ -1309,4 +1313,41 @@ async fn report_supported_tmfs() {
     assert_eq!(d[0] & 0x08, 0x08, "LU reset");
     let r = f.run(&maint_in(0x0D, 0x80, 0, 0, 64), &[]).await;
     assert_eq!(good(&r).len(), 16);
+}
+
+/// Counts the resets a unit announces to the other nodes.
+#[derive(Default)]
+struct CountResets(std::sync::atomic::AtomicUsize);
+
+#[async_trait::async_trait]
+impl crate::lu::UnitEvents for CountResets {
+    async fn reset(&self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn resets_are_announced_to_other_nodes_and_resets_from_them_reach_every_nexus() {
+    let dev = Arc::new(MemoryDevice::new(BLOCKS * BS as u64));
+    let events = Arc::new(CountResets::default());
+    let lu = Arc::new(
+        LogicalUnit::new(dev, Arc::new(SinglePath), Arc::new(MemoryReservations::default()), Identity::for_volume(7, "Volume", "0001"))
+            .with_events(events.clone()),
+    );
+    let target = Target::new("iqn.2024-01.basalt:vol").with_lun(0, lu.clone());
+    let (a, b) = (nexus("a", 1), nexus("b", 1));
+    let tur = [0u8, 0, 0, 0, 0, 0];
+    good(&exec_lun(&target, 0, &a, &tur, &[]).await);
+    good(&exec_lun(&target, 0, &b, &tur, &[]).await);
+    target.task_management(TaskManagement::LogicalUnitReset, 0, &a).await;
+    assert_eq!(events.0.load(std::sync::atomic::Ordering::SeqCst), 1, "the reset was not announced");
+    target.task_management(TaskManagement::TargetWarmReset, 0, &a).await;
+    assert_eq!(events.0.load(std::sync::atomic::Ordering::SeqCst), 2);
+    // Drain the attentions from those, then a reset from another node reaches a and b.
+    for n in [&a, &b] {
+        while exec_lun(&target, 0, n, &tur, &[]).await.status != status::GOOD {}
+    }
+    lu.reset_elsewhere();
+    assert_eq!(check(&exec_lun(&target, 0, &a, &tur, &[]).await), (key::UNIT_ATTENTION, 0x29, 0));
+    assert_eq!(check(&exec_lun(&target, 0, &b, &tur, &[]).await), (key::UNIT_ATTENTION, 0x29, 0));
 }

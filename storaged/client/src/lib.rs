@@ -303,6 +303,26 @@ impl StorageClient {
         Volume::open(self.clone(), name, opts).await
     }
 
+    /// Sends `notice` to every node but `except`, at once, waiting at most `timeout` for
+    /// them; returns how many took it. Best effort: nodes that miss it rely on expiry.
+    pub async fn broadcast_notice(&self, notice: Notice, except: Option<NodeId>, timeout: Duration) -> usize {
+        let Ok(nodes) = self.list_nodes().await else { return 0 };
+        let calls = nodes
+            .iter()
+            .filter(|n| Some(n.id) != except && n.state == NodeState::Alive)
+            .filter_map(|n| n.rpc_addr.parse::<SocketAddr>().ok())
+            .map(|addr| {
+                let req = NodeRequest::Notice(notice.clone());
+                async move {
+                    matches!(
+                        self.rpc.call::<NodeRequest, NodeResponse>(addr, &req, Bytes::new(), timeout).await,
+                        Ok((NodeResponse::Done, _))
+                    )
+                }
+            });
+        futures::future::join_all(calls).await.into_iter().filter(|ok| *ok).count()
+    }
+
     /// Send one chunk-service request to a node.
     pub async fn chunk_call(
         &self,

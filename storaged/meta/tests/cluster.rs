@@ -35,6 +35,7 @@ impl Service for Dispatch {
             (Some(m), NodeRequest::Raft(kind, payload)) => NodeResponse::Raft(m.handle_raft(kind, payload).await),
             (Some(m), NodeRequest::Meta(req)) => NodeResponse::Meta(m.handle(req).await),
             (Some(m), NodeRequest::MetaForwarded(req)) => NodeResponse::Meta(m.handle_forwarded(req).await),
+            (Some(_), NodeRequest::Notice(_)) => NodeResponse::Done,
             (Some(_), NodeRequest::Chunk(_)) => {
                 NodeResponse::Error(RemoteError::new(ErrorCode::InvalidArgument, "no chunk service here"))
             }
