@@ -21,3 +21,8 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   echo "installing cargo-nextest" >&2
   cargo install --locked cargo-nextest >/dev/null
 fi
+# cargo-fuzz drives the nightly fuzz run in scripts/test.sh; useless without nightly.
+if rustup run nightly rustc --version >/dev/null 2>&1 && ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "installing cargo-fuzz" >&2
+  cargo install --locked cargo-fuzz >/dev/null
+fi

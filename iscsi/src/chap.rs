@@ -40,7 +40,8 @@ pub enum ChapError {
 /// Decodes a CHAP binary value: `0x` hex or `0b` base64 (RFC 7143 6.1, binary-value).
 pub fn decode_binary(v: &str) -> Option<Vec<u8>> {
     if let Some(h) = v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
-        if h.is_empty() || h.len() > 2 * MAX_BINARY {
+        // Digits only: `from_str_radix` alone would also take a sign ("0x+1+2").
+        if h.is_empty() || h.len() > 2 * MAX_BINARY || !h.bytes().all(|c| c.is_ascii_hexdigit()) {
             return None;
         }
         // An odd number of digits means an implied leading zero nibble.
@@ -73,7 +74,10 @@ fn base64_decode(s: &str) -> Option<Vec<u8>> {
         } as u32)
     };
     let body = s.trim_end_matches('=');
-    if s.len() - body.len() > 2 {
+    let pad = s.len() - body.len();
+    // A lone final character carries 6 of a byte's 8 bits: no encoder produces it, and
+    // padding, when present, must complete the last quantum.
+    if pad > 2 || body.len() % 4 == 1 || (pad > 0 && !(body.len() + pad).is_multiple_of(4)) {
         return None;
     }
     let mut out = Vec::new();
@@ -223,6 +227,20 @@ mod tests {
         assert_eq!(decode_binary("0xzz"), None);
         assert_eq!(decode_binary("1234"), None);
         assert_eq!(decode_binary("0b!!"), None);
+    }
+
+    #[test]
+    fn malformed_binary_values_are_refused() {
+        // Found by the `login_keys` fuzz target: a base64 value with a dangling character
+        // decoded (its 6 bits silently dropped).
+        assert_eq!(decode_binary("0bAAECA"), None);
+        assert_eq!(decode_binary("0bAA="), None, "padding that does not complete a quantum");
+        assert_eq!(decode_binary("0bAAE="), Some(vec![0, 1]));
+        assert_eq!(decode_binary("0bAAE"), Some(vec![0, 1]), "padding may be left out");
+        // Signs are not hex digits, though `u8::from_str_radix` accepts them.
+        assert_eq!(decode_binary("0x+1+2"), None);
+        assert_eq!(decode_binary("0x+f"), None);
+        assert_eq!(decode_binary("0x0é"), None);
     }
 
     #[test]

@@ -10,11 +10,13 @@
 //! - [`conn`]: one iSCSI connection/session state machine (login, full feature phase,
 //!   R2T/Data-Out, command windows, task management, NOP, logout);
 //! - [`portal`]: the TCP listener and the target registry sessions log in to;
+//! - [`fuzzing`]: entry points the fuzz targets and the corpus replay test share;
 //! - [`cluster`]: the Basalt side: targets in metadata records, volumes as devices, ALUA
 //!   states from write leases, reservations in metadata.
 
 pub mod chap;
 pub mod conn;
+pub mod fuzzing;
 pub mod lu;
 pub mod pdu;
 pub mod portal;

@@ -616,7 +616,8 @@ impl Header {
                 overflow: f & 0x04 != 0,
                 underflow: f & 0x02 != 0,
                 has_status: f & 0x01 != 0,
-                status: b[3],
+                // Status is only defined with the S bit; byte 3 is reserved otherwise.
+                status: if f & 0x01 != 0 { b[3] } else { 0 },
                 lun: lun_at(b),
                 itt,
                 ttt: u32_at(b, 20),
@@ -679,10 +680,11 @@ impl Header {
             return Err(Error::DataTooLong { len: lens.data, max: 0x00ff_ffff });
         }
         let mut b = [0u8; BHS_LEN];
+        b[0] = self.opcode();
         if let Header::Unknown(raw) = self {
+            // Verbatim, the I bit included: this is the header a Reject quotes back.
             b.copy_from_slice(&raw[..]);
         }
-        b[0] = self.opcode();
         b[4] = (lens.ahs / 4) as u8;
         b[5..8].copy_from_slice(&lens.data.to_be_bytes()[1..]);
         let imm = |b: &mut [u8; BHS_LEN], i: bool| {
@@ -1339,6 +1341,31 @@ mod tests {
             buf[5] = 0;
             let _ = read_pdu(&mut &buf[..], Digests { header: x & 1 == 0, data: true }, 8192).await;
         }
+    }
+
+    #[test]
+    fn unknown_opcodes_keep_the_immediate_bit_through_encode() {
+        // Found by the `pdu` fuzz target: re-encoding dropped the I bit of the raw header.
+        let mut bhs = [0u8; BHS_LEN];
+        bhs[0] = 0x40 | 0x1c;
+        let (h, _) = Header::decode(&bhs).expect("decode");
+        let raw = h.encode(Lengths { ahs: 0, data: 0 }).expect("encode");
+        assert_eq!(raw, bhs);
+        assert_eq!(Header::decode(&raw).expect("decode").0, h);
+    }
+
+    #[test]
+    fn data_in_status_is_ignored_without_the_s_bit() {
+        // The `pdu` fuzz target's round trip: a reserved byte 3 without the S bit decoded
+        // as a status that encoding then dropped.
+        let mut bhs = [0u8; BHS_LEN];
+        bhs[0] = opcode::DATA_IN;
+        bhs[1] = 0x80;
+        bhs[3] = 0x02;
+        let (h, lens) = Header::decode(&bhs).expect("decode");
+        let Header::DataIn(d) = &h else { panic!("{h:?}") };
+        assert_eq!((d.has_status, d.status), (false, 0));
+        assert_eq!(Header::decode(&h.encode(lens).expect("encode")).expect("decode").0, h);
     }
 
     #[test]
