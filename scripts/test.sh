@@ -3,6 +3,7 @@
 # start real multi-node clusters (grouped so only one runs at a time on a small machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+started=$(date +%s)
 scripts/install-deps.sh
 # Build everything once, with one feature set: the binaries the cluster tests start
 # (storaged) and every test. Building subsets with different features would rebuild RocksDB.
@@ -11,7 +12,18 @@ cargo nextest run --workspace --profile ci "$@"
 # A short real fuzz run of the iSCSI parsers (the corpus replay above already ran on stable).
 # Nightly only; its own target dir, so sanitizer builds never invalidate the main cache. New
 # inputs go to a scratch corpus: the checked-in seeds are only read.
-if rustup run nightly rustc --version >/dev/null 2>&1; then
+# The first fuzz build takes ~9 minutes on 2 cores; when the run has already been long (a
+# build from nothing, RocksDB included), it is left for the next run rather than pushing CI
+# past its budget. BASALT_FUZZ=1 forces it, BASALT_FUZZ=0 skips it.
+elapsed=$(( $(date +%s) - started ))
+fuzz=${BASALT_FUZZ:-auto}
+if [ "$fuzz" = auto ] && [ ! -d /var/tmp/basalt-fuzz-target ] && [ "$elapsed" -gt 1500 ]; then
+  fuzz=0
+  echo "### SKIP: iSCSI fuzzing this time (${elapsed}s in, fuzz build not cached yet); BASALT_FUZZ=1 forces it" >&2
+fi
+if [ "$fuzz" = 0 ]; then
+  :
+elif rustup run nightly rustc --version >/dev/null 2>&1; then
   scratch=$(mktemp -d)
   trap 'rm -rf "$scratch"' EXIT
   for t in pdu login_keys scsi_cdb; do

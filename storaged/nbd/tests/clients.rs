@@ -272,6 +272,7 @@ async fn fio_random_writes_verify_at_queue_depth_32() {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            "--verify_state_save=0",
             "--output-format=terse",
         ],
     )
