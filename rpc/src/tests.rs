@@ -155,6 +155,31 @@ async fn round_trip_carries_the_header_and_one_mib_of_data() -> TestResult {
     server.stop().await
 }
 
+/// Loopback allows any packet size, so MTU discovery must reach our upper bound; a bound whose
+/// GSO batches the kernel refuses shows up as losses and a fall back to 1200 byte packets.
+#[tokio::test]
+async fn bulk_calls_over_loopback_settle_on_large_packets() -> TestResult {
+    init_tracing();
+    let ca = ClusterCa::generate("test")?;
+    let server = Server::start(&ca.issue("node-1")?)?;
+    let client = RpcEndpoint::client_only(&ca.issue("client")?)?;
+    let data = pattern(4 << 20, 9);
+    let deadline = Instant::now() + TIMEOUT;
+    let mtu = loop {
+        let (_, back) = echo(&client, server.addr, 1, data.clone()).await?;
+        assert_eq!(back, data);
+        let (conn, _) = client.connection(server.addr).await?;
+        let mtu = conn.stats().path.current_mtu;
+        if mtu == crate::endpoint::MAX_UDP_PAYLOAD || Instant::now() >= deadline {
+            break mtu;
+        }
+    };
+    assert_eq!(mtu, crate::endpoint::MAX_UDP_PAYLOAD, "MTU discovery stopped short");
+    let (conn, _) = client.connection(server.addr).await?;
+    assert_eq!(conn.stats().path.black_holes_detected, 0);
+    server.stop().await
+}
+
 #[tokio::test]
 async fn an_empty_data_part_round_trips() -> TestResult {
     init_tracing();
