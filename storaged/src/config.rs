@@ -62,6 +62,10 @@ pub struct ConfigFile {
     /// How often replicas of deleted volumes (missed while this node was down) are looked for.
     #[serde(default = "default_gc_interval", with = "humantime_serde")]
     pub gc_interval: Duration,
+    /// Size of each data directory's journal ring, bytes (8 MiB..=1 GiB). Only used when the
+    /// journal is created; an existing one keeps its size.
+    #[serde(default = "default_journal_bytes")]
+    pub journal_bytes: u64,
 }
 
 fn default_dead_timeout() -> Duration {
@@ -81,6 +85,9 @@ fn default_scrub_rate() -> u64 {
 }
 fn default_gc_interval() -> Duration {
     Duration::from_secs(300)
+}
+fn default_journal_bytes() -> u64 {
+    basalt_chunkstore::DEFAULT_JOURNAL_BYTES
 }
 fn default_scrub_interval() -> Duration {
     Duration::from_secs(600)
@@ -130,6 +137,15 @@ impl Config {
         }
         if file.initial_voters.is_empty() && file.seeds.is_empty() {
             return bad("either initial_voters (new cluster) or seeds (join) is needed".into());
+        }
+        let journal = basalt_chunkstore::MIN_JOURNAL_BYTES..=basalt_chunkstore::MAX_JOURNAL_BYTES;
+        if !journal.contains(&file.journal_bytes) {
+            return bad(format!(
+                "journal_bytes must be {}..={} (got {})",
+                journal.start(),
+                journal.end(),
+                file.journal_bytes
+            ));
         }
         let rpc_advertise = file.rpc_advertise.unwrap_or(file.rpc_listen);
         if rpc_advertise.ip().is_unspecified() {

@@ -14,6 +14,7 @@ const IDENTITY_FILE: &str = "disk.json";
 const LOCK_FILE: &str = "lock";
 const CHUNKS_DIR: &str = "chunks";
 const EPOCHS_DIR: &str = "epochs";
+const JOURNAL_FILE: &str = "journal";
 const FORMAT: u32 = 1;
 
 #[derive(Serialize, Deserialize)]
@@ -28,6 +29,9 @@ struct Identity {
 pub(crate) struct ReplicaMeta {
     pub version: ChunkVersion,
     pub chunk_size: u64,
+    /// Random per creation (0 in replicas made before the journal existed); see `Replica::nonce`.
+    #[serde(default)]
+    pub nonce: u64,
 }
 
 /// A replica found by the scan at open.
@@ -112,6 +116,10 @@ impl Disk {
             }
         }
         Ok(Disk { index, root, uuid, _lock: lock })
+    }
+
+    pub fn journal_path(&self) -> PathBuf {
+        self.root.join(JOURNAL_FILE)
     }
 
     pub fn chunks_dir(&self) -> PathBuf {

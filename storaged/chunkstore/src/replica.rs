@@ -1,15 +1,16 @@
 //! One replica in memory: its open files, its lock, the two-slot checksum entries and how a
-//! block is judged against them, and the group commit of its fdatasyncs.
+//! block is judged against them, and which blocks of its data file are durably allocated.
 
+use basalt_iobuf::AlignedBuf;
 use crate::disk::ReplicaPaths;
 use crate::error::{Error, IoContext, Result};
 use basalt_types::{BlockSum, ChunkId, ChunkVersion, BLOCK_SIZE};
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 pub(crate) const BS: usize = BLOCK_SIZE as usize;
 /// Bytes of one slot (a blake3 hash).
@@ -89,30 +90,67 @@ pub(crate) struct ReplicaState {
 pub(crate) struct Replica {
     pub disk: u32,
     pub chunk: ChunkId,
+    /// Random per creation: journal records of an earlier replica with the same id (deleted
+    /// since) are not replayed onto this one.
+    pub nonce: u64,
     pub paths: ReplicaPaths,
     pub io: RwLock<ReplicaState>,
     /// Mirror of `ReplicaState::version` for lock-free `version()` and `list()`.
     pub version: AtomicU64,
     /// Open file handles; `None` when closed to bound the number of open files.
     pub files: Mutex<Option<Arc<Files>>>,
-    pub sync: GroupSync,
+    /// Blocks whose place in the data file is durably allocated. See [`Allocated`].
+    pub allocated: Mutex<Allocated>,
+    /// After a failed fdatasync the kernel may have dropped dirty state, and a later sync can
+    /// report success for something that never reached the disk, so a failure is permanent for
+    /// this replica (until the process restarts and the replica is verified again).
+    pub failed: Mutex<Option<(io::ErrorKind, String)>>,
+}
+
+/// Which blocks of the data file are known to be durably allocated.
+///
+/// `O_DIRECT` data is made durable by the journal's fdatasync, which flushes the device cache;
+/// but a write into a hole also allocates, and the file system's record of that allocation is
+/// made durable only by an fdatasync of the data file itself. So a write that touches a block
+/// not in this set fdatasyncs the data file before it is acknowledged, then adds its blocks.
+/// Not persistent: after a restart every block's first write syncs once (which also covers a
+/// block whose allocation a power loss undid). Trims clear their blocks (their holes are
+/// punched) and bump `trims`, so a sync that started before a trim cannot mark its blocks.
+#[derive(Default)]
+pub(crate) struct Allocated {
+    pub blocks: BlockSet,
+    pub trims: u64,
 }
 
 pub(crate) struct Files {
     pub data: File,
     pub sums: File,
+    /// Whether `data` was opened with `O_DIRECT` (false on file systems without it: then data
+    /// goes through the page cache and the journal fdatasyncs the data file too).
+    pub direct: bool,
+    pub data_path: PathBuf,
+    pub sums_path: PathBuf,
 }
 
 impl Replica {
-    pub fn new(disk: u32, chunk: ChunkId, paths: ReplicaPaths, chunk_size: u64, version: ChunkVersion) -> Replica {
+    pub fn new(
+        disk: u32,
+        chunk: ChunkId,
+        nonce: u64,
+        paths: ReplicaPaths,
+        chunk_size: u64,
+        version: ChunkVersion,
+    ) -> Replica {
         Replica {
             disk,
             chunk,
+            nonce,
             paths,
             io: RwLock::new(ReplicaState { chunk_size, version, deleted: false }),
             version: AtomicU64::new(version),
             files: Mutex::new(None),
-            sync: GroupSync::default(),
+            allocated: Mutex::new(Allocated::default()),
+            failed: Mutex::new(None),
         }
     }
 
@@ -124,15 +162,62 @@ impl Replica {
         self.io.write().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Refuses I/O on a replica whose fdatasync failed.
+    pub fn check(&self) -> Result<()> {
+        match &*lock(&self.failed) {
+            Some((kind, msg)) => Err(Error::io(&self.paths.data, io::Error::new(*kind, msg.clone()))),
+            None => Ok(()),
+        }
+    }
+
+    /// Makes the data file's allocation of the blocks in `runs` (first, count) durable, if
+    /// not known to be already; called after their data was written.
+    pub fn sync_allocation(&self, files: &Files, runs: &[(u64, u64)], fdatasyncs: &AtomicU64) -> Result<()> {
+        let trims = {
+            let a = lock(&self.allocated);
+            if runs.iter().all(|&(first, count)| (first..first + count).all(|b| a.blocks.contains(b))) {
+                return Ok(());
+            }
+            a.trims
+        };
+        fdatasyncs.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = files.data.sync_data() {
+            tracing::error!(path = %files.data_path.display(), error = %e, "fdatasync failed; replica refuses further I/O");
+            *lock(&self.failed) = Some((e.kind(), format!("fdatasync of {} failed: {e}", files.data_path.display())));
+            return Err(Error::io(&files.data_path, e));
+        }
+        let mut a = lock(&self.allocated);
+        if a.trims == trims {
+            for &(first, count) in runs {
+                a.blocks.insert_range(first, count);
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets the allocation of blocks whose holes are being punched. Caller holds the
+    /// replica's write lock.
+    pub fn forget_allocation(&self, first: u64, count: u64) {
+        let mut a = lock(&self.allocated);
+        a.trims += 1;
+        a.blocks.remove_range(first, count);
+    }
+
     /// Opens both files, checking that their sizes fit the chunk size (a mismatch means the
     /// files are not what the metadata says).
     pub fn open_files(&self, chunk_size: u64) -> Result<Files> {
-        let open = |p: &std::path::Path| OpenOptions::new().read(true).write(true).open(p).at(p);
-        let data = open(&self.paths.data)?;
-        let sums = open(&self.paths.sums)?;
+        let p = &self.paths;
+        let mut o = OpenOptions::new();
+        o.read(true).write(true);
+        let (data, direct) = match o.clone().custom_flags(libc::O_DIRECT).open(&p.data) {
+            Ok(f) => (f, true),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (o.open(&p.data).at(&p.data)?, false),
+            Err(e) => return Err(Error::io(&p.data, e)),
+        };
+        let sums = o.open(&p.sums).at(&p.sums)?;
         let nblocks = blocks_of(chunk_size);
-        let sums_len = sums.metadata().at(&self.paths.sums)?.len();
-        let data_len = data.metadata().at(&self.paths.data)?.len();
+        let sums_len = sums.metadata().at(&p.sums)?.len();
+        let data_len = data.metadata().at(&p.data)?.len();
         if sums_len != nblocks * ENTRY as u64 || data_len != nblocks * BLOCK_SIZE {
             return Err(Error::BadDisk(format!(
                 "replica {} on disk {}: files have {data_len}/{sums_len} bytes, expected {}/{} for a chunk of {chunk_size}",
@@ -142,131 +227,62 @@ impl Replica {
                 nblocks * ENTRY as u64
             )));
         }
-        Ok(Files { data, sums })
+        Ok(Files { data, sums, direct, data_path: p.data.clone(), sums_path: p.sums.clone() })
     }
 }
 
 impl Files {
-    pub fn read_entries(&self, paths: &ReplicaPaths, first: u64, count: u64) -> Result<Vec<u8>> {
+    pub fn read_entries(&self, first: u64, count: u64) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; count as usize * ENTRY];
-        self.sums.read_exact_at(&mut buf, first * ENTRY as u64).at(&paths.sums)?;
+        self.sums.read_exact_at(&mut buf, first * ENTRY as u64).at(&self.sums_path)?;
         Ok(buf)
     }
 
-    pub fn write_entries(&self, paths: &ReplicaPaths, first: u64, entries: &[u8]) -> Result<()> {
-        self.sums.write_all_at(entries, first * ENTRY as u64).at(&paths.sums)
+    pub fn write_entries(&self, first: u64, entries: &[u8]) -> Result<()> {
+        self.sums.write_all_at(entries, first * ENTRY as u64).at(&self.sums_path)
     }
 
-    pub fn read_data(&self, paths: &ReplicaPaths, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.data.read_exact_at(buf, offset).at(&paths.data)
+    /// Reads whole blocks at a block-aligned `offset` into a fresh buffer, aligned for
+    /// `O_DIRECT`.
+    pub fn read_blocks(&self, offset: u64, len: usize) -> Result<AlignedBuf> {
+        let mut buf = AlignedBuf::filled_later(len);
+        self.data.read_exact_at(buf.as_mut(), offset).at(&self.data_path)?;
+        Ok(buf)
     }
 
-    pub fn write_data(&self, paths: &ReplicaPaths, offset: u64, buf: &[u8]) -> Result<()> {
-        self.data.write_all_at(buf, offset).at(&paths.data)
+    /// Writes whole blocks at a block-aligned `offset` (copying them into an aligned buffer
+    /// first when `O_DIRECT` needs it).
+    pub fn write_data(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        if self.direct && !AlignedBuf::is_aligned(buf) {
+            let copy = AlignedBuf::copy_of(buf);
+            return self.data.write_all_at(copy.as_ref(), offset).at(&self.data_path);
+        }
+        self.data.write_all_at(buf, offset).at(&self.data_path)
     }
 
     /// Makes `[offset, offset+len)` of the data file read as zeros, freeing the space where the
     /// file system can.
-    pub fn zero_data(&self, paths: &ReplicaPaths, offset: u64, len: u64) -> Result<()> {
+    pub fn zero_data(&self, offset: u64, len: u64) -> Result<()> {
         use nix::fcntl::{fallocate, FallocateFlags};
-        use std::os::fd::AsRawFd;
         if len == 0 {
             return Ok(());
         }
         let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
-        match fallocate(self.data.as_raw_fd(), flags, offset as libc::off_t, len as libc::off_t) {
+        match fallocate(std::os::fd::AsRawFd::as_raw_fd(&self.data), flags, offset as libc::off_t, len as libc::off_t) {
             Ok(()) => Ok(()),
             Err(nix::errno::Errno::EOPNOTSUPP) => {
                 // No hole punching here: write the zeros. The sums already say "unwritten",
                 // which is what readers go by; zeros keep the data consistent with that.
-                let zeros = vec![0u8; (len as usize).min(1 << 20)];
+                let zeros = AlignedBuf::zeroed((len as usize).min(1 << 20));
                 let mut done = 0u64;
                 while done < len {
-                    let n = (len - done).min(zeros.len() as u64) as usize;
-                    self.write_data(paths, offset + done, &zeros[..n])?;
+                    let n = (len - done).min(zeros.as_ref().len() as u64) as usize;
+                    self.write_data(offset + done, &zeros.as_ref()[..n])?;
                     done += n as u64;
                 }
                 Ok(())
             }
-            Err(e) => Err(Error::io(&paths.data, io::Error::from(e))),
-        }
-    }
-}
-
-/// Group commit of a replica's fdatasyncs. A writer takes a ticket after its pwrites; the first
-/// writer to find no sync running syncs on behalf of every ticket issued so far, and writers
-/// arriving meanwhile wait for the next round, which covers all of them at once. Thus with N
-/// concurrent writers the disk sees about two syncs per flush round instead of 2N in a row.
-#[derive(Default)]
-pub(crate) struct GroupSync {
-    state: Mutex<SyncState>,
-    done: Condvar,
-}
-
-#[derive(Default)]
-struct SyncState {
-    issued: u64,
-    synced: u64,
-    in_flight: bool,
-    /// After a failed fdatasync the kernel may have dropped the dirty pages and a later sync
-    /// can report success for data that never reached the disk, so a failure is permanent
-    /// for this replica (until the process restarts and the replica is verified again).
-    failed: Option<(io::ErrorKind, String)>,
-}
-
-pub(crate) struct SyncCounters<'a> {
-    pub fdatasyncs: &'a AtomicU64,
-    /// Extra latency per flush, used by tests to stand in for a slow disk.
-    pub latency: Duration,
-}
-
-impl GroupSync {
-    pub fn check(&self, paths: &ReplicaPaths) -> Result<()> {
-        match &lock(&self.state).failed {
-            Some((kind, msg)) => Err(Error::io(&paths.data, io::Error::new(*kind, msg.clone()))),
-            None => Ok(()),
-        }
-    }
-
-    /// Returns once everything written to `files` before the call is durable.
-    pub fn sync(&self, files: &Files, paths: &ReplicaPaths, counters: &SyncCounters<'_>) -> Result<()> {
-        let mut st = lock(&self.state);
-        st.issued += 1;
-        let ticket = st.issued;
-        loop {
-            if let Some((kind, msg)) = &st.failed {
-                return Err(Error::io(&paths.data, io::Error::new(*kind, msg.clone())));
-            }
-            if st.synced >= ticket {
-                return Ok(());
-            }
-            if st.in_flight {
-                st = self.done.wait(st).unwrap_or_else(|p| p.into_inner());
-                continue;
-            }
-            // Lead a round for every ticket issued so far (their pwrites are all done).
-            let target = st.issued;
-            st.in_flight = true;
-            drop(st);
-            if !counters.latency.is_zero() {
-                std::thread::sleep(counters.latency);
-            }
-            counters.fdatasyncs.fetch_add(2, Ordering::Relaxed);
-            let res = files
-                .sums
-                .sync_data()
-                .map_err(|e| (e, &paths.sums))
-                .and_then(|()| files.data.sync_data().map_err(|e| (e, &paths.data)));
-            st = lock(&self.state);
-            st.in_flight = false;
-            match res {
-                Ok(()) => st.synced = st.synced.max(target),
-                Err((e, path)) => {
-                    tracing::error!(path = %path.display(), error = %e, "fdatasync failed; replica refuses further I/O");
-                    st.failed = Some((e.kind(), format!("fdatasync of {} failed: {e}", path.display())));
-                }
-            }
-            self.done.notify_all();
+            Err(e) => Err(Error::io(&self.data_path, io::Error::from(e))),
         }
     }
 }
@@ -286,6 +302,14 @@ impl BlockSet {
                 self.words.resize(w + 1, 0);
             }
             self.words[w] |= 1 << bit;
+        }
+    }
+
+    pub fn remove_range(&mut self, first: u64, count: u64) {
+        for b in first..first + count {
+            if let Some(w) = self.words.get_mut((b / 64) as usize) {
+                *w &= !(1 << (b % 64));
+            }
         }
     }
 

@@ -1,19 +1,23 @@
 //! `ChunkStore`: the replicas of every data disk of this node, their versions, and the volume
 //! epochs. The async methods run their file I/O on tokio's blocking pool.
 
+use basalt_iobuf::AlignedBuf;
 use crate::disk::{fsync_dir, write_meta, Disk, ReplicaMeta};
 use crate::error::{Error, IoContext, Result};
+use crate::journal::{self, Journal, Record};
 use crate::replica::{
-    blocks_of, classify, lock, set_entry, sum_at, BlockSet, BlockState, Files, Replica, ReplicaState, SyncCounters,
-    BS, ZERO_SUM,
+    blocks_of, classify, lock, set_entry, sum_at, BlockSet, BlockState, Files, Replica, ReplicaState, BS, ENTRY,
+    ZERO_SUM,
 };
 use basalt_types::{BlockSum, ChunkId, ChunkVersion, DiskUsage, Epoch, VolumeId, BLOCK_SIZE};
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
-use std::fs::{self, File};
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+#[cfg(test)]
 use std::time::Duration;
 
 /// Blocks verified per step by whole-replica walks (sums, scrub), so writers to the same
@@ -26,11 +30,14 @@ pub struct Config {
     /// Replicas whose two files stay open at once; older ones are closed (and reopened on the
     /// next access) beyond this. Default 4096 (8192 descriptors).
     pub max_open_replicas: usize,
+    /// Size of each disk's journal ring (see the `journal` module). Default 128 MiB; a
+    /// journal keeps the size it was created with.
+    pub journal_bytes: u64,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config { max_open_replicas: 4096 }
+        Config { max_open_replicas: 4096, journal_bytes: journal::DEFAULT_RING }
     }
 }
 
@@ -45,7 +52,7 @@ pub struct DiskIdentity {
 /// Counters for metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
-    /// fdatasync calls made on replica files.
+    /// fdatasync calls made on replica and journal files.
     pub fdatasyncs: u64,
     pub open_replicas: u64,
 }
@@ -70,7 +77,10 @@ pub(crate) struct Inner {
     /// `begin_sync`. Updated under the replica's write lock by client writes, read under it by
     /// `write_blocks`, so a copied block never lands on top of a newer client write.
     syncing: Mutex<HashMap<(u32, ChunkId), BlockSet>>,
-    fdatasyncs: AtomicU64,
+    /// One per disk, same order as `disks`. Declared after `replicas` so that, on drop, the
+    /// committers finish before the files they sync are closed.
+    journals: Vec<Journal>,
+    fdatasyncs: Arc<AtomicU64>,
     #[cfg(test)]
     pub(crate) hooks: TestHooks,
 }
@@ -78,10 +88,12 @@ pub(crate) struct Inner {
 #[cfg(test)]
 #[derive(Default)]
 pub(crate) struct TestHooks {
-    pub sync_latency: Mutex<Duration>,
     /// Makes the next write stop right after its sums pwrite, as if the process were killed.
     pub crash_after_sums: std::sync::atomic::AtomicBool,
 }
+
+/// What a mutation leaves for the journal: the sum entries it wrote, to be made durable.
+type Journalled = Option<(Arc<Files>, Record)>;
 
 fn check_range(offset: u64, len: u64, chunk_size: u64) -> Result<()> {
     match offset.checked_add(len) {
@@ -134,6 +146,14 @@ impl ChunkStore {
             .collect()
     }
 
+    /// Waits until `rec` (already in `files`' sums file) is durable in the disk's journal.
+    async fn journal(&self, disk: u32, pending: Journalled) -> Result<()> {
+        match pending {
+            Some((files, rec)) => self.inner.journal(disk)?.commit(rec, files).await,
+            None => Ok(()),
+        }
+    }
+
     pub fn stats(&self) -> Stats {
         let open = lock(&self.inner.replicas).values().filter(|r| lock(&r.files).is_some()).count();
         Stats { fdatasyncs: self.inner.fdatasyncs.load(Ordering::Relaxed), open_replicas: open as u64 }
@@ -184,7 +204,8 @@ impl ChunkStore {
     ) -> Result<()> {
         check_range(offset, data.len() as u64, chunk_size)?;
         let _epoch = self.admit(chunk.volume, epoch).await?;
-        self.blocking(move |inner| inner.write(disk, chunk, chunk_size, version, offset, &data)).await
+        let pending = self.blocking(move |inner| inner.write(disk, chunk, chunk_size, version, offset, &data)).await?;
+        self.journal(disk, pending).await
     }
 
     /// Reads `len` bytes at `offset`, every touched block verified.
@@ -279,7 +300,7 @@ impl ChunkStore {
             if !batch.bad.is_empty() {
                 return Err(Error::Corrupt { chunk, blocks: batch.bad });
             }
-            Ok((batch.sums, Bytes::from(batch.data.unwrap_or_default())))
+            Ok((batch.sums, batch.data.unwrap_or_default()))
         })
         .await
     }
@@ -301,10 +322,13 @@ impl ChunkStore {
         skip: &(dyn Fn(u64) -> bool + Sync),
     ) -> Result<u64> {
         let wanted: Vec<bool> = (0..sums.len() as u64).map(|i| !skip(first_block + i)).collect();
-        self.blocking(move |inner| {
-            inner.write_blocks(disk, chunk, chunk_size, version, first_block, &sums, &data, &wanted)
-        })
-        .await
+        let (written, pending) = self
+            .blocking(move |inner| {
+                inner.write_blocks(disk, chunk, chunk_size, version, first_block, &sums, &data, &wanted)
+            })
+            .await?;
+        self.journal(disk, pending).await?;
+        Ok(written)
     }
 
     /// Creates an empty replica (every block unwritten) at `version`, or raises an existing
@@ -341,7 +365,8 @@ impl ChunkStore {
         len: u64,
     ) -> Result<()> {
         let _epoch = self.admit(chunk.volume, epoch).await?;
-        self.blocking(move |inner| inner.trim(disk, chunk, version, offset, len)).await
+        let pending = self.blocking(move |inner| inner.trim(disk, chunk, version, offset, len)).await?;
+        self.journal(disk, pending).await
     }
 
     /// Deletes a replica; succeeds if it does not exist.
@@ -442,6 +467,14 @@ impl ChunkStore {
     pub(crate) fn inner(&self) -> &Inner {
         &self.inner
     }
+
+    /// Makes every journal commit take `latency` longer, standing in for a slow disk.
+    #[cfg(test)]
+    pub(crate) fn set_sync_latency(&self, latency: Duration) {
+        for j in &self.inner.journals {
+            j.set_latency(latency);
+        }
+    }
 }
 
 pub(crate) struct ScrubStep {
@@ -456,7 +489,7 @@ struct Batch {
     sums: Vec<BlockSum>,
     bad: Vec<u64>,
     /// The blocks' data (unwritten blocks zeroed), when asked for.
-    data: Option<Vec<u8>>,
+    data: Option<Bytes>,
     bytes_read: u64,
 }
 
@@ -475,6 +508,8 @@ impl Inner {
             .collect::<Result<Vec<_>>>()?;
         let mut epochs: HashMap<VolumeId, Epoch> = HashMap::new();
         let mut replicas = HashMap::new();
+        let mut journals = Vec::with_capacity(disks.len());
+        let fdatasyncs = Arc::new(AtomicU64::new(0));
         for d in &disks {
             // Every disk keeps every epoch, so losing a disk loses no fencing record.
             for (volume, epoch) in d.load_epochs()? {
@@ -483,9 +518,13 @@ impl Inner {
             }
             for found in d.scan()? {
                 let paths = d.replica_paths(found.chunk);
-                let rep = Replica::new(d.index, found.chunk, paths, found.meta.chunk_size, found.meta.version);
+                let m = found.meta;
+                let rep = Replica::new(d.index, found.chunk, m.nonce, paths, m.chunk_size, m.version);
                 replicas.insert((d.index, found.chunk), Arc::new(rep));
             }
+            let opened = journal::Opened::open(&d.journal_path(), config.journal_bytes)?;
+            replay(d, &opened.records, &replicas)?;
+            journals.push(opened.start(fdatasyncs.clone())?);
         }
         tracing::info!(disks = disks.len(), replicas = replicas.len(), volumes = epochs.len(), "chunk store opened");
         Ok(Inner {
@@ -496,7 +535,8 @@ impl Inner {
             open_lru: Mutex::new(VecDeque::new()),
             max_open: config.max_open_replicas.max(1),
             syncing: Mutex::new(HashMap::new()),
-            fdatasyncs: AtomicU64::new(0),
+            journals,
+            fdatasyncs,
             #[cfg(test)]
             hooks: TestHooks::default(),
         })
@@ -513,12 +553,8 @@ impl Inner {
         Ok(())
     }
 
-    fn counters(&self) -> SyncCounters<'_> {
-        #[cfg(test)]
-        let latency = *lock(&self.hooks.sync_latency);
-        #[cfg(not(test))]
-        let latency = Duration::ZERO;
-        SyncCounters { fdatasyncs: &self.fdatasyncs, latency }
+    fn journal(&self, disk: u32) -> Result<&Journal> {
+        self.journals.get(disk as usize).ok_or(Error::UnknownDisk(disk))
     }
 
     fn lookup(&self, disk: u32, chunk: ChunkId) -> Result<Arc<Replica>> {
@@ -548,9 +584,10 @@ impl Inner {
             f.set_len(len).at(path)?;
             f.sync_all().at(path)?;
         }
-        write_meta(&paths, &ReplicaMeta { version, chunk_size })?;
+        let nonce = rand::random::<u64>().max(1);
+        write_meta(&paths, &ReplicaMeta { version, chunk_size, nonce })?;
         tracing::debug!(disk, %chunk, chunk_size, version, "replica created");
-        let rep = Arc::new(Replica::new(disk, chunk, paths, chunk_size, version));
+        let rep = Arc::new(Replica::new(disk, chunk, nonce, paths, chunk_size, version));
         lock(&self.replicas).insert((disk, chunk), rep.clone());
         Ok(rep)
     }
@@ -581,7 +618,7 @@ impl Inner {
     }
 
     fn raise_version(rep: &Replica, st: &mut ReplicaState, version: ChunkVersion) -> Result<()> {
-        write_meta(&rep.paths, &ReplicaMeta { version, chunk_size: st.chunk_size })?;
+        write_meta(&rep.paths, &ReplicaMeta { version, chunk_size: st.chunk_size, nonce: rep.nonce })?;
         st.version = version;
         rep.version.store(version, Ordering::Release);
         tracing::debug!(disk = rep.disk, chunk = %rep.chunk, version, "replica version raised");
@@ -611,7 +648,8 @@ impl Inner {
         // A delete racing with us leaves `deleted` set; look up (and create) again.
         for _ in 0..3 {
             let rep = self.get_or_create(disk, chunk, chunk_size, version)?;
-            rep.sync.check(&rep.paths)?;
+            rep.check()?;
+            self.journal(disk)?.check()?;
             let mut st = rep.write_state();
             if st.deleted {
                 continue;
@@ -634,7 +672,15 @@ impl Inner {
         Err(Error::NotFound { disk, chunk })
     }
 
-    fn write(&self, disk: u32, chunk: ChunkId, chunk_size: u64, version: ChunkVersion, offset: u64, data: &[u8]) -> Result<()> {
+    fn write(
+        &self,
+        disk: u32,
+        chunk: ChunkId,
+        chunk_size: u64,
+        version: ChunkVersion,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<Journalled> {
         let len = data.len() as u64;
         // Hash the whole blocks before taking the lock; only edge blocks need the old data.
         let full: Vec<BlockSum> = if len == 0 {
@@ -649,44 +695,52 @@ impl Inner {
                 })
                 .collect()
         };
-        let (rep, files, ()) = self.for_update(disk, chunk, chunk_size, version, |rep, files| {
-            if len > 0 {
-                self.write_locked(rep, files, offset, data, &full)?;
-                let (first, n) = block_span(offset, len);
-                self.mark_client_write(disk, chunk, first, n);
+        let (rep, files, entries) = self.for_update(disk, chunk, chunk_size, version, |rep, files| {
+            if len == 0 {
+                return Ok(None);
             }
-            Ok(())
+            let entries = self.write_locked(rep, files, offset, data, &full)?;
+            let (first, n) = block_span(offset, len);
+            self.mark_client_write(disk, chunk, first, n);
+            Ok(Some(entries))
         })?;
-        if len == 0 {
-            return Ok(());
-        }
-        rep.sync.sync(&files, &rep.paths, &self.counters())
+        let Some(entries) = entries else { return Ok(None) };
+        let (first, n) = block_span(offset, len);
+        rep.sync_allocation(&files, &[(first, n)], &self.fdatasyncs)?;
+        Ok(Some((files, Record { volume: chunk.volume, index: chunk.index, nonce: rep.nonce, first, entries })))
     }
 
     /// Reads block `b` (entry `i` of `entries`) for a read-modify-write: its verified contents
     /// and the sum describing them.
-    fn load_block(rep: &Replica, files: &Files, entries: &[u8], i: usize, b: u64) -> Result<(Vec<u8>, BlockSum)> {
-        let mut block = vec![0u8; BS];
+    fn load_block(rep: &Replica, files: &Files, entries: &[u8], i: usize, b: u64) -> Result<(AlignedBuf, BlockSum)> {
         if sum_at(entries, i, 0) == ZERO_SUM && sum_at(entries, i, 1) == ZERO_SUM {
-            return Ok((block, ZERO_SUM));
+            return Ok((AlignedBuf::zeroed(BS), ZERO_SUM));
         }
-        files.read_data(&rep.paths, b * BLOCK_SIZE, &mut block)?;
-        match classify(entries, i, &block) {
+        let block = files.read_blocks(b * BLOCK_SIZE, BS)?;
+        match classify(entries, i, block.as_ref()) {
             (BlockState::Corrupt, _) => {
                 tracing::warn!(disk = rep.disk, chunk = %rep.chunk, block = b, "corrupt block under a partial write");
                 Err(Error::Corrupt { chunk: rep.chunk, blocks: vec![b] })
             }
-            (BlockState::Unwritten, _) => Ok((vec![0u8; BS], ZERO_SUM)),
+            (BlockState::Unwritten, _) => Ok((AlignedBuf::zeroed(BS), ZERO_SUM)),
             (_, sum) => Ok((block, sum)),
         }
     }
 
-    /// The write proper, under the replica's write lock: new sums first, then the data.
-    fn write_locked(&self, rep: &Replica, files: &Files, offset: u64, data: &[u8], full: &[BlockSum]) -> Result<()> {
+    /// The write proper, under the replica's write lock: new sums first (page cache), then the
+    /// data (in place). Returns the new entries of the touched blocks, for the journal.
+    fn write_locked(
+        &self,
+        rep: &Replica,
+        files: &Files,
+        offset: u64,
+        data: &[u8],
+        full: &[BlockSum],
+    ) -> Result<Vec<u8>> {
         let len = data.len() as u64;
         let (first, n) = block_span(offset, len);
-        let mut entries = files.read_entries(&rep.paths, first, n)?;
-        let mut edges: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut entries = files.read_entries(first, n)?;
+        let mut edges: Vec<(u64, AlignedBuf)> = Vec::new();
         let mut full_sums = full.iter();
         for i in 0..n as usize {
             let b = first + i as u64;
@@ -698,16 +752,16 @@ impl Inner {
                 let start = b * BLOCK_SIZE;
                 let lo = offset.max(start);
                 let hi = (offset + len).min(start + BLOCK_SIZE);
-                block[(lo - start) as usize..(hi - start) as usize]
+                block.as_mut()[(lo - start) as usize..(hi - start) as usize]
                     .copy_from_slice(&data[(lo - offset) as usize..(hi - offset) as usize]);
-                let sum = *blake3::hash(&block).as_bytes();
+                let sum = *blake3::hash(block.as_ref()).as_bytes();
                 edges.push((b, block));
                 // The sum of what is on disk now, so an interrupted write still verifies.
                 (sum, old)
             };
             set_entry(&mut entries, i, &new_sum, &prev);
         }
-        files.write_entries(&rep.paths, first, &entries)?;
+        files.write_entries(first, &entries)?;
         #[cfg(test)]
         if self.hooks.crash_after_sums.swap(false, Ordering::SeqCst) {
             return Err(Error::BadDisk("simulated crash after the sums pwrite".into()));
@@ -717,17 +771,17 @@ impl Inner {
         if let Some(ff) = full_first {
             let count = full.len() as u64;
             let at = (ff * BLOCK_SIZE - offset) as usize;
-            files.write_data(&rep.paths, ff * BLOCK_SIZE, &data[at..at + (count * BLOCK_SIZE) as usize])?;
+            files.write_data(ff * BLOCK_SIZE, &data[at..at + (count * BLOCK_SIZE) as usize])?;
         }
         for (b, block) in &edges {
-            files.write_data(&rep.paths, b * BLOCK_SIZE, block)?;
+            files.write_data(b * BLOCK_SIZE, block.as_ref())?;
         }
-        Ok(())
+        Ok(entries)
     }
 
     fn read(&self, disk: u32, chunk: ChunkId, version: ChunkVersion, offset: u64, len: u64) -> Result<Bytes> {
         let rep = self.lookup(disk, chunk)?;
-        rep.sync.check(&rep.paths)?;
+        rep.check()?;
         let st = rep.read_state();
         if st.deleted {
             return Err(Error::NotFound { disk, chunk });
@@ -741,13 +795,12 @@ impl Inner {
         }
         let files = self.files(&rep, st.chunk_size)?;
         let (first, n) = block_span(offset, len);
-        let entries = files.read_entries(&rep.paths, first, n)?;
-        let mut buf = vec![0u8; (n * BLOCK_SIZE) as usize];
-        files.read_data(&rep.paths, first * BLOCK_SIZE, &mut buf)?;
+        let entries = files.read_entries(first, n)?;
+        let mut buf = files.read_blocks(first * BLOCK_SIZE, (n * BLOCK_SIZE) as usize)?;
         drop(st);
         // Verify outside the lock: the sums and data read under it are consistent.
         let mut bad = Vec::new();
-        for (i, block) in buf.chunks_exact_mut(BS).enumerate() {
+        for (i, block) in buf.as_mut().chunks_exact_mut(BS).enumerate() {
             match classify(&entries, i, block).0 {
                 BlockState::Unwritten => block.fill(0),
                 BlockState::Corrupt => bad.push(first + i as u64),
@@ -759,7 +812,7 @@ impl Inner {
             return Err(Error::Corrupt { chunk, blocks: bad });
         }
         let start = (offset - first * BLOCK_SIZE) as usize;
-        Ok(Bytes::from(buf).slice(start..start + len as usize))
+        Ok(buf.into_bytes().slice(start..start + len as usize))
     }
 
     fn check_batch(&self, rep: &Arc<Replica>, first: u64, count: u64, keep_data: bool) -> Result<Batch> {
@@ -768,18 +821,20 @@ impl Inner {
             return Err(Error::NotFound { disk: rep.disk, chunk: rep.chunk });
         }
         let files = self.files(rep, st.chunk_size)?;
-        let entries = files.read_entries(&rep.paths, first, count)?;
+        let entries = files.read_entries(first, count)?;
         let any_written = entries.iter().any(|&b| b != 0);
-        let mut data = vec![0u8; (count * BLOCK_SIZE) as usize];
+        let size = (count * BLOCK_SIZE) as usize;
         let mut bytes_read = 0;
-        if any_written {
-            files.read_data(&rep.paths, first * BLOCK_SIZE, &mut data)?;
-            bytes_read = data.len() as u64;
-        }
+        let mut data = if any_written {
+            bytes_read = size as u64;
+            files.read_blocks(first * BLOCK_SIZE, size)?
+        } else {
+            AlignedBuf::zeroed(size)
+        };
         drop(st);
         let mut sums = Vec::with_capacity(count as usize);
         let mut bad = Vec::new();
-        for (i, block) in data.chunks_exact_mut(BS).enumerate() {
+        for (i, block) in data.as_mut().chunks_exact_mut(BS).enumerate() {
             let (state, sum) = classify(&entries, i, block);
             match state {
                 BlockState::Unwritten => block.fill(0),
@@ -791,7 +846,7 @@ impl Inner {
         if !bad.is_empty() {
             tracing::warn!(disk = rep.disk, chunk = %rep.chunk, blocks = ?bad, "verification found corrupt blocks");
         }
-        Ok(Batch { sums, bad, data: keep_data.then_some(data), bytes_read })
+        Ok(Batch { sums, bad, data: keep_data.then(|| data.into_bytes()), bytes_read })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -805,7 +860,7 @@ impl Inner {
         sums: &[BlockSum],
         data: &[u8],
         wanted: &[bool],
-    ) -> Result<u64> {
+    ) -> Result<(u64, Journalled)> {
         let n = sums.len() as u64;
         if data.len() as u64 != n * BLOCK_SIZE || first.checked_add(n).is_none_or(|end| end > blocks_of(chunk_size)) {
             return Err(Error::OutOfRange {
@@ -815,7 +870,7 @@ impl Inner {
             });
         }
         if n == 0 {
-            return Ok(0);
+            return Ok((0, None));
         }
         // The copy must be what its source verified; refuse blocks damaged on the way.
         let bad: Vec<u64> = (0..n as usize)
@@ -825,7 +880,7 @@ impl Inner {
         if !bad.is_empty() {
             return Err(Error::Corrupt { chunk, blocks: bad });
         }
-        let (rep, files, written) = self.for_update(disk, chunk, chunk_size, version, |rep, files| {
+        let (rep, files, done) = self.for_update(disk, chunk, chunk_size, version, |rep, files| {
             let write: Vec<bool> = {
                 let syncing = lock(&self.syncing);
                 let dirty = syncing.get(&(disk, chunk));
@@ -833,9 +888,9 @@ impl Inner {
             };
             let written = write.iter().filter(|&&w| w).count() as u64;
             if written == 0 {
-                return Ok(0);
+                return Ok(None);
             }
-            let mut entries = files.read_entries(&rep.paths, first, n)?;
+            let mut entries = files.read_entries(first, n)?;
             for i in (0..n as usize).filter(|&i| write[i]) {
                 if sums[i] == ZERO_SUM {
                     set_entry(&mut entries, i, &ZERO_SUM, &ZERO_SUM);
@@ -844,8 +899,9 @@ impl Inner {
                     set_entry(&mut entries, i, &sums[i], &cur);
                 }
             }
-            files.write_entries(&rep.paths, first, &entries)?;
+            files.write_entries(first, &entries)?;
             // Runs of blocks to write, each one pwrite (or one hole punch for unwritten ones).
+            let mut runs = Vec::new();
             let mut i = 0usize;
             while i < n as usize {
                 if !write[i] {
@@ -859,21 +915,23 @@ impl Inner {
                 }
                 let at = (first + i as u64) * BLOCK_SIZE;
                 if zero {
-                    files.zero_data(&rep.paths, at, ((j - i) * BS) as u64)?;
+                    rep.forget_allocation(first + i as u64, (j - i) as u64);
+                    files.zero_data(at, ((j - i) * BS) as u64)?;
                 } else {
-                    files.write_data(&rep.paths, at, &data[i * BS..j * BS])?;
+                    files.write_data(at, &data[i * BS..j * BS])?;
+                    runs.push((first + i as u64, (j - i) as u64));
                 }
                 i = j;
             }
-            Ok(written)
+            Ok(Some((written, entries, runs)))
         })?;
-        if written > 0 {
-            rep.sync.sync(&files, &rep.paths, &self.counters())?;
-        }
-        Ok(written)
+        let Some((written, entries, runs)) = done else { return Ok((0, None)) };
+        rep.sync_allocation(&files, &runs, &self.fdatasyncs)?;
+        let rec = Record { volume: chunk.volume, index: chunk.index, nonce: rep.nonce, first, entries };
+        Ok((written, Some((files, rec))))
     }
 
-    fn trim(&self, disk: u32, chunk: ChunkId, version: ChunkVersion, offset: u64, len: u64) -> Result<()> {
+    fn trim(&self, disk: u32, chunk: ChunkId, version: ChunkVersion, offset: u64, len: u64) -> Result<Journalled> {
         let rep = match self.lookup(disk, chunk) {
             Ok(rep) => rep,
             Err(Error::NotFound { .. }) => {
@@ -887,16 +945,17 @@ impl Inner {
                             let (first, n) = block_span(offset, len);
                             self.mark_client_write(disk, chunk, first, n);
                         }
-                        return Ok(());
+                        return Ok(None);
                     }
                 }
             }
             Err(e) => return Err(e),
         };
-        rep.sync.check(&rep.paths)?;
+        rep.check()?;
+        self.journal(disk)?.check()?;
         let mut st = rep.write_state();
         if st.deleted {
-            return Ok(());
+            return Ok(None);
         }
         if version < st.version {
             return Err(Error::StaleVersion { have: st.version, got: version });
@@ -906,12 +965,12 @@ impl Inner {
             Self::raise_version(&rep, &mut st, version)?;
         }
         if len == 0 {
-            return Ok(());
+            return Ok(None);
         }
         let files = self.files(&rep, st.chunk_size)?;
         let (first, n) = block_span(offset, len);
-        let mut entries = files.read_entries(&rep.paths, first, n)?;
-        let mut edges: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut entries = files.read_entries(first, n)?;
+        let mut edges: Vec<(u64, AlignedBuf)> = Vec::new();
         let mut full: Option<(u64, u64)> = None;
         for i in 0..n as usize {
             let b = first + i as u64;
@@ -927,20 +986,23 @@ impl Inner {
             let start = b * BLOCK_SIZE;
             let lo = offset.max(start);
             let hi = (offset + len).min(start + BLOCK_SIZE);
-            block[(lo - start) as usize..(hi - start) as usize].fill(0);
-            set_entry(&mut entries, i, blake3::hash(&block).as_bytes(), &old);
+            block.as_mut()[(lo - start) as usize..(hi - start) as usize].fill(0);
+            set_entry(&mut entries, i, blake3::hash(block.as_ref()).as_bytes(), &old);
             edges.push((b, block));
         }
-        files.write_entries(&rep.paths, first, &entries)?;
+        files.write_entries(first, &entries)?;
         if let Some((s, e)) = full {
-            files.zero_data(&rep.paths, s * BLOCK_SIZE, (e - s) * BLOCK_SIZE)?;
+            rep.forget_allocation(s, e - s);
+            files.zero_data(s * BLOCK_SIZE, (e - s) * BLOCK_SIZE)?;
         }
         for (b, block) in &edges {
-            files.write_data(&rep.paths, b * BLOCK_SIZE, block)?;
+            files.write_data(b * BLOCK_SIZE, block.as_ref())?;
         }
         self.mark_client_write(disk, chunk, first, n);
         drop(st);
-        rep.sync.sync(&files, &rep.paths, &self.counters())
+        let runs: Vec<(u64, u64)> = edges.iter().map(|(b, _)| (*b, 1)).collect();
+        rep.sync_allocation(&files, &runs, &self.fdatasyncs)?;
+        Ok(Some((files, Record { volume: chunk.volume, index: chunk.index, nonce: rep.nonce, first, entries })))
     }
 
     fn delete(&self, disk: u32, chunk: ChunkId) -> Result<()> {
@@ -968,4 +1030,39 @@ impl Inner {
         tracing::debug!(disk, %chunk, "replica deleted");
         Ok(())
     }
+}
+
+/// Re-applies journal records to the sums files of the replicas they belong to, and makes
+/// those files durable, before the journal's tail moves past the records.
+fn replay(d: &Disk, records: &[Record], replicas: &HashMap<(u32, ChunkId), Arc<Replica>>) -> Result<()> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    let mut touched: HashMap<PathBuf, File> = HashMap::new();
+    let mut applied = 0usize;
+    for r in records {
+        let chunk = ChunkId { volume: r.volume, index: r.index };
+        let Some(rep) = replicas.get(&(d.index, chunk)) else { continue };
+        if rep.nonce != r.nonce {
+            continue;
+        }
+        let nblocks = blocks_of(rep.read_state().chunk_size);
+        let count = (r.entries.len() / ENTRY) as u64;
+        if r.first.checked_add(count).is_none_or(|end| end > nblocks) {
+            tracing::warn!(disk = d.index, %chunk, first = r.first, count, "journal record past the end of its replica; ignored");
+            continue;
+        }
+        let path = rep.paths.sums.clone();
+        let file = match touched.entry(path.clone()) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(OpenOptions::new().write(true).open(&path).at(&path)?),
+        };
+        file.write_all_at(&r.entries, r.first * ENTRY as u64).at(&path)?;
+        applied += 1;
+    }
+    for (path, file) in &touched {
+        file.sync_data().at(path)?;
+    }
+    tracing::info!(disk = d.index, records = records.len(), applied, replicas = touched.len(), "journal replayed");
+    Ok(())
 }

@@ -186,10 +186,11 @@ where
                 }
             } else {
                 bytes_permit = Some(acquire(&budget, units(req.length)).await?);
-                let mut buf = BytesMut::zeroed(req.length as usize);
+                // Page-aligned and pooled: the data can go to an O_DIRECT replica file as it is.
+                let mut buf = basalt_iobuf::AlignedBuf::filled_later(req.length as usize);
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
-                    r = reader.read_exact(&mut buf) => match r {
+                    r = reader.read_exact(buf.as_mut()) => match r {
                         Ok(_) => {}
                         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                             debug!("client closed the connection inside a write payload");
@@ -198,7 +199,7 @@ where
                         Err(e) => return Err(e.into()),
                     },
                 }
-                payload = Some(buf.freeze());
+                payload = Some(buf.into_bytes());
             }
         } else if req.command == proto::CMD_READ && req.length <= ctx.max_payload {
             bytes_permit = Some(acquire(&budget, units(req.length)).await?);

@@ -1,0 +1,540 @@
+//! The per-disk journal: makes the block sums of every write durable with one group-committed
+//! write and one fdatasync per batch, shared by every replica on the disk.
+//!
+//! A write updates its replica's `.sums` file through the page cache (so a killed process
+//! leaves it visible to the next one) and writes its data in place with `O_DIRECT`; then it
+//! hands the new sum entries to this journal and waits. The committer thread takes every record
+//! queued meanwhile, writes them as one *commit* with `O_DIRECT`, and fdatasyncs the journal.
+//! That fdatasync also flushes the device's write cache, which makes the `O_DIRECT` data writes
+//! that completed before it durable too. The `.sums` files themselves are fdatasynced only at
+//! a *checkpoint*, when half of the ring is in use: after it, their records are no longer needed.
+//!
+//! # File layout (`journal` in the disk's directory)
+//!
+//! - bytes `0..4096`: the superblock — magic, format, ring size, and the *tail*: the log
+//!   position from which replay starts. Rewritten (and fdatasynced) by each checkpoint.
+//! - bytes `4096..4096 + ring`: the ring. Log positions (LSNs) grow forever; position `p` lives
+//!   at `4096 + p % ring`. Every commit starts at a multiple of 4 KiB and is padded to one.
+//!
+//! A commit: a 32-byte header (magic, kind, LSN, length, record count, CRC32C of the whole
+//! padded commit with the CRC field zero), then its records. A commit that would cross the end
+//! of the ring is preceded by a *wrap* commit (header only) that skips to the ring's start.
+//! Record: volume, chunk index, replica nonce, first block, entry count, then the entries
+//! (64 bytes per block: current sum, previous sum).
+//!
+//! # Replay
+//!
+//! At open, commits are read from the tail while they are valid (right magic and LSN, CRC
+//! matches); the first invalid one is the end (a commit from an older lap has another LSN; a
+//! torn one fails its CRC; it was never acknowledged). Records are re-applied to the `.sums`
+//! files of replicas that still exist with the same nonce (a replica deleted and created again
+//! gets a new one), those files are fdatasynced, and the tail moves to the end.
+
+use basalt_iobuf::{AlignedBuf, ALIGN};
+use crate::error::{Error, IoContext, Result};
+use crate::replica::{lock, Files};
+use basalt_types::VolumeId;
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+const SUPER_MAGIC: &[u8; 8] = b"BSLTJRN1";
+const COMMIT_MAGIC: u32 = 0x4a43_4231; // "1BCJ"
+const KIND_RECORDS: u32 = 1;
+const KIND_WRAP: u32 = 2;
+const HEADER: usize = 32;
+const RECORD_HEADER: usize = 40;
+const ENTRY: usize = crate::replica::ENTRY;
+const AREA: u64 = ALIGN as u64;
+
+/// Smallest ring accepted: a few maximal commits must fit.
+pub const MIN_RING: u64 = 8 << 20;
+/// Largest ring accepted (a wrap record's length field is 32 bits).
+pub const MAX_RING: u64 = 1 << 30;
+/// Default ring size per disk.
+pub const DEFAULT_RING: u64 = 128 << 20;
+
+/// The new sum entries of a run of blocks of one replica.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Record {
+    pub volume: VolumeId,
+    pub index: u64,
+    pub nonce: u64,
+    pub first: u64,
+    pub entries: Vec<u8>,
+}
+
+impl Record {
+    fn encoded_len(&self) -> usize {
+        RECORD_HEADER + self.entries.len()
+    }
+}
+
+/// Why the journal stopped; every later write on the disk fails with it. After a failed
+/// fdatasync the kernel may have dropped dirty pages, so carrying on would risk acknowledging
+/// data that is not on the disk.
+#[derive(Clone, Debug)]
+pub(crate) struct Failure {
+    path: PathBuf,
+    kind: io::ErrorKind,
+    message: String,
+}
+
+impl Failure {
+    fn new(path: &Path, e: &io::Error) -> Failure {
+        Failure { path: path.to_path_buf(), kind: e.kind(), message: e.to_string() }
+    }
+
+    pub fn to_error(&self) -> Error {
+        Error::io(&self.path, io::Error::new(self.kind, self.message.clone()))
+    }
+}
+
+struct Pending {
+    record: Record,
+    files: Arc<Files>,
+    done: tokio::sync::oneshot::Sender<std::result::Result<(), Failure>>,
+}
+
+#[derive(Default)]
+struct Queue {
+    pending: Vec<Pending>,
+    stop: bool,
+    failed: Option<Failure>,
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    path: PathBuf,
+    fdatasyncs: Arc<AtomicU64>,
+    /// Extra latency per commit, used by tests to stand in for a slow disk.
+    latency: Mutex<Duration>,
+}
+
+/// Handle to one disk's journal and its committer thread; the thread stops when this is
+/// dropped (after committing what was queued).
+pub(crate) struct Journal {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// The journal file as found at open, before replay.
+pub(crate) struct Opened {
+    file: File,
+    path: PathBuf,
+    ring: u64,
+    /// Where the next commit goes (the end of what replay found).
+    head: u64,
+    /// Records to re-apply, oldest first.
+    pub records: Vec<Record>,
+}
+
+fn crc(buf: &[u8]) -> u32 {
+    crc32c::crc32c(buf)
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    let mut x = [0u8; 4];
+    x.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(x)
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut x = [0u8; 8];
+    x.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(x)
+}
+
+fn open_direct(path: &Path, create: bool) -> io::Result<File> {
+    let mut o = OpenOptions::new();
+    o.read(true).write(true).create(create).truncate(false);
+    match o.clone().custom_flags(libc::O_DIRECT).open(path) {
+        // File systems without O_DIRECT (older tmpfs) refuse it at open with EINVAL: use the
+        // page cache; the fdatasync after each commit keeps it correct.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => o.open(path),
+        other => other,
+    }
+}
+
+impl Opened {
+    /// Opens (creating if needed) the journal at `path` with a ring of `ring` bytes, and reads
+    /// the records to replay. A journal created with another ring size keeps its own.
+    pub fn open(path: &Path, ring: u64) -> Result<Opened> {
+        let ring = ring.clamp(MIN_RING, MAX_RING).next_multiple_of(AREA);
+        let exists = path.exists();
+        let file = open_direct(path, true).at(path)?;
+        let mut sb = AlignedBuf::zeroed(ALIGN);
+        let fresh = !exists || file.metadata().at(path)?.len() < AREA;
+        if fresh {
+            // Allocate the ring now (the fdatasync after each commit also makes the conversion
+            // of these unwritten extents durable, so no zero-filling is needed).
+            nix::fcntl::fallocate(std::os::fd::AsRawFd::as_raw_fd(&file), nix::fcntl::FallocateFlags::empty(), 0, (AREA + ring) as libc::off_t)
+                .map_err(|e| Error::io(path, io::Error::from(e)))?;
+            write_super(&file, path, ring, 0)?;
+            file.sync_all().at(path)?;
+            if let Some(dir) = path.parent() {
+                crate::disk::fsync_dir(dir)?;
+            }
+            return Ok(Opened { file, path: path.to_path_buf(), ring, head: 0, records: Vec::new() });
+        }
+        file.read_exact_at(sb.as_mut(), 0).at(path)?;
+        let b = sb.as_ref();
+        if &b[0..8] != SUPER_MAGIC || crc(&b[..28]) != u32_at(b, 28) {
+            return Err(Error::BadDisk(format!("{}: not a Basalt journal (bad superblock)", path.display())));
+        }
+        let ring = u64_at(b, 8);
+        let tail = u64_at(b, 16);
+        if !(MIN_RING..=MAX_RING).contains(&ring) || ring % AREA != 0 || tail % AREA != 0 {
+            return Err(Error::BadDisk(format!("{}: corrupt superblock (ring {ring}, tail {tail})", path.display())));
+        }
+        let mut opened = Opened { file, path: path.to_path_buf(), ring, head: tail, records: Vec::new() };
+        opened.scan()?;
+        Ok(opened)
+    }
+
+    /// Reads valid commits from `head` on, collecting their records.
+    fn scan(&mut self) -> Result<()> {
+        let mut header = AlignedBuf::zeroed(ALIGN);
+        loop {
+            let lsn = self.head;
+            let phys = AREA + lsn % self.ring;
+            self.file.read_exact_at(header.as_mut(), phys).at(&self.path)?;
+            let h = header.as_ref();
+            if u32_at(h, 0) != COMMIT_MAGIC || u64_at(h, 8) != lsn {
+                return Ok(());
+            }
+            let kind = u32_at(h, 4);
+            let len = u32_at(h, 16) as u64;
+            let count = u32_at(h, 20);
+            if len < AREA || len % AREA != 0 || lsn % self.ring + len > self.ring {
+                return Ok(());
+            }
+            if kind == KIND_WRAP {
+                // Its CRC covers its own 4 KiB; its length is the distance to the ring's end.
+                let want = u32_at(header.as_ref(), 24);
+                header.as_mut()[24..28].fill(0);
+                if crc(header.as_ref()) != want || lsn % self.ring + len != self.ring {
+                    return Ok(());
+                }
+                self.head = lsn + len;
+                continue;
+            }
+            if kind != KIND_RECORDS {
+                return Ok(());
+            }
+            let mut body = AlignedBuf::zeroed(len as usize);
+            self.file.read_exact_at(body.as_mut(), phys).at(&self.path)?;
+            let want = u32_at(body.as_ref(), 24);
+            body.as_mut()[24..28].fill(0);
+            if crc(body.as_ref()) != want {
+                tracing::info!(path = %self.path.display(), lsn, "journal ends with a torn commit (never acknowledged)");
+                return Ok(());
+            }
+            match decode_records(&body.as_ref()[HEADER..], count) {
+                Some(records) => self.records.extend(records),
+                None => {
+                    return Err(Error::BadDisk(format!(
+                        "{}: commit at {lsn} passes its checksum but does not decode",
+                        self.path.display()
+                    )))
+                }
+            }
+            self.head = lsn + len;
+        }
+    }
+
+    /// Starts the committer. Call after the records were re-applied and their files synced:
+    /// this moves the tail past them.
+    pub fn start(self, fdatasyncs: Arc<AtomicU64>) -> Result<Journal> {
+        write_super(&self.file, &self.path, self.ring, self.head)?;
+        self.file.sync_data().at(&self.path)?;
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+            path: self.path.clone(),
+            fdatasyncs,
+            latency: Mutex::new(Duration::ZERO),
+        });
+        let committer = Committer {
+            shared: shared.clone(),
+            file: self.file,
+            ring: self.ring,
+            head: self.head,
+            tail: self.head,
+            dirty: HashMap::new(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("journal".into())
+            .spawn(move || committer.run())
+            .map_err(|e| Error::BadDisk(format!("cannot start the journal thread: {e}")))?;
+        Ok(Journal { shared, thread: Some(thread) })
+    }
+}
+
+fn write_super(file: &File, path: &Path, ring: u64, tail: u64) -> Result<()> {
+    let mut sb = AlignedBuf::zeroed(ALIGN);
+    let b = sb.as_mut();
+    b[0..8].copy_from_slice(SUPER_MAGIC);
+    b[8..16].copy_from_slice(&ring.to_le_bytes());
+    b[16..24].copy_from_slice(&tail.to_le_bytes());
+    let c = crc(&b[..28]);
+    b[28..32].copy_from_slice(&c.to_le_bytes());
+    file.write_all_at(sb.as_ref(), 0).at(path)
+}
+
+fn decode_records(mut b: &[u8], count: u32) -> Option<Vec<Record>> {
+    let mut out = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        if b.len() < RECORD_HEADER {
+            return None;
+        }
+        let n = u32_at(b, 32) as usize;
+        let len = RECORD_HEADER.checked_add(n.checked_mul(ENTRY)?)?;
+        if b.len() < len {
+            return None;
+        }
+        out.push(Record {
+            volume: u64_at(b, 0),
+            index: u64_at(b, 8),
+            nonce: u64_at(b, 16),
+            first: u64_at(b, 24),
+            entries: b[RECORD_HEADER..len].to_vec(),
+        });
+        b = &b[len..];
+    }
+    Some(out)
+}
+
+fn encode_commit(kind: u32, lsn: u64, records: &[&Record]) -> AlignedBuf {
+    let body: usize = records.iter().map(|r| r.encoded_len()).sum();
+    let len = (HEADER + body).next_multiple_of(ALIGN);
+    let mut buf = AlignedBuf::zeroed(len);
+    let b = buf.as_mut();
+    b[0..4].copy_from_slice(&COMMIT_MAGIC.to_le_bytes());
+    b[4..8].copy_from_slice(&kind.to_le_bytes());
+    b[8..16].copy_from_slice(&lsn.to_le_bytes());
+    b[16..20].copy_from_slice(&(len as u32).to_le_bytes());
+    b[20..24].copy_from_slice(&(records.len() as u32).to_le_bytes());
+    let mut at = HEADER;
+    for r in records {
+        b[at..at + 8].copy_from_slice(&r.volume.to_le_bytes());
+        b[at + 8..at + 16].copy_from_slice(&r.index.to_le_bytes());
+        b[at + 16..at + 24].copy_from_slice(&r.nonce.to_le_bytes());
+        b[at + 24..at + 32].copy_from_slice(&r.first.to_le_bytes());
+        b[at + 32..at + 36].copy_from_slice(&((r.entries.len() / ENTRY) as u32).to_le_bytes());
+        at += RECORD_HEADER;
+        b[at..at + r.entries.len()].copy_from_slice(&r.entries);
+        at += r.entries.len();
+    }
+    let c = crc(b);
+    b[24..28].copy_from_slice(&c.to_le_bytes());
+    buf
+}
+
+impl Journal {
+    /// Queues `record` (whose entries are already in `files`' sums file) and returns once it
+    /// is durable, together with every `O_DIRECT` write that completed before this call.
+    pub async fn commit(&self, record: Record, files: Arc<Files>) -> Result<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        {
+            let mut q = lock(&self.shared.queue);
+            if let Some(f) = &q.failed {
+                return Err(f.to_error());
+            }
+            q.pending.push(Pending { record, files, done: tx });
+        }
+        self.shared.wake.notify_one();
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(f)) => Err(f.to_error()),
+            Err(_) => Err(Error::BadDisk(format!("journal {} stopped", self.shared.path.display()))),
+        }
+    }
+
+    /// Refuses new writes if the journal failed.
+    pub fn check(&self) -> Result<()> {
+        match &lock(&self.shared.queue).failed {
+            Some(f) => Err(f.to_error()),
+            None => Ok(()),
+        }
+    }
+
+    #[cfg(test)]
+    pub fn set_latency(&self, latency: Duration) {
+        *lock(&self.shared.latency) = latency;
+    }
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        lock(&self.shared.queue).stop = true;
+        self.shared.wake.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Committer {
+    shared: Arc<Shared>,
+    file: File,
+    ring: u64,
+    head: u64,
+    tail: u64,
+    /// Files whose sums were journalled since the last checkpoint, by address.
+    dirty: HashMap<usize, Arc<Files>>,
+}
+
+/// Bytes of records taken into one commit (a single bigger record still goes alone).
+fn max_commit(ring: u64) -> usize {
+    (ring / 8).min(16 << 20) as usize
+}
+
+impl Committer {
+    fn run(mut self) {
+        loop {
+            let batch = {
+                let mut q = lock(&self.shared.queue);
+                while q.pending.is_empty() && !q.stop {
+                    q = self.shared.wake.wait(q).unwrap_or_else(|p| p.into_inner());
+                }
+                if q.pending.is_empty() {
+                    break;
+                }
+                // Take as much as one commit holds, oldest first.
+                let limit = max_commit(self.ring);
+                let mut size = 0usize;
+                let mut n = 0;
+                for p in &q.pending {
+                    if n > 0 && size + p.record.encoded_len() > limit {
+                        break;
+                    }
+                    size += p.record.encoded_len();
+                    n += 1;
+                }
+                q.pending.drain(..n).collect::<Vec<_>>()
+            };
+            let result = self.commit(&batch);
+            if let Err(f) = &result {
+                tracing::error!(path = %f.path.display(), error = %f.message, "journal write failed; the disk refuses further writes");
+                let mut q = lock(&self.shared.queue);
+                q.failed = Some(f.clone());
+                for p in q.pending.drain(..) {
+                    let _ = p.done.send(Err(f.clone()));
+                }
+            }
+            for p in batch {
+                if result.is_ok() {
+                    self.dirty.entry(Arc::as_ptr(&p.files) as usize).or_insert_with(|| p.files.clone());
+                }
+                let _ = p.done.send(result.clone());
+            }
+            if result.is_ok() && self.head - self.tail > self.ring / 2 {
+                if let Err(f) = self.checkpoint() {
+                    tracing::error!(path = %f.path.display(), error = %f.message, "journal checkpoint failed; the disk refuses further writes");
+                    lock(&self.shared.queue).failed = Some(f);
+                }
+            }
+            if lock(&self.shared.queue).failed.is_some() {
+                // Answer whatever arrives until the store drops us.
+                self.drain_failed();
+                return;
+            }
+        }
+    }
+
+    fn drain_failed(&self) {
+        let mut q = lock(&self.shared.queue);
+        loop {
+            let failure = q.failed.clone();
+            for p in q.pending.drain(..) {
+                if let Some(f) = &failure {
+                    let _ = p.done.send(Err(f.clone()));
+                }
+            }
+            if q.stop {
+                return;
+            }
+            q = self.shared.wake.wait(q).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn fail(&self, e: &io::Error) -> Failure {
+        Failure::new(&self.shared.path, e)
+    }
+
+    fn commit(&mut self, batch: &[Pending]) -> std::result::Result<(), Failure> {
+        let latency = *lock(&self.shared.latency);
+        if !latency.is_zero() {
+            std::thread::sleep(latency);
+        }
+        // Data files on file systems without O_DIRECT are in the page cache: sync them first.
+        let mut synced: Vec<usize> = Vec::new();
+        for p in batch.iter().filter(|p| !p.files.direct) {
+            let key = Arc::as_ptr(&p.files) as usize;
+            if !synced.contains(&key) {
+                synced.push(key);
+                p.files.data.sync_data().map_err(|e| Failure::new(&p.files.data_path, &e))?;
+                self.shared.fdatasyncs.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let records: Vec<&Record> = batch.iter().map(|p| &p.record).collect();
+        let mut lsn = self.head;
+        let mut buf = encode_commit(KIND_RECORDS, lsn, &records);
+        let len = buf.as_ref().len() as u64;
+        let wrap = lsn % self.ring + len > self.ring;
+        let end = if wrap { lsn.next_multiple_of(self.ring) + len } else { lsn + len };
+        if end - self.tail > self.ring {
+            self.checkpoint()?;
+        }
+        if wrap {
+            let skip = self.ring - lsn % self.ring;
+            let mut w = encode_commit(KIND_WRAP, lsn, &[]);
+            // The wrap header says how far to skip; its CRC covers only its own 4 KiB.
+            w.as_mut()[16..20].copy_from_slice(&(skip as u32).to_le_bytes());
+            seal_wrap(&mut w);
+            self.file.write_all_at(w.as_ref(), AREA + lsn % self.ring).map_err(|e| self.fail(&e))?;
+            lsn += skip;
+            buf = encode_commit(KIND_RECORDS, lsn, &records);
+        }
+        self.file.write_all_at(buf.as_ref(), AREA + lsn % self.ring).map_err(|e| self.fail(&e))?;
+        self.file.sync_data().map_err(|e| self.fail(&e))?;
+        self.shared.fdatasyncs.fetch_add(1, Ordering::Relaxed);
+        self.head = lsn + len;
+        Ok(())
+    }
+
+    /// Makes every journalled sums file durable, then moves the tail to the head.
+    fn checkpoint(&mut self) -> std::result::Result<(), Failure> {
+        for (_, f) in self.dirty.drain() {
+            f.sums.sync_data().map_err(|e| Failure::new(&f.sums_path, &e))?;
+            self.shared.fdatasyncs.fetch_add(1, Ordering::Relaxed);
+        }
+        write_super(&self.file, &self.shared.path, self.ring, self.head).map_err(|e| Failure {
+            path: self.shared.path.clone(),
+            kind: io::ErrorKind::Other,
+            message: e.to_string(),
+        })?;
+        self.file.sync_data().map_err(|e| self.fail(&e))?;
+        self.shared.fdatasyncs.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(path = %self.shared.path.display(), from = self.tail, to = self.head, "journal checkpoint");
+        self.tail = self.head;
+        Ok(())
+    }
+}
+
+/// A wrap commit's length field is the distance to the ring's end, not its 4 KiB buffer: the
+/// CRC is recomputed over the buffer with that field set.
+fn seal_wrap(w: &mut AlignedBuf) {
+    let b = w.as_mut();
+    b[24..28].fill(0);
+    let c = crc(b);
+    b[24..28].copy_from_slice(&c.to_le_bytes());
+}
