@@ -43,8 +43,8 @@ impl ChunkService {
     pub async fn handle(&self, req: ChunkRequest, data: Bytes) -> Reply {
         let ok = |r: Result<(), basalt_chunkstore::Error>| (r.map(|_| ChunkResponse::Ok).map_err(store_err), Bytes::new());
         match req {
-            ChunkRequest::Write { disk, chunk, chunk_size, version, epoch, offset } => {
-                ok(self.store.write(disk, chunk, chunk_size, version, epoch, offset, data).await)
+            ChunkRequest::Write { disk, chunk, chunk_size, version, epoch, offset, sums } => {
+                ok(self.store.write_with_sums(disk, chunk, chunk_size, version, epoch, offset, data, sums).await)
             }
             ChunkRequest::Read { disk, chunk, version, offset, len } => {
                 match self.store.read(disk, chunk, version, offset, len).await {

@@ -7,12 +7,40 @@ use serde::{Deserialize, Serialize};
 /// A blake3 hash of one checksum block; all zeros for a block never written.
 pub type BlockSum = [u8; 32];
 
+/// The blake3 of each block of `BLOCK_SIZE` bytes entirely covered by `data` written at
+/// `offset` (chunk-relative), in order. Partial blocks at either edge are left out: only the
+/// replica knows the rest of their bytes.
+pub fn full_block_sums(offset: u64, data: &[u8]) -> Vec<BlockSum> {
+    let bs = crate::BLOCK_SIZE;
+    let end = offset + data.len() as u64;
+    let first_full = offset.next_multiple_of(bs);
+    let mut out = Vec::new();
+    let mut at = first_full;
+    while at + bs <= end {
+        let i = (at - offset) as usize;
+        out.push(*blake3::hash(&data[i..i + bs as usize]).as_bytes());
+        at += bs;
+    }
+    out
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum ChunkRequest {
     /// Write `data` at `offset` in the chunk, durably. Refused with `Fenced` if `epoch` is
     /// older than the newest epoch this server has seen for the volume, and with
     /// `StaleVersion` if `version` is older than the replica's. Creates the replica if absent.
-    Write { disk: u32, chunk: ChunkId, chunk_size: u64, version: ChunkVersion, epoch: Epoch, offset: u64 },
+    /// `sums` is empty, or the blake3 of each whole block the write covers
+    /// ([`full_block_sums`]), computed once by the writer instead of by every replica (the
+    /// transport authenticates the data, so they describe what arrives).
+    Write {
+        disk: u32,
+        chunk: ChunkId,
+        chunk_size: u64,
+        version: ChunkVersion,
+        epoch: Epoch,
+        offset: u64,
+        sums: Vec<BlockSum>,
+    },
     /// Read `len` bytes at `offset`, checksums verified. Refused with `StaleReplica` if the
     /// replica's version is older than `version`.
     Read { disk: u32, chunk: ChunkId, version: ChunkVersion, offset: u64, len: u64 },
@@ -60,4 +88,22 @@ pub enum ChunkResponse {
     Sums { version: ChunkVersion, sums: Vec<BlockSum> },
     /// Answer to `SyncFrom`: how many blocks were copied and how many were already equal.
     Synced { copied: u64, skipped: u64 },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_block_sums_cover_only_whole_blocks() {
+        let bs = crate::BLOCK_SIZE as usize;
+        let data: Vec<u8> = (0..4 * bs).map(|i| (i % 251) as u8).collect();
+        assert_eq!(full_block_sums(0, &data).len(), 4);
+        let sums = full_block_sums(100, &data);
+        // Blocks 1..=3 of the chunk are whole; block 0 and block 4 are partial.
+        assert_eq!(sums.len(), 3);
+        assert_eq!(sums[0], *blake3::hash(&data[bs - 100..2 * bs - 100]).as_bytes());
+        assert!(full_block_sums(10, &data[..100]).is_empty());
+        assert!(full_block_sums(0, &[]).is_empty());
+    }
 }

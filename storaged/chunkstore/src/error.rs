@@ -22,6 +22,8 @@ pub enum Error {
     Corrupt { chunk: ChunkId, blocks: Vec<u64> },
     #[error("range {offset}+{len} is outside the chunk of {chunk_size} bytes")]
     OutOfRange { offset: u64, len: u64, chunk_size: u64 },
+    #[error("write carries {got} block sums, but covers {want} whole blocks")]
+    BadSums { got: usize, want: u64 },
     #[error("chunk size mismatch: replica has {have} bytes, request says {got}")]
     ChunkSizeMismatch { have: u64, got: u64 },
     #[error("no space left on {path}")]
@@ -46,7 +48,9 @@ impl Error {
             Error::StaleVersion { .. } => ErrorCode::StaleVersion,
             Error::StaleReplica { .. } => ErrorCode::StaleReplica,
             Error::Corrupt { .. } => ErrorCode::Corrupt,
-            Error::OutOfRange { .. } | Error::ChunkSizeMismatch { .. } => ErrorCode::InvalidArgument,
+            Error::OutOfRange { .. } | Error::ChunkSizeMismatch { .. } | Error::BadSums { .. } => {
+                ErrorCode::InvalidArgument
+            }
             Error::NoSpace { .. } => ErrorCode::NoSpace,
             Error::Io { .. } | Error::BadDisk(_) => ErrorCode::Internal,
         }

@@ -96,10 +96,13 @@ impl Failure {
     }
 }
 
+/// Where the outcome of a commit goes.
+pub(crate) type Done = tokio::sync::oneshot::Sender<Result<()>>;
+
 struct Pending {
     record: Record,
     files: Arc<Files>,
-    done: tokio::sync::oneshot::Sender<std::result::Result<(), Failure>>,
+    done: Done,
 }
 
 #[derive(Default)]
@@ -343,19 +346,27 @@ impl Journal {
     /// is durable, together with every `O_DIRECT` write that completed before this call.
     pub async fn commit(&self, record: Record, files: Arc<Files>) -> Result<()> {
         let (tx, rx) = tokio::sync::oneshot::channel();
+        self.enqueue(record, files, tx);
+        rx.await.unwrap_or_else(|_| Err(self.stopped()))
+    }
+
+    /// Queues `record` and sends the outcome to `done` once it is durable (or failed). Lets a
+    /// blocking-pool task hand its record over without a trip back through the async worker.
+    pub fn enqueue(&self, record: Record, files: Arc<Files>, done: Done) {
         {
             let mut q = lock(&self.shared.queue);
             if let Some(f) = &q.failed {
-                return Err(f.to_error());
+                let _ = done.send(Err(f.to_error()));
+                return;
             }
-            q.pending.push(Pending { record, files, done: tx });
+            q.pending.push(Pending { record, files, done });
         }
         self.shared.wake.notify_one();
-        match rx.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(f)) => Err(f.to_error()),
-            Err(_) => Err(Error::BadDisk(format!("journal {} stopped", self.shared.path.display()))),
-        }
+    }
+
+    /// The error for a commit whose committer went away.
+    pub fn stopped(&self) -> Error {
+        Error::BadDisk(format!("journal {} stopped", self.shared.path.display()))
     }
 
     /// Refuses new writes if the journal failed.
@@ -427,14 +438,14 @@ impl Committer {
                 let mut q = lock(&self.shared.queue);
                 q.failed = Some(f.clone());
                 for p in q.pending.drain(..) {
-                    let _ = p.done.send(Err(f.clone()));
+                    let _ = p.done.send(Err(f.to_error()));
                 }
             }
             for p in batch {
                 if result.is_ok() {
                     self.dirty.entry(Arc::as_ptr(&p.files) as usize).or_insert_with(|| p.files.clone());
                 }
-                let _ = p.done.send(result.clone());
+                let _ = p.done.send(result.clone().map_err(|f| f.to_error()));
             }
             if result.is_ok() && self.head - self.tail > self.ring / 2 {
                 if let Err(f) = self.checkpoint() {
@@ -456,7 +467,7 @@ impl Committer {
             let failure = q.failed.clone();
             for p in q.pending.drain(..) {
                 if let Some(f) = &failure {
-                    let _ = p.done.send(Err(f.clone()));
+                    let _ = p.done.send(Err(f.to_error()));
                 }
             }
             if q.stop {

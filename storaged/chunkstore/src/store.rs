@@ -107,6 +107,13 @@ fn is_full(b: u64, offset: u64, len: u64) -> bool {
     b * BLOCK_SIZE >= offset && (b + 1) * BLOCK_SIZE <= offset + len
 }
 
+/// Number of blocks entirely covered by `[offset, offset+len)`.
+fn full_blocks(offset: u64, len: u64) -> u64 {
+    let first = offset.next_multiple_of(BLOCK_SIZE);
+    let end = (offset + len) / BLOCK_SIZE * BLOCK_SIZE;
+    end.saturating_sub(first) / BLOCK_SIZE
+}
+
 /// First block and number of blocks touched by `[offset, offset+len)`, `len > 0`.
 fn block_span(offset: u64, len: u64) -> (u64, u64) {
     let first = offset / BLOCK_SIZE;
@@ -202,10 +209,48 @@ impl ChunkStore {
         offset: u64,
         data: Bytes,
     ) -> Result<()> {
+        self.write_with_sums(disk, chunk, chunk_size, version, epoch, offset, data, Vec::new()).await
+    }
+
+    /// [`write`](Self::write) with the sums of the whole blocks already computed by the caller
+    /// (`basalt_types::full_block_sums`); an empty `sums` means "compute them here".
+    #[allow(clippy::too_many_arguments)]
+    pub async fn write_with_sums(
+        &self,
+        disk: u32,
+        chunk: ChunkId,
+        chunk_size: u64,
+        version: ChunkVersion,
+        epoch: Epoch,
+        offset: u64,
+        data: Bytes,
+        sums: Vec<BlockSum>,
+    ) -> Result<()> {
         check_range(offset, data.len() as u64, chunk_size)?;
+        if !sums.is_empty() && sums.len() as u64 != full_blocks(offset, data.len() as u64) {
+            return Err(Error::BadSums { got: sums.len(), want: full_blocks(offset, data.len() as u64) });
+        }
         let _epoch = self.admit(chunk.volume, epoch).await?;
-        let pending = self.blocking(move |inner| inner.write(disk, chunk, chunk_size, version, offset, &data)).await?;
-        self.journal(disk, pending).await
+        // The blocking task hands its record straight to the journal and the outcome comes
+        // back on one channel: one wake-up of this task instead of two.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let inner = self.inner.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            match inner.write(disk, chunk, chunk_size, version, offset, &data, sums) {
+                Ok(Some((files, rec))) => match inner.journal(disk) {
+                    Ok(j) => j.enqueue(rec, files, tx),
+                    Err(e) => drop(tx.send(Err(e))),
+                },
+                Ok(None) => drop(tx.send(Ok(()))),
+                Err(e) => drop(tx.send(Err(e))),
+            }
+        });
+        let outcome = rx.await.unwrap_or_else(|_| Err(Error::BadDisk("write task failed".into())));
+        // The task has normally finished long before its commit did, so this does not wait;
+        // but it must have dropped its handle on the store before we return, or a caller that
+        // drops the store and reopens it could find the disks still locked.
+        let _ = task.await;
+        outcome
     }
 
     /// Reads `len` bytes at `offset`, every touched block verified.
@@ -680,21 +725,12 @@ impl Inner {
         version: ChunkVersion,
         offset: u64,
         data: &[u8],
+        sums: Vec<BlockSum>,
     ) -> Result<Journalled> {
         let len = data.len() as u64;
-        // Hash the whole blocks before taking the lock; only edge blocks need the old data.
-        let full: Vec<BlockSum> = if len == 0 {
-            Vec::new()
-        } else {
-            let (first, n) = block_span(offset, len);
-            (first..first + n)
-                .filter(|&b| is_full(b, offset, len))
-                .map(|b| {
-                    let at = (b * BLOCK_SIZE - offset) as usize;
-                    *blake3::hash(&data[at..at + BS]).as_bytes()
-                })
-                .collect()
-        };
+        // Hash the whole blocks before taking the lock (unless the writer did); only edge
+        // blocks need the old data.
+        let full = if sums.is_empty() { basalt_types::full_block_sums(offset, data) } else { sums };
         let (rep, files, entries) = self.for_update(disk, chunk, chunk_size, version, |rep, files| {
             if len == 0 {
                 return Ok(None);

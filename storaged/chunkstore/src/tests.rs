@@ -629,3 +629,24 @@ async fn journal_records_of_a_deleted_replica_are_not_replayed() {
     let got = s.read(0, c, 2, 0, B).await.expect("read");
     assert!(got.iter().all(|&b| b == 0), "old record replayed onto the new replica");
 }
+
+/// Sums computed by the writer are used as they are; a count that does not match the whole
+/// blocks of the write is refused before anything is written.
+#[tokio::test]
+async fn writer_computed_sums_are_checked_for_count_and_used() {
+    let dir = TempDir::new().expect("tempdir");
+    let s = open(&dir, 1).await;
+    let c = chunk(33);
+    let data = pattern(9, 3 * B as usize + 100);
+    let offset = B - 50; // partial first block, three whole blocks, partial last block
+    let sums = basalt_types::full_block_sums(offset, &data);
+    assert_eq!(sums.len(), 3);
+    let wrong = vec![sums[0]];
+    let refused = s.write_with_sums(0, c, CS, 1, 1, offset, Bytes::from(data.clone()), wrong).await;
+    assert!(matches!(refused, Err(Error::BadSums { got: 1, want: 3 })), "{refused:?}");
+    assert!(matches!(s.read(0, c, 1, 0, B).await, Err(Error::NotFound { .. })));
+    s.write_with_sums(0, c, CS, 1, 1, offset, Bytes::from(data.clone()), sums).await.expect("write");
+    let got = s.read(0, c, 1, offset, data.len() as u64).await.expect("read");
+    assert!(got[..] == data[..]);
+    assert!(s.scrub_replica(0, c).await.expect("scrub").is_empty());
+}

@@ -21,6 +21,9 @@ use tracing::{debug, info, warn};
 
 /// Timeout of one chunk I/O request to one replica.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Writes up to this size are hashed on the async worker; larger ones on the blocking pool
+/// (hashing 1 MiB takes a few hundred microseconds, too long to hold a worker).
+const HASH_INLINE_MAX: usize = 256 << 10;
 /// How many chunk descriptors to fetch on a cache miss.
 const CHUNK_WINDOW: u64 = 64;
 
@@ -350,6 +353,17 @@ impl Volume {
     /// Write (`data` = Some) or trim (None) one piece of one chunk on all its replicas.
     async fn replicated(&self, index: u64, off: u64, len: u64, data: Option<Bytes>) -> Result<()> {
         let deadline = Instant::now() + self.client.config.io_deadline;
+        // The block sums are computed once here rather than by each of the replicas.
+        let sums: Vec<BlockSum> = match &data {
+            Some(d) if d.len() > HASH_INLINE_MAX => {
+                let d = d.clone();
+                tokio::task::spawn_blocking(move || full_block_sums(off, &d))
+                    .await
+                    .map_err(|e| Error::Io(format!("hashing task failed: {e}")))?
+            }
+            Some(d) => full_block_sums(off, d),
+            None => Vec::new(),
+        };
         let mut refresh = false;
         loop {
             let chunk = match self.chunk(index, data.is_some(), refresh).await? {
@@ -361,6 +375,7 @@ impl Volume {
             let outcomes = futures::future::join_all(chunk.replicas.iter().map(|r| {
                 let data = data.clone();
                 let chunk = &chunk;
+                let sums = &sums;
                 async move {
                     let req = match &data {
                         Some(_) => ChunkRequest::Write {
@@ -370,6 +385,7 @@ impl Volume {
                             version: chunk.version,
                             epoch: self.epoch,
                             offset: off,
+                            sums: sums.clone(),
                         },
                         None => ChunkRequest::Trim {
                             disk: r.disk.disk,
