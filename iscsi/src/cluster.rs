@@ -242,23 +242,35 @@ pub fn port_of(node: NodeId) -> u16 {
 /// changes made through another node are seen within this time.
 const METADATA_CACHE: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// ALUA states of one volume as last computed, shared by its device (which clears it when
-/// this node takes or loses the lease) and its [`LeaseAlua`].
-#[derive(Clone, Default)]
-pub struct AluaCache(Arc<std::sync::Mutex<Option<(std::time::Instant, Vec<PortGroup>)>>>);
+/// A value read from metadata, reused for [`METADATA_CACHE`] after it was stored.
+pub struct Expiring<T> {
+    slot: std::sync::Mutex<Option<(std::time::Instant, T)>>,
+}
 
-impl AluaCache {
-    fn get(&self) -> Option<Vec<PortGroup>> {
-        let c = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        c.as_ref().filter(|(at, _)| at.elapsed() < METADATA_CACHE).map(|(_, g)| g.clone())
-    }
-    fn put(&self, groups: Vec<PortGroup>) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((std::time::Instant::now(), groups));
-    }
-    pub fn clear(&self) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = None;
+impl<T> Default for Expiring<T> {
+    fn default() -> Self {
+        Self { slot: std::sync::Mutex::new(None) }
     }
 }
+
+impl<T: Clone> Expiring<T> {
+    fn get(&self) -> Option<T> {
+        let c = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        c.as_ref().filter(|(at, _)| at.elapsed() < METADATA_CACHE).map(|(_, v)| v.clone())
+    }
+
+    fn put(&self, value: T) {
+        *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some((std::time::Instant::now(), value));
+    }
+
+    pub fn clear(&self) {
+        *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+}
+
+/// ALUA states of one volume as last computed, shared by its device (which clears it when
+/// this node takes or loses the lease) and its [`LeaseAlua`].
+pub type AluaCache = Arc<Expiring<Vec<PortGroup>>>;
 
 fn device_err(e: ClientError) -> DeviceError {
     match e.code() {
@@ -327,7 +339,7 @@ impl VolumeDevice {
             }
         };
         let opts = VolumeOptions { force, ..VolumeOptions::writer(self.holder.clone(), self.node) };
-        let v = self.client.open_volume(&self.name, opts).await.map_err(device_err)?;
+        let v = self.client.open_volume_with(info, opts).await.map_err(device_err)?;
         self.alua.clear();
         if force {
             info!(volume = %self.name, epoch = v.epoch(), "iSCSI path took the volume over (now active/optimised here)");
@@ -504,7 +516,7 @@ pub struct RecordReservations {
     key: String,
     volume: VolumeId,
     node: NodeId,
-    cache: std::sync::Mutex<Option<(std::time::Instant, Reservations, u64)>>,
+    cache: Expiring<(Reservations, u64)>,
 }
 
 /// How long a reservation change waits for the other nodes to drop their cached copy.
@@ -512,7 +524,7 @@ const NOTICE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl RecordReservations {
     pub fn new(client: Arc<StorageClient>, volume: VolumeId, node: NodeId) -> Self {
-        Self { client, key: format!("{PR_PREFIX}{volume}"), volume, node, cache: std::sync::Mutex::new(None) }
+        Self { client, key: format!("{PR_PREFIX}{volume}"), volume, node, cache: Expiring::default() }
     }
 
     /// Drops the cached copy (another node changed the reservations).
@@ -521,13 +533,14 @@ impl RecordReservations {
     }
 
     fn cached(&self) -> Option<(Reservations, u64)> {
-        let c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        c.as_ref().filter(|(at, _, _)| at.elapsed() < METADATA_CACHE).map(|(_, r, v)| (r.clone(), *v))
+        self.cache.get()
     }
 
     fn remember(&self, value: Option<(Reservations, u64)>) {
-        *self.cache.lock().unwrap_or_else(|p| p.into_inner()) =
-            value.map(|(r, v)| (std::time::Instant::now(), r, v));
+        match value {
+            Some(v) => self.cache.put(v),
+            None => self.cache.clear(),
+        }
     }
 }
 

@@ -300,7 +300,14 @@ impl StorageClient {
     /// lease over from another holder: the epoch is bumped and every reachable chunk server
     /// is told, so the old holder's writes are refused from then on.
     pub async fn open_volume(self: &Arc<Self>, name: &str, opts: VolumeOptions) -> Result<Arc<Volume>> {
-        Volume::open(self.clone(), name, opts).await
+        let info = self.volume(name).await?;
+        Volume::open(self.clone(), info, opts).await
+    }
+
+    /// [`open_volume`](Self::open_volume) with the volume's description already fetched (the
+    /// caller looked at its lease to decide on `force`): one metadata round trip fewer.
+    pub async fn open_volume_with(self: &Arc<Self>, info: VolumeInfo, opts: VolumeOptions) -> Result<Arc<Volume>> {
+        Volume::open(self.clone(), info, opts).await
     }
 
     /// Sends `notice` to every node but `except`, at once, waiting at most `timeout` for

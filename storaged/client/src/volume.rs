@@ -81,8 +81,8 @@ enum ReplicaOutcome {
 }
 
 impl Volume {
-    pub(crate) async fn open(client: Arc<StorageClient>, name: &str, opts: VolumeOptions) -> Result<Arc<Self>> {
-        let info = client.volume(name).await?;
+    pub(crate) async fn open(client: Arc<StorageClient>, info: VolumeInfo, opts: VolumeOptions) -> Result<Arc<Self>> {
+        let name = info.name.as_str();
         let epoch = if opts.read_only {
             info.epoch
         } else {
