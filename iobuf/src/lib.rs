@@ -28,8 +28,9 @@ pub const ALIGN: usize = 4096;
 /// Size classes: powers of two from 4 KiB to 16 MiB. Larger buffers are not pooled.
 const MIN_CLASS_SHIFT: u32 = 12;
 const CLASSES: usize = 13;
-/// Bytes kept per size class (at least one buffer of each class).
-const POOL_BYTES_PER_CLASS: usize = 64 << 20;
+/// Bytes kept per size class (at least one buffer of each class): at most ~416 MiB over all
+/// classes, and in practice a few classes (4 KiB, 64 KiB, 1 MiB) hold anything.
+const POOL_BYTES_PER_CLASS: usize = 32 << 20;
 
 struct Block {
     ptr: NonNull<u8>,
