@@ -7,21 +7,20 @@ use serde::{Deserialize, Serialize};
 /// A blake3 hash of one checksum block; all zeros for a block never written.
 pub type BlockSum = [u8; 32];
 
+/// How many blocks of `BLOCK_SIZE` bytes `[offset, offset+len)` covers entirely.
+pub fn full_blocks(offset: u64, len: u64) -> u64 {
+    let bs = crate::BLOCK_SIZE;
+    ((offset + len) / bs).saturating_sub(offset.div_ceil(bs))
+}
+
 /// The blake3 of each block of `BLOCK_SIZE` bytes entirely covered by `data` written at
 /// `offset` (chunk-relative), in order. Partial blocks at either edge are left out: only the
 /// replica knows the rest of their bytes.
 pub fn full_block_sums(offset: u64, data: &[u8]) -> Vec<BlockSum> {
-    let bs = crate::BLOCK_SIZE;
-    let end = offset + data.len() as u64;
-    let first_full = offset.next_multiple_of(bs);
-    let mut out = Vec::new();
-    let mut at = first_full;
-    while at + bs <= end {
-        let i = (at - offset) as usize;
-        out.push(*blake3::hash(&data[i..i + bs as usize]).as_bytes());
-        at += bs;
-    }
-    out
+    let bs = crate::BLOCK_SIZE as usize;
+    let skip = (offset.next_multiple_of(crate::BLOCK_SIZE) - offset) as usize;
+    let n = full_blocks(offset, data.len() as u64) as usize;
+    (0..n).map(|i| *blake3::hash(&data[skip + i * bs..skip + (i + 1) * bs]).as_bytes()).collect()
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -105,5 +104,7 @@ mod tests {
         assert_eq!(sums[0], *blake3::hash(&data[bs - 100..2 * bs - 100]).as_bytes());
         assert!(full_block_sums(10, &data[..100]).is_empty());
         assert!(full_block_sums(0, &[]).is_empty());
+        assert_eq!(full_blocks(100, 4 * bs as u64), 3);
+        assert_eq!(full_blocks(10, 100), 0);
     }
 }

@@ -107,13 +107,6 @@ fn is_full(b: u64, offset: u64, len: u64) -> bool {
     b * BLOCK_SIZE >= offset && (b + 1) * BLOCK_SIZE <= offset + len
 }
 
-/// Number of blocks entirely covered by `[offset, offset+len)`.
-fn full_blocks(offset: u64, len: u64) -> u64 {
-    let first = offset.next_multiple_of(BLOCK_SIZE);
-    let end = (offset + len) / BLOCK_SIZE * BLOCK_SIZE;
-    end.saturating_sub(first) / BLOCK_SIZE
-}
-
 /// First block and number of blocks touched by `[offset, offset+len)`, `len > 0`.
 fn block_span(offset: u64, len: u64) -> (u64, u64) {
     let first = offset / BLOCK_SIZE;
@@ -227,8 +220,9 @@ impl ChunkStore {
         sums: Vec<BlockSum>,
     ) -> Result<()> {
         check_range(offset, data.len() as u64, chunk_size)?;
-        if !sums.is_empty() && sums.len() as u64 != full_blocks(offset, data.len() as u64) {
-            return Err(Error::BadSums { got: sums.len(), want: full_blocks(offset, data.len() as u64) });
+        let want = basalt_types::full_blocks(offset, data.len() as u64);
+        if !sums.is_empty() && sums.len() as u64 != want {
+            return Err(Error::BadSums { got: sums.len(), want });
         }
         let _epoch = self.admit(chunk.volume, epoch).await?;
         // The blocking task hands its record straight to the journal and the outcome comes
