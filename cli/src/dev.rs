@@ -65,6 +65,9 @@ pub struct UpOptions {
     /// Scrub rate per node in bytes/s (0 = off) and the pause between passes.
     pub scrub_bytes_per_sec: u64,
     pub scrub_interval: Duration,
+    /// Fewest replicas a chunk may be allocated with or dropped to (storaged's
+    /// `min_replicas`): 2, or 1 on a one-node cluster, whose chunks can only ever have one.
+    pub min_replicas: u32,
 }
 
 impl UpOptions {
@@ -79,6 +82,7 @@ impl UpOptions {
             env: Vec::new(),
             scrub_bytes_per_sec: 32 << 20,
             scrub_interval: Duration::from_secs(600),
+            min_replicas: nodes.clamp(1, 2) as u32,
         }
     }
 }
@@ -240,6 +244,7 @@ pub async fn up(opts: &UpOptions) -> Result<ClusterFile> {
             "dead_timeout": humantime::format_duration(opts.dead_timeout).to_string(),
             "scrub_bytes_per_sec": opts.scrub_bytes_per_sec,
             "scrub_interval": humantime::format_duration(opts.scrub_interval).to_string(),
+            "min_replicas": opts.min_replicas,
         });
         std::fs::write(&n.config, serde_json::to_vec_pretty(&config)?)?;
     }
