@@ -193,14 +193,14 @@ async fn bench_cmd(dir: &std::path::Path, cmd: BenchCmd) -> Result<()> {
                     dir.display()
                 );
             }
-            let mut opts = bench::BlockOptions::new(parse_size(&size)?, parse_duration(&runtime)?);
+            let mut opts = bench::block::BlockOptions::new(parse_size(&size)?, parse_duration(&runtime)?);
             opts.cluster_dir = cluster;
             opts.local_dir = local_dir;
-            let report = bench::run_block(&opts).await?;
+            let report = bench::block::run_block(&opts).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                print!("{}", bench::render_table(&report));
+                print!("{}", bench::block::render_table(&report));
             }
             Ok(())
         }
