@@ -73,6 +73,7 @@ mod journal;
 mod replica;
 mod scrub;
 mod store;
+mod uring;
 
 #[cfg(test)]
 mod tests;
