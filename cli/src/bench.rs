@@ -2,6 +2,8 @@
 //! beside the baseline it should be judged against.
 //!
 //! - [`block`]: fio through NBD on a 3-replica cluster against fio on a plain local file.
+//! - [`iscsi`]: our iSCSI target (1 and 3 replicas) against Debian's `tgt` serving a file,
+//!   both driven by the same load generator ([`initiator`]).
 //!
 //! This module owns what they share: the workload table, a measured job's figures
 //! ([`JobResult`]), CPU accounting of target processes through `/proc/PID/stat`, fresh
@@ -9,6 +11,9 @@
 //! is not a test: a missed goal is reported, never an error.
 
 pub mod block;
+pub mod initiator;
+pub mod iscsi;
+mod tgt;
 
 use crate::dev::{self, ClusterFile, UpOptions};
 use anyhow::{anyhow, bail, Context, Result};
@@ -220,7 +225,7 @@ impl CpuWindow {
 }
 
 /// Reads the summed user + system CPU time of a set of processes (all their threads).
-pub(crate) struct CpuProbe {
+pub struct CpuProbe {
     /// What the processes are, for errors ("storaged", "tgtd").
     what: String,
     pids: Vec<u32>,

@@ -75,6 +75,25 @@ enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// 4K random and 1M sequential I/O through our iSCSI target on a 1-node (1 replica) and
+    /// a 3-node cluster, and through Debian's tgt serving a plain file on the same disk;
+    /// prints IOPS, MiB/s, the ratio to tgt and each target's CPU per I/O. Installs tgt if
+    /// missing; starts and stops its own tgtd and clusters.
+    Iscsi {
+        /// LUN size (Basalt volume and tgt's file).
+        #[arg(long, default_value = "1G")]
+        size: String,
+        /// Measured time per job (after the ramp).
+        #[arg(long, default_value = "15s")]
+        runtime: String,
+        #[arg(long, default_value = "2s")]
+        ramp: String,
+        /// Where the clusters and tgt's file live: one disk-backed directory for all.
+        #[arg(long, default_value = basalt_cli::bench::FRESH_CLUSTER_PARENT)]
+        work_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -201,6 +220,18 @@ async fn bench_cmd(dir: &std::path::Path, cmd: BenchCmd) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", bench::block::render_table(&report));
+            }
+            Ok(())
+        }
+        BenchCmd::Iscsi { size, runtime, ramp, work_dir, json } => {
+            let mut opts = bench::iscsi::IscsiOptions::new(parse_size(&size)?, parse_duration(&runtime)?);
+            opts.ramp = parse_duration(&ramp)?;
+            opts.work_dir = work_dir;
+            let report = bench::iscsi::run_iscsi(&opts).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", bench::iscsi::render_table(&report));
             }
             Ok(())
         }
