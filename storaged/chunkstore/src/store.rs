@@ -59,6 +59,9 @@ pub struct Stats {
     /// fdatasync calls made on replica and journal files.
     pub fdatasyncs: u64,
     pub open_replicas: u64,
+    /// io_uring reads redone under the replica lock (racing a write, corruption, or the ring
+    /// stopped).
+    pub ring_fallbacks: u64,
 }
 
 /// The replica store of one node. Cheap to clone; clones share everything.
@@ -87,6 +90,8 @@ pub(crate) struct Inner {
     fdatasyncs: Arc<AtomicU64>,
     /// The ring replica reads go through, if the kernel gave us one.
     uring: Option<Arc<Uring>>,
+    /// Ring reads redone under the replica lock (a block did not verify, or the ring stopped).
+    ring_fallbacks: AtomicU64,
     #[cfg(test)]
     pub(crate) hooks: TestHooks,
 }
@@ -195,7 +200,11 @@ impl ChunkStore {
 
     pub fn stats(&self) -> Stats {
         let open = lock(&self.inner.replicas).values().filter(|r| lock(&r.files).is_some()).count();
-        Stats { fdatasyncs: self.inner.fdatasyncs.load(Ordering::Relaxed), open_replicas: open as u64 }
+        Stats {
+            fdatasyncs: self.inner.fdatasyncs.load(Ordering::Relaxed),
+            open_replicas: open as u64,
+            ring_fallbacks: self.inner.ring_fallbacks.load(Ordering::Relaxed),
+        }
     }
 
     /// Refuses `epoch` if older than the volume's; records (durably) a newer one. The returned
@@ -292,6 +301,8 @@ impl ChunkStore {
             if let Some(data) = self.read_ring(ring, disk, chunk, version, offset, len).await? {
                 return Ok(data);
             }
+            self.inner.ring_fallbacks.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(disk, %chunk, offset, len, "ring read fell back to the locked read");
         }
         self.blocking(move |inner| inner.read(disk, chunk, version, offset, len)).await
     }
@@ -681,6 +692,7 @@ impl Inner {
             journals,
             fdatasyncs,
             uring,
+            ring_fallbacks: AtomicU64::new(0),
             #[cfg(test)]
             hooks: TestHooks::default(),
         })

@@ -694,3 +694,23 @@ async fn reads_racing_overwrites_see_whole_written_blocks() {
         assert!(reads > 10 && writes > 10, "io_uring={io_uring}: too little overlap ({reads} reads, {writes} writes)");
     }
 }
+
+/// Reads that verify are served by the ring without the locked fallback; a corrupt block is
+/// still reported as corrupt (by the fallback, which confirms it under the lock).
+#[tokio::test]
+async fn ring_reads_need_no_fallback_and_corruption_is_still_found() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = open(&dir, 1).await;
+    let c = chunk(3);
+    let data = pattern(9, 64 * B as usize);
+    s.write(0, c, CS, 1, 1, 0, Bytes::from(data.clone())).await.expect("write");
+    for k in 0..63u64 {
+        let (at, len) = (k * B + 100, 2 * B - 200);
+        let got = s.read(0, c, 1, at, len).await.expect("read");
+        assert_eq!(&got[..], &data[at as usize..(at + len) as usize], "read at block {k}");
+    }
+    assert_eq!(s.stats().ring_fallbacks, 0, "clean reads fell back to the locked read");
+    flip_byte(&data_file(&dir, 0, c), 5 * B + 7);
+    let err = s.read(0, c, 1, 5 * B, B).await.expect_err("corrupt block read");
+    assert_eq!(err.code(), ErrorCode::Corrupt);
+}
