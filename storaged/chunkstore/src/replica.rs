@@ -9,7 +9,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 pub(crate) const BS: usize = BLOCK_SIZE as usize;
@@ -105,6 +105,24 @@ pub(crate) struct Replica {
     /// report success for something that never reached the disk, so a failure is permanent for
     /// this replica (until the process restarts and the replica is verified again).
     pub failed: Mutex<Option<(io::ErrorKind, String)>>,
+    /// Data writes submitted to the ring after their sums were updated and the lock released
+    /// (see `ChunkStore::write_with_sums`). While any is in flight a block may hold neither
+    /// of its listed sums, so the verifying paths wait for zero under the lock
+    /// ([`read_state`](Self::read_state), [`write_state`](Self::write_state)); a writer
+    /// raises it only under the write lock, so zero seen under the lock stays zero.
+    pub in_flight: AtomicU32,
+    /// Lock waiters waiting for `in_flight` to drain.
+    pub settling: AtomicU32,
+}
+
+/// Decrements a replica's in-flight ring writes when the operation is over (it lives in the
+/// ring's pending table, so even a caller that stopped waiting does not end it early).
+pub(crate) struct InFlight(pub Arc<Replica>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Which blocks of the data file are known to be durably allocated.
@@ -151,15 +169,80 @@ impl Replica {
             files: Mutex::new(None),
             allocated: Mutex::new(Allocated::default()),
             failed: Mutex::new(None),
+            in_flight: AtomicU32::new(0),
+            settling: AtomicU32::new(0),
         }
     }
 
+    /// The read lock, once no ring data write is in flight: sums and data agree. Blocking
+    /// threads only (it may wait).
     pub fn read_state(&self) -> std::sync::RwLockReadGuard<'_, ReplicaState> {
+        self.settled(|| self.read_state_now())
+    }
+
+    /// The write lock, once no ring data write is in flight. Blocking threads only.
+    pub fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, ReplicaState> {
+        self.settled(|| self.write_state_now())
+    }
+
+    /// Takes a lock with `take` until no ring write is in flight. While it waits, new writes
+    /// stay off the ring (`settling`), so a stream of them cannot starve it.
+    fn settled<G>(&self, take: impl Fn() -> G) -> G {
+        let g = take();
+        if self.in_flight.load(Ordering::Acquire) == 0 {
+            return g;
+        }
+        drop(g);
+        self.settling.fetch_add(1, Ordering::AcqRel);
+        let g = loop {
+            std::thread::sleep(std::time::Duration::from_micros(50));
+            let g = take();
+            if self.in_flight.load(Ordering::Acquire) == 0 {
+                break g;
+            }
+        };
+        self.settling.fetch_sub(1, Ordering::AcqRel);
+        g
+    }
+
+    /// Whether a new data write may go through the ring: no lock waiter is waiting for the
+    /// ring writes to drain. Caller holds the write lock.
+    pub fn ring_open(&self) -> bool {
+        self.settling.load(Ordering::Acquire) == 0
+    }
+
+    fn read_state_now(&self) -> std::sync::RwLockReadGuard<'_, ReplicaState> {
         self.io.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, ReplicaState> {
+    fn write_state_now(&self) -> std::sync::RwLockWriteGuard<'_, ReplicaState> {
         self.io.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The read lock if free now, without waiting for ring writes: for the async readers,
+    /// which tolerate a block matching neither sum (they fall back) and must not block a
+    /// worker thread on a lock held across disk I/O.
+    pub fn try_read_state(&self) -> Option<std::sync::RwLockReadGuard<'_, ReplicaState>> {
+        match self.io.try_read() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// The write lock if free now, for the async (ring) writer.
+    pub fn try_write_state(&self) -> Option<std::sync::RwLockWriteGuard<'_, ReplicaState>> {
+        match self.io.try_write() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// Whether every block of `[first, first+count)` is known to be durably allocated.
+    pub fn is_allocated(&self, first: u64, count: u64) -> bool {
+        let a = lock(&self.allocated);
+        (first..first + count).all(|b| a.blocks.contains(b))
     }
 
     /// Refuses I/O on a replica whose fdatasync failed.

@@ -7,7 +7,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::journal::{self, Journal, Record};
 use crate::uring::Uring;
 use crate::replica::{
-    blocks_of, classify, lock, set_entry, sum_at, BlockSet, BlockState, Files, Replica, ReplicaState, BS, ENTRY,
+    blocks_of, classify, lock, set_entry, sum_at, BlockSet, BlockState, Files, InFlight, Replica, ReplicaState, BS, ENTRY,
     ZERO_SUM,
 };
 use basalt_types::{BlockSum, ChunkId, ChunkVersion, DiskUsage, Epoch, VolumeId, BLOCK_SIZE};
@@ -111,8 +111,9 @@ pub(crate) struct TestHooks {
     pub crash_after_sums: std::sync::atomic::AtomicBool,
 }
 
-/// Reads up to this size are verified on the async worker; larger ones on the blocking pool
-/// (blake3 takes about a microsecond per 4 KiB block).
+/// Reads up to this size are verified (and ring writes without the writer's sums hashed) on
+/// the async worker; larger ones on the blocking pool (blake3 takes about a microsecond per
+/// 4 KiB block).
 const VERIFY_INLINE_MAX: usize = 256 << 10;
 
 /// The data file of a replica's open files, for the ring (which keeps it open while an
@@ -123,6 +124,21 @@ impl std::os::fd::AsRawFd for DataFd {
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
         std::os::fd::AsRawFd::as_raw_fd(&self.0.data)
     }
+}
+
+enum ReadPlan {
+    Empty,
+    /// The lock is taken (by a writer on the blocking pool): read there, waiting for it.
+    Blocking,
+    /// Read `entries.len() / ENTRY` blocks from `first` through the ring.
+    Ring { files: Arc<Files>, first: u64, entries: Vec<u8> },
+}
+
+/// A ring write between its sums update and its data write.
+struct RingWrite {
+    files: Arc<Files>,
+    record: Record,
+    guard: InFlight,
 }
 
 /// What a mutation leaves for the journal: the sum entries it wrote, to be made durable.
@@ -273,6 +289,11 @@ impl ChunkStore {
             return Err(Error::BadSums { got: sums.len(), want });
         }
         let _epoch = self.admit(chunk.volume, epoch).await?;
+        if let Some(ring) = &self.inner.uring {
+            if let Some(plan) = self.inner.plan_ring_write(disk, chunk, chunk_size, version, offset, &data, &sums)? {
+                return self.ring_write(ring, disk, plan, data).await;
+            }
+        }
         // The blocking task hands its record straight to the journal and the outcome comes
         // back on one channel: one wake-up of this task instead of two.
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -307,6 +328,30 @@ impl ChunkStore {
         self.blocking(move |inner| inner.read(disk, chunk, version, offset, len)).await
     }
 
+    /// The data write of [`plan_ring_write`](Inner::plan_ring_write) through the ring, then
+    /// the journal commit that makes sums and data durable.
+    async fn ring_write(&self, ring: &Uring, disk: u32, plan: RingWrite, data: Bytes) -> Result<()> {
+        let RingWrite { files, record, guard } = plan;
+        let data = if files.direct && !AlignedBuf::is_aligned(&data) { AlignedBuf::copy_of(&data).into_bytes() } else { data };
+        let at = record.first * BLOCK_SIZE;
+        let len = data.len();
+        let fd = Arc::new(DataFd(files.clone()));
+        match ring.write_at(fd, data, at, Box::new(guard)).await {
+            Ok(Ok(n)) if n == len => {}
+            Ok(Ok(n)) => {
+                return Err(Error::io(
+                    &files.data_path,
+                    std::io::Error::new(std::io::ErrorKind::WriteZero, format!("wrote {n} of {len} bytes")),
+                ))
+            }
+            Ok(Err(e)) => return Err(Error::io(&files.data_path, e)),
+            // The ring stopped (the store is going away): the sums are updated but not
+            // journalled, and the block still verifies against its previous sum.
+            Err(_) => return Err(Error::BadDisk("replica I/O ring stopped".into())),
+        }
+        self.inner.journal(disk)?.commit(record, files).await
+    }
+
     /// The read through io_uring, without the replica lock: the sums are read under it, the
     /// data after it is released. A concurrent write writes its new sums before its data, and
     /// entries keep the previous sum too, so a block that verifies is one that was written
@@ -322,8 +367,10 @@ impl ChunkStore {
         offset: u64,
         len: u64,
     ) -> Result<Option<Bytes>> {
-        let Some((files, first, entries)) = self.inner.plan_read(disk, chunk, version, offset, len)? else {
-            return Ok(Some(Bytes::new()));
+        let (files, first, entries) = match self.inner.plan_read(disk, chunk, version, offset, len)? {
+            ReadPlan::Empty => return Ok(Some(Bytes::new())),
+            ReadPlan::Blocking => return Ok(None),
+            ReadPlan::Ring { files, first, entries } => (files, first, entries),
         };
         let n = entries.len() / ENTRY;
         let size = n * BS;
@@ -926,8 +973,70 @@ impl Inner {
         Ok(entries)
     }
 
-    /// The checks of a read and the sum entries of its blocks, read under the replica's lock:
-    /// (files, first block, entries), or `None` for an empty read.
+    /// The part of a ring write done under the replica's write lock, on the async worker: the
+    /// checks, and the new sums written (to the page cache). `None` when the write is not for
+    /// the ring and takes the blocking path: not whole blocks, large and without sums, a
+    /// replica to create or a version to raise (durable metadata writes), blocks whose
+    /// allocation is not yet durable (an fdatasync), or a lock waiter draining the ring.
+    #[allow(clippy::too_many_arguments)]
+    fn plan_ring_write(
+        &self,
+        disk: u32,
+        chunk: ChunkId,
+        chunk_size: u64,
+        version: ChunkVersion,
+        offset: u64,
+        data: &[u8],
+        sums: &[BlockSum],
+    ) -> Result<Option<RingWrite>> {
+        let len = data.len() as u64;
+        if len == 0 || offset % BLOCK_SIZE != 0 || len % BLOCK_SIZE != 0 {
+            return Ok(None);
+        }
+        let computed;
+        let sums = if sums.is_empty() && data.len() <= VERIFY_INLINE_MAX {
+            computed = basalt_types::full_block_sums(offset, data);
+            &computed[..]
+        } else {
+            sums
+        };
+        if sums.len() as u64 != len / BLOCK_SIZE {
+            return Ok(None);
+        }
+        let Ok(rep) = self.lookup(disk, chunk) else { return Ok(None) };
+        rep.check()?;
+        self.journal(disk)?.check()?;
+        let (first, n) = block_span(offset, len);
+        let Some(st) = rep.try_write_state() else { return Ok(None) };
+        if st.deleted || version > st.version || !rep.ring_open() || !rep.is_allocated(first, n) {
+            return Ok(None);
+        }
+        if st.chunk_size != chunk_size {
+            return Err(Error::ChunkSizeMismatch { have: st.chunk_size, got: chunk_size });
+        }
+        if version < st.version {
+            return Err(Error::StaleVersion { have: st.version, got: version });
+        }
+        let files = self.files(&rep, st.chunk_size)?;
+        let mut entries = files.read_entries(first, n)?;
+        for (i, sum) in sums.iter().enumerate() {
+            let prev = sum_at(&entries, i, 0);
+            set_entry(&mut entries, i, sum, &prev);
+        }
+        files.write_entries(first, &entries)?;
+        #[cfg(test)]
+        if self.hooks.crash_after_sums.swap(false, Ordering::SeqCst) {
+            return Err(Error::BadDisk("simulated crash after the sums pwrite".into()));
+        }
+        self.mark_client_write(disk, chunk, first, n);
+        rep.in_flight.fetch_add(1, Ordering::AcqRel);
+        drop(st);
+        let record = Record { volume: chunk.volume, index: chunk.index, nonce: rep.nonce, first, entries };
+        Ok(Some(RingWrite { files, record, guard: InFlight(rep) }))
+    }
+
+    /// The checks of a read and the sum entries of its blocks, read under the replica's lock
+    /// if it is free right now.
     fn plan_read(
         &self,
         disk: u32,
@@ -935,10 +1044,10 @@ impl Inner {
         version: ChunkVersion,
         offset: u64,
         len: u64,
-    ) -> Result<Option<(Arc<Files>, u64, Vec<u8>)>> {
+    ) -> Result<ReadPlan> {
         let rep = self.lookup(disk, chunk)?;
         rep.check()?;
-        let st = rep.read_state();
+        let Some(st) = rep.try_read_state() else { return Ok(ReadPlan::Blocking) };
         if st.deleted {
             return Err(Error::NotFound { disk, chunk });
         }
@@ -947,12 +1056,12 @@ impl Inner {
         }
         check_range(offset, len, st.chunk_size)?;
         if len == 0 {
-            return Ok(None);
+            return Ok(ReadPlan::Empty);
         }
         let files = self.files(&rep, st.chunk_size)?;
         let (first, n) = block_span(offset, len);
         let entries = files.read_entries(first, n)?;
-        Ok(Some((files, first, entries)))
+        Ok(ReadPlan::Ring { files, first, entries })
     }
 
     fn read(&self, disk: u32, chunk: ChunkId, version: ChunkVersion, offset: u64, len: u64) -> Result<Bytes> {

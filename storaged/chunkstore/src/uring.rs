@@ -33,8 +33,8 @@ const ENTRIES: u32 = 256;
 enum Held {
     /// A read's destination, handed back to the caller.
     Read(AlignedBuf),
-    /// A write's source.
-    Write(#[allow(dead_code)] Bytes),
+    /// A write's source, and whatever must live until the write is over.
+    Write(#[allow(dead_code)] Bytes, #[allow(dead_code)] Box<dyn Send + Sync>),
 }
 
 struct Pending {
@@ -112,21 +112,22 @@ impl Uring {
         let (res, held) = self.submit(entry.build(), Held::Read(buf), file).await?;
         match held {
             Held::Read(buf) => Ok((res, buf)),
-            Held::Write(_) => Err(Unavailable::Stopped),
+            Held::Write(..) => Err(Unavailable::Stopped),
         }
     }
 
-    /// Writes `data` at `offset` of `file`.
-    #[allow(dead_code)]
+    /// Writes `data` at `offset` of `file`. `keep` is dropped when the write is over (not
+    /// when the caller stops waiting).
     pub(crate) async fn write_at(
         &self,
         file: Arc<dyn AsRawFd + Send + Sync>,
         data: Bytes,
         offset: u64,
+        keep: Box<dyn Send + Sync>,
     ) -> Result<io::Result<usize>, Unavailable> {
         let len = u32::try_from(data.len()).map_err(|_| Unavailable::Stopped)?;
         let entry = opcode::Write::new(types::Fd(file.as_raw_fd()), data.as_ptr(), len).offset(offset);
-        let (res, _) = self.submit(entry.build(), Held::Write(data), file).await?;
+        let (res, _) = self.submit(entry.build(), Held::Write(data, keep), file).await?;
         Ok(res)
     }
 
@@ -288,7 +289,7 @@ mod tests {
             let file = file.clone();
             async move {
                 let data = Bytes::from(vec![i as u8; 4096]);
-                ring.write_at(file, data, i * 4096).await.unwrap().unwrap()
+                ring.write_at(file, data, i * 4096, Box::new(())).await.unwrap().unwrap()
             }
         });
         let written = futures_join(writes).await;
