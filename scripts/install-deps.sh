@@ -3,7 +3,8 @@
 # when everything is already there.
 set -euo pipefail
 PKGS=(build-essential pkg-config libclang-dev clang qemu-utils libnbd-bin fio
-      libiscsi-bin qemu-block-extra)  # iSCSI initiators for basalt-iscsi tests
+      libiscsi-bin qemu-block-extra  # iSCSI initiators for basalt-iscsi tests
+      tgt)  # the baseline target of `basalt bench iscsi` (it runs its own tgtd, not the service)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

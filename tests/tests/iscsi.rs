@@ -259,3 +259,39 @@ fn cunit_output_is_parsed_into_passed_failed_and_skipped() {
     assert_eq!(r.get("Write10.Flags"), Some(&"passed"));
     assert_eq!(r.len(), 4);
 }
+
+/// `basalt bench iscsi` end to end, tiny (a 16 MiB LUN, 0.3 s per job): tgt is installed if
+/// needed, started, configured and stopped, both clusters come and go, and every target
+/// answers every workload with the same negotiated limits. Figures are not judged here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_iscsi_measures_tgt_and_both_clusters_with_the_same_initiator() -> Result<()> {
+    use basalt_cli::bench::iscsi::{render_table, run_iscsi, IscsiOptions};
+    init_tracing();
+    let work = tempfile::Builder::new().prefix("basalt-test-bench-").tempdir_in("/var/tmp")?;
+    let mut opts = IscsiOptions::new(16 * MIB, Duration::from_millis(300));
+    opts.ramp = Duration::from_millis(100);
+    opts.chunk_size = 8 * MIB;
+    opts.work_dir = work.path().to_path_buf();
+    let report = run_iscsi(&opts).await?;
+    let ids: Vec<&str> = report.targets.iter().map(|t| t.id.as_str()).collect();
+    assert_eq!(ids, ["tgt", "basalt-1", "basalt-3"]);
+    assert_eq!(report.targets[2].processes, 3);
+    for t in &report.targets {
+        assert_eq!(t.negotiated, report.targets[0].negotiated, "{} negotiated otherwise", t.id);
+        assert!(t.capacity >= 16 * MIB, "{}: {} bytes", t.id, t.capacity);
+    }
+    assert!(!report.targets[0].negotiated.initial_r2t && report.targets[0].negotiated.immediate_data);
+    assert_eq!(report.rows.len(), 6);
+    for row in &report.rows {
+        for j in [&row.tgt, &row.basalt, &row.replicated] {
+            assert!(j.result.ios > 0 && j.result.iops > 0.0, "{}: {:?}", row.workload.id, j.result);
+        }
+        assert!(row.ratio.is_some_and(|r| r > 0.0), "{}", row.workload.id);
+    }
+    let table = render_table(&report);
+    assert!(table.contains("rand write 4K QD32") && table.contains("storaged 3x"), "{table}");
+    // Nothing is left behind: tgtd stopped, clusters stopped and deleted.
+    let left: Vec<_> = std::fs::read_dir(work.path())?.collect();
+    assert!(left.is_empty(), "left in the work directory: {left:?}");
+    Ok(())
+}

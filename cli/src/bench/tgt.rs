@@ -204,10 +204,10 @@ impl Drop for Tgt {
 }
 
 /// A control port whose socket does not exist yet (tgtd's default, 0, may belong to the
-/// machine's own tgt service).
+/// machine's own tgt service). tgtd takes 0..=32767.
 fn free_control_port() -> Result<u16> {
     for _ in 0..100 {
-        let port = rand::random_range(20000..60000u16);
+        let port = rand::random_range(1000..=32767u16);
         if !Path::new(CONTROL_DIR).join(format!("socket.{port}")).exists() {
             return Ok(port);
         }
