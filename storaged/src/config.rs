@@ -66,6 +66,14 @@ pub struct ConfigFile {
     /// journal is created; an existing one keeps its size.
     #[serde(default = "default_journal_bytes")]
     pub journal_bytes: u64,
+    /// Replica data I/O through io_uring (default true). False uses the blocking thread pool,
+    /// as does a kernel that refuses io_uring (logged at start).
+    #[serde(default = "default_true")]
+    pub io_uring: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_dead_timeout() -> Duration {

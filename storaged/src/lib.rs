@@ -129,7 +129,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         let identity = Identity::load(&f.certs_dir, &f.name).map_err(|e| Error::Tls(e.to_string()))?;
         let rpc = RpcEndpoint::new(listeners.rpc, &identity).map_err(|e| Error::Rpc(e.to_string()))?;
         let store_config =
-            basalt_chunkstore::Config { journal_bytes: f.journal_bytes, ..Default::default() };
+            basalt_chunkstore::Config { journal_bytes: f.journal_bytes, io_uring: f.io_uring, ..Default::default() };
         let store = ChunkStore::open_with(f.data_dirs.clone(), store_config).await?;
 
         let mut meta_cfg = MetaConfig::new(node, config.rpc_advertise.to_string(), f.meta_dir.clone());
