@@ -1,5 +1,6 @@
 //! `ChunkStore`: the replicas of every data disk of this node, their versions, and the volume
-//! epochs. The async methods run their file I/O on tokio's blocking pool.
+//! epochs. Replica data reads and whole-block overwrites go through io_uring (see `uring`);
+//! the rest of the async methods run their file I/O on tokio's blocking pool.
 
 use basalt_iobuf::AlignedBuf;
 use crate::disk::{fsync_dir, write_meta, Disk, ReplicaMeta};
