@@ -164,10 +164,30 @@ impl Uring {
             }
         }
         permit.forget();
+        // The slot is given back when the completion is reaped (`drain`), whether or not we
+        // are still here to receive it.
         let (res, held) = rx.await.map_err(|_| Unavailable::Stopped)?;
-        self.slots.add_permits(1);
         let res = if res < 0 { Err(io::Error::from_raw_os_error(-res)) } else { Ok(res as usize) };
         Ok((res, held))
+    }
+
+    /// Waits (blocking) for every pending operation and answers it.
+    fn finish_pending(&self) {
+        loop {
+            {
+                let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                if st.pending.is_empty() {
+                    return;
+                }
+                if let Err(e) = st.ring.submit_and_wait(1) {
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        tracing::error!(error = %e, "io_uring wait failed while stopping");
+                        return;
+                    }
+                }
+            }
+            self.drain();
+        }
     }
 
     /// Reaps every completion posted so far and answers their operations.
@@ -186,11 +206,10 @@ impl Uring {
                 let _ = ring.submit();
             }
         }
+        self.slots.add_permits(done.len());
         for (p, res) in done {
             // A caller that stopped waiting drops the buffer here, after the kernel is done.
-            if let Err((_, _held)) = p.done.send((res, p.held)) {
-                self.slots.add_permits(1);
-            }
+            let _ = p.done.send((res, p.held));
         }
     }
 }
@@ -229,8 +248,11 @@ async fn drive(uring: Arc<Uring>) {
         });
         uring.drain();
     }
-    // Answer whatever completed while stopping; the rest is waited for by `Drop`.
-    uring.drain();
+    // No operation starts any more (`driving` is false once `_stopped` is dropped, and it is
+    // checked under the state lock); wait for those in flight, so none of their callers waits
+    // forever for a completion nobody reaps.
+    drop(_stopped);
+    uring.finish_pending();
 }
 
 impl Drop for Uring {
@@ -318,6 +340,28 @@ mod tests {
         assert_eq!(res.unwrap(), 4096);
         assert_eq!(buf.as_ref()[0], 1);
         assert_eq!(f_read(&path, 4096)[0], 1);
+    }
+
+    /// Callers that stop waiting at any point (before or after their completion is posted)
+    /// give their slot back: afterwards more operations than there are slots still complete.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn abandoned_operations_give_their_slots_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = File::options().read(true).write(true).create(true).truncate(true).open(dir.path().join("f")).unwrap();
+        f.set_len(1 << 20).unwrap();
+        let file: Arc<dyn AsRawFd + Send + Sync> = Arc::new(f);
+        let Ok(ring) = Uring::start() else { return };
+        for i in 0..(4 * ENTRIES as u64) {
+            let op = ring.read_at(file.clone(), AlignedBuf::filled_later(4096), (i % 256) * 4096);
+            let wait = std::time::Duration::from_micros(i % 50);
+            drop(tokio::time::timeout(wait, op).await);
+        }
+        let all = (0..(2 * ENTRIES as u64)).map(|i| {
+            let (ring, file) = (ring.clone(), file.clone());
+            async move { ring.read_at(file, AlignedBuf::filled_later(4096), (i % 256) * 4096).await.unwrap().0.unwrap() }
+        });
+        let done = tokio::time::timeout(std::time::Duration::from_secs(20), futures_join(all)).await;
+        assert!(done.is_ok(), "operations hung: slots were lost");
     }
 
     async fn futures_join<F: std::future::Future + Send + 'static>(fs: impl Iterator<Item = F>) -> Vec<F::Output>
