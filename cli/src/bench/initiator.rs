@@ -556,8 +556,15 @@ impl Session {
         }
     }
 
+    /// Appends a PDU (no AHS, no digests) to the output: header, data, padding, with the
+    /// data copied once (`pdu::encode` would copy it a second time on its way here).
     fn queue(&mut self, p: &Pdu) -> Result<()> {
-        self.out.extend_from_slice(&pdu::encode(p, Digests::default())?);
+        let len = p.data.len();
+        let data = u32::try_from(len).map_err(|_| anyhow!("a {len}-byte data segment"))?;
+        let bhs = p.header.encode(pdu::Lengths { ahs: 0, data })?;
+        self.out.extend_from_slice(&bhs);
+        self.out.extend_from_slice(&p.data);
+        self.out.resize(self.out.len() + pdu::padded(len) - len, 0);
         Ok(())
     }
 
