@@ -68,6 +68,9 @@ pub struct UpOptions {
     /// Fewest replicas a chunk may be allocated with or dropped to (storaged's
     /// `min_replicas`): 2, or 1 on a one-node cluster, whose chunks can only ever have one.
     pub min_replicas: u32,
+    /// Journal ring per data directory (storaged's `journal_bytes`); None: storaged's default.
+    /// Tests use the smallest, as each new journal is written in full once.
+    pub journal_bytes: Option<u64>,
 }
 
 impl UpOptions {
@@ -83,6 +86,7 @@ impl UpOptions {
             scrub_bytes_per_sec: 32 << 20,
             scrub_interval: Duration::from_secs(600),
             min_replicas: nodes.clamp(1, 2) as u32,
+            journal_bytes: None,
         }
     }
 }
@@ -246,6 +250,10 @@ pub async fn up(opts: &UpOptions) -> Result<ClusterFile> {
             "scrub_interval": humantime::format_duration(opts.scrub_interval).to_string(),
             "min_replicas": opts.min_replicas,
         });
+        let mut config = config;
+        if let (Some(bytes), Some(obj)) = (opts.journal_bytes, config.as_object_mut()) {
+            obj.insert("journal_bytes".into(), bytes.into());
+        }
         std::fs::write(&n.config, serde_json::to_vec_pretty(&config)?)?;
     }
     let mut cluster = ClusterFile { dir: dir.clone(), certs_dir, admin_identity: ADMIN.into(), nodes };

@@ -33,6 +33,8 @@ impl TestCluster {
         let dir = tempfile::Builder::new().prefix("basalt-test-").tempdir()?;
         let mut opts = UpOptions::new(dir.path().join("cluster"), nodes);
         opts.dead_timeout = dead_timeout;
+        // Each node writes its new journal in full once: the smallest ring keeps that short.
+        opts.journal_bytes = Some(basalt_chunkstore::MIN_JOURNAL_BYTES);
         // BASALT_TEST_LOG overrides the nodes' log filter (e.g. "debug") when chasing a bug.
         let filter = std::env::var("BASALT_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn,quinn=warn".into());
         opts.env.push(("RUST_LOG".into(), filter));

@@ -23,8 +23,10 @@ fn disk_paths(dir: &TempDir, n: usize) -> Vec<PathBuf> {
     (0..n).map(|i| dir.path().join(format!("disk{i}"))).collect()
 }
 
+/// Stores with the smallest journal: a new journal is written in full once.
 async fn open(dir: &TempDir, n: usize) -> ChunkStore {
-    ChunkStore::open(disk_paths(dir, n)).await.expect("open store")
+    let config = crate::Config { journal_bytes: crate::MIN_JOURNAL_BYTES, ..Default::default() };
+    ChunkStore::open_with(disk_paths(dir, n), config).await.expect("open store")
 }
 
 /// Deterministic, non-repeating-per-block bytes, different for each seed.
@@ -725,4 +727,23 @@ async fn ring_reads_need_no_fallback_and_corruption_is_still_found() {
     flip_byte(&data_file(&dir, 0, c), 5 * B + 7);
     let err = s.read(0, c, 1, 5 * B, B).await.expect_err("corrupt block read");
     assert_eq!(err.code(), ErrorCode::Corrupt);
+}
+
+/// A new journal is created whole (ring written, renamed into place, no temporary left), and
+/// a file too short to hold a superblock, left by an interrupted creation, is made anew.
+#[tokio::test]
+async fn a_new_journal_is_written_whole_and_a_truncated_one_is_recreated() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = dir.path().join("disk0/journal");
+    drop(open(&dir, 1).await);
+    let len = std::fs::metadata(&journal).expect("journal exists").len();
+    assert_eq!(len, 4096 + crate::MIN_JOURNAL_BYTES);
+    assert!(!dir.path().join("disk0/journal.new").exists(), "temporary journal left behind");
+    // Every byte of the ring is allocated, none left sparse.
+    let blocks = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&journal).expect("stat"));
+    assert!(blocks * 512 >= len, "ring not written: {} of {len} bytes allocated", blocks * 512);
+    std::fs::write(&journal, b"short").expect("truncate journal");
+    let s = open(&dir, 1).await;
+    s.write(0, chunk(0), CS, 1, 1, 0, Bytes::from(pattern(1, B as usize))).await.expect("write after recreate");
+    assert_eq!(std::fs::metadata(&journal).expect("journal").len(), len);
 }
