@@ -20,7 +20,7 @@
 
 use super::{
     fmt_latency, fmt_rate, fmt_ratio, fmt_verdict, interruptible, limit, progress, push_line, ratio, running_pids,
-    scratch_dir, table_row, verdict, CpuProbe, CpuWindow, Direction, FreshCluster, JobResult,
+    scratch_dir, table_row, verdict, CpuProbe, CpuWindow, MachineCpu, Direction, FreshCluster, JobResult,
     ProcessCpu, Verdict, Workload, DEFAULT_CHUNK_SIZE, DEFAULT_RAMP, WORKLOADS,
 };
 use crate::dev::{self, ClusterFile};
@@ -414,15 +414,21 @@ async fn run_fio_measured(args: &[String], probe: &CpuProbe, ramp: Duration) -> 
         _ = tokio::time::sleep(ramp) => {}
     }
     let start = probe.sample()?;
+    let machine = MachineCpu::sample();
     let t0 = Instant::now();
     let status = child.wait().await.context("waiting for fio")?;
-    let window = CpuWindow { cpu_seconds: probe.sample()? - start, wall_seconds: t0.elapsed().as_secs_f64() };
+    let steal_percent = machine.zip(MachineCpu::sample()).and_then(|(a, b)| a.steal_percent(&b));
+    let window =
+        CpuWindow { cpu_seconds: probe.sample()? - start, wall_seconds: t0.elapsed().as_secs_f64(), steal_percent };
     let stderr = stderr_task.await.unwrap_or_default();
     let json = read_output(args, status, &stderr)?;
     Ok((json, window))
 }
 
 // ---- report -------------------------------------------------------------------------------
+
+/// Steal above this (percent of the machine's CPU during a job) gets a warning in the report.
+const STEAL_WARN_PERCENT: f64 = 5.0;
 
 fn fmt_goal(w: &Workload) -> String {
     match (w.goal, w.direction) {
@@ -512,6 +518,14 @@ pub fn render_table(r: &BlockReport) -> String {
         &mut out,
         "Basalt CPU/IO = user+system time of all storaged processes per I/O; local CPU/IO = fio's own.".to_string(),
     );
+    if let Some(worst) = r.rows.iter().filter_map(|x| x.cluster_cpu.steal_percent).reduce(f64::max) {
+        let warn = if worst > STEAL_WARN_PERCENT {
+            " — the host was busy: these figures understate the software and vary from run to run"
+        } else {
+            ""
+        };
+        line(&mut out, format!("CPU taken by the hypervisor (steal) during the Basalt jobs: up to {worst:.1}%{warn}."));
+    }
     line(
         &mut out,
         "Local writes use O_DSYNC because Basalt acknowledges a write only when it is durable on every replica."
@@ -602,7 +616,7 @@ mod tests {
             Row {
                 workload: w,
                 basalt: result(basalt, w.block_size),
-                cluster_cpu: ProcessCpu { cpu_seconds: 1.0, wall_seconds: 5.0, cpu_us_per_io: 42.0 },
+                cluster_cpu: ProcessCpu { cpu_seconds: 1.0, wall_seconds: 5.0, cpu_us_per_io: 42.0, steal_percent: Some(2.0) },
                 local: result(local, w.block_size),
                 local_no_sync: (w.direction == Direction::Write).then(|| result(local * 2.0, w.block_size)),
                 limit: limit(w.direction, local, 3),
@@ -634,6 +648,9 @@ mod tests {
         let json = serde_json::to_value(&report).expect("json");
         assert_eq!(json["rows"][1]["verdict"], "not_met");
         assert_eq!(json["rows"][0]["workload"]["id"], "randwrite-4k-qd32");
+        assert!(table.contains("(steal) during the Basalt jobs: up to 2.0%."), "{table}");
+        assert!(!table.contains("host was busy"), "2% steal is below the warning: {table}");
+        assert_eq!(json["rows"][0]["cluster_cpu"]["steal_percent"], 2.0);
     }
 
     #[test]

@@ -762,7 +762,12 @@ impl Session {
                 runtime_ms: (secs * 1000.0).round() as u64,
                 client_cpu_us_per_io: per_io(m1 - m0),
             },
-            target_cpu: ProcessCpu { cpu_seconds: c1 - c0, wall_seconds: secs, cpu_us_per_io: per_io(c1 - c0) },
+            target_cpu: ProcessCpu {
+                cpu_seconds: c1 - c0,
+                wall_seconds: secs,
+                cpu_us_per_io: per_io(c1 - c0),
+                steal_percent: None,
+            },
         })
     }
 

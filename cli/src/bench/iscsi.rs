@@ -483,7 +483,7 @@ mod tests {
                 runtime_ms: 5000,
                 client_cpu_us_per_io: 4.0,
             },
-            target_cpu: ProcessCpu { cpu_seconds: 1.0, wall_seconds: 5.0, cpu_us_per_io: cpu },
+            target_cpu: ProcessCpu { cpu_seconds: 1.0, wall_seconds: 5.0, cpu_us_per_io: cpu, steal_percent: None },
         }
     }
 
