@@ -510,21 +510,21 @@ impl AluaStates for LeaseAlua {
 /// Persistent reservations of one volume, in a metadata record.
 /// Reads are cached for [`METADATA_CACHE`] (the SCSI layer checks reservations on every
 /// command); a successful store updates the cache and a lost compare-and-swap clears it, so
-/// this node's own changes are never read stale.
+/// this node's own changes are never read stale. The other nodes drop their copy when the
+/// unit's [`UnitNotifier`] tells them of the change.
 pub struct RecordReservations {
     client: Arc<StorageClient>,
     key: String,
-    volume: VolumeId,
-    node: NodeId,
     cache: Expiring<(Reservations, u64)>,
 }
 
-/// How long a reservation change waits for the other nodes to drop their cached copy.
+/// How long a reservation change, a reset or a path move waits for the other nodes to take
+/// its notice.
 const NOTICE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl RecordReservations {
-    pub fn new(client: Arc<StorageClient>, volume: VolumeId, node: NodeId) -> Self {
-        Self { client, key: format!("{PR_PREFIX}{volume}"), volume, node, cache: Expiring::default() }
+    pub fn new(client: Arc<StorageClient>, volume: VolumeId) -> Self {
+        Self { client, key: format!("{PR_PREFIX}{volume}"), cache: Expiring::default() }
     }
 
     /// Drops the cached copy (another node changed the reservations).
@@ -570,11 +570,6 @@ impl ReservationStore for RecordReservations {
                     Some(record) => self.remember(Some((state.clone(), record.version))),
                     None => self.remember(None),
                 }
-                // The command completes only after the other nodes dropped their cached
-                // copy (or the notice timed out: a node that missed it rereads within
-                // METADATA_CACHE), so a conflict is enforced on every path right away.
-                let notice = basalt_types::Notice::ReservationsChanged { volume: self.volume };
-                self.client.broadcast_notice(notice, Some(self.node), NOTICE_TIMEOUT).await;
                 Ok(true)
             }
             Err(e) if e.remote_code() == Some(ErrorCode::StaleVersion) => {
@@ -688,29 +683,44 @@ impl ClusterTargets {
         })
     }
 
-    /// Another node changed something this node caches.
+    /// Another node changed something this node caches, or an event happened there that
+    /// the nexuses served here must see.
     pub async fn on_notice(&self, notice: &basalt_types::Notice) {
         use basalt_types::Notice;
-        let caches = self.caches.lock().unwrap_or_else(|p| p.into_inner());
         match notice {
-            Notice::ReservationsChanged { volume } => {
-                if let Some(r) = caches.get(volume).and_then(|(_, r)| r.upgrade()) {
+            Notice::ReservationsChanged { volume, attentions } => {
+                let cached = {
+                    let caches = self.caches.lock().unwrap_or_else(|p| p.into_inner());
+                    caches.get(volume).and_then(|(_, r)| r.upgrade())
+                };
+                if let Some(r) = cached {
                     r.invalidate();
+                }
+                // Only the nexuses logged in through this node's port are served here.
+                let port = port_of(self.node);
+                let here: Vec<_> = attentions.iter().filter(|a| a.relative_port == port).cloned().collect();
+                if !here.is_empty() {
+                    if let Some(unit) = self.served_unit(*volume).await {
+                        unit.attentions_from_elsewhere(&here);
+                    }
                 }
             }
             Notice::PathMoved { volume } => {
-                if let Some((alua, _)) = caches.get(volume) {
+                if let Some((alua, _)) = self.caches.lock().unwrap_or_else(|p| p.into_inner()).get(volume) {
                     alua.clear();
                 }
             }
             Notice::UnitReset { volume } => {
-                drop(caches);
-                let unit = self.units.lock().await.get(volume).and_then(std::sync::Weak::upgrade);
-                if let Some(unit) = unit {
+                if let Some(unit) = self.served_unit(*volume).await {
                     unit.reset_elsewhere();
                 }
             }
         }
+    }
+
+    /// The logical unit of `volume`, if this node serves it now.
+    async fn served_unit(&self, volume: VolumeId) -> Option<Arc<crate::scsi::LogicalUnit>> {
+        self.units.lock().await.get(&volume).and_then(std::sync::Weak::upgrade)
     }
 
     async fn unit(&self, volume: &str) -> Result<Arc<crate::scsi::LogicalUnit>, DeviceError> {
@@ -722,13 +732,13 @@ impl ClusterTargets {
         units.retain(|_, w| w.strong_count() > 0);
         let alua = AluaCache::default();
         let device = VolumeDevice::open(self.client.clone(), volume, self.node, &self.node_name, alua.clone()).await?;
-        let reservations = Arc::new(RecordReservations::new(self.client.clone(), info.id, self.node));
+        let reservations = Arc::new(RecordReservations::new(self.client.clone(), info.id));
         {
             let mut caches = self.caches.lock().unwrap_or_else(|p| p.into_inner());
             caches.retain(|_, (_, r)| r.strong_count() > 0);
             caches.insert(info.id, (alua.clone(), Arc::downgrade(&reservations)));
         }
-        let events = Arc::new(ResetNotifier { client: self.client.clone(), volume: info.id, node: self.node });
+        let events = Arc::new(UnitNotifier { client: self.client.clone(), volume: info.id, node: self.node });
         let unit = Arc::new(
             crate::scsi::LogicalUnit::new(
                 Arc::new(device),
@@ -743,17 +753,27 @@ impl ClusterTargets {
     }
 }
 
-/// Tells the other nodes that a unit was reset here.
-struct ResetNotifier {
+/// Tells the other nodes that a unit was reset here or its reservations changed here.
+struct UnitNotifier {
     client: Arc<StorageClient>,
     volume: VolumeId,
     node: NodeId,
 }
 
 #[async_trait]
-impl crate::lu::UnitEvents for ResetNotifier {
+impl crate::lu::UnitEvents for UnitNotifier {
     async fn reset(&self) {
         let notice = basalt_types::Notice::UnitReset { volume: self.volume };
+        self.client.broadcast_notice(notice, Some(self.node), NOTICE_TIMEOUT).await;
+    }
+
+    async fn reservations_changed(&self, attentions: &[crate::lu::NexusAttention]) {
+        // The command completes only after the other nodes dropped their cached copy and
+        // posted the attentions of their nexuses (or the notice timed out: a node that
+        // missed it rereads the reservations within METADATA_CACHE, but its nexuses never
+        // see those attentions), so a conflict is enforced on every path right away.
+        let notice =
+            basalt_types::Notice::ReservationsChanged { volume: self.volume, attentions: attentions.to_vec() };
         self.client.broadcast_notice(notice, Some(self.node), NOTICE_TIMEOUT).await;
     }
 }

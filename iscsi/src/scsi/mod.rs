@@ -9,8 +9,9 @@
 //! (REPORT LUNS, REPORT TARGET PORT GROUPS, REPORT SUPPORTED OPERATION CODES/TMFs).
 //!
 //! State a unit keeps in this process: pending unit attentions per I_T nexus and the lock
-//! that makes COMPARE AND WRITE atomic. Reservations live in the [`ReservationStore`], so
-//! every node serving the unit sees the same ones.
+//! that makes COMPARE AND WRITE atomic. Reservations live in the
+//! [`ReservationStore`], so every node serving the unit sees the same ones; the attentions a
+//! reservation change raises for nexuses on other nodes go to them through [`UnitEvents`].
 
 pub mod cdb;
 mod inquiry;
@@ -30,8 +31,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::lu::{
-    status, AccessState, AluaStates, BlockDevice, Nexus, ReservationStore, ScsiCommand,
-    ScsiResponse, ScsiTarget, TaskManagement, TmfOutcome,
+    status, AccessState, AluaStates, BlockDevice, Nexus, NexusAttention, ReservationStore,
+    ScsiCommand, ScsiResponse, ScsiTarget, TaskManagement, TmfOutcome, UnitEvents,
 };
 use cdb::Cdb;
 use opcodes::{Access, Cmd, Lookup, OpInfo};
@@ -145,8 +146,9 @@ pub struct LogicalUnit {
     /// Pending unit attentions per I_T nexus; an entry exists for every nexus seen, so a
     /// reset can address "all other nexuses". Never held across an await.
     attentions: Mutex<HashMap<NexusKey, VecDeque<Sense>>>,
-    /// Who else must hear of a reset (the other nodes serving the unit), if anyone.
-    events: Option<Arc<dyn crate::lu::UnitEvents>>,
+    /// Who else must hear of resets and reservation changes (the other nodes serving the
+    /// unit), if anyone.
+    events: Option<Arc<dyn UnitEvents>>,
 }
 
 impl LogicalUnit {
@@ -167,8 +169,9 @@ impl LogicalUnit {
         }
     }
 
-    /// Reports resets to `events` (the other nodes serving this unit).
-    pub fn with_events(mut self, events: Arc<dyn crate::lu::UnitEvents>) -> Self {
+    /// Reports resets and reservation changes to `events` (the other nodes serving this
+    /// unit).
+    pub fn with_events(mut self, events: Arc<dyn UnitEvents>) -> Self {
         self.events = Some(events);
         self
     }
@@ -181,6 +184,17 @@ impl LogicalUnit {
     async fn announce_reset(&self) {
         if let Some(events) = &self.events {
             events.reset().await;
+        }
+    }
+
+    /// Another node changed the reservations and raised these attentions for nexuses this
+    /// node serves (the caller picked those of its own target port): each is established,
+    /// also for a nexus that has not sent this unit a command since it logged in again.
+    pub fn attentions_from_elsewhere(&self, attentions: &[NexusAttention]) {
+        for a in attentions {
+            let who: NexusKey = (a.initiator_port.clone(), a.relative_port);
+            let sense = Sense::new(a.sense_key, a.asc, a.ascq);
+            self.post_attention(sense, std::slice::from_ref(&who), |k| *k == who);
         }
     }
 
