@@ -283,15 +283,18 @@ fn device_err(e: ClientError) -> DeviceError {
 
 /// A Basalt volume as seen by one node's iSCSI target. Reads need no lease; the first write
 /// takes the volume's write lease for this node (taking it over from another iSCSI path).
+/// Its size is that of its reader [`Volume`], which the storage client updates when the
+/// volume is resized (notice or periodic check).
 pub struct VolumeDevice {
     client: Arc<StorageClient>,
     name: String,
     id: VolumeId,
-    size: u64,
     holder: String,
     node: NodeId,
     writer: tokio::sync::Mutex<Option<Arc<Volume>>>,
-    reader: tokio::sync::OnceCell<Arc<Volume>>,
+    /// Opened at once (a reader takes no lease and costs no round trip): it also carries
+    /// the device's current size.
+    reader: Arc<Volume>,
     alua: AluaCache,
 }
 
@@ -304,16 +307,17 @@ impl VolumeDevice {
         alua: AluaCache,
     ) -> Result<Self, DeviceError> {
         let info = client.volume(volume).await.map_err(device_err)?;
+        let id = info.id;
+        let reader = client.open_volume_with(info, VolumeOptions::reader()).await.map_err(device_err)?;
         Ok(Self {
             alua,
             client,
             name: volume.to_string(),
-            id: info.id,
-            size: info.size,
+            id,
             holder: format!("{HOLDER_PREFIX}{node_name}"),
             node,
             writer: tokio::sync::Mutex::new(None),
-            reader: tokio::sync::OnceCell::new(),
+            reader,
         })
     }
 
@@ -388,12 +392,7 @@ impl VolumeDevice {
         if let Some(v) = &*self.writer.lock().await {
             return Ok(v.clone());
         }
-        self.reader
-            .get_or_try_init(|| async {
-                self.client.open_volume(&self.name, VolumeOptions::reader()).await.map_err(device_err)
-            })
-            .await
-            .cloned()
+        Ok(self.reader.clone())
     }
 
     /// Releases the lease (on shutdown).
@@ -407,7 +406,7 @@ impl VolumeDevice {
 #[async_trait]
 impl BlockDevice for VolumeDevice {
     fn size(&self) -> u64 {
-        self.size
+        self.reader.size()
     }
 
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, DeviceError> {
@@ -443,7 +442,7 @@ impl BlockDevice for VolumeDevice {
         if chunk == 0 {
             return Ok(None);
         }
-        let end = offset.checked_add(len).filter(|&e| e <= self.size).ok_or(DeviceError::OutOfRange)?;
+        let end = offset.checked_add(len).filter(|&e| e <= self.size()).ok_or(DeviceError::OutOfRange)?;
         let mut extents = Vec::new();
         let mut at = offset;
         while at < end {
@@ -684,7 +683,8 @@ impl ClusterTargets {
     }
 
     /// Another node changed something this node caches, or an event happened there that
-    /// the nexuses served here must see.
+    /// the nexuses served here must see. For `VolumeResized` the caller has already made the
+    /// storage client reread the volume's size.
     pub async fn on_notice(&self, notice: &basalt_types::Notice) {
         use basalt_types::Notice;
         match notice {
@@ -713,6 +713,13 @@ impl ClusterTargets {
             Notice::UnitReset { volume } => {
                 if let Some(unit) = self.served_unit(*volume).await {
                     unit.reset_elsewhere();
+                }
+            }
+            Notice::VolumeResized { volume } => {
+                // Reported now rather than at the unit's next command: same outcome, but the
+                // log shows the change when it happened.
+                if let Some(unit) = self.served_unit(*volume).await {
+                    unit.check_capacity();
                 }
             }
         }

@@ -339,6 +339,12 @@ pub mod memory {
             let pages = size.div_ceil(PAGE) as usize;
             Self(Mutex::new(Pages { bytes: vec![0; size as usize], mapped: vec![false; pages] }))
         }
+        /// Grows (with zeros) or shrinks the device, as a volume resize does.
+        pub fn resize(&self, size: u64) {
+            let mut p = self.pages();
+            p.bytes.resize(size as usize, 0);
+            p.mapped.resize(size.div_ceil(PAGE) as usize, false);
+        }
         fn pages(&self) -> std::sync::MutexGuard<'_, Pages> {
             self.0.lock().unwrap_or_else(|p| p.into_inner())
         }

@@ -19,8 +19,8 @@ pub enum NodeRequest {
 }
 
 /// Cache invalidations and events between the frontends of different nodes. Best effort: a
-/// node that misses one sees the change when its cache expires; the unit attentions a missed
-/// notice carried are lost.
+/// node that misses one sees the change when its cache expires or its next periodic check
+/// runs; the unit attentions a missed notice carried are lost.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Notice {
     /// The persistent reservations of a volume changed (iSCSI PERSISTENT RESERVE OUT), with
@@ -32,6 +32,9 @@ pub enum Notice {
     /// An initiator reset the logical unit of a volume (LUN or target reset): every other
     /// nexus gets a reset unit attention, whatever node it is logged in through.
     UnitReset { volume: crate::VolumeId },
+    /// A volume's size changed (`ResizeVolume`): nodes reread the size of the volume where
+    /// they have it open; iSCSI units report CAPACITY DATA HAS CHANGED.
+    VolumeResized { volume: crate::VolumeId },
 }
 
 /// A SCSI unit attention for one I_T nexus of a logical unit.

@@ -1418,3 +1418,57 @@ async fn attentions_from_other_nodes_reach_their_nexus_once_even_after_it_logged
     good(&f.run_as(&b, &tur, &[]).await);
     good(&f.run_as(&a, &tur, &[]).await);
 }
+
+fn read_capacity16() -> Vec<u8> {
+    let mut c = vec![0u8; 16];
+    c[0] = 0x9E;
+    c[1] = 0x10;
+    c[13] = 32;
+    c
+}
+
+/// Last LBA as READ CAPACITY 16 reports it.
+#[track_caller]
+fn last_lba(r: &ScsiResponse) -> u64 {
+    u64::from_be_bytes(good(r)[0..8].try_into().expect("8"))
+}
+
+const CAPACITY_CHANGED: (u8, u8, u8) = (key::UNIT_ATTENTION, 0x2A, 0x09);
+
+#[tokio::test]
+async fn a_resized_device_raises_capacity_changed_once_per_nexus_and_io_follows_the_new_end() {
+    let f = fixture();
+    let (a, b) = (nexus("a", 1), nexus("b", 2));
+    let tur = [0u8, 0, 0, 0, 0, 0];
+    good(&f.run_as(&a, &tur, &[]).await);
+    good(&f.run_as(&b, &tur, &[]).await);
+    assert_eq!(last_lba(&f.run_as(&a, &read_capacity16(), &[]).await), BLOCKS - 1);
+
+    f.dev.resize(2 * BLOCKS * BS as u64);
+    assert_eq!(check(&f.run_as(&a, &read_capacity16(), &[]).await), CAPACITY_CHANGED);
+    assert_eq!(last_lba(&f.run_as(&a, &read_capacity16(), &[]).await), 2 * BLOCKS - 1);
+    good(&f.run_as(&a, &tur, &[]).await);
+    // INQUIRY leaves it pending; the next command reports it, once.
+    good(&f.run_as(&b, &inquiry(false, 0, 36), &[]).await);
+    assert_eq!(check(&f.run_as(&b, &tur, &[]).await), CAPACITY_CHANGED);
+    good(&f.run_as(&b, &tur, &[]).await);
+    // The new blocks up to the new end are usable.
+    let data = pattern(1, 3);
+    good(&f.run_as(&b, &rw16(0x8A, 2 * BLOCKS - 1, 1), &data).await);
+    assert_eq!(good(&f.run_as(&a, &rw16(0x88, 2 * BLOCKS - 1, 1), &[]).await), &data[..]);
+    assert_eq!(check(&f.run_as(&a, &rw16(0x88, 2 * BLOCKS, 1), &[]).await), LBA_RANGE);
+
+    // Shrinking: reported the same way, and nothing past the new end is reachable.
+    f.dev.resize(BLOCKS * BS as u64 / 2);
+    assert_eq!(check(&f.run_as(&a, &rw16(0x88, BLOCKS - 1, 1), &[]).await), CAPACITY_CHANGED);
+    assert_eq!(check(&f.run_as(&a, &rw16(0x88, BLOCKS - 1, 1), &[]).await), LBA_RANGE);
+    assert_eq!(check(&f.run_as(&b, &rw16(0x8A, BLOCKS / 2, 1), &data).await), CAPACITY_CHANGED);
+    assert_eq!(check(&f.run_as(&b, &rw16(0x8A, BLOCKS / 2, 1), &data).await), LBA_RANGE);
+    let r = f.run_as(&b, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]).await;
+    assert_eq!(&good(&r)[0..4], &(BLOCKS as u32 / 2 - 1).to_be_bytes());
+    // A unit told of the resize reports it before any command (same attention, not twice).
+    f.dev.resize(BLOCKS * BS as u64);
+    f.target.lun(0).expect("lun 0").check_capacity();
+    assert_eq!(check(&f.run_as(&a, &tur, &[]).await), CAPACITY_CHANGED);
+    good(&f.run_as(&a, &tur, &[]).await);
+}
