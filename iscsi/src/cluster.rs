@@ -283,15 +283,18 @@ fn device_err(e: ClientError) -> DeviceError {
 
 /// A Basalt volume as seen by one node's iSCSI target. Reads need no lease; the first write
 /// takes the volume's write lease for this node (taking it over from another iSCSI path).
+/// Its size is that of its reader [`Volume`], which the storage client updates when the
+/// volume is resized (notice or periodic check).
 pub struct VolumeDevice {
     client: Arc<StorageClient>,
     name: String,
     id: VolumeId,
-    size: u64,
     holder: String,
     node: NodeId,
     writer: tokio::sync::Mutex<Option<Arc<Volume>>>,
-    reader: tokio::sync::OnceCell<Arc<Volume>>,
+    /// Opened at once (a reader takes no lease and costs no round trip): it also carries
+    /// the device's current size.
+    reader: Arc<Volume>,
     alua: AluaCache,
 }
 
@@ -304,16 +307,17 @@ impl VolumeDevice {
         alua: AluaCache,
     ) -> Result<Self, DeviceError> {
         let info = client.volume(volume).await.map_err(device_err)?;
+        let id = info.id;
+        let reader = client.open_volume_with(info, VolumeOptions::reader()).await.map_err(device_err)?;
         Ok(Self {
             alua,
             client,
             name: volume.to_string(),
-            id: info.id,
-            size: info.size,
+            id,
             holder: format!("{HOLDER_PREFIX}{node_name}"),
             node,
             writer: tokio::sync::Mutex::new(None),
-            reader: tokio::sync::OnceCell::new(),
+            reader,
         })
     }
 
@@ -388,12 +392,7 @@ impl VolumeDevice {
         if let Some(v) = &*self.writer.lock().await {
             return Ok(v.clone());
         }
-        self.reader
-            .get_or_try_init(|| async {
-                self.client.open_volume(&self.name, VolumeOptions::reader()).await.map_err(device_err)
-            })
-            .await
-            .cloned()
+        Ok(self.reader.clone())
     }
 
     /// Releases the lease (on shutdown).
@@ -407,7 +406,7 @@ impl VolumeDevice {
 #[async_trait]
 impl BlockDevice for VolumeDevice {
     fn size(&self) -> u64 {
-        self.size
+        self.reader.size()
     }
 
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, DeviceError> {
@@ -443,7 +442,7 @@ impl BlockDevice for VolumeDevice {
         if chunk == 0 {
             return Ok(None);
         }
-        let end = offset.checked_add(len).filter(|&e| e <= self.size).ok_or(DeviceError::OutOfRange)?;
+        let end = offset.checked_add(len).filter(|&e| e <= self.size()).ok_or(DeviceError::OutOfRange)?;
         let mut extents = Vec::new();
         let mut at = offset;
         while at < end {
@@ -510,21 +509,21 @@ impl AluaStates for LeaseAlua {
 /// Persistent reservations of one volume, in a metadata record.
 /// Reads are cached for [`METADATA_CACHE`] (the SCSI layer checks reservations on every
 /// command); a successful store updates the cache and a lost compare-and-swap clears it, so
-/// this node's own changes are never read stale.
+/// this node's own changes are never read stale. The other nodes drop their copy when the
+/// unit's [`UnitNotifier`] tells them of the change.
 pub struct RecordReservations {
     client: Arc<StorageClient>,
     key: String,
-    volume: VolumeId,
-    node: NodeId,
     cache: Expiring<(Reservations, u64)>,
 }
 
-/// How long a reservation change waits for the other nodes to drop their cached copy.
+/// How long a reservation change, a reset or a path move waits for the other nodes to take
+/// its notice.
 const NOTICE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl RecordReservations {
-    pub fn new(client: Arc<StorageClient>, volume: VolumeId, node: NodeId) -> Self {
-        Self { client, key: format!("{PR_PREFIX}{volume}"), volume, node, cache: Expiring::default() }
+    pub fn new(client: Arc<StorageClient>, volume: VolumeId) -> Self {
+        Self { client, key: format!("{PR_PREFIX}{volume}"), cache: Expiring::default() }
     }
 
     /// Drops the cached copy (another node changed the reservations).
@@ -570,11 +569,6 @@ impl ReservationStore for RecordReservations {
                     Some(record) => self.remember(Some((state.clone(), record.version))),
                     None => self.remember(None),
                 }
-                // The command completes only after the other nodes dropped their cached
-                // copy (or the notice timed out: a node that missed it rereads within
-                // METADATA_CACHE), so a conflict is enforced on every path right away.
-                let notice = basalt_types::Notice::ReservationsChanged { volume: self.volume };
-                self.client.broadcast_notice(notice, Some(self.node), NOTICE_TIMEOUT).await;
                 Ok(true)
             }
             Err(e) if e.remote_code() == Some(ErrorCode::StaleVersion) => {
@@ -688,29 +682,52 @@ impl ClusterTargets {
         })
     }
 
-    /// Another node changed something this node caches.
+    /// Another node changed something this node caches, or an event happened there that
+    /// the nexuses served here must see. For `VolumeResized` the caller has already made the
+    /// storage client reread the volume's size.
     pub async fn on_notice(&self, notice: &basalt_types::Notice) {
         use basalt_types::Notice;
-        let caches = self.caches.lock().unwrap_or_else(|p| p.into_inner());
         match notice {
-            Notice::ReservationsChanged { volume } => {
-                if let Some(r) = caches.get(volume).and_then(|(_, r)| r.upgrade()) {
+            Notice::ReservationsChanged { volume, attentions } => {
+                let cached = {
+                    let caches = self.caches.lock().unwrap_or_else(|p| p.into_inner());
+                    caches.get(volume).and_then(|(_, r)| r.upgrade())
+                };
+                if let Some(r) = cached {
                     r.invalidate();
+                }
+                // Only the nexuses logged in through this node's port are served here.
+                let port = port_of(self.node);
+                let here: Vec<_> = attentions.iter().filter(|a| a.relative_port == port).cloned().collect();
+                if !here.is_empty() {
+                    if let Some(unit) = self.served_unit(*volume).await {
+                        unit.attentions_from_elsewhere(&here);
+                    }
                 }
             }
             Notice::PathMoved { volume } => {
-                if let Some((alua, _)) = caches.get(volume) {
+                if let Some((alua, _)) = self.caches.lock().unwrap_or_else(|p| p.into_inner()).get(volume) {
                     alua.clear();
                 }
             }
             Notice::UnitReset { volume } => {
-                drop(caches);
-                let unit = self.units.lock().await.get(volume).and_then(std::sync::Weak::upgrade);
-                if let Some(unit) = unit {
+                if let Some(unit) = self.served_unit(*volume).await {
                     unit.reset_elsewhere();
                 }
             }
+            Notice::VolumeResized { volume } => {
+                // Reported now rather than at the unit's next command: same outcome, but the
+                // log shows the change when it happened.
+                if let Some(unit) = self.served_unit(*volume).await {
+                    unit.check_capacity();
+                }
+            }
         }
+    }
+
+    /// The logical unit of `volume`, if this node serves it now.
+    async fn served_unit(&self, volume: VolumeId) -> Option<Arc<crate::scsi::LogicalUnit>> {
+        self.units.lock().await.get(&volume).and_then(std::sync::Weak::upgrade)
     }
 
     async fn unit(&self, volume: &str) -> Result<Arc<crate::scsi::LogicalUnit>, DeviceError> {
@@ -722,13 +739,13 @@ impl ClusterTargets {
         units.retain(|_, w| w.strong_count() > 0);
         let alua = AluaCache::default();
         let device = VolumeDevice::open(self.client.clone(), volume, self.node, &self.node_name, alua.clone()).await?;
-        let reservations = Arc::new(RecordReservations::new(self.client.clone(), info.id, self.node));
+        let reservations = Arc::new(RecordReservations::new(self.client.clone(), info.id));
         {
             let mut caches = self.caches.lock().unwrap_or_else(|p| p.into_inner());
             caches.retain(|_, (_, r)| r.strong_count() > 0);
             caches.insert(info.id, (alua.clone(), Arc::downgrade(&reservations)));
         }
-        let events = Arc::new(ResetNotifier { client: self.client.clone(), volume: info.id, node: self.node });
+        let events = Arc::new(UnitNotifier { client: self.client.clone(), volume: info.id, node: self.node });
         let unit = Arc::new(
             crate::scsi::LogicalUnit::new(
                 Arc::new(device),
@@ -743,17 +760,27 @@ impl ClusterTargets {
     }
 }
 
-/// Tells the other nodes that a unit was reset here.
-struct ResetNotifier {
+/// Tells the other nodes that a unit was reset here or its reservations changed here.
+struct UnitNotifier {
     client: Arc<StorageClient>,
     volume: VolumeId,
     node: NodeId,
 }
 
 #[async_trait]
-impl crate::lu::UnitEvents for ResetNotifier {
+impl crate::lu::UnitEvents for UnitNotifier {
     async fn reset(&self) {
         let notice = basalt_types::Notice::UnitReset { volume: self.volume };
+        self.client.broadcast_notice(notice, Some(self.node), NOTICE_TIMEOUT).await;
+    }
+
+    async fn reservations_changed(&self, attentions: &[crate::lu::NexusAttention]) {
+        // The command completes only after the other nodes dropped their cached copy and
+        // posted the attentions of their nexuses (or the notice timed out: a node that
+        // missed it rereads the reservations within METADATA_CACHE, but its nexuses never
+        // see those attentions), so a conflict is enforced on every path right away.
+        let notice =
+            basalt_types::Notice::ReservationsChanged { volume: self.volume, attentions: attentions.to_vec() };
         self.client.broadcast_notice(notice, Some(self.node), NOTICE_TIMEOUT).await;
     }
 }

@@ -203,7 +203,8 @@ pub struct Reservation {
 }
 
 /// Where a unit's reservations live. Updates are compare-and-swap on a version the store
-/// keeps (not the PRgeneration, which only counts registration changes).
+/// keeps (not the PRgeneration, which only counts registration changes). Storing is all it
+/// does: telling the other nodes is [`UnitEvents::reservations_changed`].
 #[async_trait]
 pub trait ReservationStore: Send + Sync + 'static {
     /// The current state and its store version.
@@ -213,6 +214,10 @@ pub trait ReservationStore: Send + Sync + 'static {
     async fn store(&self, state: &Reservations, version: u64) -> Result<bool, DeviceError>;
 }
 
+/// A unit attention for one I_T nexus, named as reservations name it (initiator port and
+/// relative target port), with its sense key, ASC and ASCQ. The same record crosses nodes.
+pub use basalt_types::NexusAttention;
+
 /// Events of a logical unit that other nodes serving it must see (a unit served through
 /// several nodes is still one unit to its initiators).
 #[async_trait]
@@ -220,6 +225,11 @@ pub trait UnitEvents: Send + Sync + 'static {
     /// The unit was reset here; the other nodes establish the reset unit attention for the
     /// nexuses they serve.
     async fn reset(&self);
+    /// The unit's persistent reservations changed here (the new state is stored). The other
+    /// nodes drop what they cached of them and establish each of `attentions` if they serve
+    /// its nexus. Returns when they did or a timeout passed: the PERSISTENT RESERVE OUT
+    /// completes only then.
+    async fn reservations_changed(&self, attentions: &[NexusAttention]);
 }
 
 /// How a task management function ended (RFC 7143 11.6.1 response codes).
@@ -328,6 +338,12 @@ pub mod memory {
         pub fn new(size: u64) -> Self {
             let pages = size.div_ceil(PAGE) as usize;
             Self(Mutex::new(Pages { bytes: vec![0; size as usize], mapped: vec![false; pages] }))
+        }
+        /// Grows (with zeros) or shrinks the device, as a volume resize does.
+        pub fn resize(&self, size: u64) {
+            let mut p = self.pages();
+            p.bytes.resize(size as usize, 0);
+            p.mapped.resize(size.div_ceil(PAGE) as usize, false);
         }
         fn pages(&self) -> std::sync::MutexGuard<'_, Pages> {
             self.0.lock().unwrap_or_else(|p| p.into_inner())

@@ -82,6 +82,9 @@ impl Listeners {
 struct NodeService {
     meta: Arc<MetaService>,
     chunks: Arc<ChunkService>,
+    /// The node's storage client: a resize notice makes it reread the size of its open
+    /// volumes (NBD exports and iSCSI units alike).
+    client: Arc<StorageClient>,
     /// The iSCSI frontend, once started: it takes the cache notices.
     iscsi: Arc<std::sync::OnceLock<Arc<basalt_iscsi::cluster::ClusterTargets>>>,
 }
@@ -97,6 +100,11 @@ impl Service for NodeService {
             NodeRequest::Meta(req) => (NodeResponse::Meta(self.meta.handle(req).await), Bytes::new()),
             NodeRequest::MetaForwarded(req) => (NodeResponse::Meta(self.meta.handle_forwarded(req).await), Bytes::new()),
             NodeRequest::Notice(notice) => {
+                if let Notice::VolumeResized { volume } = &notice {
+                    if let Err(e) = self.client.refresh_volume_sizes(Some(*volume)).await {
+                        warn!(volume, error = %e, "cannot reread the size of a resized volume; the periodic check will");
+                    }
+                }
                 if let Some(iscsi) = self.iscsi.get() {
                     iscsi.on_notice(&notice).await;
                 }
@@ -139,8 +147,23 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
             .await
             .map_err(|e| Error::Meta(e.to_string()))?;
         let chunks = ChunkService::new(store.clone(), rpc.clone(), f.repair_bytes_per_sec);
+
+        let mut seeds = vec![config.rpc_advertise];
+        seeds.extend(f.initial_voters.values().copied());
+        seeds.extend(f.seeds.iter().copied());
+        seeds.dedup();
+        let mut client_cfg = ClientConfig::new(seeds);
+        client_cfg.local_node = Some(node);
+        let client = StorageClient::new(rpc.clone(), client_cfg);
+        client.set_local(config.rpc_advertise, chunks.clone());
+
         let iscsi_slot = Arc::new(std::sync::OnceLock::new());
-        let service = Arc::new(NodeService { meta: meta.clone(), chunks: chunks.clone(), iscsi: iscsi_slot.clone() });
+        let service = Arc::new(NodeService {
+            meta: meta.clone(),
+            chunks: chunks.clone(),
+            client: client.clone(),
+            iscsi: iscsi_slot.clone(),
+        });
         let mut tasks = tokio::task::JoinSet::new();
         {
             let rpc = rpc.clone();
@@ -154,15 +177,6 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
             meta.bootstrap(voters).await.map_err(|e| Error::Meta(e.to_string()))?;
         }
 
-        let mut seeds = vec![config.rpc_advertise];
-        seeds.extend(f.initial_voters.values().copied());
-        seeds.extend(f.seeds.iter().copied());
-        seeds.dedup();
-        let mut client_cfg = ClientConfig::new(seeds);
-        client_cfg.local_node = Some(node);
-        let client = StorageClient::new(rpc.clone(), client_cfg);
-        client.set_local(config.rpc_advertise, chunks.clone());
-
         // Registration and heartbeats go through the client: a node that is not (yet) a member
         // of the Raft group knows no leader, so it asks the other nodes in turn.
         register(&config, &client, &store, &shutdown).await;
@@ -171,6 +185,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         tasks.spawn(heartbeats(client.clone(), store.clone(), node, f.heartbeat_interval, shutdown.clone()).in_current_span());
         tasks.spawn(gc::run(store.clone(), client.clone(), f.gc_interval, shutdown.clone()).in_current_span());
         tasks.spawn(repair::RepairManager::new(meta.clone(), client.clone()).run(shutdown.clone()).in_current_span());
+        tasks.spawn(volume_size_checks(client.clone(), shutdown.clone()).in_current_span());
         if f.scrub_bytes_per_sec > 0 {
             let (chunks, client, shutdown) = (chunks.clone(), client.clone(), shutdown.clone());
             let (rate, interval) = (f.scrub_bytes_per_sec, f.scrub_interval);
@@ -277,6 +292,24 @@ async fn release_own_leases(client: &StorageClient, node_name: &str) {
         match client.meta(req).await {
             Ok(_) => info!(volume = %v.name, "released the lease left by this node's previous run"),
             Err(e) => warn!(volume = %v.name, error = %e, "cannot release a stale lease"),
+        }
+    }
+}
+
+/// Rereads the size of the volumes open on this node every
+/// [`basalt_storaged_client::VOLUME_SIZE_CHECK`], so a resize whose notice this node missed
+/// still reaches its NBD exports and iSCSI units.
+async fn volume_size_checks(client: Arc<StorageClient>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(basalt_storaged_client::VOLUME_SIZE_CHECK) => {}
+        }
+        match client.refresh_volume_sizes(None).await {
+            Ok(0) => {}
+            // A notice missed, or still on its way.
+            Ok(n) => info!(copies = n, "the periodic check found resized volumes"),
+            Err(e) => warn!(error = %e, "cannot check the sizes of open volumes"),
         }
     }
 }

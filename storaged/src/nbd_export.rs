@@ -97,12 +97,15 @@ impl ExportProvider for ExportsProvider {
                 vol
             }
         };
-        Ok(Arc::new(VolumeBackend { vol, exports: exports.clone() }))
+        Ok(Arc::new(VolumeBackend { size: vol.size(), vol, exports: exports.clone() }))
     }
 }
 
 struct VolumeBackend {
     vol: Arc<Volume>,
+    /// The size this connection announced: a resize reaches new connections only (the
+    /// shared volume itself refuses I/O past a shrunk end).
+    size: u64,
     exports: Arc<Exports>,
 }
 
@@ -119,7 +122,7 @@ fn to_backend(e: ClientError) -> BackendError {
 #[async_trait]
 impl BlockBackend for VolumeBackend {
     fn size(&self) -> u64 {
-        self.vol.size()
+        self.size
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, BackendError> {

@@ -4,7 +4,7 @@
 use anyhow::{bail, Context, Result};
 use basalt_iscsi::cluster::{update_target, LunDef};
 use basalt_iscsi::lu::Chap;
-use basalt_tests::initiator::report_target_port_groups;
+use basalt_tests::initiator::{report_target_port_groups, Session};
 use basalt_tests::*;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -148,6 +148,94 @@ async fn killing_the_active_path_moves_it_to_the_node_the_initiator_fails_over_t
     assert_ne!(state_of(&groups, 1), Some(0), "the dead node is still optimised: {groups:?}");
     // Everything acknowledged is there, read through a third node.
     qemu_io(&url(&c, "node3", "")?, &["read -P 0x5a 0 16M", "read -P 0xa5 16M 16M"])?;
+    c.passed()
+}
+
+/// PERSISTENT RESERVE OUT with its 24-byte parameter list (no reservation type: 0).
+fn prout(service_action: u8, kind: u8, key: u64, sa_key: u64) -> ([u8; 10], [u8; 24]) {
+    let cdb = [0x5F, service_action, kind, 0, 0, 0, 0, 0, 24, 0];
+    let mut params = [0u8; 24];
+    params[0..8].copy_from_slice(&key.to_be_bytes());
+    params[8..16].copy_from_slice(&sa_key.to_be_bytes());
+    (cdb, params)
+}
+
+/// READ (16) or WRITE (16) of one block.
+fn rw16(op: u8, lba: u64) -> [u8; 16] {
+    let mut cdb = [0u8; 16];
+    cdb[0] = op;
+    cdb[2..10].copy_from_slice(&lba.to_be_bytes());
+    cdb[10..14].copy_from_slice(&1u32.to_be_bytes());
+    cdb
+}
+
+/// Last LBA from READ CAPACITY (16).
+async fn last_lba(s: &mut Session) -> Result<u64> {
+    let mut cdb = [0u8; 16];
+    cdb[0] = 0x9E;
+    cdb[1] = 0x10;
+    cdb[13] = 32;
+    let d = s.command(0, &cdb, &[], 32).await?.good("READ CAPACITY (16)")?;
+    Ok(u64::from_be_bytes(d.get(0..8).context("short READ CAPACITY data")?.try_into()?))
+}
+
+const TEST_UNIT_READY: [u8; 6] = [0; 6];
+const CHECK_CONDITION: u8 = 0x02;
+const REGISTRATIONS_PREEMPTED: (u8, u8, u8) = (0x6, 0x2A, 0x05);
+const CAPACITY_DATA_HAS_CHANGED: (u8, u8, u8) = (0x6, 0x2A, 0x09);
+const LBA_OUT_OF_RANGE: (u8, u8, u8) = (0x5, 0x21, 0x00);
+
+/// Unit attentions reach an initiator whatever node its session is on: a registrant logged
+/// in through node2 learns that an initiator on node1 preempted its registration, and after
+/// `basalt volume resize` the sessions on both nodes are told the capacity changed, see the
+/// new size and can use it (and nothing past the end of a shrunk volume).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reservation_and_capacity_attentions_reach_sessions_on_other_nodes() -> Result<()> {
+    let c = cluster_with_lun(16 * MIB).await?;
+    let client = c.client()?;
+    let mut a = Session::login(portal(&c, "node1")?, IQN, "iqn.2026-11.io.basalt:host-a", [0x80, 0, 0, 0, 0, 0xA]).await?;
+    let mut b = Session::login(portal(&c, "node2")?, IQN, "iqn.2026-11.io.basalt:host-b", [0x80, 0, 0, 0, 0, 0xB]).await?;
+
+    // Both register; a (node1) preempts b's registration (no reservation is held).
+    let (cdb, params) = prout(0x00, 0, 0, 0xB);
+    b.command(0, &cdb, &params, 0).await?.good("REGISTER through node2")?;
+    let (cdb, params) = prout(0x00, 0, 0, 0xA);
+    a.command(0, &cdb, &params, 0).await?.good("REGISTER through node1")?;
+    let (cdb, params) = prout(0x04, 1, 0xA, 0xB);
+    a.command(0, &cdb, &params, 0).await?.good("PREEMPT through node1")?;
+    let r = b.command(0, &TEST_UNIT_READY, &[], 0).await?;
+    assert_eq!((r.status, r.sense), (CHECK_CONDITION, Some(REGISTRATIONS_PREEMPTED)), "b on node2");
+    b.command(0, &TEST_UNIT_READY, &[], 0).await?.good("TEST UNIT READY after the attention")?;
+    let keys = b.command(0, &[0x5E, 0, 0, 0, 0, 0, 0, 0, 64, 0], &[], 64).await?.good("READ KEYS")?;
+    assert_eq!(keys.get(8..), Some(&0xAu64.to_be_bytes()[..]), "only a's key is left");
+
+    // Grow 16 → 32 MiB: every session, on either node, is told once and sees the new end.
+    assert_eq!(last_lba(&mut a).await?, 16 * MIB / 512 - 1);
+    client.resize_volume("lun0", 32 * MIB).await?;
+    for (name, s) in [("a on node1", &mut a), ("b on node2", &mut b)] {
+        let r = s.command(0, &TEST_UNIT_READY, &[], 0).await?;
+        assert_eq!((r.status, r.sense), (CHECK_CONDITION, Some(CAPACITY_DATA_HAS_CHANGED)), "{name}");
+        assert_eq!(last_lba(s).await?, 32 * MIB / 512 - 1, "{name}");
+        s.command(0, &TEST_UNIT_READY, &[], 0).await?.good("TEST UNIT READY after the attention")?;
+    }
+    // The last block is written through node2 and read back through node1.
+    let last = 32 * MIB / 512 - 1;
+    let block: Vec<u8> = (0..512u32).map(|i| (i * 7 + 3) as u8).collect();
+    b.command(0, &rw16(0x8A, last), &block, 0).await?.good("WRITE (16) of the new last block")?;
+    let back = a.command(0, &rw16(0x88, last), &[], 512).await?.good("READ (16) of the new last block")?;
+    assert_eq!(back, block);
+
+    // Shrink back to 16 MiB: told again, and the old last block is out of range.
+    client.resize_volume("lun0", 16 * MIB).await?;
+    for (name, s) in [("a on node1", &mut a), ("b on node2", &mut b)] {
+        let r = s.command(0, &rw16(0x88, last), &[], 512).await?;
+        assert_eq!((r.status, r.sense), (CHECK_CONDITION, Some(CAPACITY_DATA_HAS_CHANGED)), "{name}");
+        let r = s.command(0, &rw16(0x88, last), &[], 512).await?;
+        assert_eq!((r.status, r.sense), (CHECK_CONDITION, Some(LBA_OUT_OF_RANGE)), "{name}");
+        assert_eq!(last_lba(s).await?, 16 * MIB / 512 - 1, "{name}");
+    }
+    a.logout().await?;
+    b.logout().await?;
     c.passed()
 }
 

@@ -264,3 +264,46 @@ async fn replicas_of_a_volume_deleted_while_a_node_was_down_are_collected_when_i
     assert_eq!(&vol.read(0, 4096).await?[..], &[9u8; 4096][..]);
     c.passed()
 }
+
+/// `basalt volume resize` while the volume is exported: an NBD connection that is open keeps
+/// the size it announced and cannot reach past a shrunk end, a new connection to the same
+/// (still open) export announces the new size, and a `Volume` open in the resizing client
+/// follows at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resize_reaches_new_nbd_connections_while_open_ones_keep_their_size() -> Result<()> {
+    require("qemu-io")?;
+    require("nbdinfo")?;
+    let c = TestCluster::start(3, Duration::from_secs(60)).await?;
+    let client = c.client()?;
+    let (big, small) = (32 << 20, 16 << 20);
+    client.create_volume("shrink", big, Some(8 << 20)).await?;
+    let uri = c.nbd_uri("node1", "shrink")?;
+    // One connection held open across the resize: its size, a pause, its size again, then a
+    // write past the end the resize will set.
+    let held = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "length", "-c", "sleep 3000", "-c", "length", "-c", "write 24M 4k", &uri])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    wait_for("node1 to open the export", Duration::from_secs(30), || async {
+        Ok(c.log("node1")?.lines().any(|l| l.contains("volume opened") && l.contains("nbd@node1")).then_some(()))
+    })
+    .await?;
+    let reader = client.open_volume("shrink", VolumeOptions::reader()).await?;
+    client.resize_volume("shrink", small).await?;
+    assert_eq!(reader.size(), small);
+    let e = reader.read(small, 4096).await.expect_err("read past the new end");
+    assert_eq!(e.code(), ErrorCode::InvalidArgument, "{e}");
+
+    let info = Command::new("nbdinfo").args(["--size", &uri]).output()?;
+    assert_eq!(String::from_utf8_lossy(&info.stdout).trim(), small.to_string(), "a new connection's size");
+    let mut held = held;
+    if held.try_wait()?.is_some() {
+        bail!("qemu-io ended before the resize was done: too slow a machine for this check");
+    }
+    let out = held.wait_with_output()?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(text.matches("32 MiB").count(), 2, "the open connection's size changed: {text}");
+    assert!(text.contains("write failed"), "a write past the new end succeeded: {text}");
+    c.passed()
+}

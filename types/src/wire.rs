@@ -18,17 +18,35 @@ pub enum NodeRequest {
     Notice(Notice),
 }
 
-/// Cache invalidations between the frontends of different nodes. Best effort: a node that
-/// misses one sees the change when its cache expires.
+/// Cache invalidations and events between the frontends of different nodes. Best effort: a
+/// node that misses one sees the change when its cache expires or its next periodic check
+/// runs; the unit attentions a missed notice carried are lost.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Notice {
-    /// The persistent reservations of a volume changed (iSCSI PERSISTENT RESERVE OUT).
-    ReservationsChanged { volume: crate::VolumeId },
+    /// The persistent reservations of a volume changed (iSCSI PERSISTENT RESERVE OUT), with
+    /// the unit attentions the change raised for I_T nexuses (each is posted by the node
+    /// whose target port it names).
+    ReservationsChanged { volume: crate::VolumeId, attentions: Vec<NexusAttention> },
     /// A volume's write lease moved to another iSCSI path (ALUA states changed).
     PathMoved { volume: crate::VolumeId },
     /// An initiator reset the logical unit of a volume (LUN or target reset): every other
     /// nexus gets a reset unit attention, whatever node it is logged in through.
     UnitReset { volume: crate::VolumeId },
+    /// A volume's size changed (`ResizeVolume`): nodes reread the size of the volume where
+    /// they have it open; iSCSI units report CAPACITY DATA HAS CHANGED.
+    VolumeResized { volume: crate::VolumeId },
+}
+
+/// A SCSI unit attention for one I_T nexus of a logical unit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NexusAttention {
+    /// iSCSI initiator port name (`<initiator name>,i,0x<ISID>`).
+    pub initiator_port: String,
+    /// Relative target port identifier of the nexus (the node whose portal it uses).
+    pub relative_port: u16,
+    pub sense_key: u8,
+    pub asc: u8,
+    pub ascq: u8,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

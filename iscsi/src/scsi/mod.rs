@@ -8,9 +8,11 @@
 //! capacity), [`mode`] (MODE SENSE/SELECT), [`pr`] (persistent reservations) and [`maint`]
 //! (REPORT LUNS, REPORT TARGET PORT GROUPS, REPORT SUPPORTED OPERATION CODES/TMFs).
 //!
-//! State a unit keeps in this process: pending unit attentions per I_T nexus and the lock
-//! that makes COMPARE AND WRITE atomic. Reservations live in the [`ReservationStore`], so
-//! every node serving the unit sees the same ones.
+//! State a unit keeps in this process: pending unit attentions per I_T nexus, the capacity
+//! it last saw (a device that changes size raises CAPACITY DATA HAS CHANGED for every
+//! nexus) and the lock that makes COMPARE AND WRITE atomic. Reservations live in the
+//! [`ReservationStore`], so every node serving the unit sees the same ones; the attentions a
+//! reservation change raises for nexuses on other nodes go to them through [`UnitEvents`].
 
 pub mod cdb;
 mod inquiry;
@@ -24,14 +26,15 @@ pub mod sense;
 mod tests;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::lu::{
-    status, AccessState, AluaStates, BlockDevice, Nexus, ReservationStore, ScsiCommand,
-    ScsiResponse, ScsiTarget, TaskManagement, TmfOutcome,
+    status, AccessState, AluaStates, BlockDevice, Nexus, NexusAttention, ReservationStore,
+    ScsiCommand, ScsiResponse, ScsiTarget, TaskManagement, TmfOutcome, UnitEvents,
 };
 use cdb::Cdb;
 use opcodes::{Access, Cmd, Lookup, OpInfo};
@@ -145,8 +148,12 @@ pub struct LogicalUnit {
     /// Pending unit attentions per I_T nexus; an entry exists for every nexus seen, so a
     /// reset can address "all other nexuses". Never held across an await.
     attentions: Mutex<HashMap<NexusKey, VecDeque<Sense>>>,
-    /// Who else must hear of a reset (the other nodes serving the unit), if anyone.
-    events: Option<Arc<dyn crate::lu::UnitEvents>>,
+    /// The device size (bytes) this unit last saw; a different one means the volume was
+    /// resized, which every nexus is told of once.
+    capacity: AtomicU64,
+    /// Who else must hear of resets and reservation changes (the other nodes serving the
+    /// unit), if anyone.
+    events: Option<Arc<dyn UnitEvents>>,
 }
 
 impl LogicalUnit {
@@ -157,6 +164,7 @@ impl LogicalUnit {
         identity: Identity,
     ) -> Self {
         LogicalUnit {
+            capacity: AtomicU64::new(device.size()),
             device,
             alua,
             reservations,
@@ -167,8 +175,9 @@ impl LogicalUnit {
         }
     }
 
-    /// Reports resets to `events` (the other nodes serving this unit).
-    pub fn with_events(mut self, events: Arc<dyn crate::lu::UnitEvents>) -> Self {
+    /// Reports resets and reservation changes to `events` (the other nodes serving this
+    /// unit).
+    pub fn with_events(mut self, events: Arc<dyn UnitEvents>) -> Self {
         self.events = Some(events);
         self
     }
@@ -181,6 +190,33 @@ impl LogicalUnit {
     async fn announce_reset(&self) {
         if let Some(events) = &self.events {
             events.reset().await;
+        }
+    }
+
+    /// Another node changed the reservations and raised these attentions for nexuses this
+    /// node serves (the caller picked those of its own target port): each is established,
+    /// also for a nexus that has not sent this unit a command since it logged in again.
+    pub fn attentions_from_elsewhere(&self, attentions: &[NexusAttention]) {
+        for a in attentions {
+            let who: NexusKey = (a.initiator_port.clone(), a.relative_port);
+            let sense = Sense::new(a.sense_key, a.asc, a.ascq);
+            self.post_attention(sense, std::slice::from_ref(&who), |k| *k == who);
+        }
+    }
+
+    /// Establishes CAPACITY DATA HAS CHANGED (SBC-3 4.8) for every nexus seen if the
+    /// device's size differs from the one this unit last saw. Runs before every command, so
+    /// a resize is reported whichever way the device learnt of it.
+    pub fn check_capacity(&self) {
+        let now = self.device.size();
+        // A plain load on the common path: no cache line bouncing between commands.
+        if self.capacity.load(Ordering::Relaxed) == now {
+            return;
+        }
+        let before = self.capacity.swap(now, Ordering::Relaxed);
+        if before != now {
+            tracing::info!(naa = ?self.identity.naa, old = before, new = now, "unit capacity changed");
+            self.post_attention(Sense::capacity_changed(), &[], |_| true);
         }
     }
 
@@ -250,6 +286,7 @@ impl LogicalUnit {
             return Err(Sense::invalid_cdb(len as u16 - 1, Some(2)).into());
         }
         let key = nexus_key(&cmd.nexus);
+        self.check_capacity();
         // SPC-4 7.9: INQUIRY, REPORT LUNS and REQUEST SENSE neither report nor clear a unit
         // attention (REQUEST SENSE returns it as its data instead).
         if !matches!(info.cmd, Cmd::Inquiry | Cmd::ReportLuns | Cmd::RequestSense) {

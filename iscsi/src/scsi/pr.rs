@@ -304,6 +304,31 @@ fn transport_id(port: &str) -> Vec<u8> {
 }
 
 impl LogicalUnit {
+    /// Establishes the attentions a stored reservation change raised, here and, through
+    /// the unit's events, on the nodes serving the other nexuses. A nexus of the port the
+    /// command came through is registered if it is unknown (a registrant that logged out
+    /// sees its attention when it is back); on other ports only the nexuses seen here are
+    /// served here.
+    async fn tell_changed_reservations(&self, attentions: Vec<(NexusKey, Sense)>, me: &NexusKey) {
+        for (who, sense) in &attentions {
+            let extra = if who.1 == me.1 { std::slice::from_ref(who) } else { &[] };
+            self.post_attention(*sense, extra, |k| k == who);
+        }
+        if let Some(events) = &self.events {
+            let all: Vec<NexusAttention> = attentions
+                .into_iter()
+                .map(|((initiator_port, relative_port), s)| NexusAttention {
+                    initiator_port,
+                    relative_port,
+                    sense_key: s.key,
+                    asc: s.asc,
+                    ascq: s.ascq,
+                })
+                .collect();
+            events.reservations_changed(&all).await;
+        }
+    }
+
     async fn load_reservations(&self) -> CmdResult<(Reservations, u64)> {
         self.reservations.load().await.map_err(|e| device_error(&e, Io::Read))
     }
@@ -412,9 +437,7 @@ impl LogicalUnit {
                 .await
                 .map_err(|e| device_error(&e, Io::Write))?;
             if stored {
-                for (who, sense) in ch.attentions {
-                    self.post_attention(sense, std::slice::from_ref(&who), |k| *k == who);
-                }
+                self.tell_changed_reservations(ch.attentions, ctx.key).await;
                 return Ok(Bytes::new());
             }
         }

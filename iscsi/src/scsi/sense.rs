@@ -123,6 +123,10 @@ impl Sense {
     pub const fn registrations_preempted() -> Self {
         Sense::new(key::UNIT_ATTENTION, 0x2A, 0x05)
     }
+    /// CAPACITY DATA HAS CHANGED: the volume behind the unit was resized.
+    pub const fn capacity_changed() -> Self {
+        Sense::new(key::UNIT_ATTENTION, 0x2A, 0x09)
+    }
     pub const fn mode_parameters_changed() -> Self {
         Sense::new(key::UNIT_ATTENTION, 0x2A, 0x01)
     }

@@ -1315,14 +1315,24 @@ async fn report_supported_tmfs() {
     assert_eq!(good(&r).len(), 16);
 }
 
-/// Counts the resets a unit announces to the other nodes.
+/// Records what a unit announces to the other nodes: resets (counted) and the attentions
+/// of each reservation change.
 #[derive(Default)]
-struct CountResets(std::sync::atomic::AtomicUsize);
+struct CountResets(std::sync::atomic::AtomicUsize, std::sync::Mutex<Vec<Vec<NexusAttention>>>);
 
 #[async_trait::async_trait]
 impl crate::lu::UnitEvents for CountResets {
     async fn reset(&self) {
         self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+    async fn reservations_changed(&self, attentions: &[NexusAttention]) {
+        self.1.lock().expect("events").push(attentions.to_vec());
+    }
+}
+
+impl CountResets {
+    fn changes(&self) -> Vec<Vec<NexusAttention>> {
+        std::mem::take(&mut *self.1.lock().expect("events"))
     }
 }
 
@@ -1350,4 +1360,115 @@ async fn resets_are_announced_to_other_nodes_and_resets_from_them_reach_every_ne
     lu.reset_elsewhere();
     assert_eq!(check(&exec_lun(&target, 0, &a, &tur, &[]).await), (key::UNIT_ATTENTION, 0x29, 0));
     assert_eq!(check(&exec_lun(&target, 0, &b, &tur, &[]).await), (key::UNIT_ATTENTION, 0x29, 0));
+}
+
+fn attention(n: &Nexus, (sense_key, asc, ascq): (u8, u8, u8)) -> NexusAttention {
+    NexusAttention { initiator_port: n.initiator_port(), relative_port: n.relative_port, sense_key, asc, ascq }
+}
+
+const REGISTRATIONS_PREEMPTED: (u8, u8, u8) = (key::UNIT_ATTENTION, 0x2A, 0x05);
+
+#[tokio::test]
+async fn reservation_changes_carry_their_attentions_to_the_other_nodes() {
+    let dev = Arc::new(MemoryDevice::new(BLOCKS * BS as u64));
+    let store = Arc::new(MemoryReservations::default());
+    let events = Arc::new(CountResets::default());
+    let lu = Arc::new(
+        LogicalUnit::new(dev, Arc::new(SinglePath), store.clone(), Identity::for_volume(7, "Volume", "0001"))
+            .with_events(events.clone()),
+    );
+    let target = Target::new("iqn.2024-01.basalt:vol").with_lun(0, lu.clone());
+    // `a` is served here (port 1); `far` registered through another node (port 2), so it
+    // is in the store but has never sent this node a command.
+    let (a, far) = (nexus("a", 1), nexus("far", 2));
+    let (c, p) = prout(REGISTER, 0, 0, 0xA);
+    good(&exec_lun(&target, 0, &a, &c, &p).await);
+    assert_eq!(events.changes(), vec![vec![]], "a registration is announced, raising nothing");
+    let (mut st, v) = store.load().await.expect("load");
+    st.registrations.push(crate::lu::Registration { initiator_port: far.initiator_port(), relative_port: 2, key: 0xF });
+    assert!(store.store(&st, v).await.expect("store"));
+
+    // PREEMPT with no reservation removes far's registration: REGISTRATIONS PREEMPTED for
+    // far, which only its own node can deliver.
+    let (c, p) = prout(PREEMPT, 1, 0xA, 0xF);
+    good(&exec_lun(&target, 0, &a, &c, &p).await);
+    assert_eq!(events.changes(), vec![vec![attention(&far, REGISTRATIONS_PREEMPTED)]]);
+    assert!(
+        !lu.attentions().contains_key(&nexus_key(&far)),
+        "a nexus of another node's port must not be queued here"
+    );
+    // Nothing for a, and nothing announced for a change that changes nothing.
+    good(&exec_lun(&target, 0, &a, &[0, 0, 0, 0, 0, 0], &[]).await);
+    let (c, p) = prout(RELEASE, 1, 0xA, 0);
+    good(&exec_lun(&target, 0, &a, &c, &p).await);
+    assert!(events.changes().is_empty());
+}
+
+#[tokio::test]
+async fn attentions_from_other_nodes_reach_their_nexus_once_even_after_it_logged_out() {
+    let f = fixture();
+    let lu = f.target.lun(0).expect("lun 0").clone();
+    let (a, b) = (nexus("a", 1), nexus("b", 1));
+    let tur = [0u8, 0, 0, 0, 0, 0];
+    good(&f.run_as(&a, &tur, &[]).await);
+    good(&f.run_as(&b, &tur, &[]).await);
+    f.target.nexus_gone(&b).await;
+    lu.attentions_from_elsewhere(&[attention(&b, REGISTRATIONS_PREEMPTED)]);
+    assert_eq!(check(&f.run_as(&b, &tur, &[]).await), REGISTRATIONS_PREEMPTED);
+    good(&f.run_as(&b, &tur, &[]).await);
+    good(&f.run_as(&a, &tur, &[]).await);
+}
+
+fn read_capacity16() -> Vec<u8> {
+    let mut c = vec![0u8; 16];
+    c[0] = 0x9E;
+    c[1] = 0x10;
+    c[13] = 32;
+    c
+}
+
+/// Last LBA as READ CAPACITY 16 reports it.
+#[track_caller]
+fn last_lba(r: &ScsiResponse) -> u64 {
+    u64::from_be_bytes(good(r)[0..8].try_into().expect("8"))
+}
+
+const CAPACITY_CHANGED: (u8, u8, u8) = (key::UNIT_ATTENTION, 0x2A, 0x09);
+
+#[tokio::test]
+async fn a_resized_device_raises_capacity_changed_once_per_nexus_and_io_follows_the_new_end() {
+    let f = fixture();
+    let (a, b) = (nexus("a", 1), nexus("b", 2));
+    let tur = [0u8, 0, 0, 0, 0, 0];
+    good(&f.run_as(&a, &tur, &[]).await);
+    good(&f.run_as(&b, &tur, &[]).await);
+    assert_eq!(last_lba(&f.run_as(&a, &read_capacity16(), &[]).await), BLOCKS - 1);
+
+    f.dev.resize(2 * BLOCKS * BS as u64);
+    assert_eq!(check(&f.run_as(&a, &read_capacity16(), &[]).await), CAPACITY_CHANGED);
+    assert_eq!(last_lba(&f.run_as(&a, &read_capacity16(), &[]).await), 2 * BLOCKS - 1);
+    good(&f.run_as(&a, &tur, &[]).await);
+    // INQUIRY leaves it pending; the next command reports it, once.
+    good(&f.run_as(&b, &inquiry(false, 0, 36), &[]).await);
+    assert_eq!(check(&f.run_as(&b, &tur, &[]).await), CAPACITY_CHANGED);
+    good(&f.run_as(&b, &tur, &[]).await);
+    // The new blocks up to the new end are usable.
+    let data = pattern(1, 3);
+    good(&f.run_as(&b, &rw16(0x8A, 2 * BLOCKS - 1, 1), &data).await);
+    assert_eq!(good(&f.run_as(&a, &rw16(0x88, 2 * BLOCKS - 1, 1), &[]).await), &data[..]);
+    assert_eq!(check(&f.run_as(&a, &rw16(0x88, 2 * BLOCKS, 1), &[]).await), LBA_RANGE);
+
+    // Shrinking: reported the same way, and nothing past the new end is reachable.
+    f.dev.resize(BLOCKS * BS as u64 / 2);
+    assert_eq!(check(&f.run_as(&a, &rw16(0x88, BLOCKS - 1, 1), &[]).await), CAPACITY_CHANGED);
+    assert_eq!(check(&f.run_as(&a, &rw16(0x88, BLOCKS - 1, 1), &[]).await), LBA_RANGE);
+    assert_eq!(check(&f.run_as(&b, &rw16(0x8A, BLOCKS / 2, 1), &data).await), CAPACITY_CHANGED);
+    assert_eq!(check(&f.run_as(&b, &rw16(0x8A, BLOCKS / 2, 1), &data).await), LBA_RANGE);
+    let r = f.run_as(&b, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]).await;
+    assert_eq!(&good(&r)[0..4], &(BLOCKS as u32 / 2 - 1).to_be_bytes());
+    // A unit told of the resize reports it before any command (same attention, not twice).
+    f.dev.resize(BLOCKS * BS as u64);
+    f.target.lun(0).expect("lun 0").check_capacity();
+    assert_eq!(check(&f.run_as(&a, &tur, &[]).await), CAPACITY_CHANGED);
+    good(&f.run_as(&a, &tur, &[]).await);
 }

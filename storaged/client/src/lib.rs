@@ -28,6 +28,11 @@ const META_DEADLINE: Duration = Duration::from_secs(30);
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long an address that failed at the transport level is tried only after the others.
 const DOWN_FOR: Duration = Duration::from_secs(5);
+/// How long a resize waits for the nodes to take its notice.
+const NOTICE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often a node rereads the sizes of the volumes it has open, so a resize whose notice
+/// it missed still reaches its frontends (`storaged` runs the check).
+pub const VOLUME_SIZE_CHECK: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
@@ -68,6 +73,12 @@ pub struct StorageClient {
     /// Addresses that failed at the transport level recently, and until when they count
     /// as down: calls go to the others first instead of waiting for a timeout again.
     down: std::sync::Mutex<HashMap<SocketAddr, Instant>>,
+    /// Volumes opened through this client, so a resize reaches every open copy.
+    open: std::sync::Mutex<HashMap<VolumeId, Vec<std::sync::Weak<Volume>>>>,
+    /// Held while sizes are read and applied, and while a volume is registered: a refresh
+    /// applies only what it read after every volume it updates was registered, and
+    /// refreshes never overtake each other, so no open volume goes back to an older size.
+    size_refresh: tokio::sync::Mutex<()>,
 }
 
 impl StorageClient {
@@ -79,6 +90,8 @@ impl StorageClient {
             nodes: RwLock::new(HashMap::new()),
             preferred_seed: std::sync::atomic::AtomicUsize::new(0),
             down: std::sync::Mutex::new(HashMap::new()),
+            open: std::sync::Mutex::new(HashMap::new()),
+            size_refresh: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -251,11 +264,20 @@ impl StorageClient {
         Ok(())
     }
 
+    /// Changes a volume's size, then tells every node (best effort, waiting at most
+    /// [`NOTICE_TIMEOUT`]) so the frontends that have it open adopt the new size; a node
+    /// that misses the notice adopts it at its next [`VOLUME_SIZE_CHECK`].
     pub async fn resize_volume(&self, name: &str, size: u64) -> Result<VolumeInfo> {
-        match self.meta(MetaRequest::ResizeVolume { name: name.to_string(), size }).await? {
-            MetaResponse::Volume(v) => Ok(v),
-            other => Err(unexpected(other)),
+        let info = match self.meta(MetaRequest::ResizeVolume { name: name.to_string(), size }).await? {
+            MetaResponse::Volume(v) => v,
+            other => return Err(unexpected(other)),
+        };
+        if let Err(e) = self.refresh_volume_sizes(Some(info.id)).await {
+            debug!(volume = %info.name, error = %e, "cannot reread the size of our open copies");
         }
+        let told = self.broadcast_notice(Notice::VolumeResized { volume: info.id }, None, NOTICE_TIMEOUT).await;
+        debug!(volume = %info.name, size = info.size, nodes = told, "resize announced");
+        Ok(info)
     }
 
     pub async fn volume(&self, name: &str) -> Result<VolumeInfo> {
@@ -308,6 +330,47 @@ impl StorageClient {
     /// caller looked at its lease to decide on `force`): one metadata round trip fewer.
     pub async fn open_volume_with(self: &Arc<Self>, info: VolumeInfo, opts: VolumeOptions) -> Result<Arc<Volume>> {
         Volume::open(self.clone(), info, opts).await
+    }
+
+    async fn register_open(&self, vol: &Arc<Volume>) {
+        let _serial = self.size_refresh.lock().await;
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.retain(|_, vols| {
+            vols.retain(|v| v.strong_count() > 0);
+            !vols.is_empty()
+        });
+        open.entry(vol.id()).or_default().push(Arc::downgrade(vol));
+    }
+
+    /// Rereads the size of the volumes open through this client (`only`: of that one, which
+    /// was just resized) and applies it to every open copy; returns how many copies changed
+    /// size. A node calls it when told of a resize and every [`VOLUME_SIZE_CHECK`].
+    pub async fn refresh_volume_sizes(&self, only: Option<VolumeId>) -> Result<usize> {
+        let _serial = self.size_refresh.lock().await;
+        let open: Vec<Arc<Volume>> = {
+            let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+            open.iter()
+                .filter(|(id, _)| only.is_none_or(|o| o == **id))
+                .flat_map(|(_, vols)| vols.iter().filter_map(std::sync::Weak::upgrade))
+                .collect()
+        };
+        let Some(first) = open.first() else { return Ok(0) };
+        let sizes: HashMap<VolumeId, u64> = match only {
+            // One volume: one GetVolume (by name; a volume deleted and created again under
+            // that name has another id and is left alone).
+            Some(_) => {
+                let info = self.volume(first.name()).await?;
+                HashMap::from([(info.id, info.size)])
+            }
+            None => self.list_volumes().await?.into_iter().map(|v| (v.id, v.size)).collect(),
+        };
+        let mut changed = 0;
+        for v in &open {
+            if let Some(&size) = sizes.get(&v.id()) {
+                changed += usize::from(v.set_size(size, only.is_some()));
+            }
+        }
+        Ok(changed)
     }
 
     /// Sends `notice` to every node but `except`, at once, waiting at most `timeout` for

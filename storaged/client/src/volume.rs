@@ -14,7 +14,7 @@ use basalt_types::*;
 use bytes::{Bytes, BytesMut};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
@@ -54,7 +54,9 @@ pub struct Volume {
     client: Arc<StorageClient>,
     name: String,
     id: VolumeId,
-    size: u64,
+    /// Bytes, as the metadata group last told us: read at open, changed by
+    /// [`Volume::set_size`] when the client learns of a resize.
+    size: AtomicU64,
     chunk_size: u64,
     epoch: Epoch,
     opts: VolumeOptions,
@@ -105,7 +107,7 @@ impl Volume {
             client: client.clone(),
             name: name.to_string(),
             id: info.id,
-            size: info.size,
+            size: AtomicU64::new(info.size),
             chunk_size: info.chunk_size,
             epoch,
             opts,
@@ -120,6 +122,7 @@ impl Volume {
         if !vol.opts.read_only {
             vol.fence_all().await?;
         }
+        client.register_open(&vol).await;
         info!(volume = %vol.name, epoch, holder = %vol.opts.holder, "volume opened");
         Ok(vol)
     }
@@ -155,8 +158,28 @@ impl Volume {
     pub fn id(&self) -> VolumeId {
         self.id
     }
+    /// Current size in bytes; it changes when the volume is resized (see
+    /// [`StorageClient::refresh_volume_sizes`]), so a frontend that must announce a fixed
+    /// size (NBD) keeps its own copy.
     pub fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::SeqCst)
+    }
+
+    /// Adopts `size`, the volume's size in the metadata group now. When it differs, or when
+    /// `resized` (a resize was announced: sizes may have gone down and back up since we
+    /// looked), the cached chunk descriptors are forgotten: a shrink deleted the chunks past
+    /// its end, and a chunk allocated again at one of those indices is a new chunk, so no
+    /// cached descriptor of them may be used again. Returns whether the size changed.
+    pub(crate) fn set_size(&self, size: u64, resized: bool) -> bool {
+        let old = self.size.swap(size, Ordering::SeqCst);
+        if old != size || resized {
+            self.chunks.write().unwrap_or_else(|p| p.into_inner()).clear();
+            self.absent.write().unwrap_or_else(|p| p.into_inner()).clear();
+        }
+        if old != size {
+            info!(volume = %self.name, old, new = size, "volume size changed");
+        }
+        old != size
     }
     pub fn epoch(&self) -> Epoch {
         self.epoch
@@ -172,11 +195,12 @@ impl Volume {
         if self.closed.load(Ordering::Relaxed) {
             return Err(Error::Closed);
         }
+        let size = self.size();
         match offset.checked_add(len) {
-            Some(end) if end <= self.size => Ok(()),
+            Some(end) if end <= size => Ok(()),
             _ => Err(Error::OutOfRange(format!(
-                "offset {offset} + length {len} is past the end of volume {} ({} bytes)",
-                self.name, self.size
+                "offset {offset} + length {len} is past the end of volume {} ({size} bytes)",
+                self.name
             ))),
         }
     }
