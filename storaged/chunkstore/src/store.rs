@@ -381,7 +381,7 @@ impl ChunkStore {
             return Ok(Some(Bytes::from(vec![0u8; len as usize])));
         }
         let fd = Arc::new(DataFd(files.clone()));
-        let (res, mut buf) = match ring.read_at(fd, AlignedBuf::filled_later(size), first * BLOCK_SIZE).await {
+        let (res, buf) = match ring.read_at(fd, AlignedBuf::filled_later(size), first * BLOCK_SIZE).await {
             Ok(done) => done,
             Err(_) => return Ok(None),
         };
@@ -410,7 +410,7 @@ impl ChunkStore {
                 .await
                 .map_err(|e| Error::BadDisk(format!("verification task failed: {e}")))?
         } else {
-            verify(std::mem::replace(&mut buf, AlignedBuf::zeroed(0)))
+            verify(buf)
         };
         Ok(verified.map(|buf| buf.into_bytes().slice(start..start + len as usize)))
     }
