@@ -109,14 +109,55 @@ pub fn default_storaged_bin() -> PathBuf {
     PathBuf::from("storaged")
 }
 
-fn free_udp_port(ip: &str) -> Result<SocketAddr> {
-    let s = std::net::UdpSocket::bind(format!("{ip}:0"))?;
-    Ok(s.local_addr()?)
+/// Picks free ports for a node's listeners. They come from below the kernel's ephemeral
+/// range (`net.ipv4.ip_local_port_range`): a port the kernel hands out for outgoing
+/// connections could otherwise be taken by some client's socket while its node is down, and
+/// `basalt dev start` would then fail with "address in use".
+struct PortPicker {
+    ip: String,
+    range: std::ops::Range<u16>,
+    taken: std::collections::HashSet<u16>,
 }
 
-fn free_tcp_port(ip: &str) -> Result<SocketAddr> {
-    let s = std::net::TcpListener::bind(format!("{ip}:0"))?;
-    Ok(s.local_addr()?)
+impl PortPicker {
+    /// Lowest port we hand out: clear of the well-known and commonly configured ones.
+    const FLOOR: u16 = 10_000;
+
+    fn new(ip: &str) -> PortPicker {
+        let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse::<u16>().ok()))
+            .unwrap_or(32_768);
+        PortPicker { ip: ip.to_owned(), range: Self::FLOOR..ephemeral_low.max(Self::FLOOR), taken: Default::default() }
+    }
+
+    fn udp(&mut self) -> Result<SocketAddr> {
+        self.pick(|addr| std::net::UdpSocket::bind(addr).and_then(|s| s.local_addr()))
+    }
+
+    fn tcp(&mut self) -> Result<SocketAddr> {
+        self.pick(|addr| std::net::TcpListener::bind(addr).and_then(|s| s.local_addr()))
+    }
+
+    fn pick(&mut self, bind: impl Fn(SocketAddr) -> std::io::Result<SocketAddr>) -> Result<SocketAddr> {
+        let ip: std::net::IpAddr = self.ip.parse().with_context(|| format!("bad address {:?}", self.ip))?;
+        if self.range.len() > 100 {
+            for _ in 0..200 {
+                let port = rand::random_range(self.range.clone());
+                if self.taken.contains(&port) {
+                    continue;
+                }
+                if let Ok(addr) = bind(SocketAddr::new(ip, port)) {
+                    self.taken.insert(port);
+                    return Ok(addr);
+                }
+            }
+        }
+        // The range below the ephemeral ones is tiny or full: let the kernel choose.
+        let addr = bind(SocketAddr::new(ip, 0))?;
+        self.taken.insert(addr.port());
+        Ok(addr)
+    }
 }
 
 impl ClusterFile {
@@ -202,6 +243,7 @@ pub async fn up(opts: &UpOptions) -> Result<ClusterFile> {
 
     let voters = opts.nodes.min(3);
     let mut nodes = Vec::new();
+    let mut ports = PortPicker::new("127.0.0.1");
     for i in 1..=opts.nodes {
         let name = format!("node{i}");
         ca.issue(&name)?.save(&certs_dir, &name)?;
@@ -210,10 +252,9 @@ pub async fn up(opts: &UpOptions) -> Result<ClusterFile> {
         for d in &data_dirs {
             std::fs::create_dir_all(d)?;
         }
-        let ip = "127.0.0.1";
-        let rpc_addr = free_udp_port(ip)?;
-        let nbd_addr = free_tcp_port(ip)?;
-        let iscsi_addr = free_tcp_port(ip)?;
+        let rpc_addr = ports.udp()?;
+        let nbd_addr = ports.tcp()?;
+        let iscsi_addr = ports.tcp()?;
         nodes.push(NodeEntry {
             id: i as u64,
             name: name.clone(),

@@ -1,1 +1,5 @@
-//! `s3gw`: the S3 gateway over Basalt storage (not built yet; see the S3 issue).
+//! `s3gw`: the S3 gateway over Basalt storage.
+//!
+//! - [`backend`]: the interface between the S3 protocol layer and the object store.
+
+pub mod backend;

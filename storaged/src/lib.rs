@@ -59,22 +59,30 @@ pub struct Listeners {
 impl Listeners {
     /// Bind the addresses of a configuration.
     pub async fn bind(config: &Config) -> std::io::Result<Listeners> {
-        let rpc = std::net::UdpSocket::bind(config.file.rpc_listen)?;
-        let nbd = tokio::net::TcpListener::bind(config.file.nbd_listen).await?;
+        let rpc = std::net::UdpSocket::bind(config.file.rpc_listen)
+            .map_err(|e| in_use(e, "RPC (UDP)", &config.file.rpc_listen))?;
+        let nbd = tokio::net::TcpListener::bind(config.file.nbd_listen)
+            .await
+            .map_err(|e| in_use(e, "NBD (TCP)", &config.file.nbd_listen))?;
         let nbd_unix = match &config.file.nbd_socket {
             Some(path) => {
                 // A socket file left by a killed process would make bind fail.
                 let _ = std::fs::remove_file(path);
-                Some(tokio::net::UnixListener::bind(path)?)
+                Some(tokio::net::UnixListener::bind(path).map_err(|e| in_use(e, "NBD (unix)", &path.display()))?)
             }
             None => None,
         };
         let iscsi = match config.file.iscsi_listen {
-            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await?),
+            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| in_use(e, "iSCSI (TCP)", &addr))?),
             None => None,
         };
         Ok(Listeners { rpc, nbd, nbd_unix, iscsi })
     }
+}
+
+/// A bind error that names the listener and the address it wanted.
+fn in_use(e: std::io::Error, what: &str, addr: &dyn std::fmt::Display) -> std::io::Error {
+    std::io::Error::new(e.kind(), format!("{what} listener on {addr}: {e}"))
 }
 
 /// Answers every RPC a node serves: Raft traffic and metadata requests go to the metadata

@@ -1,0 +1,156 @@
+//! The line between the S3 protocol layer (`crate::s3`, built on the `s3s` crate) and the
+//! object store (`crate::store`, on Basalt volumes and the metadata index).
+//!
+//! The protocol layer parses requests, checks signatures and who may do what, and answers
+//! in S3's XML; a [`Backend`] keeps accounts, buckets and objects. Everything here is plain
+//! data, so the protocol layer can be tested against a memory backend and the store
+//! without HTTP.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::Stream;
+use std::collections::BTreeMap;
+use std::pin::Pin;
+
+/// Object data as it streams in or out, in pieces of any size.
+pub type ByteStream = Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What went wrong, in the terms S3 answers with (the protocol layer maps each variant to
+/// its S3 error code and HTTP status).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the bucket {0:?} does not exist")]
+    NoSuchBucket(String),
+    #[error("the key does not exist")]
+    NoSuchKey,
+    #[error("the bucket name {0:?} is taken by another account")]
+    BucketAlreadyExists(String),
+    #[error("you already own the bucket {0:?}")]
+    BucketAlreadyOwnedByYou(String),
+    #[error("the bucket {0:?} is not empty")]
+    BucketNotEmpty(String),
+    #[error("invalid bucket name {0:?}: {1}")]
+    InvalidBucketName(String, &'static str),
+    #[error("the key is longer than 1024 bytes")]
+    KeyTooLong,
+    #[error("the Content-MD5 given does not match the data received")]
+    BadDigest,
+    #[error("the data received is shorter or longer than Content-Length")]
+    IncompleteBody,
+    #[error("the requested range is not satisfiable")]
+    InvalidRange,
+    #[error("the bucket's quota would be exceeded")]
+    QuotaExceeded,
+    #[error("access denied")]
+    AccessDenied,
+    #[error("the request body failed: {0}")]
+    Body(std::io::Error),
+    /// The storage cluster cannot serve right now (no metadata leader, too few replicas):
+    /// the client should retry (S3 `ServiceUnavailable`, HTTP 503).
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// A tenant: owns buckets; its access keys sign requests.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Account {
+    /// Stable id (S3's canonical user id).
+    pub id: String,
+    /// Display name.
+    pub name: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Bucket {
+    pub name: String,
+    /// Owning account id.
+    pub owner: String,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_ms: u64,
+    /// The region (location constraint) it was created in.
+    pub region: String,
+}
+
+/// The stored description of an object (what HEAD returns).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ObjectInfo {
+    pub key: String,
+    pub size: u64,
+    /// Without quotes: hex MD5 of the data for a single PUT, `md5-of-md5s-N` for multipart.
+    pub etag: String,
+    /// Milliseconds since the Unix epoch.
+    pub last_modified_ms: u64,
+    pub content_type: Option<String>,
+    /// `x-amz-meta-*` headers, names lowercased and without the prefix.
+    pub user_meta: BTreeMap<String, String>,
+    /// Standard headers stored with the object and returned on GET/HEAD, lowercased names:
+    /// content-encoding, content-disposition, content-language, cache-control, expires.
+    pub headers: BTreeMap<String, String>,
+    /// Checksums the client asked for, by algorithm name (`CRC32`, `CRC32C`, `SHA256`,
+    /// `SHA1`, `CRC64NVME`), base64 as S3 shows them.
+    pub checksums: BTreeMap<String, String>,
+}
+
+/// What a PUT stores besides the data.
+#[derive(Clone, Debug, Default)]
+pub struct PutOptions {
+    pub content_type: Option<String>,
+    pub user_meta: BTreeMap<String, String>,
+    pub headers: BTreeMap<String, String>,
+    /// Content-MD5 as sent (16 bytes): the data must hash to it or nothing is stored.
+    pub content_md5: Option<[u8; 16]>,
+    /// The exact length announced (Content-Length or x-amz-decoded-content-length): a body
+    /// that ends early or runs over stores nothing.
+    pub length: Option<u64>,
+    /// Checksums to store (already verified by the protocol layer).
+    pub checksums: BTreeMap<String, String>,
+}
+
+/// A listing request within one bucket (ListObjects v1 and v2 both map to it).
+#[derive(Clone, Debug, Default)]
+pub struct ListQuery {
+    pub prefix: String,
+    pub delimiter: Option<String>,
+    /// Only keys (and common prefixes) strictly after this one.
+    pub start_after: Option<String>,
+    /// Keys plus common prefixes returned at most (S3 caps it at 1000).
+    pub max_keys: usize,
+}
+
+/// One page of a listing, in UTF-8 byte order of keys.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ListPage {
+    pub objects: Vec<ObjectInfo>,
+    pub common_prefixes: Vec<String>,
+    pub truncated: bool,
+    /// When truncated: the last key or common prefix returned, to continue after.
+    pub next_after: Option<String>,
+}
+
+/// Accounts, buckets and objects. Byte ranges are half-open `[start, end)` and already
+/// clipped to the object by the caller.
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// The account owning `access_key` and the key's secret, if the key exists and is enabled.
+    async fn access_key(&self, access_key: &str) -> Result<Option<(Account, String)>>;
+
+    async fn create_bucket(&self, owner: &Account, name: &str, region: &str) -> Result<Bucket>;
+    async fn bucket(&self, name: &str) -> Result<Bucket>;
+    /// Only when empty (`BucketNotEmpty` otherwise).
+    async fn delete_bucket(&self, name: &str) -> Result<()>;
+    /// The buckets `owner` owns, by name.
+    async fn list_buckets(&self, owner: &Account) -> Result<Vec<Bucket>>;
+
+    /// Stores `body` under `key`, replacing any object there, once all of it is durable.
+    async fn put_object(&self, bucket: &str, key: &str, opts: PutOptions, body: ByteStream) -> Result<ObjectInfo>;
+    async fn head_object(&self, bucket: &str, key: &str) -> Result<ObjectInfo>;
+    /// The object's description and its data (the whole object, or `range`).
+    async fn get_object(&self, bucket: &str, key: &str, range: Option<(u64, u64)>) -> Result<(ObjectInfo, ByteStream)>;
+    /// Removes the object; removing a missing key is not an error (S3 answers 204 either way).
+    async fn delete_object(&self, bucket: &str, key: &str) -> Result<()>;
+    async fn list_objects(&self, bucket: &str, query: &ListQuery) -> Result<ListPage>;
+}
