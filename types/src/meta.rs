@@ -132,7 +132,49 @@ pub enum MetaCommand {
     /// Write (`value` Some) or delete (None) a record, if its version is `expected`
     /// (`Some(0)`: it must not exist; `None`: whatever it is).
     PutRecord { key: String, value: Option<Vec<u8>>, expected: Option<u64> },
+    /// A conditional multi-key write to the metadata index (see [`IndexTxn`]). Applied by
+    /// the metadata store against its on-disk index, not by the in-memory cluster map.
+    IndexTxn(IndexTxn),
 }
+
+/// The metadata *index*: an ordered key/value space for frontend metadata that grows with
+/// users (the S3 object index first). Unlike records it lives only on disk (RocksDB) on
+/// each metadata replica, keys are arbitrary bytes, and one transaction changes several keys
+/// at once. Every entry carries the version at which it was last written: the Raft log
+/// index of that write, so versions grow and never repeat.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexEntry {
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    pub version: u64,
+}
+
+/// Writes to the index, all or nothing.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexTxn {
+    /// Each key must be at this version (0: absent) for anything to be written.
+    pub checks: Vec<(Vec<u8>, u64)>,
+    /// Writes (`Some`) and deletes (`None`), applied in order.
+    pub puts: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+}
+
+/// What became of an [`IndexTxn`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum IndexOutcome {
+    /// Written; the keys written now have this version.
+    Committed { version: u64 },
+    /// A check failed (the first one, with the key's actual version); nothing was written.
+    Conflict { key: Vec<u8>, version: u64 },
+}
+
+/// Longest index key, in bytes.
+pub const MAX_INDEX_KEY: usize = 4096;
+/// Largest index value, in bytes.
+pub const MAX_INDEX_VALUE: usize = 256 * 1024;
+/// Most checks plus writes in one index transaction.
+pub const MAX_INDEX_OPS: usize = 2048;
+/// Most entries one index listing returns.
+pub const MAX_INDEX_PAGE: u32 = 10_000;
 
 /// A small versioned value kept by the metadata group for the frontends (iSCSI targets and
 /// reservations, later S3 accounts...): configuration, never data. Versions come from one
@@ -158,6 +200,7 @@ pub enum MetaReply {
     Chunk(ChunkInfo),
     /// The record after a put (None after a delete).
     Record(Option<Record>),
+    Index(IndexOutcome),
     Error(RemoteError),
 }
 
@@ -199,6 +242,14 @@ pub enum MetaRequest {
     GetRecord { key: String },
     /// Every record whose key starts with `prefix`, in key order.
     ListRecords { prefix: String },
+    /// A conditional write to the metadata index.
+    IndexTxn(IndexTxn),
+    /// One index entry (linearizable read).
+    IndexGet { key: Vec<u8> },
+    /// Index entries whose key starts with `prefix` and is at least `start`, in byte order,
+    /// at most `limit` (capped at [`MAX_INDEX_PAGE`]); `more` in the answer says whether
+    /// further matching entries exist.
+    IndexList { prefix: Vec<u8>, start: Vec<u8>, limit: u32 },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -216,6 +267,9 @@ pub enum MetaResponse {
     HeartbeatAck { delete: Vec<(ChunkId, DiskId)> },
     Record(Option<Record>),
     Records(Vec<Record>),
+    Index(IndexOutcome),
+    IndexEntry(Option<IndexEntry>),
+    IndexPage { entries: Vec<IndexEntry>, more: bool },
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -318,6 +318,33 @@ impl StorageClient {
         }
     }
 
+    /// Runs a conditional write on the metadata index. A call that fails in transport may
+    /// still have been applied: callers that retry must be ready for a `Conflict` caused by
+    /// their own earlier attempt.
+    pub async fn index_txn(&self, txn: IndexTxn) -> Result<IndexOutcome> {
+        match self.meta(MetaRequest::IndexTxn(txn)).await? {
+            MetaResponse::Index(outcome) => Ok(outcome),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// One index entry, read linearizably.
+    pub async fn index_get(&self, key: &[u8]) -> Result<Option<IndexEntry>> {
+        match self.meta(MetaRequest::IndexGet { key: key.to_vec() }).await? {
+            MetaResponse::IndexEntry(e) => Ok(e),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Index entries with `prefix`, from `start` on, at most `limit`; and whether more follow.
+    pub async fn index_list(&self, prefix: &[u8], start: &[u8], limit: u32) -> Result<(Vec<IndexEntry>, bool)> {
+        let req = MetaRequest::IndexList { prefix: prefix.to_vec(), start: start.to_vec(), limit };
+        match self.meta(req).await? {
+            MetaResponse::IndexPage { entries, more } => Ok((entries, more)),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Open a volume for I/O, taking its write lease as `holder`. With `force`, take the
     /// lease over from another holder: the epoch is bumped and every reachable chunk server
     /// is told, so the old holder's writes are refused from then on.

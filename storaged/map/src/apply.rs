@@ -152,6 +152,9 @@ impl ClusterMap {
             }
             MetaCommand::ForgetStale { chunk, disk } => self.forget_stale(*chunk, *disk),
             MetaCommand::PutRecord { key, value, expected } => self.put_record(key, value.as_deref(), *expected),
+            // The index is not part of the map: the metadata store applies these against its
+            // on-disk index before the map ever sees them.
+            MetaCommand::IndexTxn(_) => Err(err(ErrorCode::Internal, "index transactions are applied by the metadata store")),
         };
         let (reply, mutations) = match outcome {
             Ok(ok) => ok,

@@ -5,6 +5,7 @@
 //! [`ClusterMap::apply`](basalt_map::ClusterMap::apply). This crate owns
 //! - the Raft type configuration ([`raft`]),
 //! - the RocksDB log store and persisted state machine ([`store`]),
+//! - the metadata index, an ordered key/value space on disk only ([`index`]),
 //! - the Raft transport over the node-to-node RPC endpoint ([`network`]),
 //! - and [`MetaService`], which turns client [`MetaRequest`](basalt_types::MetaRequest)s into
 //!   proposals and reads, forwards them to the leader when this node is not, keeps the
@@ -13,6 +14,7 @@
 //! It serves no RPC itself: `storaged` dispatches `NodeRequest::Raft` to
 //! [`MetaService::handle_raft`] and `NodeRequest::Meta` to [`MetaService::handle`].
 
+pub mod index;
 pub mod network;
 pub mod raft;
 mod service;

@@ -123,6 +123,8 @@ pub struct MetaService {
     cfg: MetaConfig,
     raft: Raft,
     map: Arc<RwLock<ClusterMap>>,
+    /// The on-disk metadata index of this replica (read by the leader after a linearizable check).
+    index: crate::index::IndexReader,
     rpc: Arc<RpcEndpoint>,
     /// Leader-only soft state; cleared whenever this node starts a new leadership term, so
     /// it never carries sightings from a previous reign.
@@ -201,6 +203,7 @@ fn reply_to_response(reply: MetaReply) -> Result<MetaResponse, RemoteError> {
         MetaReply::Lease(l) => MetaResponse::Lease(l),
         MetaReply::Chunk(c) => MetaResponse::Chunk(c),
         MetaReply::Record(r) => MetaResponse::Record(r),
+        MetaReply::Index(outcome) => MetaResponse::Index(outcome),
         MetaReply::Error(e) => return Err(e),
     })
 }
@@ -218,6 +221,7 @@ impl MetaService {
         let db_closed = db.closed();
         let (log, sm) = store::open_stores(db)?;
         let map = sm.map();
+        let index = sm.index_reader();
         let id = cfg.node_id;
         let raft = Raft::new(id, raft_cfg, NetworkFactory::new(id, rpc.clone()), log, sm)
             .await
@@ -227,6 +231,7 @@ impl MetaService {
             cfg,
             raft,
             map,
+            index,
             rpc,
             heartbeats: Mutex::new(HashMap::new()),
             leadership: Mutex::new(None),
@@ -321,6 +326,12 @@ impl MetaService {
             MetaReply::Error(e) => Err(e),
             reply => Ok(reply),
         }
+    }
+
+    /// This replica's copy of the metadata index, as applied here (not linearizable: for
+    /// diagnostics and tests; clients read through [`MetaService::handle`]).
+    pub fn local_index(&self) -> crate::index::IndexReader {
+        self.index.clone()
     }
 
     pub fn is_leader(&self) -> bool {
@@ -520,6 +531,20 @@ impl MetaService {
             MetaRequest::ListRecords { prefix } => {
                 self.linearizable().await?;
                 return Ok(MetaResponse::Records(self.read_map().records_with_prefix(&prefix).cloned().collect()));
+            }
+            MetaRequest::IndexTxn(txn) => {
+                // Refused here rather than by every replica's apply, which would say the same.
+                crate::index::validate(&txn)?;
+                MetaCommand::IndexTxn(txn)
+            }
+            MetaRequest::IndexGet { key } => {
+                self.linearizable().await?;
+                return Ok(MetaResponse::IndexEntry(self.index.get(key).await?));
+            }
+            MetaRequest::IndexList { prefix, start, limit } => {
+                self.linearizable().await?;
+                let (entries, more) = self.index.list(prefix, start, limit).await?;
+                return Ok(MetaResponse::IndexPage { entries, more });
             }
         };
         reply_to_response(self.propose(cmd).await?)

@@ -9,6 +9,7 @@
 //! | `sm_meta`     | `applied`, `membership`                | `Option<LogId>`, `StoredMembership` |
 //! | `sm`          | the cluster map's own keys (`basalt_map::kv`) | the map's values      |
 //! | `snapshot`    | `current`                              | [`StoredSnapshot`]          |
+//! | `index`       | index keys (`crate::index`)            | version (8 bytes BE) + value |
 //!
 //! The state machine is persisted on apply: the map's key/value changes, the last applied
 //! log id and the last membership of one `apply` call go into one `WriteBatch`, so after a
@@ -21,7 +22,7 @@ use crate::codec;
 use crate::raft::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig, Vote};
 use crate::Error;
 use basalt_map::ClusterMap;
-use basalt_types::MetaReply;
+use basalt_types::{MetaCommand, MetaReply};
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine};
 use openraft::{AnyError, EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader, RaftSnapshotBuilder, StorageIOError};
 use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
@@ -37,7 +38,8 @@ const CF_RAFT: &str = "raft";
 const CF_SM_META: &str = "sm_meta";
 const CF_SM: &str = "sm";
 const CF_SNAPSHOT: &str = "snapshot";
-const ALL_CFS: [&str; 5] = [CF_LOG, CF_RAFT, CF_SM_META, CF_SM, CF_SNAPSHOT];
+const CF_INDEX: &str = crate::index::CF_INDEX;
+const ALL_CFS: [&str; 6] = [CF_LOG, CF_RAFT, CF_SM_META, CF_SM, CF_SNAPSHOT, CF_INDEX];
 
 const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
@@ -290,6 +292,8 @@ struct StoredSnapshot {
 #[derive(Serialize, Deserialize)]
 struct SnapshotData {
     kv: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The `index` column family, key and stored value.
+    index: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 /// The persisted state machine: the cluster map in memory (shared with the service for
@@ -325,6 +329,11 @@ impl StateMachineStore {
             membership,
             snapshot_lock: Arc::new(tokio::sync::Mutex::new(())),
         })
+    }
+
+    /// Reads the on-disk index, as of the last applied entry on this node.
+    pub fn index_reader(&self) -> crate::index::IndexReader {
+        crate::index::IndexReader::new(self.db.clone())
     }
 
     /// The in-memory map, as of the last applied entry on this node.
@@ -369,13 +378,16 @@ pub struct SnapshotBuilder {
     db: Arc<Db>,
     snapshot_lock: Arc<tokio::sync::Mutex<()>>,
     kv: Vec<(Vec<u8>, Vec<u8>)>,
+    index: Result<Vec<(Vec<u8>, Vec<u8>)>, String>,
     applied: Option<LogId>,
     membership: StoredMembership,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
-        let data = enc(&SnapshotData { kv: std::mem::take(&mut self.kv) })
+        let index = std::mem::replace(&mut self.index, Ok(Vec::new()))
+            .map_err(|e| StorageIOError::read_state_machine(AnyError::error(e)))?;
+        let data = enc(&SnapshotData { kv: std::mem::take(&mut self.kv), index })
             .map_err(|e| StorageIOError::write_snapshot(None, e))?;
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -413,16 +425,33 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     {
         let sm_cf = cf(&self.db, CF_SM).map_err(StorageIOError::write_state_machine)?;
         let meta_cf = cf(&self.db, CF_SM_META).map_err(StorageIOError::write_state_machine)?;
+        let index_cf = cf(&self.db, CF_INDEX).map_err(StorageIOError::write_state_machine)?;
         let mut batch = WriteBatch::default();
         let mut replies = Vec::new();
         let mut applied = self.applied;
         let mut membership = None;
+        let mut index_written = std::collections::HashMap::new();
         {
             let mut map = self.write_map();
             for entry in entries {
                 applied = Some(entry.log_id);
                 match entry.payload {
                     EntryPayload::Blank => replies.push(MetaReply::Ok),
+                    EntryPayload::Normal(MetaCommand::IndexTxn(txn)) => {
+                        let outcome = crate::index::apply(
+                            &self.db,
+                            index_cf,
+                            &mut batch,
+                            &mut index_written,
+                            &txn,
+                            entry.log_id.index,
+                        )
+                        .map_err(|e| StorageIOError::read_state_machine(any(&e)))?;
+                        replies.push(match outcome {
+                            Ok(outcome) => MetaReply::Index(outcome),
+                            Err(e) => MetaReply::Error(e),
+                        });
+                    }
                     EntryPayload::Normal(cmd) => {
                         let (reply, changes) = map.apply(&cmd);
                         for change in changes {
@@ -457,10 +486,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         let kv = self.map.read().unwrap_or_else(std::sync::PoisonError::into_inner).to_kv();
+        // Read now, while no entry is being applied, so it matches `kv` and `applied`.
+        let index = read_index(&self.db);
         SnapshotBuilder {
             db: self.db.clone(),
             snapshot_lock: self.snapshot_lock.clone(),
             kv,
+            index,
             applied: self.applied,
             membership: self.membership.clone(),
         }
@@ -490,6 +522,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             for (k, v) in &payload.kv {
                 batch.put_cf(sm_cf, k, v);
             }
+            let index_cf = cf(&self.db, CF_INDEX)?;
+            for item in self.db.iterator_cf(index_cf, IteratorMode::Start) {
+                let (k, _) = item.map_err(|e| any(&e))?;
+                batch.delete_cf(index_cf, k);
+            }
+            for (k, v) in &payload.index {
+                batch.put_cf(index_cf, k, v);
+            }
             let meta_cf = cf(&self.db, CF_SM_META)?;
             batch.put_cf(meta_cf, KEY_APPLIED, enc(&meta.last_log_id)?);
             batch.put_cf(meta_cf, KEY_MEMBERSHIP, enc(&meta.last_membership)?);
@@ -512,4 +552,15 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             get(&self.db, CF_SNAPSHOT, KEY_SNAPSHOT).map_err(|e| StorageIOError::read_snapshot(None, e))?;
         Ok(stored.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
     }
+}
+
+/// Every entry of the `index` column family, as stored.
+fn read_index(db: &DB) -> Result<Vec<(Vec<u8>, Vec<u8>)>, String> {
+    let index_cf = db.cf_handle(CF_INDEX).ok_or_else(|| "the index column family is missing".to_string())?;
+    let mut out = Vec::new();
+    for item in db.iterator_cf(index_cf, IteratorMode::Start) {
+        let (k, v) = item.map_err(|e| e.to_string())?;
+        out.push((k.into_vec(), v.into_vec()));
+    }
+    Ok(out)
 }

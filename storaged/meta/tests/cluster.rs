@@ -5,7 +5,7 @@
 use basalt_meta::{MetaConfig, MetaService};
 use basalt_rpc::{async_trait, Bytes, CancellationToken, ClusterCa, PeerInfo, RpcEndpoint, Service};
 use basalt_types::{
-    ChunkId, DiskId, DiskInfo, DiskUsage, ErrorCode, MetaRequest, MetaResponse, NodeRequest, NodeResponse,
+    ChunkId, DiskId, DiskInfo, DiskUsage, ErrorCode, IndexOutcome, IndexTxn, MetaRequest, MetaResponse, NodeRequest, NodeResponse,
     NodeState, RemoteError, VolumeInfo,
 };
 use std::collections::{BTreeMap, BTreeSet};
@@ -175,6 +175,60 @@ async fn agreed_leader(nodes: &[&TestNode]) -> u64 {
     .await
 }
 
+/// Index transactions and reads through any node: conditions, atomicity, listing, limits,
+/// and two racing creators of one key.
+async fn check_index(via: &TestNode, a: &TestNode, b: &TestNode) {
+    let txn = |checks: Vec<(&[u8], u64)>, puts: Vec<(&[u8], Option<&[u8]>)>| {
+        MetaRequest::IndexTxn(IndexTxn {
+            checks: checks.into_iter().map(|(k, v)| (k.to_vec(), v)).collect(),
+            puts: puts.into_iter().map(|(k, v)| (k.to_vec(), v.map(<[u8]>::to_vec))).collect(),
+        })
+    };
+    let committed = |resp: MetaResponse| match resp {
+        MetaResponse::Index(IndexOutcome::Committed { version }) => version,
+        other => panic!("expected a commit, got {other:?}"),
+    };
+    let get = |key: &[u8]| MetaRequest::IndexGet { key: key.to_vec() };
+
+    let v1 = committed(via.request(txn(vec![(b"a", 0)], vec![(b"a", Some(b"one")), (b"b", Some(b"two"))])).await);
+    assert!(v1 > 0);
+    // The same creation again conflicts, naming the key and its version; nothing is written.
+    let again = via.request(txn(vec![(b"a", 0)], vec![(b"a", Some(b"uno")), (b"c", Some(b"x"))])).await;
+    assert!(matches!(&again, MetaResponse::Index(IndexOutcome::Conflict { key, version }) if key == b"a" && *version == v1), "{again:?}");
+    assert!(matches!(via.request(get(b"c")).await, MetaResponse::IndexEntry(None)), "a conflicting txn writes nothing");
+    let v2 = committed(via.request(txn(vec![(b"b", v1)], vec![(b"b", None)])).await);
+    assert!(v2 > v1);
+    match via.request(get(b"a")).await {
+        MetaResponse::IndexEntry(Some(e)) => assert_eq!((e.value.as_slice(), e.version), (&b"one"[..], v1)),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(via.request(get(b"b")).await, MetaResponse::IndexEntry(None)));
+
+    // Listing: by prefix, from a start key, in pages.
+    committed(via.request(txn(vec![], vec![(b"p/1", Some(b"")), (b"p/2", Some(b"")), (b"p/3", Some(b"")), (b"q", Some(b""))])).await);
+    let list = |prefix: &[u8], start: &[u8], limit| MetaRequest::IndexList { prefix: prefix.to_vec(), start: start.to_vec(), limit };
+    let keys = |resp: MetaResponse| match resp {
+        MetaResponse::IndexPage { entries, more } => (entries.into_iter().map(|e| e.key).collect::<Vec<_>>(), more),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(keys(via.request(list(b"p/", b"", 2)).await), (vec![b"p/1".to_vec(), b"p/2".to_vec()], true));
+    assert_eq!(keys(via.request(list(b"p/", b"p/2", 10)).await), (vec![b"p/2".to_vec(), b"p/3".to_vec()], false));
+    assert_eq!(keys(via.request(list(b"p/", b"p/4", 10)).await), (vec![], false));
+
+    // Bad transactions are refused before they reach the log.
+    for bad in [txn(vec![], vec![]), txn(vec![], vec![(&[0u8; 5000][..], Some(b"x"))])] {
+        assert_eq!(via.handle(bad).await.map_err(|e| e.code).err(), Some(ErrorCode::InvalidArgument));
+    }
+
+    // Two creators of one key through two nodes: exactly one wins.
+    let (x, y) = tokio::join!(
+        a.request(txn(vec![(b"race", 0)], vec![(b"race", Some(b"from a"))])),
+        b.request(txn(vec![(b"race", 0)], vec![(b"race", Some(b"from b"))])),
+    );
+    let wins = [&x, &y].iter().filter(|r| matches!(r, MetaResponse::Index(IndexOutcome::Committed { .. }))).count();
+    assert_eq!(wins, 1, "{x:?} {y:?}");
+}
+
 fn volume(resp: MetaResponse) -> VolumeInfo {
     match resp {
         MetaResponse::Volume(v) => v,
@@ -229,6 +283,8 @@ async fn three_node_cluster_survives_leader_loss_restart_and_membership_changes(
     for n in nodes {
         assert_eq!(volume(n.request(MetaRequest::GetVolume { name: "vol1".into() }).await).id, vol.id);
     }
+
+    check_index(follower, &n1, &n3).await;
 
     // Allocation: three replicas on distinct hosts; concurrent callers get the same chunk;
     // a stale epoch is fenced.
@@ -296,6 +352,11 @@ async fn three_node_cluster_survives_leader_loss_restart_and_membership_changes(
     })
     .await;
     assert!(!voters(&n4).contains(&4), "a registered node starts as a learner");
+    // The index came with the snapshot (the log that wrote it was compacted away).
+    let a = n4.meta().local_index().get(b"a".to_vec()).await.expect("local index read");
+    assert_eq!(a.map(|e| e.value), Some(b"one".to_vec()), "index entries travel in snapshots");
+    let listed = n4.meta().local_index().list(b"p/".to_vec(), Vec::new(), 100).await.expect("local list");
+    assert_eq!(listed.0.len(), 3);
     n4.request(MetaRequest::AddVoter { node: 4 }).await;
     let want: BTreeSet<u64> = [1, 2, 3, 4].into_iter().collect();
     eventually("node 4 to be a voter", || (voters(leader_node) == want).then_some(())).await;
