@@ -1,0 +1,905 @@
+//! The object store: a [`Backend`] on Basalt storage.
+//!
+//! # Where things live
+//! - **Metadata** goes in the metadata index (`StorageClient::index_*`), under `s3/`:
+//!
+//!   | key                              | value                                     |
+//!   |----------------------------------|-------------------------------------------|
+//!   | `s3/U/` account id               | [`Account`]                               |
+//!   | `s3/A/` access key id            | [`AccessKey`]                             |
+//!   | `s3/B/` bucket                   | [`BucketRecord`]                          |
+//!   | `s3/O/` bucket `/` object key    | [`ObjectRecord`]: description + extents   |
+//!   | `s3/V/` data volume name         | `u64` BE: bytes of it handed out so far   |
+//!   | `s3/G/` volume id, offset (BE)   | [`Garbage`]: an extent to trim            |
+//!
+//!   Bucket names never hold `/`, so `s3/O/<bucket>/` is exactly one bucket's objects, in
+//!   the byte order of their keys (S3's listing order).
+//! - **Data** goes in one *data volume* per gateway node (`s3data-<node>`), a thin 1 PiB
+//!   Basalt volume used as an append-only log: every object's data is written at fresh,
+//!   4 KiB-aligned offsets, so small objects share chunks instead of taking one each, and a
+//!   large object is a list of extents of up to [`PIECE`] bytes. The volume's replication,
+//!   repair and fencing are the storage core's. Any gateway reads any data volume; only
+//!   its own node's gateway writes it (under the volume's write lease).
+//!
+//! # Durability and order
+//! A PUT writes all its data (each write is acknowledged only once every live replica has
+//! it durably), then commits the object's record with one index transaction, which is when
+//! the object exists. The transaction checks the bucket's version (a bucket being deleted
+//! refuses new objects) and the version of the object record it replaces, whose extents it
+//! queues as garbage in the same transaction.
+//!
+//! Garbage is trimmed by the writer of its volume after [`GARBAGE_GRACE`], so a GET that
+//! is still streaming an object replaced meanwhile keeps reading intact data. Data written
+//! by a PUT that failed before its commit is queued as garbage too; if the gateway itself
+//! dies in the middle, that data stays unreferenced in the volume (not yet swept).
+
+use crate::backend::{
+    Account, Backend, Bucket, ByteStream, Error, ListPage, ListQuery, ObjectInfo, PutOptions, Result,
+};
+use async_trait::async_trait;
+use basalt_storaged_client::{StorageClient, Volume, VolumeOptions};
+use basalt_types::{ErrorCode, IndexOutcome, IndexTxn, NodeId, VolumeId};
+use bytes::BytesMut;
+use futures::stream::{FuturesUnordered, StreamExt};
+use md5::{Digest, Md5};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::OnceCell;
+use tracing::{debug, info, warn};
+
+/// Largest piece of object data written or read in one volume call.
+pub const PIECE: u64 = 4 << 20;
+/// Pieces of one PUT being written at once (the PUT's memory is about this many pieces).
+const WRITES_IN_FLIGHT: usize = 4;
+/// Pieces of one GET read ahead of the client.
+const READ_AHEAD: usize = 2;
+/// Data volumes are thin: this is address space, not capacity.
+const DATA_VOLUME_SIZE: u64 = 1 << 50;
+/// Space of the data volume reserved per index write: a restarted gateway goes on after
+/// the last reservation, never over data it may have written.
+const RESERVE_STEP: u64 = 1 << 30;
+const ALIGN: u64 = 4096;
+/// How long replaced or deleted data stays readable before it is trimmed, by default.
+pub const GARBAGE_GRACE: Duration = Duration::from_secs(15 * 60);
+/// Access keys are cached this long: a disabled key stops working within this time.
+const KEY_CACHE: Duration = Duration::from_secs(10);
+/// Longest object key S3 allows, in bytes.
+pub const MAX_KEY: usize = 1024;
+/// Index listing page size used internally.
+const LIST_PAGE: u32 = 1000;
+
+const P_ACCOUNT: &[u8] = b"s3/U/";
+const P_KEY: &[u8] = b"s3/A/";
+const P_BUCKET: &[u8] = b"s3/B/";
+const P_OBJECT: &[u8] = b"s3/O/";
+const P_VOLUME: &[u8] = b"s3/V/";
+const P_GARBAGE: &[u8] = b"s3/G/";
+
+/// An access key of an account.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AccessKey {
+    pub id: String,
+    pub account: String,
+    pub secret: String,
+    pub enabled: bool,
+    pub created_ms: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BucketRecord {
+    pub bucket: Bucket,
+    /// Set while a delete checks that the bucket is empty: new objects are refused.
+    pub deleting: bool,
+}
+
+/// A run of object data in a data volume.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Extent {
+    pub volume: VolumeId,
+    pub offset: u64,
+    pub len: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ObjectRecord {
+    pub info: ObjectInfo,
+    pub extents: Vec<Extent>,
+    /// Random id of the PUT that wrote it: a retried commit recognises its own write.
+    pub write_id: u64,
+}
+
+/// An extent to trim once `after_ms` has passed.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Garbage {
+    pub len: u64,
+    pub after_ms: u64,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn key(prefix: &[u8], rest: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(prefix.len() + rest.len());
+    k.extend_from_slice(prefix);
+    k.extend_from_slice(rest);
+    k
+}
+
+fn object_key(bucket: &str, name: &str) -> Vec<u8> {
+    let mut k = key(P_OBJECT, bucket.as_bytes());
+    k.push(b'/');
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+fn garbage_key(e: &Extent) -> Vec<u8> {
+    let mut k = key(P_GARBAGE, &e.volume.to_be_bytes());
+    k.extend_from_slice(&e.offset.to_be_bytes());
+    k
+}
+
+fn enc<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+    bincode::serde::encode_to_vec(value, bincode::config::standard()).map_err(|e| Error::Internal(format!("encoding: {e}")))
+}
+
+fn dec<T: serde::de::DeserializeOwned>(what: &[u8], bytes: &[u8]) -> Result<T> {
+    bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+        .map(|(v, _)| v)
+        .map_err(|e| Error::Internal(format!("index entry {} does not decode: {e}", what.escape_ascii())))
+}
+
+fn storage(e: basalt_storaged_client::Error) -> Error {
+    match e.code() {
+        ErrorCode::Unavailable | ErrorCode::NotLeader | ErrorCode::Fenced => Error::Unavailable(e.to_string()),
+        _ => Error::Internal(e.to_string()),
+    }
+}
+
+fn random_hex(bytes: usize) -> String {
+    (0..bytes).map(|_| format!("{:02x}", rand::random::<u8>())).collect()
+}
+
+fn align_up(n: u64) -> u64 {
+    n.div_ceil(ALIGN) * ALIGN
+}
+
+/// Who runs this store.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// The node this gateway runs on: its data volume is `s3data-<node_name>`.
+    pub node: NodeId,
+    pub node_name: String,
+    /// How long replaced or deleted data stays readable before it is trimmed
+    /// ([`GARBAGE_GRACE`] unless a test wants it shorter).
+    pub garbage_grace: Duration,
+}
+
+impl StoreConfig {
+    pub fn new(node: NodeId, node_name: impl Into<String>) -> Self {
+        Self { node, node_name: node_name.into(), garbage_grace: GARBAGE_GRACE }
+    }
+}
+
+/// The data volume this gateway appends to, and how far it has got.
+struct DataLog {
+    volume: Arc<Volume>,
+    name: String,
+    /// (next free offset, end of the space reserved in the index)
+    cursor: tokio::sync::Mutex<(u64, u64)>,
+}
+
+pub struct ObjectStore {
+    client: Arc<StorageClient>,
+    cfg: StoreConfig,
+    log: OnceCell<Arc<DataLog>>,
+    readers: Mutex<HashMap<VolumeId, Arc<Volume>>>,
+    keys: Mutex<HashMap<String, (Instant, Option<(Account, String)>)>>,
+}
+
+impl ObjectStore {
+    pub fn new(client: Arc<StorageClient>, cfg: StoreConfig) -> Arc<Self> {
+        Arc::new(Self {
+            client,
+            cfg,
+            log: OnceCell::new(),
+            readers: Mutex::new(HashMap::new()),
+            keys: Mutex::new(HashMap::new()),
+        })
+    }
+
+    // ---- accounts and keys (used by `basalt s3 ...` and the gateway) ----
+
+    /// Creates an account and its first access key; returns both.
+    pub async fn create_account(&self, name: &str) -> Result<(Account, AccessKey)> {
+        if name.is_empty() || name.len() > 64 || !name.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(Error::Internal(format!("account names are 1 to 64 printable ASCII characters, not {name:?}")));
+        }
+        let accounts = self.list_accounts().await?;
+        if accounts.iter().any(|a| a.name == name) {
+            return Err(Error::Internal(format!("an account named {name:?} exists already")));
+        }
+        let account = Account { id: random_hex(16), name: name.to_string() };
+        let ak = new_access_key(&account.id);
+        let txn = IndexTxn {
+            checks: vec![(key(P_ACCOUNT, account.id.as_bytes()), 0), (key(P_KEY, ak.id.as_bytes()), 0)],
+            puts: vec![
+                (key(P_ACCOUNT, account.id.as_bytes()), Some(enc(&account)?)),
+                (key(P_KEY, ak.id.as_bytes()), Some(enc(&ak)?)),
+            ],
+        };
+        self.commit(txn).await?;
+        Ok((account, ak))
+    }
+
+    pub async fn list_accounts(&self) -> Result<Vec<Account>> {
+        self.list_all(P_ACCOUNT).await?.iter().map(|(k, v)| dec(k, v)).collect()
+    }
+
+    pub async fn account_by_name(&self, name: &str) -> Result<Account> {
+        self.list_accounts()
+            .await?
+            .into_iter()
+            .find(|a| a.name == name)
+            .ok_or_else(|| Error::Internal(format!("no account named {name:?}")))
+    }
+
+    /// A new access key for `account`.
+    pub async fn create_key(&self, account: &Account) -> Result<AccessKey> {
+        let ak = new_access_key(&account.id);
+        let k = key(P_KEY, ak.id.as_bytes());
+        self.commit(IndexTxn { checks: vec![(k.clone(), 0)], puts: vec![(k, Some(enc(&ak)?))] }).await?;
+        Ok(ak)
+    }
+
+    pub async fn list_keys(&self, account: Option<&Account>) -> Result<Vec<AccessKey>> {
+        let keys: Vec<AccessKey> = self.list_all(P_KEY).await?.iter().map(|(k, v)| dec(k, v)).collect::<Result<_>>()?;
+        Ok(keys.into_iter().filter(|k| account.is_none_or(|a| a.id == k.account)).collect())
+    }
+
+    /// Deletes an access key (requests signed with it fail within [`KEY_CACHE`]).
+    pub async fn delete_key(&self, id: &str) -> Result<()> {
+        let k = key(P_KEY, id.as_bytes());
+        match self.client.index_get(&k).await.map_err(storage)? {
+            None => Err(Error::Internal(format!("no access key {id:?}"))),
+            Some(e) => self.commit(IndexTxn { checks: vec![(k.clone(), e.version)], puts: vec![(k, None)] }).await,
+        }
+    }
+
+    // ---- internals ----
+
+    async fn commit(&self, txn: IndexTxn) -> Result<()> {
+        match self.client.index_txn(txn).await.map_err(storage)? {
+            IndexOutcome::Committed { .. } => Ok(()),
+            IndexOutcome::Conflict { key, .. } => {
+                Err(Error::Unavailable(format!("{} changed meanwhile; retry", key.escape_ascii())))
+            }
+        }
+    }
+
+    async fn list_all(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut out = Vec::new();
+        let mut start = prefix.to_vec();
+        loop {
+            let (entries, more) = self.client.index_list(prefix, &start, LIST_PAGE).await.map_err(storage)?;
+            if let Some(last) = entries.last() {
+                start = last.key.clone();
+                start.push(0);
+            }
+            out.extend(entries.into_iter().map(|e| (e.key, e.value)));
+            if !more {
+                return Ok(out);
+            }
+        }
+    }
+
+    async fn bucket_record(&self, name: &str) -> Result<(BucketRecord, u64)> {
+        let k = key(P_BUCKET, name.as_bytes());
+        match self.client.index_get(&k).await.map_err(storage)? {
+            Some(e) => Ok((dec(&k, &e.value)?, e.version)),
+            None => Err(Error::NoSuchBucket(name.to_string())),
+        }
+    }
+
+    async fn object_record(&self, bucket: &str, name: &str) -> Result<Option<(ObjectRecord, u64)>> {
+        let k = object_key(bucket, name);
+        match self.client.index_get(&k).await.map_err(storage)? {
+            Some(e) => Ok(Some((dec(&k, &e.value)?, e.version))),
+            None => Ok(None),
+        }
+    }
+
+    /// The data volume of this node, created and opened (lease taken over from an earlier
+    /// run of this gateway) on first use.
+    async fn log(&self) -> Result<Arc<DataLog>> {
+        self.log
+            .get_or_try_init(|| async {
+                let name = format!("s3data-{}", self.cfg.node_name);
+                let info = match self.client.volume(&name).await {
+                    Ok(info) => info,
+                    Err(e) if e.remote_code() == Some(ErrorCode::NotFound) => {
+                        match self.client.create_volume(&name, DATA_VOLUME_SIZE, None).await {
+                            Ok(info) => info,
+                            Err(e) if e.remote_code() == Some(ErrorCode::AlreadyExists) => {
+                                self.client.volume(&name).await.map_err(storage)?
+                            }
+                            Err(e) => return Err(storage(e)),
+                        }
+                    }
+                    Err(e) => return Err(storage(e)),
+                };
+                let opts = VolumeOptions {
+                    holder: format!("s3gw@{}", self.cfg.node_name),
+                    node: self.cfg.node,
+                    force: true,
+                    read_only: false,
+                };
+                let volume = self.client.open_volume_with(info, opts).await.map_err(storage)?;
+                let reserved_key = key(P_VOLUME, name.as_bytes());
+                let reserved = match self.client.index_get(&reserved_key).await.map_err(storage)? {
+                    Some(e) => e.value.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0),
+                    None => 0,
+                };
+                info!(volume = %name, from = reserved, "S3 data volume open");
+                Ok(Arc::new(DataLog { volume, name, cursor: tokio::sync::Mutex::new((reserved, reserved)) }))
+            })
+            .await
+            .cloned()
+    }
+
+    /// `len` bytes (4 KiB aligned) of fresh space in our data volume.
+    async fn allocate(&self, log: &DataLog, len: u64) -> Result<u64> {
+        let mut cursor = log.cursor.lock().await;
+        let (next, reserved) = *cursor;
+        if next + len > reserved {
+            let new_end = (next + len).div_ceil(RESERVE_STEP) * RESERVE_STEP;
+            if new_end > DATA_VOLUME_SIZE {
+                return Err(Error::Internal(format!("data volume {} is full", log.name)));
+            }
+            let k = key(P_VOLUME, log.name.as_bytes());
+            let current = self.client.index_get(&k).await.map_err(storage)?;
+            let version = current.map_or(0, |e| e.version);
+            let txn = IndexTxn { checks: vec![(k.clone(), version)], puts: vec![(k, Some(new_end.to_be_bytes().to_vec()))] };
+            self.commit(txn).await?;
+            cursor.1 = new_end;
+        }
+        cursor.0 = next + len;
+        Ok(next)
+    }
+
+    async fn reader(&self, volume: VolumeId) -> Result<Arc<Volume>> {
+        if let Some(log) = self.log.get() {
+            if log.volume.id() == volume {
+                return Ok(log.volume.clone());
+            }
+        }
+        if let Some(v) = self.lock_readers().get(&volume) {
+            return Ok(v.clone());
+        }
+        let vols = self.client.list_volumes().await.map_err(storage)?;
+        let info = vols
+            .into_iter()
+            .find(|v| v.id == volume)
+            .ok_or_else(|| Error::Internal(format!("data volume {volume} is gone")))?;
+        let vol = self.client.open_volume_with(info, VolumeOptions::reader()).await.map_err(storage)?;
+        Ok(self.lock_readers().entry(volume).or_insert(vol).clone())
+    }
+
+    fn lock_readers(&self) -> std::sync::MutexGuard<'_, HashMap<VolumeId, Arc<Volume>>> {
+        self.readers.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Writes the body into fresh extents; returns them, the length and the MD5.
+    async fn write_body(&self, mut body: ByteStream, opts: &PutOptions) -> Result<(Vec<Extent>, u64, [u8; 16])> {
+        let mut md5 = Md5::new();
+        let mut total = 0u64;
+        let mut extents: Vec<Extent> = Vec::new();
+        let mut buf = BytesMut::new();
+        let mut writes = FuturesUnordered::new();
+        let mut failed: Option<Error> = None;
+        let log = self.log().await?;
+        loop {
+            let next = match body.next().await {
+                Some(Ok(b)) => Some(b),
+                Some(Err(e)) => {
+                    failed = Some(Error::Body(e));
+                    None
+                }
+                None => None,
+            };
+            let done = next.is_none();
+            if let Some(b) = next {
+                total += b.len() as u64;
+                if opts.length.is_some_and(|want| total > want) {
+                    failed = Some(Error::IncompleteBody);
+                } else {
+                    md5.update(&b);
+                    buf.extend_from_slice(&b);
+                }
+            }
+            if failed.is_some() {
+                break;
+            }
+            while buf.len() as u64 >= PIECE || (done && !buf.is_empty()) {
+                let n = (buf.len() as u64).min(PIECE) as usize;
+                let piece = buf.split_to(n);
+                let len = piece.len() as u64;
+                let mut padded = piece;
+                padded.resize(align_up(len) as usize, 0);
+                let offset = match self.allocate(&log, align_up(len)).await {
+                    Ok(o) => o,
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                };
+                push_extent(&mut extents, Extent { volume: log.volume.id(), offset, len });
+                let vol = log.volume.clone();
+                let data = padded.freeze();
+                writes.push(async move { vol.write(offset, data).await });
+                while writes.len() >= WRITES_IN_FLIGHT {
+                    if let Some(Err(e)) = writes.next().await {
+                        failed = Some(storage(e));
+                    }
+                }
+                if failed.is_some() {
+                    break;
+                }
+            }
+            if done || failed.is_some() {
+                break;
+            }
+        }
+        while let Some(r) = writes.next().await {
+            if let Err(e) = r {
+                failed.get_or_insert(storage(e));
+            }
+        }
+        if failed.is_none() && opts.length.is_some_and(|want| total != want) {
+            failed = Some(Error::IncompleteBody);
+        }
+        let digest: [u8; 16] = md5.finalize().into();
+        if failed.is_none() && opts.content_md5.is_some_and(|want| want != digest) {
+            failed = Some(Error::BadDigest);
+        }
+        if let Some(e) = failed {
+            self.discard(&extents).await;
+            return Err(e);
+        }
+        Ok((extents, total, digest))
+    }
+
+    /// Queues extents that no object will reference for trimming.
+    async fn discard(&self, extents: &[Extent]) {
+        if extents.is_empty() {
+            return;
+        }
+        let puts = extents.iter().filter_map(|e| garbage_entry(e, 0).ok()).collect();
+        if let Err(e) = self.client.index_txn(IndexTxn { checks: vec![], puts }).await {
+            warn!(error = %e, extents = extents.len(), "could not queue unused data for trimming; it stays allocated");
+        }
+    }
+
+    /// Trims this gateway's garbage whose grace period is over; returns how many extents.
+    pub async fn collect_garbage(&self) -> Result<usize> {
+        let log = self.log().await?;
+        let prefix = key(P_GARBAGE, &log.volume.id().to_be_bytes());
+        let now = now_ms();
+        let mut trimmed = 0;
+        for (k, v) in self.list_all(&prefix).await? {
+            let g: Garbage = dec(&k, &v)?;
+            if g.after_ms > now {
+                continue;
+            }
+            let Some(offset) = k.get(prefix.len()..).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes) else {
+                warn!(key = %k.escape_ascii(), "malformed garbage key");
+                continue;
+            };
+            log.volume.trim(offset, align_up(g.len)).await.map_err(storage)?;
+            self.client.index_txn(IndexTxn { checks: vec![], puts: vec![(k, None)] }).await.map_err(storage)?;
+            trimmed += 1;
+        }
+        Ok(trimmed)
+    }
+
+    /// Runs [`collect_garbage`](Self::collect_garbage) every `every` until `shutdown`.
+    pub async fn garbage_loop(self: Arc<Self>, every: Duration, shutdown: tokio_util::sync::CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            match self.collect_garbage().await {
+                Ok(0) => {}
+                Ok(n) => debug!(extents = n, "trimmed S3 garbage"),
+                Err(e) => warn!(error = %e, "S3 garbage collection failed; will retry"),
+            }
+        }
+    }
+}
+
+fn new_access_key(account: &str) -> AccessKey {
+    const ALNUM: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let id: String = "BK".chars().chain((0..18).map(|_| ALNUM[rand::random_range(0..ALNUM.len())] as char)).collect();
+    const SECRET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let secret: String = (0..40).map(|_| SECRET[rand::random_range(0..SECRET.len())] as char).collect();
+    AccessKey { id, account: account.to_string(), secret, enabled: true, created_ms: now_ms() }
+}
+
+fn push_extent(extents: &mut Vec<Extent>, e: Extent) {
+    if let Some(last) = extents.last_mut() {
+        // Only a piece that filled its 4 KiB slots exactly can be continued by the next.
+        if last.volume == e.volume && last.len % ALIGN == 0 && last.offset + last.len == e.offset {
+            last.len += e.len;
+            return;
+        }
+    }
+    extents.push(e);
+}
+
+fn garbage_entry(e: &Extent, grace_ms: u64) -> Result<(Vec<u8>, Option<Vec<u8>>)> {
+    Ok((garbage_key(e), Some(enc(&Garbage { len: e.len, after_ms: now_ms() + grace_ms })?)))
+}
+
+/// The part of `extents` covering bytes `[start, end)` of the object, in order.
+fn slice_extents(extents: &[Extent], start: u64, end: u64) -> Vec<Extent> {
+    let mut out = Vec::new();
+    let mut pos = 0u64;
+    for e in extents {
+        let (lo, hi) = (pos, pos + e.len);
+        pos = hi;
+        if hi <= start || lo >= end {
+            continue;
+        }
+        let from = start.max(lo) - lo;
+        let to = end.min(hi) - lo;
+        out.push(Extent { volume: e.volume, offset: e.offset + from, len: to - from });
+    }
+    out
+}
+
+/// `ext` cut into reads of at most [`PIECE`] bytes.
+fn read_pieces(extents: Vec<Extent>) -> Vec<Extent> {
+    let mut out = Vec::new();
+    for e in extents {
+        let mut done = 0;
+        while done < e.len {
+            let n = (e.len - done).min(PIECE);
+            out.push(Extent { volume: e.volume, offset: e.offset + done, len: n });
+            done += n;
+        }
+    }
+    out
+}
+
+/// The first key after every key starting with `prefix` (keys are UTF-8: never 0xff).
+fn after_prefix(prefix: &[u8]) -> Vec<u8> {
+    let mut k = prefix.to_vec();
+    k.push(0xff);
+    k
+}
+
+#[async_trait]
+impl Backend for ObjectStore {
+    async fn access_key(&self, access_key: &str) -> Result<Option<(Account, String)>> {
+        if let Some((at, found)) = self.keys.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(access_key) {
+            if at.elapsed() < KEY_CACHE {
+                return Ok(found.clone());
+            }
+        }
+        let k = key(P_KEY, access_key.as_bytes());
+        let found = match self.client.index_get(&k).await.map_err(storage)? {
+            None => None,
+            Some(e) => {
+                let ak: AccessKey = dec(&k, &e.value)?;
+                let ak_account = key(P_ACCOUNT, ak.account.as_bytes());
+                match self.client.index_get(&ak_account).await.map_err(storage)? {
+                    Some(a) if ak.enabled => Some((dec::<Account>(&ak_account, &a.value)?, ak.secret)),
+                    _ => None,
+                }
+            }
+        };
+        let mut keys = self.keys.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if keys.len() > 10_000 {
+            keys.clear();
+        }
+        keys.insert(access_key.to_string(), (Instant::now(), found.clone()));
+        Ok(found)
+    }
+
+    async fn create_bucket(&self, owner: &Account, name: &str, region: &str) -> Result<Bucket> {
+        let k = key(P_BUCKET, name.as_bytes());
+        let bucket = Bucket { name: name.to_string(), owner: owner.id.clone(), created_ms: now_ms(), region: region.to_string() };
+        let record = BucketRecord { bucket: bucket.clone(), deleting: false };
+        let txn = IndexTxn { checks: vec![(k.clone(), 0)], puts: vec![(k, Some(enc(&record)?))] };
+        match self.client.index_txn(txn).await.map_err(storage)? {
+            IndexOutcome::Committed { .. } => Ok(bucket),
+            IndexOutcome::Conflict { .. } => {
+                let (existing, _) = self.bucket_record(name).await?;
+                if existing.bucket.owner == owner.id {
+                    Err(Error::BucketAlreadyOwnedByYou(name.to_string()))
+                } else {
+                    Err(Error::BucketAlreadyExists(name.to_string()))
+                }
+            }
+        }
+    }
+
+    async fn bucket(&self, name: &str) -> Result<Bucket> {
+        let (record, _) = self.bucket_record(name).await?;
+        Ok(record.bucket)
+    }
+
+    async fn delete_bucket(&self, name: &str) -> Result<()> {
+        let k = key(P_BUCKET, name.as_bytes());
+        let (mut record, version) = self.bucket_record(name).await?;
+        // Mark it first: a PUT committing from now on sees another bucket version and
+        // fails, so the emptiness seen below stays true until the delete.
+        record.deleting = true;
+        let marked = match self
+            .client
+            .index_txn(IndexTxn { checks: vec![(k.clone(), version)], puts: vec![(k.clone(), Some(enc(&record)?))] })
+            .await
+            .map_err(storage)?
+        {
+            IndexOutcome::Committed { version } => version,
+            IndexOutcome::Conflict { version: 0, .. } => return Err(Error::NoSuchBucket(name.to_string())),
+            IndexOutcome::Conflict { .. } => return Err(Error::Unavailable("the bucket changed meanwhile; retry".into())),
+        };
+        let prefix = object_key(name, "");
+        let (objects, _) = self.client.index_list(&prefix, &prefix, 1).await.map_err(storage)?;
+        if !objects.is_empty() {
+            record.deleting = false;
+            let undo = IndexTxn { checks: vec![(k.clone(), marked)], puts: vec![(k, Some(enc(&record)?))] };
+            if let Err(e) = self.commit(undo).await {
+                warn!(bucket = name, error = %e, "could not clear the deleting mark of a non-empty bucket");
+            }
+            return Err(Error::BucketNotEmpty(name.to_string()));
+        }
+        self.commit(IndexTxn { checks: vec![(k.clone(), marked)], puts: vec![(k, None)] }).await
+    }
+
+    async fn list_buckets(&self, owner: &Account) -> Result<Vec<Bucket>> {
+        let mut out = Vec::new();
+        for (k, v) in self.list_all(P_BUCKET).await? {
+            let r: BucketRecord = dec(&k, &v)?;
+            if r.bucket.owner == owner.id && !r.deleting {
+                out.push(r.bucket);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn put_object(&self, bucket: &str, name: &str, opts: PutOptions, body: ByteStream) -> Result<ObjectInfo> {
+        if name.len() > MAX_KEY {
+            return Err(Error::KeyTooLong);
+        }
+        if name.is_empty() {
+            return Err(Error::NoSuchKey);
+        }
+        let (record, _) = self.bucket_record(bucket).await?;
+        if record.deleting {
+            return Err(Error::NoSuchBucket(bucket.to_string()));
+        }
+        let (extents, size, md5) = self.write_body(body, &opts).await?;
+        let info = ObjectInfo {
+            key: name.to_string(),
+            size,
+            etag: md5.iter().map(|b| format!("{b:02x}")).collect(),
+            last_modified_ms: now_ms(),
+            content_type: opts.content_type,
+            user_meta: opts.user_meta,
+            headers: opts.headers,
+            checksums: opts.checksums,
+        };
+        let write_id = rand::random::<u64>();
+        let object = ObjectRecord { info: info.clone(), extents: extents.clone(), write_id };
+        let value = enc(&object)?;
+        let ok = object_key(bucket, name);
+        let bk = key(P_BUCKET, bucket.as_bytes());
+        for _ in 0..16 {
+            let (brecord, bversion) = self.bucket_record(bucket).await?;
+            if brecord.deleting {
+                break;
+            }
+            let old = self.object_record(bucket, name).await?;
+            if let Some((o, _)) = &old {
+                if o.write_id == write_id {
+                    return Ok(info); // our own commit, retried by the transport
+                }
+            }
+            let mut txn = IndexTxn {
+                checks: vec![(bk.clone(), bversion), (ok.clone(), old.as_ref().map_or(0, |(_, v)| *v))],
+                puts: vec![(ok.clone(), Some(value.clone()))],
+            };
+            if let Some((o, _)) = &old {
+                for e in &o.extents {
+                    txn.puts.push(garbage_entry(e, self.cfg.garbage_grace.as_millis() as u64)?);
+                }
+            }
+            match self.client.index_txn(txn).await.map_err(storage)? {
+                IndexOutcome::Committed { .. } => return Ok(info),
+                IndexOutcome::Conflict { .. } => continue,
+            }
+        }
+        self.discard(&extents).await;
+        Err(Error::NoSuchBucket(bucket.to_string()))
+    }
+
+    async fn head_object(&self, bucket: &str, name: &str) -> Result<ObjectInfo> {
+        match self.object_record(bucket, name).await? {
+            Some((o, _)) => Ok(o.info),
+            None => {
+                self.bucket_record(bucket).await?;
+                Err(Error::NoSuchKey)
+            }
+        }
+    }
+
+    async fn get_object(&self, bucket: &str, name: &str, range: Option<(u64, u64)>) -> Result<(ObjectInfo, ByteStream)> {
+        let Some((object, _)) = self.object_record(bucket, name).await? else {
+            self.bucket_record(bucket).await?;
+            return Err(Error::NoSuchKey);
+        };
+        let (start, end) = range.unwrap_or((0, object.info.size));
+        if start > end || end > object.info.size {
+            return Err(Error::InvalidRange);
+        }
+        let pieces = read_pieces(slice_extents(&object.extents, start, end));
+        let mut volumes = HashMap::new();
+        for p in &pieces {
+            if let std::collections::hash_map::Entry::Vacant(v) = volumes.entry(p.volume) {
+                v.insert(self.reader(p.volume).await?);
+            }
+        }
+        let stream = futures::stream::iter(pieces)
+            .map(move |p| {
+                let vol = volumes.get(&p.volume).cloned();
+                async move {
+                    let vol = vol.ok_or_else(|| std::io::Error::other("data volume not open"))?;
+                    vol.read(p.offset, p.len).await.map_err(|e| std::io::Error::other(e.to_string()))
+                }
+            })
+            .buffered(READ_AHEAD);
+        Ok((object.info, Box::pin(stream)))
+    }
+
+    async fn delete_object(&self, bucket: &str, name: &str) -> Result<()> {
+        let ok = object_key(bucket, name);
+        for _ in 0..16 {
+            let Some((old, version)) = self.object_record(bucket, name).await? else {
+                self.bucket_record(bucket).await?;
+                return Ok(());
+            };
+            let mut txn = IndexTxn { checks: vec![(ok.clone(), version)], puts: vec![(ok.clone(), None)] };
+            for e in &old.extents {
+                txn.puts.push(garbage_entry(e, self.cfg.garbage_grace.as_millis() as u64)?);
+            }
+            match self.client.index_txn(txn).await.map_err(storage)? {
+                IndexOutcome::Committed { .. } => return Ok(()),
+                IndexOutcome::Conflict { .. } => continue,
+            }
+        }
+        Err(Error::Unavailable("the object kept changing; retry".into()))
+    }
+
+    async fn list_objects(&self, bucket: &str, q: &ListQuery) -> Result<ListPage> {
+        self.bucket_record(bucket).await?;
+        let base = object_key(bucket, "");
+        let prefix = key(&base, q.prefix.as_bytes());
+        let mut start = match &q.start_after {
+            Some(after) if after.as_bytes() >= q.prefix.as_bytes() => {
+                let mut s = key(&base, after.as_bytes());
+                s.push(0);
+                s
+            }
+            _ => prefix.clone(),
+        };
+        // A start-after inside a common prefix: that prefix was returned already.
+        if let (Some(d), Some(after)) = (&q.delimiter, &q.start_after) {
+            if let Some(rest) = after.strip_prefix(q.prefix.as_str()) {
+                if let Some(pos) = rest.find(d.as_str()).filter(|_| !d.is_empty()) {
+                    let cp = &after[..q.prefix.len() + pos + d.len()];
+                    start = after_prefix(&key(&base, cp.as_bytes()));
+                }
+            }
+        }
+        let mut page = ListPage::default();
+        if q.max_keys == 0 {
+            return Ok(page);
+        }
+        let mut count = 0usize;
+        'outer: loop {
+            let want = (q.max_keys - count + 1).min(LIST_PAGE as usize) as u32;
+            let (entries, more) = self.client.index_list(&prefix, &start, want).await.map_err(storage)?;
+            if entries.is_empty() {
+                break;
+            }
+            for e in &entries {
+                let name = std::str::from_utf8(&e.key[base.len()..])
+                    .map_err(|_| Error::Internal(format!("object key {} is not UTF-8", e.key.escape_ascii())))?;
+                if count == q.max_keys {
+                    page.truncated = true;
+                    break 'outer;
+                }
+                let rest = &name[q.prefix.len()..];
+                if let Some(d) = q.delimiter.as_deref().filter(|d| !d.is_empty()) {
+                    if let Some(pos) = rest.find(d) {
+                        let cp = name[..q.prefix.len() + pos + d.len()].to_string();
+                        start = after_prefix(&key(&base, cp.as_bytes()));
+                        page.next_after = Some(cp.clone());
+                        page.common_prefixes.push(cp);
+                        count += 1;
+                        continue 'outer;
+                    }
+                }
+                let object: ObjectRecord = dec(&e.key, &e.value)?;
+                page.next_after = Some(name.to_string());
+                page.objects.push(object.info);
+                count += 1;
+                start = e.key.clone();
+                start.push(0);
+            }
+            if !more {
+                break;
+            }
+        }
+        if !page.truncated {
+            page.next_after = None;
+        }
+        Ok(page)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extents_slice_by_object_range() {
+        let ext = vec![
+            Extent { volume: 1, offset: 0, len: 10 },
+            Extent { volume: 1, offset: 4096, len: 5 },
+            Extent { volume: 2, offset: 8192, len: 7 },
+        ];
+        assert_eq!(slice_extents(&ext, 0, 22), ext);
+        assert_eq!(
+            slice_extents(&ext, 8, 13),
+            vec![Extent { volume: 1, offset: 8, len: 2 }, Extent { volume: 1, offset: 4096, len: 3 }]
+        );
+        assert_eq!(slice_extents(&ext, 15, 16), vec![Extent { volume: 2, offset: 8192, len: 1 }]);
+        assert_eq!(slice_extents(&ext, 22, 22), vec![]);
+    }
+
+    #[test]
+    fn pieces_are_bounded_and_extents_merge_only_when_contiguous_and_full() {
+        let big = Extent { volume: 3, offset: 0, len: 2 * PIECE + 5 };
+        let p = read_pieces(vec![big]);
+        assert_eq!(p.len(), 3);
+        assert_eq!(p[2], Extent { volume: 3, offset: 2 * PIECE, len: 5 });
+        let mut ext = vec![];
+        push_extent(&mut ext, Extent { volume: 1, offset: 0, len: PIECE });
+        push_extent(&mut ext, Extent { volume: 1, offset: PIECE, len: 100 });
+        push_extent(&mut ext, Extent { volume: 1, offset: PIECE + 4096, len: 100 });
+        assert_eq!(ext, vec![Extent { volume: 1, offset: 0, len: PIECE + 100 }, Extent { volume: 1, offset: PIECE + 4096, len: 100 }]);
+    }
+
+    #[test]
+    fn keys_order_like_s3() {
+        assert!(object_key("b", "a/b") < object_key("b", "a0"));
+        assert!(after_prefix(&object_key("b", "a/")) > object_key("b", "a/\u{10ffff}"));
+        assert!(after_prefix(&object_key("b", "a/")) < object_key("b", "a0"));
+        // One bucket's keys never run into another's.
+        assert!(!object_key("ab", "x").starts_with(&object_key("a", "")));
+    }
+
+    #[test]
+    fn access_keys_look_like_aws_ones() {
+        let k = new_access_key("acct");
+        assert_eq!(k.id.len(), 20);
+        assert_eq!(k.secret.len(), 40);
+        assert!(k.id.bytes().all(|b| b.is_ascii_alphanumeric()));
+    }
+}

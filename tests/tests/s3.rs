@@ -1,0 +1,149 @@
+//! The S3 object store on a real cluster: accounts, buckets, objects in data volumes,
+//! listings, garbage, and two gateways sharing one cluster.
+
+use anyhow::{bail, Context, Result};
+use basalt_s3gw::backend::{Backend, ByteStream, Error, ListQuery, PutOptions};
+use basalt_s3gw::store::{ObjectStore, StoreConfig};
+use basalt_tests::*;
+use bytes::Bytes;
+use futures::StreamExt;
+use md5::{Digest, Md5};
+use std::time::Duration;
+
+fn body(data: &[u8], piece: usize) -> ByteStream {
+    let pieces: Vec<std::io::Result<Bytes>> = data.chunks(piece.max(1)).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
+    Box::pin(futures::stream::iter(pieces))
+}
+
+async fn read_all(mut s: ByteStream) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    while let Some(piece) = s.next().await {
+        out.extend_from_slice(&piece?);
+    }
+    Ok(out)
+}
+
+fn random(len: usize, seed: u64) -> Vec<u8> {
+    use rand::{RngCore, SeedableRng};
+    let mut v = vec![0u8; len];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
+    v
+}
+
+async fn listing(store: &ObjectStore, bucket: &str, prefix: &str, delimiter: Option<&str>, page: usize) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut after = None;
+    for _ in 0..1000 {
+        let q = ListQuery { prefix: prefix.into(), delimiter: delimiter.map(Into::into), start_after: after.clone(), max_keys: page };
+        let p = store.list_objects(bucket, &q).await?;
+        if p.objects.len() + p.common_prefixes.len() > page {
+            bail!("a page of {page} returned {} entries", p.objects.len() + p.common_prefixes.len());
+        }
+        let mut names: Vec<String> = p.objects.iter().map(|o| o.key.clone()).chain(p.common_prefixes.iter().cloned()).collect();
+        names.sort();
+        out.extend(names);
+        if !p.truncated {
+            return Ok(out);
+        }
+        after = Some(p.next_after.context("a truncated page names where to go on")?);
+    }
+    bail!("the listing never ended")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_live_in_data_volumes_and_list_like_s3() -> Result<()> {
+    init_tracing();
+    let c = TestCluster::start(3, Duration::from_secs(60)).await?;
+    let mut cfg = StoreConfig::new(1, "node1");
+    cfg.garbage_grace = Duration::ZERO;
+    let store = ObjectStore::new(c.client()?, cfg);
+
+    // Accounts and keys.
+    let (alice, key) = store.create_account("alice").await?;
+    let (found, secret) = store.access_key(&key.id).await?.context("alice's key")?;
+    assert_eq!((found, secret), (alice.clone(), key.secret.clone()));
+    assert!(store.access_key("BKNOSUCHKEY").await?.is_none());
+    let (bob, _) = store.create_account("bob").await?;
+    assert!(store.create_account("alice").await.is_err(), "account names are unique");
+
+    // Buckets.
+    store.create_bucket(&alice, "photos", "basalt").await?;
+    assert!(matches!(store.create_bucket(&alice, "photos", "basalt").await, Err(Error::BucketAlreadyOwnedByYou(_))));
+    assert!(matches!(store.create_bucket(&bob, "photos", "basalt").await, Err(Error::BucketAlreadyExists(_))));
+    assert_eq!(store.list_buckets(&alice).await?.len(), 1);
+    assert!(store.list_buckets(&bob).await?.is_empty());
+    assert!(matches!(store.head_object("nope", "k").await, Err(Error::NoSuchBucket(_))));
+
+    // A small object, its MD5 ETag and a refused wrong Content-MD5.
+    let small = b"hello basalt".to_vec();
+    let md5: [u8; 16] = Md5::digest(&small).into();
+    let opts = PutOptions { content_md5: Some(md5), content_type: Some("text/plain".into()), ..Default::default() };
+    let info = store.put_object("photos", "greeting", opts, body(&small, 5)).await?;
+    assert_eq!(info.etag, md5.iter().map(|b| format!("{b:02x}")).collect::<String>());
+    let bad = PutOptions { content_md5: Some([0; 16]), ..Default::default() };
+    assert!(matches!(store.put_object("photos", "bad", bad, body(&small, 5)).await, Err(Error::BadDigest)));
+    assert!(matches!(store.head_object("photos", "bad").await, Err(Error::NoSuchKey)));
+    let short = PutOptions { length: Some(100), ..Default::default() };
+    assert!(matches!(store.put_object("photos", "short", short, body(&small, 5)).await, Err(Error::IncompleteBody)));
+    let (head, data) = store.get_object("photos", "greeting", None).await?;
+    assert_eq!((read_all(data).await?, head.content_type.as_deref()), (small.clone(), Some("text/plain")));
+
+    // A large object over several pieces, whole and ranged, through another gateway too.
+    let big = random(10 * (1 << 20) + 123, 7);
+    store.put_object("photos", "big", PutOptions::default(), body(&big, 300_000)).await?;
+    let (_, data) = store.get_object("photos", "big", None).await?;
+    assert!(read_all(data).await? == big, "the large object reads back");
+    let (lo, hi) = ((4 << 20) - 10, (4 << 20) + 10);
+    let (_, data) = store.get_object("photos", "big", Some((lo as u64, hi as u64))).await?;
+    assert!(read_all(data).await? == big[lo..hi], "a range across two pieces");
+    let other = ObjectStore::new(c.client()?, StoreConfig::new(2, "node2"));
+    let (_, data) = other.get_object("photos", "big", Some((0, 5))).await?;
+    assert_eq!(read_all(data).await?, big[..5].to_vec(), "any gateway reads any data volume");
+    other.put_object("photos", "from-node2", PutOptions::default(), body(b"two", 3)).await?;
+    let (_, data) = store.get_object("photos", "from-node2", None).await?;
+    assert_eq!(read_all(data).await?, b"two".to_vec());
+
+    // Listings: prefixes, delimiters, pagination, start-after, unicode.
+    for name in ["a/1", "a/2", "a/x/3", "b/1", "c", "é/1", "zz"] {
+        store.put_object("photos", name, PutOptions::default(), body(name.as_bytes(), 4)).await?;
+    }
+    let all = ["a/1", "a/2", "a/x/3", "b/1", "big", "c", "from-node2", "greeting", "zz", "é/1"];
+    for page in [1, 2, 3, 1000] {
+        assert_eq!(listing(&store, "photos", "", None, page).await?, all, "flat listing, pages of {page}");
+        assert_eq!(
+            listing(&store, "photos", "", Some("/"), page).await?,
+            ["a/", "b/", "big", "c", "from-node2", "greeting", "zz", "é/"],
+            "delimited listing, pages of {page}"
+        );
+        assert_eq!(listing(&store, "photos", "a/", Some("/"), page).await?, ["a/1", "a/2", "a/x/"]);
+    }
+    let q = ListQuery { prefix: String::new(), delimiter: Some("/".into()), start_after: Some("a/2".into()), max_keys: 2 };
+    let p = store.list_objects("photos", &q).await?;
+    assert_eq!((p.common_prefixes.clone(), p.truncated), (vec!["b/".to_string()], true), "{p:?}");
+    assert_eq!(p.objects.iter().map(|o| o.key.as_str()).collect::<Vec<_>>(), ["big"]);
+
+    // Overwrites and deletes queue the old data; the collector trims it.
+    store.put_object("photos", "c", PutOptions::default(), body(b"new c", 2)).await?;
+    let (_, data) = store.get_object("photos", "c", None).await?;
+    assert_eq!(read_all(data).await?, b"new c".to_vec());
+    store.delete_object("photos", "greeting").await?;
+    store.delete_object("photos", "greeting").await?;
+    assert!(matches!(store.head_object("photos", "greeting").await, Err(Error::NoSuchKey)));
+    let trimmed = store.collect_garbage().await?;
+    assert!(trimmed >= 2, "trimmed {trimmed} extents");
+    assert_eq!(store.collect_garbage().await?, 0, "garbage is trimmed once");
+
+    // A bucket is deleted only when empty.
+    assert!(matches!(store.delete_bucket("photos").await, Err(Error::BucketNotEmpty(_))));
+    store.put_object("photos", "after-refused-delete", PutOptions::default(), body(b"x", 1)).await?;
+    for name in listing(&store, "photos", "", None, 1000).await? {
+        store.delete_object("photos", &name).await?;
+    }
+    store.delete_bucket("photos").await?;
+    assert!(matches!(store.bucket("photos").await, Err(Error::NoSuchBucket(_))));
+    assert!(matches!(
+        store.put_object("photos", "k", PutOptions::default(), body(b"x", 1)).await,
+        Err(Error::NoSuchBucket(_))
+    ));
+    c.passed()
+}
