@@ -19,6 +19,9 @@ use std::time::{Duration, Instant};
 
 pub const CLUSTER_FILE: &str = "cluster.json";
 pub const ADMIN: &str = "admin";
+/// The region local clusters' S3 gateways sign for (the AWS default, so clients need no
+/// region setting).
+pub const S3_REGION: &str = "us-east-1";
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ClusterFile {
@@ -27,6 +30,19 @@ pub struct ClusterFile {
     /// Identity (in `certs_dir`) that the CLI and tests use to talk to the cluster.
     pub admin_identity: String,
     pub nodes: Vec<NodeEntry>,
+    /// The S3 account `basalt dev up` creates for the admin, with its first key.
+    #[serde(default)]
+    pub s3_admin: Option<S3Credentials>,
+}
+
+/// An S3 access key, as `cluster.json` gives it to clients and tests.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct S3Credentials {
+    pub account: String,
+    pub access_key: String,
+    pub secret_key: String,
+    /// The region the gateways sign for.
+    pub region: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -49,6 +65,9 @@ pub struct NodeEntry {
     /// iSCSI target portal of the node (every node serves every target: multipath).
     #[serde(default)]
     pub iscsi_addr: Option<SocketAddr>,
+    /// S3 gateway endpoint of the node (`http://` + this); every node serves every bucket.
+    #[serde(default)]
+    pub s3_addr: Option<SocketAddr>,
 }
 
 #[derive(Clone, Debug)]
@@ -255,6 +274,7 @@ pub async fn up(opts: &UpOptions) -> Result<ClusterFile> {
         let rpc_addr = ports.udp()?;
         let nbd_addr = ports.tcp()?;
         let iscsi_addr = ports.tcp()?;
+        let s3_addr = ports.tcp()?;
         nodes.push(NodeEntry {
             id: i as u64,
             name: name.clone(),
@@ -269,6 +289,7 @@ pub async fn up(opts: &UpOptions) -> Result<ClusterFile> {
             nbd_uri: format!("nbd://{nbd_addr}"),
             voter: i <= voters,
             iscsi_addr: Some(iscsi_addr),
+            s3_addr: Some(s3_addr),
         });
     }
     let initial_voters: BTreeMap<u64, SocketAddr> =
@@ -282,6 +303,8 @@ pub async fn up(opts: &UpOptions) -> Result<ClusterFile> {
             "nbd_listen": n.nbd_addr,
             "nbd_socket": n.nbd_socket,
             "iscsi_listen": n.iscsi_addr,
+            "s3_listen": n.s3_addr,
+            "s3_region": S3_REGION,
             "data_dirs": n.data_dirs,
             "meta_dir": n.meta_dir,
             "initial_voters": initial_voters,
@@ -297,13 +320,22 @@ pub async fn up(opts: &UpOptions) -> Result<ClusterFile> {
         }
         std::fs::write(&n.config, serde_json::to_vec_pretty(&config)?)?;
     }
-    let mut cluster = ClusterFile { dir: dir.clone(), certs_dir, admin_identity: ADMIN.into(), nodes };
+    let mut cluster = ClusterFile { dir: dir.clone(), certs_dir, admin_identity: ADMIN.into(), nodes, s3_admin: None };
     let names: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
     for name in &names {
         start_node(&mut cluster, name, opts)?;
     }
     cluster.save()?;
     wait_healthy(&cluster, opts.wait).await?;
+    let store = crate::s3::admin_store(cluster.client()?);
+    let (account, key) = store.create_account(ADMIN).await.map_err(|e| anyhow!("creating the S3 admin account: {e}"))?;
+    cluster.s3_admin = Some(S3Credentials {
+        account: account.id,
+        access_key: key.id,
+        secret_key: key.secret,
+        region: S3_REGION.into(),
+    });
+    cluster.save()?;
     Ok(cluster)
 }
 

@@ -4,4 +4,5 @@
 pub mod bench;
 pub mod dev;
 pub mod iscsi;
+pub mod s3;
 pub mod sizes;

@@ -46,6 +46,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: basalt_cli::iscsi::IscsiCmd,
     },
+    /// S3 accounts and access keys (every node runs a gateway).
+    S3 {
+        #[command(subcommand)]
+        cmd: basalt_cli::s3::S3Cmd,
+    },
     /// Benchmarks against a local cluster.
     Bench {
         #[command(subcommand)]
@@ -200,6 +205,10 @@ async fn run(cli: Cli) -> Result<()> {
             let client = ClusterFile::load(&cli.dir)?.client()?;
             basalt_cli::iscsi::run(&client, cmd).await
         }
+        Cmd::S3 { cmd } => {
+            let client = ClusterFile::load(&cli.dir)?.client()?;
+            basalt_cli::s3::run(client, cmd).await
+        }
     }
 }
 
@@ -248,12 +257,13 @@ async fn dev_cmd(dir: &std::path::Path, cmd: DevCmd) -> Result<()> {
             println!("Basalt dev cluster up in {} ({} nodes)", cluster.dir.display(), cluster.nodes.len());
             for n in &cluster.nodes {
                 println!(
-                    "  {:<7} pid {:<7} rpc {:<21} nbd {}/<volume>  iscsi {}{}",
+                    "  {:<7} pid {:<7} rpc {:<21} nbd {}/<volume>  iscsi {}  s3 {}{}",
                     n.name,
                     n.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
                     n.rpc_addr,
                     n.nbd_uri,
                     n.iscsi_addr.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+                    n.s3_addr.map(|a| format!("http://{a}")).unwrap_or_else(|| "-".into()),
                     if n.voter { "  [metadata voter]" } else { "" }
                 );
             }
@@ -263,6 +273,12 @@ async fn dev_cmd(dir: &std::path::Path, cmd: DevCmd) -> Result<()> {
             println!("     basalt --dir {} iscsi lun-add iqn.2026-11.io.basalt:vol1 --lun 0 --volume vol1", cluster.dir.display());
             if let Some(a) = cluster.nodes[0].iscsi_addr {
                 println!("     iscsi-ls -s iscsi://{a}");
+            }
+            if let (Some(a), Some(k)) = (cluster.nodes[0].s3_addr, &cluster.s3_admin) {
+                println!(
+                    "     AWS_ACCESS_KEY_ID={} AWS_SECRET_ACCESS_KEY={} aws --endpoint-url http://{a} s3 mb s3://bucket1",
+                    k.access_key, k.secret_key
+                );
             }
             Ok(())
         }

@@ -31,6 +31,16 @@ pub struct ConfigFile {
     /// published to the cluster, so use an address initiators can reach.
     #[serde(default)]
     pub iscsi_listen: Option<SocketAddr>,
+    /// TCP address of the S3 gateway (optional; plain HTTP).
+    #[serde(default)]
+    pub s3_listen: Option<SocketAddr>,
+    /// The region S3 clients sign requests for.
+    #[serde(default = "default_s3_region")]
+    pub s3_region: String,
+    /// Host names under which buckets are addressed virtual-hosted style
+    /// (`bucket.<domain>`); path-style requests work on any host name.
+    #[serde(default)]
+    pub s3_domains: Vec<String>,
     /// Data directories, one per disk: chunk replicas live here.
     pub data_dirs: Vec<PathBuf>,
     /// RocksDB directory of the metadata replica.
@@ -70,6 +80,10 @@ pub struct ConfigFile {
     /// as does a kernel that refuses io_uring (logged at start).
     #[serde(default = "default_true")]
     pub io_uring: bool,
+}
+
+fn default_s3_region() -> String {
+    "us-east-1".into()
 }
 
 fn default_true() -> bool {
@@ -154,6 +168,9 @@ impl Config {
                 journal.end(),
                 file.journal_bytes
             ));
+        }
+        if file.s3_region.is_empty() || !file.s3_region.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return bad(format!("s3_region {:?} must be non-empty [A-Za-z0-9-]", file.s3_region));
         }
         let rpc_advertise = file.rpc_advertise.unwrap_or(file.rpc_listen);
         if rpc_advertise.ip().is_unspecified() {

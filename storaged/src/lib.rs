@@ -54,6 +54,7 @@ pub struct Listeners {
     pub nbd: tokio::net::TcpListener,
     pub nbd_unix: Option<tokio::net::UnixListener>,
     pub iscsi: Option<tokio::net::TcpListener>,
+    pub s3: Option<tokio::net::TcpListener>,
 }
 
 impl Listeners {
@@ -76,7 +77,11 @@ impl Listeners {
             Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| in_use(e, "iSCSI (TCP)", &addr))?),
             None => None,
         };
-        Ok(Listeners { rpc, nbd, nbd_unix, iscsi })
+        let s3 = match config.file.s3_listen {
+            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| in_use(e, "S3 (TCP)", &addr))?),
+            None => None,
+        };
+        Ok(Listeners { rpc, nbd, nbd_unix, iscsi, s3 })
     }
 }
 
