@@ -41,6 +41,16 @@ pub enum Error {
     IncompleteBody,
     #[error("the requested range is not satisfiable")]
     InvalidRange,
+    #[error("the upload does not exist (aborted or completed)")]
+    NoSuchUpload,
+    #[error("part {0} was not uploaded, or its ETag does not match")]
+    InvalidPart(u32),
+    #[error("the parts are not in ascending order")]
+    InvalidPartOrder,
+    #[error("part {0} is smaller than 5 MiB and is not the last part")]
+    EntityTooSmall(u32),
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
     #[error("the bucket's quota would be exceeded")]
     QuotaExceeded,
     #[error("access denied")]
@@ -154,3 +164,36 @@ pub trait Backend: Send + Sync + 'static {
     async fn delete_object(&self, bucket: &str, key: &str) -> Result<()>;
     async fn list_objects(&self, bucket: &str, query: &ListQuery) -> Result<ListPage>;
 }
+
+/// A multipart upload in progress.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Upload {
+    pub id: String,
+    pub key: String,
+    /// Milliseconds since the Unix epoch.
+    pub initiated_ms: u64,
+    /// Owning account id (who created it).
+    pub initiator: String,
+}
+
+/// An uploaded part.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PartInfo {
+    pub number: u32,
+    /// Hex MD5 of the part's data, without quotes.
+    pub etag: String,
+    pub size: u64,
+    pub last_modified_ms: u64,
+}
+
+/// One entry of a CompleteMultipartUpload request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompletedPart {
+    pub number: u32,
+    /// As the client sent it; quotes are ignored.
+    pub etag: String,
+}
+
+/// Multipart limits S3 clients rely on.
+pub const MIN_PART_SIZE: u64 = 5 << 20;
+pub const MAX_PART_NUMBER: u32 = 10_000;

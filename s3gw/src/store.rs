@@ -11,6 +11,8 @@
 //!   | `s3/O/` bucket `/` object key    | [`ObjectRecord`]: description + extents   |
 //!   | `s3/V/` data volume name         | `u64` BE: bytes of it handed out so far   |
 //!   | `s3/G/` volume id, offset (BE)   | [`Garbage`]: an extent to trim            |
+//!   | `s3/M/` bucket `/` key `\0` upload id | [`UploadRecord`]: a multipart upload  |
+//!   | `s3/P/` upload id `/` part (u32 BE) | [`PartRecord`]                          |
 //!
 //!   Bucket names never hold `/`, so `s3/O/<bucket>/` is exactly one bucket's objects, in
 //!   the byte order of their keys (S3's listing order).
@@ -34,7 +36,8 @@
 //! dies in the middle, that data stays unreferenced in the volume (not yet swept).
 
 use crate::backend::{
-    Account, Backend, Bucket, ByteStream, Error, ListPage, ListQuery, ObjectInfo, PutOptions, Result,
+    Account, Backend, Bucket, ByteStream, CompletedPart, Error, ListPage, ListQuery, ObjectInfo, PartInfo, PutOptions,
+    Result, Upload, MAX_PART_NUMBER, MIN_PART_SIZE,
 };
 use async_trait::async_trait;
 use basalt_storaged_client::{StorageClient, Volume, VolumeOptions};
@@ -76,6 +79,8 @@ const P_BUCKET: &[u8] = b"s3/B/";
 const P_OBJECT: &[u8] = b"s3/O/";
 const P_VOLUME: &[u8] = b"s3/V/";
 const P_GARBAGE: &[u8] = b"s3/G/";
+const P_UPLOAD: &[u8] = b"s3/M/";
+const P_PART: &[u8] = b"s3/P/";
 
 /// An access key of an account.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -110,6 +115,21 @@ pub struct ObjectRecord {
     pub write_id: u64,
 }
 
+/// A multipart upload: what the object will be stored with.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct UploadRecord {
+    pub upload: Upload,
+    pub content_type: Option<String>,
+    pub user_meta: std::collections::BTreeMap<String, String>,
+    pub headers: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PartRecord {
+    pub info: PartInfo,
+    pub extents: Vec<Extent>,
+}
+
 /// An extent to trim once `after_ms` has passed.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Garbage {
@@ -133,6 +153,29 @@ fn object_key(bucket: &str, name: &str) -> Vec<u8> {
     k.push(b'/');
     k.extend_from_slice(name.as_bytes());
     k
+}
+
+fn upload_key(bucket: &str, name: &str, id: &str) -> Vec<u8> {
+    let mut k = key(P_UPLOAD, bucket.as_bytes());
+    k.push(b'/');
+    k.extend_from_slice(name.as_bytes());
+    k.push(0);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+fn part_prefix(upload: &str) -> Vec<u8> {
+    let mut k = key(P_PART, upload.as_bytes());
+    k.push(b'/');
+    k
+}
+
+fn part_key(upload: &str, number: u32) -> Vec<u8> {
+    key(&part_prefix(upload), &number.to_be_bytes())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn garbage_key(e: &Extent) -> Vec<u8> {
@@ -265,6 +308,249 @@ impl ObjectStore {
         match self.client.index_get(&k).await.map_err(storage)? {
             None => Err(Error::Internal(format!("no access key {id:?}"))),
             Some(e) => self.commit(IndexTxn { checks: vec![(k.clone(), e.version)], puts: vec![(k, None)] }).await,
+        }
+    }
+
+    // ---- multipart uploads ----
+
+    /// Starts a multipart upload of `name`; the object appears only on completion.
+    pub async fn create_upload(&self, owner: &Account, bucket: &str, name: &str, opts: PutOptions) -> Result<Upload> {
+        if name.len() > MAX_KEY {
+            return Err(Error::KeyTooLong);
+        }
+        let (record, _) = self.bucket_record(bucket).await?;
+        if record.deleting {
+            return Err(Error::NoSuchBucket(bucket.to_string()));
+        }
+        // Time first, so one key's uploads list in the order they were started.
+        let id = format!("{:016x}{}", now_ms(), random_hex(12));
+        let upload = Upload { id: id.clone(), key: name.to_string(), initiated_ms: now_ms(), initiator: owner.id.clone() };
+        let rec = UploadRecord {
+            upload: upload.clone(),
+            content_type: opts.content_type,
+            user_meta: opts.user_meta,
+            headers: opts.headers,
+        };
+        let k = upload_key(bucket, name, &id);
+        self.commit(IndexTxn { checks: vec![(k.clone(), 0)], puts: vec![(k, Some(enc(&rec)?))] }).await?;
+        Ok(upload)
+    }
+
+    async fn upload_record(&self, bucket: &str, name: &str, id: &str) -> Result<(UploadRecord, u64)> {
+        if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Error::NoSuchUpload);
+        }
+        let k = upload_key(bucket, name, id);
+        match self.client.index_get(&k).await.map_err(storage)? {
+            Some(e) => Ok((dec(&k, &e.value)?, e.version)),
+            None => {
+                self.bucket_record(bucket).await?;
+                Err(Error::NoSuchUpload)
+            }
+        }
+    }
+
+    /// Stores one part (replacing an earlier upload of the same number).
+    pub async fn upload_part(
+        &self,
+        bucket: &str,
+        name: &str,
+        id: &str,
+        number: u32,
+        opts: PutOptions,
+        body: ByteStream,
+    ) -> Result<PartInfo> {
+        if !(1..=MAX_PART_NUMBER).contains(&number) {
+            return Err(Error::InvalidArgument(format!("part numbers are 1 to {MAX_PART_NUMBER}, not {number}")));
+        }
+        self.upload_record(bucket, name, id).await?;
+        let (extents, size, md5) = self.write_body(body, &opts).await?;
+        let info = PartInfo { number, etag: hex(&md5), size, last_modified_ms: now_ms() };
+        let record = PartRecord { info: info.clone(), extents: extents.clone() };
+        let pk = part_key(id, number);
+        let value = enc(&record)?;
+        for _ in 0..16 {
+            // The upload must still exist when the part is recorded: a part recorded after
+            // a completion or an abort would never be cleaned up.
+            let (_, uversion) = self.upload_record(bucket, name, id).await?;
+            let old = self.client.index_get(&pk).await.map_err(storage)?;
+            let mut txn = IndexTxn {
+                checks: vec![(upload_key(bucket, name, id), uversion), (pk.clone(), old.as_ref().map_or(0, |e| e.version))],
+                puts: vec![(pk.clone(), Some(value.clone()))],
+            };
+            if let Some(old) = &old {
+                let old: PartRecord = dec(&pk, &old.value)?;
+                for e in &old.extents {
+                    txn.puts.push(garbage_entry(e, self.cfg.garbage_grace.as_millis() as u64)?);
+                }
+            }
+            match self.client.index_txn(txn).await.map_err(storage)? {
+                IndexOutcome::Committed { .. } => return Ok(info),
+                IndexOutcome::Conflict { .. } => continue,
+            }
+        }
+        self.discard(&extents).await;
+        Err(Error::Unavailable("the part kept changing; retry".into()))
+    }
+
+    /// Every part of an upload, by number.
+    async fn parts(&self, id: &str) -> Result<Vec<(PartRecord, Vec<u8>)>> {
+        self.list_all(&part_prefix(id)).await?.into_iter().map(|(k, v)| Ok((dec::<PartRecord>(&k, &v)?, k))).collect()
+    }
+
+    /// Parts after `after`, at most `max`; and whether more follow.
+    pub async fn list_parts(&self, bucket: &str, name: &str, id: &str, after: u32, max: usize) -> Result<(Upload, Vec<PartInfo>, bool)> {
+        let (upload, _) = self.upload_record(bucket, name, id).await?;
+        let prefix = part_prefix(id);
+        let start = part_key(id, after.saturating_add(1));
+        let (entries, more) = self.client.index_list(&prefix, &start, (max.clamp(1, 1000)) as u32).await.map_err(storage)?;
+        let parts = entries.iter().map(|e| dec::<PartRecord>(&e.key, &e.value).map(|p| p.info)).collect::<Result<_>>()?;
+        Ok((upload.upload, parts, more))
+    }
+
+    /// Uploads in progress in `bucket` whose key starts with `prefix`, by key then age,
+    /// after the (key, upload id) marker; at most `max`, and whether more follow.
+    pub async fn list_uploads(&self, bucket: &str, prefix: &str, after: Option<(&str, &str)>, max: usize) -> Result<(Vec<Upload>, bool)> {
+        self.bucket_record(bucket).await?;
+        let mut base = key(P_UPLOAD, bucket.as_bytes());
+        base.push(b'/');
+        let full = key(&base, prefix.as_bytes());
+        let start = match after {
+            Some((k, id)) => {
+                let mut s = upload_key(bucket, k, id);
+                s.push(0);
+                s
+            }
+            None => full.clone(),
+        };
+        let (entries, more) = self.client.index_list(&full, &start, (max.clamp(1, 1000)) as u32).await.map_err(storage)?;
+        let uploads = entries.iter().map(|e| dec::<UploadRecord>(&e.key, &e.value).map(|u| u.upload)).collect::<Result<_>>()?;
+        Ok((uploads, more))
+    }
+
+    /// Makes the object from the listed parts. Parts uploaded but not listed are dropped.
+    pub async fn complete_upload(&self, bucket: &str, name: &str, id: &str, list: &[CompletedPart]) -> Result<ObjectInfo> {
+        let (upload, uversion) = self.upload_record(bucket, name, id).await?;
+        if list.is_empty() {
+            return Err(Error::InvalidArgument("a multipart upload needs at least one part".into()));
+        }
+        if list.windows(2).any(|w| w[0].number >= w[1].number) {
+            return Err(Error::InvalidPartOrder);
+        }
+        let stored = self.parts(id).await?;
+        let by_number: HashMap<u32, &PartRecord> = stored.iter().map(|(p, _)| (p.info.number, p)).collect();
+        let mut extents = Vec::new();
+        let mut md5s = Md5::new();
+        let mut size = 0u64;
+        for (i, want) in list.iter().enumerate() {
+            let part = by_number.get(&want.number).ok_or(Error::InvalidPart(want.number))?;
+            if want.etag.trim_matches('"') != part.info.etag {
+                return Err(Error::InvalidPart(want.number));
+            }
+            if i + 1 < list.len() && part.info.size < MIN_PART_SIZE {
+                return Err(Error::EntityTooSmall(want.number));
+            }
+            let digest: Vec<u8> = (0..part.info.etag.len() / 2)
+                .filter_map(|j| u8::from_str_radix(part.info.etag.get(2 * j..2 * j + 2)?, 16).ok())
+                .collect();
+            md5s.update(&digest);
+            size += part.info.size;
+            for e in &part.extents {
+                push_extent(&mut extents, *e);
+            }
+        }
+        let info = ObjectInfo {
+            key: name.to_string(),
+            size,
+            etag: format!("{}-{}", hex(&md5s.finalize()), list.len()),
+            last_modified_ms: now_ms(),
+            content_type: upload.content_type.clone(),
+            user_meta: upload.user_meta.clone(),
+            headers: upload.headers.clone(),
+            checksums: Default::default(),
+        };
+        let write_id = rand::random::<u64>();
+        let value = enc(&ObjectRecord { info: info.clone(), extents, write_id })?;
+        if value.len() > basalt_types::MAX_INDEX_VALUE {
+            return Err(Error::InvalidArgument(format!("an object of {} parts is more than this store can describe", list.len())));
+        }
+        let used: std::collections::HashSet<u32> = list.iter().map(|p| p.number).collect();
+        let grace = self.cfg.garbage_grace.as_millis() as u64;
+        let ok = object_key(bucket, name);
+        let uk = upload_key(bucket, name, id);
+        let bk = key(P_BUCKET, bucket.as_bytes());
+        for _ in 0..16 {
+            let (brecord, bversion) = self.bucket_record(bucket).await?;
+            if brecord.deleting {
+                return Err(Error::NoSuchBucket(bucket.to_string()));
+            }
+            let old = self.object_record(bucket, name).await?;
+            if let Some((o, _)) = &old {
+                if o.write_id == write_id {
+                    break;
+                }
+            }
+            let mut txn = IndexTxn {
+                checks: vec![(bk.clone(), bversion), (uk.clone(), uversion), (ok.clone(), old.as_ref().map_or(0, |(_, v)| *v))],
+                puts: vec![(ok.clone(), Some(value.clone())), (uk.clone(), None)],
+            };
+            if let Some((o, _)) = &old {
+                for e in &o.extents {
+                    txn.puts.push(garbage_entry(e, grace)?);
+                }
+            }
+            match self.client.index_txn(txn).await.map_err(storage)? {
+                IndexOutcome::Committed { .. } => break,
+                IndexOutcome::Conflict { key, .. } if key == uk => {
+                    // Completed by our own earlier attempt, or aborted meanwhile.
+                    match self.object_record(bucket, name).await? {
+                        Some((o, _)) if o.write_id == write_id => break,
+                        _ => return Err(Error::NoSuchUpload),
+                    }
+                }
+                IndexOutcome::Conflict { .. } => continue,
+            }
+        }
+        // The upload is gone: drop its part records, queuing the data of unused parts.
+        let mut puts = Vec::new();
+        for (part, k) in &stored {
+            if !used.contains(&part.info.number) {
+                for e in &part.extents {
+                    puts.push(garbage_entry(e, 0)?);
+                }
+            }
+            puts.push((k.clone(), None));
+        }
+        self.delete_in_batches(puts).await;
+        Ok(info)
+    }
+
+    /// Drops an upload and its parts' data.
+    pub async fn abort_upload(&self, bucket: &str, name: &str, id: &str) -> Result<()> {
+        let (_, uversion) = self.upload_record(bucket, name, id).await?;
+        let uk = upload_key(bucket, name, id);
+        match self.client.index_txn(IndexTxn { checks: vec![(uk.clone(), uversion)], puts: vec![(uk, None)] }).await.map_err(storage)? {
+            IndexOutcome::Committed { .. } => {}
+            IndexOutcome::Conflict { .. } => return Err(Error::NoSuchUpload),
+        }
+        let mut puts = Vec::new();
+        for (part, k) in self.parts(id).await? {
+            for e in &part.extents {
+                puts.push(garbage_entry(e, 0)?);
+            }
+            puts.push((k, None));
+        }
+        self.delete_in_batches(puts).await;
+        Ok(())
+    }
+
+    /// Applies unconditional index writes in transactions of bounded size; best effort
+    /// (what fails stays as dead records, logged).
+    async fn delete_in_batches(&self, puts: Vec<(Vec<u8>, Option<Vec<u8>>)>) {
+        for batch in puts.chunks(1000) {
+            if let Err(e) = self.client.index_txn(IndexTxn { checks: vec![], puts: batch.to_vec() }).await {
+                warn!(error = %e, entries = batch.len(), "could not clean up after a multipart upload");
+            }
         }
     }
 

@@ -133,6 +133,61 @@ async fn objects_live_in_data_volumes_and_list_like_s3() -> Result<()> {
     assert!(trimmed >= 2, "trimmed {trimmed} extents");
     assert_eq!(store.collect_garbage().await?, 0, "garbage is trimmed once");
 
+    // Multipart: parts in any order, a part uploaded again, limits, completion without
+    // copying data, abort.
+    let parts: Vec<Vec<u8>> = vec![random(6 << 20, 11), random(5 << 20, 12), random(1000, 13)];
+    let up = store.create_upload(&alice, "photos", "multi", PutOptions { content_type: Some("video/mp4".into()), ..Default::default() }).await?;
+    let mut etags = vec![String::new(); 3];
+    for i in [2usize, 0, 1] {
+        let n = i as u32 + 1;
+        let p = store.upload_part("photos", "multi", &up.id, n, PutOptions::default(), body(&parts[i], 1 << 20)).await?;
+        etags[i] = p.etag;
+    }
+    let first = store.upload_part("photos", "multi", &up.id, 2, PutOptions::default(), body(b"replaced later", 3)).await?;
+    let again = store.upload_part("photos", "multi", &up.id, 2, PutOptions::default(), body(&parts[1], 1 << 20)).await?;
+    assert_ne!(first.etag, again.etag);
+    let (_, listed, more) = store.list_parts("photos", "multi", &up.id, 0, 2).await?;
+    assert_eq!((listed.iter().map(|p| p.number).collect::<Vec<_>>(), more), (vec![1, 2], true));
+    let (uploads, _) = store.list_uploads("photos", "mu", None, 100).await?;
+    assert_eq!(uploads.iter().map(|u| u.id.as_str()).collect::<Vec<_>>(), [up.id.as_str()]);
+    let cp = |n: u32, etag: &str| basalt_s3gw::backend::CompletedPart { number: n, etag: format!("\"{etag}\"") };
+    assert!(matches!(
+        store.complete_upload("photos", "multi", &up.id, &[cp(1, &etags[0]), cp(2, "00")]).await,
+        Err(Error::InvalidPart(2))
+    ));
+    assert!(matches!(
+        store.complete_upload("photos", "multi", &up.id, &[cp(2, &etags[1]), cp(1, &etags[0])]).await,
+        Err(Error::InvalidPartOrder)
+    ));
+    assert!(matches!(
+        store.complete_upload("photos", "multi", &up.id, &[cp(1, &etags[0]), cp(4, &etags[2])]).await,
+        Err(Error::InvalidPart(4))
+    ));
+    let done = store
+        .complete_upload("photos", "multi", &up.id, &[cp(1, &etags[0]), cp(2, &etags[1]), cp(3, &etags[2])])
+        .await?;
+    assert!(done.etag.ends_with("-3"), "{}", done.etag);
+    let whole: Vec<u8> = parts.concat();
+    let (info, data) = store.get_object("photos", "multi", None).await?;
+    assert_eq!((info.size, info.content_type.as_deref()), (whole.len() as u64, Some("video/mp4")));
+    assert!(read_all(data).await? == whole, "the multipart object reads back");
+    assert!(matches!(store.list_parts("photos", "multi", &up.id, 0, 10).await, Err(Error::NoSuchUpload)));
+    let small = store.create_upload(&alice, "photos", "small-parts", PutOptions::default()).await?;
+    let a = store.upload_part("photos", "small-parts", &small.id, 1, PutOptions::default(), body(b"tiny", 4)).await?;
+    let b = store.upload_part("photos", "small-parts", &small.id, 2, PutOptions::default(), body(b"end", 3)).await?;
+    assert!(matches!(
+        store.complete_upload("photos", "small-parts", &small.id, &[cp(1, &a.etag), cp(2, &b.etag)]).await,
+        Err(Error::EntityTooSmall(1))
+    ));
+    store.abort_upload("photos", "small-parts", &small.id).await?;
+    assert!(matches!(store.abort_upload("photos", "small-parts", &small.id).await, Err(Error::NoSuchUpload)));
+    assert!(matches!(
+        store.upload_part("photos", "small-parts", &small.id, 3, PutOptions::default(), body(b"late", 4)).await,
+        Err(Error::NoSuchUpload)
+    ));
+    assert!(store.list_uploads("photos", "", None, 100).await?.0.is_empty());
+    assert!(store.collect_garbage().await? >= 3, "the replaced part, the aborted parts");
+
     // A bucket is deleted only when empty.
     assert!(matches!(store.delete_bucket("photos").await, Err(Error::BucketNotEmpty(_))));
     store.put_object("photos", "after-refused-delete", PutOptions::default(), body(b"x", 1)).await?;
