@@ -4,7 +4,8 @@
 set -euo pipefail
 PKGS=(build-essential pkg-config libclang-dev clang qemu-utils libnbd-bin fio
       libiscsi-bin qemu-block-extra  # iSCSI initiators for basalt-iscsi tests
-      tgt)  # the baseline target of `basalt bench iscsi` (it runs its own tgtd, not the service)
+      tgt  # the baseline target of `basalt bench iscsi` (it runs its own tgtd, not the service)
+      awscli python3-boto3 s3cmd rclone)  # real S3 clients for the s3gw tests
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
