@@ -9,7 +9,8 @@
 //!   | `s3/A/` access key id            | [`AccessKey`]                             |
 //!   | `s3/B/` bucket                   | [`BucketRecord`]                          |
 //!   | `s3/O/` bucket `/` object key    | [`ObjectRecord`]: description + extents   |
-//!   | `s3/V/` data volume name         | `u64` BE: bytes of it handed out so far   |
+//!   | `s3/V/` data volume name         | [`Reservation`] (2 × `u64` BE)            |
+//!   | `s3/I/` data volume name         | random: rewritten by each gateway start   |
 //!   | `s3/G/` volume id, offset (BE)   | [`Garbage`]: an extent to trim            |
 //!   | `s3/M/` bucket `/` key `\0` upload id | [`UploadRecord`]: a multipart upload  |
 //!   | `s3/P/` upload id `/` part (u32 BE) | [`PartRecord`]                          |
@@ -32,8 +33,11 @@
 //!
 //! Garbage is trimmed by the writer of its volume after [`GARBAGE_GRACE`], so a GET that
 //! is still streaming an object replaced meanwhile keeps reading intact data. Data written
-//! by a PUT that failed before its commit is queued as garbage too; if the gateway itself
-//! dies in the middle, that data stays unreferenced in the volume (not yet swept).
+//! by a PUT that failed before its commit is queued as garbage too. Data of a gateway that
+//! died mid-PUT is found by the next start of that gateway: it writes a new *incarnation*
+//! entry (every commit of data the gateway wrote checks the version of that entry, so a
+//! commit of the dead run still in flight can no longer succeed), then trims whatever in
+//! the space the dead run had reserved is referenced by no object, part or garbage entry.
 
 use crate::backend::{
     Account, Backend, Bucket, ByteStream, CompletedPart, Error, ListPage, ListQuery, ObjectInfo, PartInfo, PutOptions,
@@ -43,14 +47,14 @@ use async_trait::async_trait;
 use basalt_storaged_client::{StorageClient, Volume, VolumeOptions};
 use basalt_types::{ErrorCode, IndexOutcome, IndexTxn, NodeId, VolumeId};
 use bytes::BytesMut;
-use futures::stream::{FuturesUnordered, StreamExt};
+use futures::stream::StreamExt;
 use md5::{Digest, Md5};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::OnceCell;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument};
 
 /// Largest piece of object data written or read in one volume call.
 pub const PIECE: u64 = 4 << 20;
@@ -79,6 +83,7 @@ const P_BUCKET: &[u8] = b"s3/B/";
 const P_OBJECT: &[u8] = b"s3/O/";
 const P_VOLUME: &[u8] = b"s3/V/";
 const P_GARBAGE: &[u8] = b"s3/G/";
+const P_INCARNATION: &[u8] = b"s3/I/";
 const P_UPLOAD: &[u8] = b"s3/M/";
 const P_PART: &[u8] = b"s3/P/";
 
@@ -232,6 +237,40 @@ struct DataLog {
     name: String,
     /// (next free offset, end of the space reserved in the index)
     cursor: tokio::sync::Mutex<(u64, u64)>,
+    /// Where this run's space starts (all below was reserved by earlier runs).
+    start: u64,
+    /// Version of this run's incarnation entry: commits of data written here check it.
+    incarnation: u64,
+    /// Space an earlier run reserved and may have left unreferenced data in, until swept.
+    orphan_window: Mutex<Option<(u64, u64)>>,
+}
+
+impl DataLog {
+    fn incarnation_check(&self) -> (Vec<u8>, u64) {
+        (key(P_INCARNATION, self.name.as_bytes()), self.incarnation)
+    }
+}
+
+/// The `s3/V/` entry of a data volume: the end of the space handed out so far, and where
+/// the current run of its gateway started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reservation {
+    pub end: u64,
+    pub run_start: u64,
+}
+
+impl Reservation {
+    fn encode(self) -> Vec<u8> {
+        let mut v = self.end.to_be_bytes().to_vec();
+        v.extend_from_slice(&self.run_start.to_be_bytes());
+        v
+    }
+
+    fn decode(v: &[u8]) -> Reservation {
+        let word = |i: usize| v.get(i * 8..i * 8 + 8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
+        let end = word(0).unwrap_or(0);
+        Reservation { end, run_start: word(1).unwrap_or(end).min(end) }
+    }
 }
 
 pub struct ObjectStore {
@@ -364,9 +403,10 @@ impl ObjectStore {
             return Err(Error::InvalidArgument(format!("part numbers are 1 to {MAX_PART_NUMBER}, not {number}")));
         }
         self.upload_record(bucket, name, id).await?;
-        let (extents, size, md5) = self.write_body(body, &opts).await?;
+        let log = self.log().await?;
+        let (written, size, md5) = self.write_body(body, &opts).await?;
         let info = PartInfo { number, etag: hex(&md5), size, last_modified_ms: now_ms() };
-        let record = PartRecord { info: info.clone(), extents: extents.clone() };
+        let record = PartRecord { info: info.clone(), extents: written.extents.clone() };
         let pk = part_key(id, number);
         let value = enc(&record)?;
         for _ in 0..16 {
@@ -375,7 +415,11 @@ impl ObjectStore {
             let (_, uversion) = self.upload_record(bucket, name, id).await?;
             let old = self.client.index_get(&pk).await.map_err(storage)?;
             let mut txn = IndexTxn {
-                checks: vec![(upload_key(bucket, name, id), uversion), (pk.clone(), old.as_ref().map_or(0, |e| e.version))],
+                checks: vec![
+                    (upload_key(bucket, name, id), uversion),
+                    (pk.clone(), old.as_ref().map_or(0, |e| e.version)),
+                    log.incarnation_check(),
+                ],
                 puts: vec![(pk.clone(), Some(value.clone()))],
             };
             if let Some(old) = &old {
@@ -385,11 +429,14 @@ impl ObjectStore {
                 }
             }
             match self.client.index_txn(txn).await.map_err(storage)? {
-                IndexOutcome::Committed { .. } => return Ok(info),
+                IndexOutcome::Committed { .. } => {
+                    written.keep();
+                    return Ok(info);
+                }
+                IndexOutcome::Conflict { key, .. } if key == log.incarnation_check().0 => return Err(superseded()),
                 IndexOutcome::Conflict { .. } => continue,
             }
         }
-        self.discard(&extents).await;
         Err(Error::Unavailable("the part kept changing; retry".into()))
     }
 
@@ -623,13 +670,38 @@ impl ObjectStore {
                     read_only: false,
                 };
                 let volume = self.client.open_volume_with(info, opts).await.map_err(storage)?;
-                let reserved_key = key(P_VOLUME, name.as_bytes());
-                let reserved = match self.client.index_get(&reserved_key).await.map_err(storage)? {
-                    Some(e) => e.value.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0),
-                    None => 0,
+                // A new incarnation first: from its commit on, no commit of an earlier run
+                // (its data writes are fenced by the lease just taken) can succeed.
+                let ik = key(P_INCARNATION, name.as_bytes());
+                let nonce = rand::random::<u64>().to_be_bytes().to_vec();
+                let incarnation = match self
+                    .client
+                    .index_txn(IndexTxn { checks: vec![], puts: vec![(ik, Some(nonce))] })
+                    .await
+                    .map_err(storage)?
+                {
+                    IndexOutcome::Committed { version } => version,
+                    IndexOutcome::Conflict { .. } => return Err(Error::Internal("unconditional write conflicted".into())),
                 };
-                info!(volume = %name, from = reserved, "S3 data volume open");
-                Ok(Arc::new(DataLog { volume, name, cursor: tokio::sync::Mutex::new((reserved, reserved)) }))
+                let vk = key(P_VOLUME, name.as_bytes());
+                let current = self.client.index_get(&vk).await.map_err(storage)?;
+                let old = current.as_ref().map(|e| Reservation::decode(&e.value)).unwrap_or_default();
+                let mine = Reservation { end: old.end, run_start: old.end };
+                let txn = IndexTxn {
+                    checks: vec![(vk.clone(), current.map_or(0, |e| e.version))],
+                    puts: vec![(vk, Some(mine.encode()))],
+                };
+                self.commit(txn).await?;
+                let window = (old.run_start < old.end).then_some((old.run_start, old.end));
+                info!(volume = %name, from = old.end, incarnation, unswept = ?window, "S3 data volume open");
+                Ok(Arc::new(DataLog {
+                    volume,
+                    name,
+                    cursor: tokio::sync::Mutex::new((old.end, old.end)),
+                    start: old.end,
+                    incarnation,
+                    orphan_window: Mutex::new(window),
+                }))
             })
             .await
             .cloned()
@@ -647,7 +719,8 @@ impl ObjectStore {
             let k = key(P_VOLUME, log.name.as_bytes());
             let current = self.client.index_get(&k).await.map_err(storage)?;
             let version = current.map_or(0, |e| e.version);
-            let txn = IndexTxn { checks: vec![(k.clone(), version)], puts: vec![(k, Some(new_end.to_be_bytes().to_vec()))] };
+            let value = Reservation { end: new_end, run_start: log.start }.encode();
+            let txn = IndexTxn { checks: vec![(k.clone(), version), log.incarnation_check()], puts: vec![(k, Some(value))] };
             self.commit(txn).await?;
             cursor.1 = new_end;
         }
@@ -678,12 +751,13 @@ impl ObjectStore {
     }
 
     /// Writes the body into fresh extents; returns them, the length and the MD5.
-    async fn write_body(&self, mut body: ByteStream, opts: &PutOptions) -> Result<(Vec<Extent>, u64, [u8; 16])> {
+    async fn write_body(&self, mut body: ByteStream, opts: &PutOptions) -> Result<(Written, u64, [u8; 16])> {
         let mut md5 = Md5::new();
         let mut total = 0u64;
-        let mut extents: Vec<Extent> = Vec::new();
+        let mut written = Written { client: self.client.clone(), extents: Vec::new(), kept: false };
         let mut buf = BytesMut::new();
-        let mut writes = FuturesUnordered::new();
+        // Tasks, so the writes go on while the next piece is being received.
+        let mut writes = tokio::task::JoinSet::new();
         let mut failed: Option<Error> = None;
         let log = self.log().await?;
         loop {
@@ -721,13 +795,15 @@ impl ObjectStore {
                         break;
                     }
                 };
-                push_extent(&mut extents, Extent { volume: log.volume.id(), offset, len });
+                push_extent(&mut written.extents, Extent { volume: log.volume.id(), offset, len });
                 let vol = log.volume.clone();
                 let data = padded.freeze();
-                writes.push(async move { vol.write(offset, data).await });
+                writes.spawn(async move { vol.write(offset, data).await }.in_current_span());
                 while writes.len() >= WRITES_IN_FLIGHT {
-                    if let Some(Err(e)) = writes.next().await {
-                        failed = Some(storage(e));
+                    if let Some(r) = writes.join_next().await {
+                        if let Err(e) = flatten(r) {
+                            failed = Some(e);
+                        }
                     }
                 }
                 if failed.is_some() {
@@ -738,9 +814,9 @@ impl ObjectStore {
                 break;
             }
         }
-        while let Some(r) = writes.next().await {
-            if let Err(e) = r {
-                failed.get_or_insert(storage(e));
+        while let Some(r) = writes.join_next().await {
+            if let Err(e) = flatten(r) {
+                failed.get_or_insert(e);
             }
         }
         if failed.is_none() && opts.length.is_some_and(|want| total != want) {
@@ -751,26 +827,63 @@ impl ObjectStore {
             failed = Some(Error::BadDigest);
         }
         if let Some(e) = failed {
-            self.discard(&extents).await;
             return Err(e);
         }
-        Ok((extents, total, digest))
+        Ok((written, total, digest))
     }
 
-    /// Queues extents that no object will reference for trimming.
-    async fn discard(&self, extents: &[Extent]) {
-        if extents.is_empty() {
-            return;
+    /// Trims what an earlier run of this gateway left unreferenced in `window` of the data
+    /// volume; returns the bytes trimmed.
+    async fn sweep(&self, log: &DataLog, window: (u64, u64)) -> Result<u64> {
+        let vol = log.volume.id();
+        let mut used: Vec<(u64, u64)> = Vec::new();
+        let mut note = |e: &Extent| {
+            if e.volume == vol && e.offset < window.1 && e.offset + e.len > window.0 {
+                used.push((e.offset, e.offset + align_up(e.len)));
+            }
+        };
+        for (k, v) in self.list_all(P_OBJECT).await? {
+            dec::<ObjectRecord>(&k, &v)?.extents.iter().for_each(&mut note);
         }
-        let puts = extents.iter().filter_map(|e| garbage_entry(e, 0).ok()).collect();
-        if let Err(e) = self.client.index_txn(IndexTxn { checks: vec![], puts }).await {
-            warn!(error = %e, extents = extents.len(), "could not queue unused data for trimming; it stays allocated");
+        for (k, v) in self.list_all(P_PART).await? {
+            dec::<PartRecord>(&k, &v)?.extents.iter().for_each(&mut note);
         }
+        let gprefix = key(P_GARBAGE, &vol.to_be_bytes());
+        for (k, v) in self.list_all(&gprefix).await? {
+            let g: Garbage = dec(&k, &v)?;
+            if let Some(offset) = k.get(gprefix.len()..).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes) {
+                note(&Extent { volume: vol, offset, len: g.len });
+            }
+        }
+        used.sort_unstable();
+        let mut at = window.0;
+        let mut trimmed = 0;
+        for (lo, hi) in used.into_iter().chain(std::iter::once((window.1, window.1))) {
+            if lo > at {
+                let end = lo.min(window.1);
+                let mut pos = at;
+                while pos < end {
+                    let n = (end - pos).min(RESERVE_STEP);
+                    log.volume.trim(pos, n).await.map_err(storage)?;
+                    pos += n;
+                }
+                trimmed += end.saturating_sub(at);
+            }
+            at = at.max(hi);
+        }
+        Ok(trimmed)
     }
 
     /// Trims this gateway's garbage whose grace period is over; returns how many extents.
+    /// The first call after a restart also sweeps what the previous run left behind.
     pub async fn collect_garbage(&self) -> Result<usize> {
         let log = self.log().await?;
+        let window = *log.orphan_window.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(window) = window {
+            let bytes = self.sweep(&log, window).await?;
+            info!(from = window.0, to = window.1, bytes, "swept the space an earlier gateway run left unreferenced");
+            *log.orphan_window.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        }
         let prefix = key(P_GARBAGE, &log.volume.id().to_be_bytes());
         let now = now_ms();
         let mut trimmed = 0;
@@ -804,6 +917,54 @@ impl ObjectStore {
             }
         }
     }
+}
+
+/// Data written for an object or a part that is not (yet) referenced by a committed
+/// record. Dropped without [`Written::keep`] — the PUT failed, or its request was dropped
+/// half-way — it queues its extents as garbage, so nothing stays allocated for nothing.
+struct Written {
+    client: Arc<StorageClient>,
+    extents: Vec<Extent>,
+    kept: bool,
+}
+
+impl Written {
+    fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for Written {
+    fn drop(&mut self) {
+        if self.kept || self.extents.is_empty() {
+            return;
+        }
+        let puts: Vec<_> = self.extents.iter().filter_map(|e| garbage_entry(e, 0).ok()).collect();
+        let client = self.client.clone();
+        let n = puts.len();
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    if let Err(e) = client.index_txn(IndexTxn { checks: vec![], puts }).await {
+                        warn!(error = %e, extents = n, "could not queue unused data for trimming; the next restart sweeps it");
+                    }
+                });
+            }
+            Err(_) => warn!(extents = n, "no runtime to queue unused data for trimming; the next restart sweeps it"),
+        }
+    }
+}
+
+fn flatten(r: std::result::Result<basalt_storaged_client::Result<()>, tokio::task::JoinError>) -> Result<()> {
+    match r {
+        Ok(r) => r.map_err(storage),
+        Err(e) => Err(Error::Internal(format!("write task failed: {e}"))),
+    }
+}
+
+/// Another run of this gateway took the data volume over: this one must stop writing.
+fn superseded() -> Error {
+    Error::Unavailable("this gateway was restarted elsewhere; retry".into())
 }
 
 fn new_access_key(account: &str) -> AccessKey {
@@ -969,7 +1130,8 @@ impl Backend for ObjectStore {
         if record.deleting {
             return Err(Error::NoSuchBucket(bucket.to_string()));
         }
-        let (extents, size, md5) = self.write_body(body, &opts).await?;
+        let log = self.log().await?;
+        let (written, size, md5) = self.write_body(body, &opts).await?;
         let info = ObjectInfo {
             key: name.to_string(),
             size,
@@ -981,7 +1143,7 @@ impl Backend for ObjectStore {
             checksums: opts.checksums,
         };
         let write_id = rand::random::<u64>();
-        let object = ObjectRecord { info: info.clone(), extents: extents.clone(), write_id };
+        let object = ObjectRecord { info: info.clone(), extents: written.extents.clone(), write_id };
         let value = enc(&object)?;
         let ok = object_key(bucket, name);
         let bk = key(P_BUCKET, bucket.as_bytes());
@@ -997,7 +1159,7 @@ impl Backend for ObjectStore {
                 }
             }
             let mut txn = IndexTxn {
-                checks: vec![(bk.clone(), bversion), (ok.clone(), old.as_ref().map_or(0, |(_, v)| *v))],
+                checks: vec![(bk.clone(), bversion), (ok.clone(), old.as_ref().map_or(0, |(_, v)| *v)), log.incarnation_check()],
                 puts: vec![(ok.clone(), Some(value.clone()))],
             };
             if let Some((o, _)) = &old {
@@ -1006,11 +1168,14 @@ impl Backend for ObjectStore {
                 }
             }
             match self.client.index_txn(txn).await.map_err(storage)? {
-                IndexOutcome::Committed { .. } => return Ok(info),
+                IndexOutcome::Committed { .. } => {
+                    written.keep();
+                    return Ok(info);
+                }
+                IndexOutcome::Conflict { key, .. } if key == log.incarnation_check().0 => return Err(superseded()),
                 IndexOutcome::Conflict { .. } => continue,
             }
         }
-        self.discard(&extents).await;
         Err(Error::NoSuchBucket(bucket.to_string()))
     }
 

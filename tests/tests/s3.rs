@@ -202,3 +202,54 @@ async fn objects_live_in_data_volumes_and_list_like_s3() -> Result<()> {
     ));
     c.passed()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_gateway_fences_and_sweeps_what_its_dead_run_left() -> Result<()> {
+    init_tracing();
+    let c = TestCluster::start(3, Duration::from_secs(60)).await?;
+    let mut cfg = StoreConfig::new(3, "node3");
+    cfg.garbage_grace = Duration::ZERO;
+    let first = ObjectStore::new(c.client()?, cfg.clone());
+    let (alice, _) = first.create_account("alice").await?;
+    first.create_bucket(&alice, "b", "basalt").await?;
+    let kept = random(100_000, 1);
+    first.put_object("b", "kept", PutOptions::default(), body(&kept, 10_000)).await?;
+
+    // A run that dies in the middle of a PUT: its runtime goes away with the body half sent,
+    // as a killed process would (no cleanup of any kind runs).
+    let lost = random(5 << 20, 2);
+    let dying = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let doomed = first.clone();
+    let sent = body(&lost, 1 << 20).chain(futures::stream::pending());
+    dying.spawn(async move { doomed.put_object("b", "lost", PutOptions::default(), Box::pin(sent)).await });
+    // Its first 4 MiB piece lands right after "kept" (4 KiB-aligned, 100000 -> 102400).
+    let reader = c.client()?.open_volume("s3data-node3", basalt_storaged_client::VolumeOptions::reader()).await?;
+    let start = 102_400u64;
+    let landed = wait_for("the dying PUT's first piece", Duration::from_secs(30), || {
+        let reader = reader.clone();
+        let want = lost[..4 << 20].to_vec();
+        async move { Ok(reader.read(start, 4 << 20).await.ok().filter(|d| d[..] == want[..]).map(|_| ())) }
+    })
+    .await;
+    // (A runtime may not be dropped inside another one: let it go in the background.)
+    dying.shutdown_background();
+    landed?;
+
+    // The next run fences the old one: the first run's handle can no longer commit.
+    let second = ObjectStore::new(c.client()?, cfg);
+    second.put_object("b", "new", PutOptions::default(), body(b"after restart", 4)).await?;
+    let refused = first.put_object("b", "stale", PutOptions::default(), body(b"from the old run", 4)).await;
+    assert!(matches!(refused, Err(Error::Unavailable(_))), "{refused:?}");
+
+    // Its first collection sweeps the dead run's unreferenced space, and only that.
+    second.collect_garbage().await?;
+    let after = reader.read(start, 4 << 20).await?;
+    assert!(after.iter().all(|&b| b == 0), "the orphaned piece is trimmed");
+    let (_, data) = second.get_object("b", "kept", None).await?;
+    assert!(read_all(data).await? == kept, "referenced data survives the sweep");
+    let (_, data) = second.get_object("b", "new", None).await?;
+    assert_eq!(read_all(data).await?, b"after restart".to_vec());
+    assert!(matches!(second.head_object("b", "lost").await, Err(Error::NoSuchKey)));
+    assert!(matches!(second.head_object("b", "stale").await, Err(Error::NoSuchKey)));
+    c.passed()
+}
