@@ -41,6 +41,11 @@ pub enum Error {
     IncompleteBody,
     #[error("the requested range is not satisfiable")]
     InvalidRange,
+    #[error("the version does not exist")]
+    NoSuchVersion,
+    /// A GET or HEAD of a delete marker by its version id (S3 answers 405).
+    #[error("the version is a delete marker")]
+    MethodNotAllowed,
     #[error("the upload does not exist (aborted or completed)")]
     NoSuchUpload,
     #[error("part {0} was not uploaded, or its ETag does not match")]
@@ -103,6 +108,8 @@ pub struct ObjectInfo {
     /// Checksums the client asked for, by algorithm name (`CRC32`, `CRC32C`, `SHA256`,
     /// `SHA1`, `CRC64NVME`), base64 as S3 shows them.
     pub checksums: BTreeMap<String, String>,
+    /// The version (`x-amz-version-id`): None in a bucket that never had versioning.
+    pub version_id: Option<String>,
 }
 
 /// What a PUT stores besides the data.

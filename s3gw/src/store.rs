@@ -8,7 +8,8 @@
 //!   | `s3/U/` account id               | [`Account`]                               |
 //!   | `s3/A/` access key id            | [`AccessKey`]                             |
 //!   | `s3/B/` bucket                   | [`BucketRecord`]                          |
-//!   | `s3/O/` bucket `/` object key    | [`ObjectRecord`]: description + extents   |
+//!   | `s3/O/` bucket `/` object key    | [`KeyRecord`]: the current version        |
+//!   | `s3/W/` bucket `/` key `\0` !seq | [`ObjectRecord`]: every version, newest first |
 //!   | `s3/V/` data volume name         | [`Reservation`] (2 × `u64` BE)            |
 //!   | `s3/I/` data volume name         | random: rewritten by each gateway start   |
 //!   | `s3/G/` volume id, offset (BE)   | [`Garbage`]: an extent to trim            |
@@ -81,6 +82,7 @@ const P_ACCOUNT: &[u8] = b"s3/U/";
 const P_KEY: &[u8] = b"s3/A/";
 const P_BUCKET: &[u8] = b"s3/B/";
 const P_OBJECT: &[u8] = b"s3/O/";
+const P_VERSION: &[u8] = b"s3/W/";
 const P_VOLUME: &[u8] = b"s3/V/";
 const P_GARBAGE: &[u8] = b"s3/G/";
 const P_INCARNATION: &[u8] = b"s3/I/";
@@ -102,6 +104,16 @@ pub struct BucketRecord {
     pub bucket: Bucket,
     /// Set while a delete checks that the bucket is empty: new objects are refused.
     pub deleting: bool,
+    pub versioning: Versioning,
+}
+
+/// A bucket's versioning state (S3: never back to `Unversioned` once enabled).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Versioning {
+    #[default]
+    Unversioned,
+    Enabled,
+    Suspended,
 }
 
 /// A run of object data in a data volume.
@@ -112,13 +124,64 @@ pub struct Extent {
     pub len: u64,
 }
 
+/// One version of an object (the `s3/W/` entries; the current one is also in `s3/O/`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ObjectRecord {
     pub info: ObjectInfo,
     pub extents: Vec<Extent>,
     /// Random id of the PUT that wrote it: a retried commit recognises its own write.
     pub write_id: u64,
+    /// `null`, or the 16 hex digits of `seq`.
+    pub version_id: String,
+    /// Orders the versions of a key (newest highest); microseconds since the epoch, raised
+    /// past the key's newest version if the clock is behind.
+    pub seq: u64,
+    pub delete_marker: bool,
 }
+
+impl ObjectRecord {
+    fn new(info: ObjectInfo, extents: Vec<Extent>) -> Self {
+        Self { info, extents, write_id: rand::random(), version_id: NULL_VERSION.into(), seq: 0, delete_marker: false }
+    }
+}
+
+/// The `s3/O/` entry of a key: its current version (the newest), and where its `null`
+/// version is. Every change to a key's versions rewrites it, so its entry version guards
+/// them all.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct KeyRecord {
+    pub current: ObjectRecord,
+    pub null_seq: Option<u64>,
+}
+
+/// A version as listed by ListObjectVersions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VersionEntry {
+    pub info: ObjectInfo,
+    pub version_id: String,
+    pub is_latest: bool,
+    pub delete_marker: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VersionPage {
+    pub versions: Vec<VersionEntry>,
+    pub common_prefixes: Vec<String>,
+    pub truncated: bool,
+    /// When truncated: where to go on (key marker, version id marker).
+    pub next: Option<(String, String)>,
+}
+
+/// What DeleteObject did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Deleted {
+    /// The version removed, or the delete marker's version (None in unversioned buckets).
+    pub version_id: Option<String>,
+    /// A delete marker was created, or the version removed was one.
+    pub delete_marker: bool,
+}
+
+pub const NULL_VERSION: &str = "null";
 
 /// A multipart upload: what the object will be stored with.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -158,6 +221,50 @@ fn object_key(bucket: &str, name: &str) -> Vec<u8> {
     k.push(b'/');
     k.extend_from_slice(name.as_bytes());
     k
+}
+
+/// Versions of a key sort newest first: the sequence number is stored inverted.
+fn version_key(bucket: &str, name: &str, seq: u64) -> Vec<u8> {
+    let mut k = version_prefix(bucket, name);
+    k.extend_from_slice(&(u64::MAX - seq).to_be_bytes());
+    k
+}
+
+fn version_prefix(bucket: &str, name: &str) -> Vec<u8> {
+    let mut k = version_base(bucket);
+    k.extend_from_slice(name.as_bytes());
+    k.push(0);
+    k
+}
+
+fn version_base(bucket: &str) -> Vec<u8> {
+    let mut k = key(P_VERSION, bucket.as_bytes());
+    k.push(b'/');
+    k
+}
+
+/// The key name and sequence number of a version entry's key (after `base`).
+fn parse_version_key(base: &[u8], k: &[u8]) -> Option<(String, u64)> {
+    let rest = k.get(base.len()..)?;
+    let (name, tail) = rest.split_at(rest.len().checked_sub(9)?);
+    let (&sep, rev) = tail.split_first()?;
+    if sep != 0 {
+        return None;
+    }
+    let rev = u64::from_be_bytes(rev.try_into().ok()?);
+    Some((String::from_utf8(name.to_vec()).ok()?, u64::MAX - rev))
+}
+
+fn now_us() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
+
+/// The sequence number a version id names (`null` is looked up separately).
+fn parse_version_id(id: &str) -> Result<u64> {
+    if id.len() != 16 {
+        return Err(Error::InvalidArgument(format!("invalid version id {id:?}")));
+    }
+    u64::from_str_radix(id, 16).map_err(|_| Error::InvalidArgument(format!("invalid version id {id:?}")))
 }
 
 fn upload_key(bucket: &str, name: &str, id: &str) -> Vec<u8> {
@@ -354,9 +461,7 @@ impl ObjectStore {
 
     /// Starts a multipart upload of `name`; the object appears only on completion.
     pub async fn create_upload(&self, owner: &Account, bucket: &str, name: &str, opts: PutOptions) -> Result<Upload> {
-        if name.len() > MAX_KEY {
-            return Err(Error::KeyTooLong);
-        }
+        validate_key(name)?;
         let (record, _) = self.bucket_record(bucket).await?;
         if record.deleting {
             return Err(Error::NoSuchBucket(bucket.to_string()));
@@ -515,49 +620,23 @@ impl ObjectStore {
             user_meta: upload.user_meta.clone(),
             headers: upload.headers.clone(),
             checksums: Default::default(),
+            version_id: None,
         };
-        let write_id = rand::random::<u64>();
-        let value = enc(&ObjectRecord { info: info.clone(), extents, write_id })?;
-        if value.len() > basalt_types::MAX_INDEX_VALUE {
+        let rec = ObjectRecord::new(info, extents);
+        if enc(&rec)?.len() > basalt_types::MAX_INDEX_VALUE {
             return Err(Error::InvalidArgument(format!("an object of {} parts is more than this store can describe", list.len())));
         }
         let used: std::collections::HashSet<u32> = list.iter().map(|p| p.number).collect();
-        let grace = self.cfg.garbage_grace.as_millis() as u64;
-        let ok = object_key(bucket, name);
         let uk = upload_key(bucket, name, id);
-        let bk = key(P_BUCKET, bucket.as_bytes());
-        for _ in 0..16 {
-            let (brecord, bversion) = self.bucket_record(bucket).await?;
-            if brecord.deleting {
-                return Err(Error::NoSuchBucket(bucket.to_string()));
-            }
-            let old = self.object_record(bucket, name).await?;
-            if let Some((o, _)) = &old {
-                if o.write_id == write_id {
-                    break;
-                }
-            }
-            let mut txn = IndexTxn {
-                checks: vec![(bk.clone(), bversion), (uk.clone(), uversion), (ok.clone(), old.as_ref().map_or(0, |(_, v)| *v))],
-                puts: vec![(ok.clone(), Some(value.clone())), (uk.clone(), None)],
-            };
-            if let Some((o, _)) = &old {
-                for e in &o.extents {
-                    txn.puts.push(garbage_entry(e, grace)?);
-                }
-            }
-            match self.client.index_txn(txn).await.map_err(storage)? {
-                IndexOutcome::Committed { .. } => break,
-                IndexOutcome::Conflict { key, .. } if key == uk => {
-                    // Completed by our own earlier attempt, or aborted meanwhile.
-                    match self.object_record(bucket, name).await? {
-                        Some((o, _)) if o.write_id == write_id => break,
-                        _ => return Err(Error::NoSuchUpload),
-                    }
-                }
-                IndexOutcome::Conflict { .. } => continue,
-            }
-        }
+        let write_id = rec.write_id;
+        let info = match self.commit_version(bucket, name, rec, None, (vec![(uk.clone(), uversion)], vec![(uk, None)])).await? {
+            Some(rec) => rec.info,
+            // The upload went away: completed by our own earlier attempt, or aborted.
+            None => match self.key_record(bucket, name).await? {
+                Some((k, _)) if k.current.write_id == write_id => k.current.info,
+                _ => return Err(Error::NoSuchUpload),
+            },
+        };
         // The upload is gone: drop its part records, queuing the data of unused parts.
         let mut puts = Vec::new();
         for (part, k) in &stored {
@@ -636,12 +715,340 @@ impl ObjectStore {
         }
     }
 
-    async fn object_record(&self, bucket: &str, name: &str) -> Result<Option<(ObjectRecord, u64)>> {
+    async fn key_record(&self, bucket: &str, name: &str) -> Result<Option<(KeyRecord, u64)>> {
         let k = object_key(bucket, name);
         match self.client.index_get(&k).await.map_err(storage)? {
             Some(e) => Ok(Some((dec(&k, &e.value)?, e.version))),
             None => Ok(None),
         }
+    }
+
+    /// Commits `rec` as the newest version of `name`: as a new version when the bucket's
+    /// versioning is enabled, else as the `null` version, replacing (and queuing as garbage)
+    /// the key's previous `null` version. `extra` checks and writes go into the same
+    /// transaction; a conflict on one of `extra`'s checks is returned as `Ok(None)`.
+    async fn commit_version(
+        &self,
+        bucket: &str,
+        name: &str,
+        mut rec: ObjectRecord,
+        incarnation: Option<(Vec<u8>, u64)>,
+        extra: (Vec<(Vec<u8>, u64)>, Vec<(Vec<u8>, Option<Vec<u8>>)>),
+    ) -> Result<Option<ObjectRecord>> {
+        let ok = object_key(bucket, name);
+        let bk = key(P_BUCKET, bucket.as_bytes());
+        let grace = self.cfg.garbage_grace.as_millis() as u64;
+        for _ in 0..16 {
+            let (brecord, bversion) = self.bucket_record(bucket).await?;
+            if brecord.deleting {
+                return Err(Error::NoSuchBucket(bucket.to_string()));
+            }
+            let old = self.key_record(bucket, name).await?;
+            if let Some((o, _)) = &old {
+                if o.current.write_id == rec.write_id {
+                    return Ok(Some(o.current.clone())); // our own commit, retried by the transport
+                }
+            }
+            let newest = old.as_ref().map_or(0, |(o, _)| o.current.seq);
+            rec.seq = now_us().max(newest + 1);
+            let null = brecord.versioning != Versioning::Enabled;
+            rec.version_id = if null { NULL_VERSION.into() } else { format!("{:016x}", rec.seq) };
+            rec.info.version_id = (brecord.versioning != Versioning::Unversioned).then(|| rec.version_id.clone());
+            let mut txn = IndexTxn {
+                checks: vec![(bk.clone(), bversion), (ok.clone(), old.as_ref().map_or(0, |(_, v)| *v))],
+                puts: vec![(version_key(bucket, name, rec.seq), Some(enc(&rec)?))],
+            };
+            let mut null_seq = old.as_ref().and_then(|(o, _)| o.null_seq);
+            if null {
+                if let Some(ns) = null_seq {
+                    // The null version is replaced: its data goes.
+                    let replaced = match &old {
+                        Some((o, _)) if o.current.seq == ns => Some(o.current.clone()),
+                        _ => {
+                            let vk = version_key(bucket, name, ns);
+                            match self.client.index_get(&vk).await.map_err(storage)? {
+                                Some(e) => Some(dec::<ObjectRecord>(&vk, &e.value)?),
+                                None => None,
+                            }
+                        }
+                    };
+                    txn.puts.push((version_key(bucket, name, ns), None));
+                    for e in replaced.iter().flat_map(|r| r.extents.iter()) {
+                        txn.puts.push(garbage_entry(e, grace)?);
+                    }
+                }
+                null_seq = Some(rec.seq);
+            }
+            txn.puts.push((ok.clone(), Some(enc(&KeyRecord { current: rec.clone(), null_seq })?)));
+            if let Some(check) = &incarnation {
+                txn.checks.push(check.clone());
+            }
+            txn.checks.extend(extra.0.iter().cloned());
+            txn.puts.extend(extra.1.iter().cloned());
+            match self.client.index_txn(txn).await.map_err(storage)? {
+                IndexOutcome::Committed { .. } => return Ok(Some(rec)),
+                IndexOutcome::Conflict { key, .. } if incarnation.as_ref().is_some_and(|(k, _)| *k == key) => {
+                    return Err(superseded())
+                }
+                IndexOutcome::Conflict { key, .. } if extra.0.iter().any(|(k, _)| *k == key) => return Ok(None),
+                IndexOutcome::Conflict { .. } => continue,
+            }
+        }
+        Err(Error::Unavailable("the object kept changing; retry".into()))
+    }
+
+    /// Sets a bucket's versioning (`Unversioned` is refused: S3 only suspends).
+    pub async fn set_versioning(&self, bucket: &str, state: Versioning) -> Result<()> {
+        if state == Versioning::Unversioned {
+            return Err(Error::InvalidArgument("versioning can be enabled or suspended, not removed".into()));
+        }
+        let k = key(P_BUCKET, bucket.as_bytes());
+        for _ in 0..16 {
+            let (mut record, version) = self.bucket_record(bucket).await?;
+            if record.deleting {
+                return Err(Error::NoSuchBucket(bucket.to_string()));
+            }
+            record.versioning = state;
+            let txn = IndexTxn { checks: vec![(k.clone(), version)], puts: vec![(k.clone(), Some(enc(&record)?))] };
+            if let IndexOutcome::Committed { .. } = self.client.index_txn(txn).await.map_err(storage)? {
+                return Ok(());
+            }
+        }
+        Err(Error::Unavailable("the bucket kept changing; retry".into()))
+    }
+
+    pub async fn versioning(&self, bucket: &str) -> Result<Versioning> {
+        Ok(self.bucket_record(bucket).await?.0.versioning)
+    }
+
+    /// One version of an object (`null` for the null version).
+    async fn version(&self, bucket: &str, name: &str, version_id: &str) -> Result<ObjectRecord> {
+        let seq = if version_id == NULL_VERSION {
+            match self.key_record(bucket, name).await?.and_then(|(k, _)| k.null_seq) {
+                Some(seq) => seq,
+                None => {
+                    self.bucket_record(bucket).await?;
+                    return Err(Error::NoSuchVersion);
+                }
+            }
+        } else {
+            parse_version_id(version_id)?
+        };
+        let vk = version_key(bucket, name, seq);
+        match self.client.index_get(&vk).await.map_err(storage)? {
+            Some(e) => dec(&vk, &e.value),
+            None => {
+                self.bucket_record(bucket).await?;
+                Err(Error::NoSuchVersion)
+            }
+        }
+    }
+
+    /// HEAD of a given version; a delete marker is `MethodNotAllowed` as in S3.
+    pub async fn head_version(&self, bucket: &str, name: &str, version_id: &str) -> Result<ObjectInfo> {
+        let v = self.version(bucket, name, version_id).await?;
+        if v.delete_marker {
+            return Err(Error::MethodNotAllowed);
+        }
+        Ok(v.info)
+    }
+
+    pub async fn get_version(&self, bucket: &str, name: &str, version_id: &str, range: Option<(u64, u64)>) -> Result<(ObjectInfo, ByteStream)> {
+        let v = self.version(bucket, name, version_id).await?;
+        if v.delete_marker {
+            return Err(Error::MethodNotAllowed);
+        }
+        self.stream(v, range).await
+    }
+
+    /// DeleteObject without a version: removes the object of an unversioned bucket, or
+    /// puts a delete marker on top of a versioned key.
+    pub async fn delete_current(&self, bucket: &str, name: &str) -> Result<Deleted> {
+        let (brecord, _) = self.bucket_record(bucket).await?;
+        if brecord.versioning == Versioning::Unversioned {
+            let ok = object_key(bucket, name);
+            for _ in 0..16 {
+                let Some((old, version)) = self.key_record(bucket, name).await? else {
+                    return Ok(Deleted::default());
+                };
+                let mut txn = IndexTxn {
+                    checks: vec![(ok.clone(), version)],
+                    puts: vec![(ok.clone(), None), (version_key(bucket, name, old.current.seq), None)],
+                };
+                for e in &old.current.extents {
+                    txn.puts.push(garbage_entry(e, self.cfg.garbage_grace.as_millis() as u64)?);
+                }
+                if let IndexOutcome::Committed { .. } = self.client.index_txn(txn).await.map_err(storage)? {
+                    return Ok(Deleted::default());
+                }
+            }
+            return Err(Error::Unavailable("the object kept changing; retry".into()));
+        }
+        let info = ObjectInfo { key: name.to_string(), last_modified_ms: now_ms(), ..Default::default() };
+        let mut marker = ObjectRecord::new(info, Vec::new());
+        marker.delete_marker = true;
+        let rec = self
+            .commit_version(bucket, name, marker, None, (Vec::new(), Vec::new()))
+            .await?
+            .ok_or_else(|| Error::Internal("no extra checks, yet an extra conflict".into()))?;
+        Ok(Deleted { version_id: Some(rec.version_id), delete_marker: true })
+    }
+
+    /// DeleteObject of one version: gone for good; the next newest becomes current.
+    pub async fn delete_version(&self, bucket: &str, name: &str, version_id: &str) -> Result<Deleted> {
+        let wanted = if version_id == NULL_VERSION { None } else { Some(parse_version_id(version_id)?) };
+        let ok = object_key(bucket, name);
+        for _ in 0..16 {
+            let Some((old, version)) = self.key_record(bucket, name).await? else {
+                self.bucket_record(bucket).await?;
+                return Ok(Deleted { version_id: Some(version_id.to_string()), delete_marker: false });
+            };
+            let Some(seq) = wanted.or(old.null_seq) else {
+                return Ok(Deleted { version_id: Some(version_id.to_string()), delete_marker: false });
+            };
+            let vk = version_key(bucket, name, seq);
+            let Some(entry) = self.client.index_get(&vk).await.map_err(storage)? else {
+                return Ok(Deleted { version_id: Some(version_id.to_string()), delete_marker: false });
+            };
+            let target: ObjectRecord = dec(&vk, &entry.value)?;
+            let null_seq = old.null_seq.filter(|&ns| ns != seq);
+            let mut txn = IndexTxn { checks: vec![(ok.clone(), version)], puts: vec![(vk.clone(), None)] };
+            for e in &target.extents {
+                txn.puts.push(garbage_entry(e, self.cfg.garbage_grace.as_millis() as u64)?);
+            }
+            let current = if seq == old.current.seq {
+                let prefix = version_prefix(bucket, name);
+                let mut after = vk.clone();
+                after.push(0);
+                let (next, _) = self.client.index_list(&prefix, &after, 1).await.map_err(storage)?;
+                match next.first() {
+                    Some(e) => Some(dec::<ObjectRecord>(&e.key, &e.value)?),
+                    None => None,
+                }
+            } else {
+                Some(old.current.clone())
+            };
+            match current {
+                Some(current) => txn.puts.push((ok.clone(), Some(enc(&KeyRecord { current, null_seq })?))),
+                None => txn.puts.push((ok.clone(), None)),
+            }
+            if let IndexOutcome::Committed { .. } = self.client.index_txn(txn).await.map_err(storage)? {
+                return Ok(Deleted { version_id: Some(target.version_id), delete_marker: target.delete_marker });
+            }
+        }
+        Err(Error::Unavailable("the object kept changing; retry".into()))
+    }
+
+    /// ListObjectVersions: every version and delete marker, by key then newest first.
+    pub async fn list_versions(
+        &self,
+        bucket: &str,
+        q: &ListQuery,
+        key_marker: Option<&str>,
+        version_marker: Option<&str>,
+    ) -> Result<VersionPage> {
+        self.bucket_record(bucket).await?;
+        let base = version_base(bucket);
+        let prefix = key(&base, q.prefix.as_bytes());
+        let mut page = VersionPage::default();
+        // The key whose versions started before this page (so its first one here is not the latest).
+        let mut last_name: Option<String> = None;
+        let mut start = match (key_marker, version_marker) {
+            (Some(k), Some(v)) if !v.is_empty() => {
+                let seq = if v == NULL_VERSION {
+                    self.key_record(bucket, k).await?.and_then(|(r, _)| r.null_seq)
+                } else {
+                    Some(parse_version_id(v)?)
+                };
+                last_name = Some(k.to_string());
+                match seq {
+                    Some(seq) => {
+                        let mut s = version_key(bucket, k, seq);
+                        s.push(0);
+                        s
+                    }
+                    None => after_prefix(&version_prefix(bucket, k)),
+                }
+            }
+            (Some(k), _) => after_prefix(&version_prefix(bucket, k)),
+            _ => prefix.clone(),
+        };
+        if start < prefix {
+            start = prefix.clone();
+        }
+        if q.max_keys == 0 {
+            return Ok(page);
+        }
+        let mut count = 0usize;
+        'outer: loop {
+            let want = (q.max_keys - count + 1).min(LIST_PAGE as usize) as u32;
+            let (entries, more) = self.client.index_list(&prefix, &start, want).await.map_err(storage)?;
+            if entries.is_empty() {
+                break;
+            }
+            for e in &entries {
+                let Some((name, _)) = parse_version_key(&base, &e.key) else {
+                    warn!(key = %e.key.escape_ascii(), "malformed version key");
+                    continue;
+                };
+                if count == q.max_keys {
+                    page.truncated = true;
+                    break 'outer;
+                }
+                if let Some(d) = q.delimiter.as_deref().filter(|d| !d.is_empty()) {
+                    if let Some(pos) = name[q.prefix.len()..].find(d) {
+                        let cp = name[..q.prefix.len() + pos + d.len()].to_string();
+                        start = after_prefix(&key(&base, cp.as_bytes()));
+                        page.next = Some((cp.clone(), String::new()));
+                        page.common_prefixes.push(cp);
+                        count += 1;
+                        continue 'outer;
+                    }
+                }
+                let v: ObjectRecord = dec(&e.key, &e.value)?;
+                let is_latest = last_name.as_deref() != Some(name.as_str());
+                last_name = Some(name.clone());
+                page.next = Some((name.clone(), v.version_id.clone()));
+                let mut info = v.info;
+                info.key = name;
+                page.versions.push(VersionEntry { info, version_id: v.version_id, is_latest, delete_marker: v.delete_marker });
+                count += 1;
+                start = e.key.clone();
+                start.push(0);
+            }
+            if !more {
+                break;
+            }
+        }
+        if !page.truncated {
+            page.next = None;
+        }
+        Ok(page)
+    }
+
+    /// The data of one version, or `range` of it.
+    async fn stream(&self, object: ObjectRecord, range: Option<(u64, u64)>) -> Result<(ObjectInfo, ByteStream)> {
+        let (start, end) = range.unwrap_or((0, object.info.size));
+        if start > end || end > object.info.size {
+            return Err(Error::InvalidRange);
+        }
+        let pieces = read_pieces(slice_extents(&object.extents, start, end));
+        let mut volumes = HashMap::new();
+        for p in &pieces {
+            if let std::collections::hash_map::Entry::Vacant(v) = volumes.entry(p.volume) {
+                v.insert(self.reader(p.volume).await?);
+            }
+        }
+        let stream = futures::stream::iter(pieces)
+            .map(move |p| {
+                let vol = volumes.get(&p.volume).cloned();
+                async move {
+                    let vol = vol.ok_or_else(|| std::io::Error::other("data volume not open"))?;
+                    vol.read(p.offset, p.len).await.map_err(|e| std::io::Error::other(e.to_string()))
+                }
+            })
+            .buffered(READ_AHEAD);
+        Ok((object.info, Box::pin(stream)))
     }
 
     /// The data volume of this node, created and opened (lease taken over from an earlier
@@ -842,7 +1249,7 @@ impl ObjectStore {
                 used.push((e.offset, e.offset + align_up(e.len)));
             }
         };
-        for (k, v) in self.list_all(P_OBJECT).await? {
+        for (k, v) in self.list_all(P_VERSION).await? {
             dec::<ObjectRecord>(&k, &v)?.extents.iter().for_each(&mut note);
         }
         for (k, v) in self.list_all(P_PART).await? {
@@ -962,6 +1369,18 @@ fn flatten(r: std::result::Result<basalt_storaged_client::Result<()>, tokio::tas
     }
 }
 
+/// Object keys: 1 to 1024 bytes of UTF-8 without NUL (the index separates a key from its
+/// version and upload ids with a NUL byte).
+fn validate_key(name: &str) -> Result<()> {
+    if name.len() > MAX_KEY {
+        return Err(Error::KeyTooLong);
+    }
+    if name.is_empty() || name.contains('\0') {
+        return Err(Error::InvalidArgument("object keys are 1 to 1024 bytes without NUL characters".into()));
+    }
+    Ok(())
+}
+
 /// Another run of this gateway took the data volume over: this one must stop writing.
 fn superseded() -> Error {
     Error::Unavailable("this gateway was restarted elsewhere; retry".into())
@@ -1059,7 +1478,7 @@ impl Backend for ObjectStore {
     async fn create_bucket(&self, owner: &Account, name: &str, region: &str) -> Result<Bucket> {
         let k = key(P_BUCKET, name.as_bytes());
         let bucket = Bucket { name: name.to_string(), owner: owner.id.clone(), created_ms: now_ms(), region: region.to_string() };
-        let record = BucketRecord { bucket: bucket.clone(), deleting: false };
+        let record = BucketRecord { bucket: bucket.clone(), deleting: false, versioning: Versioning::Unversioned };
         let txn = IndexTxn { checks: vec![(k.clone(), 0)], puts: vec![(k, Some(enc(&record)?))] };
         match self.client.index_txn(txn).await.map_err(storage)? {
             IndexOutcome::Committed { .. } => Ok(bucket),
@@ -1095,7 +1514,8 @@ impl Backend for ObjectStore {
             IndexOutcome::Conflict { version: 0, .. } => return Err(Error::NoSuchBucket(name.to_string())),
             IndexOutcome::Conflict { .. } => return Err(Error::Unavailable("the bucket changed meanwhile; retry".into())),
         };
-        let prefix = object_key(name, "");
+        // Empty means no version at all, delete markers included.
+        let prefix = version_base(name);
         let (objects, _) = self.client.index_list(&prefix, &prefix, 1).await.map_err(storage)?;
         if !objects.is_empty() {
             record.deleting = false;
@@ -1120,12 +1540,7 @@ impl Backend for ObjectStore {
     }
 
     async fn put_object(&self, bucket: &str, name: &str, opts: PutOptions, body: ByteStream) -> Result<ObjectInfo> {
-        if name.len() > MAX_KEY {
-            return Err(Error::KeyTooLong);
-        }
-        if name.is_empty() {
-            return Err(Error::NoSuchKey);
-        }
+        validate_key(name)?;
         let (record, _) = self.bucket_record(bucket).await?;
         if record.deleting {
             return Err(Error::NoSuchBucket(bucket.to_string()));
@@ -1141,48 +1556,21 @@ impl Backend for ObjectStore {
             user_meta: opts.user_meta,
             headers: opts.headers,
             checksums: opts.checksums,
+            version_id: None,
         };
-        let write_id = rand::random::<u64>();
-        let object = ObjectRecord { info: info.clone(), extents: written.extents.clone(), write_id };
-        let value = enc(&object)?;
-        let ok = object_key(bucket, name);
-        let bk = key(P_BUCKET, bucket.as_bytes());
-        for _ in 0..16 {
-            let (brecord, bversion) = self.bucket_record(bucket).await?;
-            if brecord.deleting {
-                break;
-            }
-            let old = self.object_record(bucket, name).await?;
-            if let Some((o, _)) = &old {
-                if o.write_id == write_id {
-                    return Ok(info); // our own commit, retried by the transport
-                }
-            }
-            let mut txn = IndexTxn {
-                checks: vec![(bk.clone(), bversion), (ok.clone(), old.as_ref().map_or(0, |(_, v)| *v)), log.incarnation_check()],
-                puts: vec![(ok.clone(), Some(value.clone()))],
-            };
-            if let Some((o, _)) = &old {
-                for e in &o.extents {
-                    txn.puts.push(garbage_entry(e, self.cfg.garbage_grace.as_millis() as u64)?);
-                }
-            }
-            match self.client.index_txn(txn).await.map_err(storage)? {
-                IndexOutcome::Committed { .. } => {
-                    written.keep();
-                    return Ok(info);
-                }
-                IndexOutcome::Conflict { key, .. } if key == log.incarnation_check().0 => return Err(superseded()),
-                IndexOutcome::Conflict { .. } => continue,
-            }
-        }
-        Err(Error::NoSuchBucket(bucket.to_string()))
+        let rec = ObjectRecord::new(info, written.extents.clone());
+        let committed = self
+            .commit_version(bucket, name, rec, Some(log.incarnation_check()), (Vec::new(), Vec::new()))
+            .await?
+            .ok_or_else(|| Error::Internal("no extra checks, yet an extra conflict".into()))?;
+        written.keep();
+        Ok(committed.info)
     }
 
     async fn head_object(&self, bucket: &str, name: &str) -> Result<ObjectInfo> {
-        match self.object_record(bucket, name).await? {
-            Some((o, _)) => Ok(o.info),
-            None => {
+        match self.key_record(bucket, name).await? {
+            Some((k, _)) if !k.current.delete_marker => Ok(k.current.info),
+            _ => {
                 self.bucket_record(bucket).await?;
                 Err(Error::NoSuchKey)
             }
@@ -1190,50 +1578,17 @@ impl Backend for ObjectStore {
     }
 
     async fn get_object(&self, bucket: &str, name: &str, range: Option<(u64, u64)>) -> Result<(ObjectInfo, ByteStream)> {
-        let Some((object, _)) = self.object_record(bucket, name).await? else {
-            self.bucket_record(bucket).await?;
-            return Err(Error::NoSuchKey);
-        };
-        let (start, end) = range.unwrap_or((0, object.info.size));
-        if start > end || end > object.info.size {
-            return Err(Error::InvalidRange);
-        }
-        let pieces = read_pieces(slice_extents(&object.extents, start, end));
-        let mut volumes = HashMap::new();
-        for p in &pieces {
-            if let std::collections::hash_map::Entry::Vacant(v) = volumes.entry(p.volume) {
-                v.insert(self.reader(p.volume).await?);
+        match self.key_record(bucket, name).await? {
+            Some((k, _)) if !k.current.delete_marker => self.stream(k.current, range).await,
+            _ => {
+                self.bucket_record(bucket).await?;
+                Err(Error::NoSuchKey)
             }
         }
-        let stream = futures::stream::iter(pieces)
-            .map(move |p| {
-                let vol = volumes.get(&p.volume).cloned();
-                async move {
-                    let vol = vol.ok_or_else(|| std::io::Error::other("data volume not open"))?;
-                    vol.read(p.offset, p.len).await.map_err(|e| std::io::Error::other(e.to_string()))
-                }
-            })
-            .buffered(READ_AHEAD);
-        Ok((object.info, Box::pin(stream)))
     }
 
     async fn delete_object(&self, bucket: &str, name: &str) -> Result<()> {
-        let ok = object_key(bucket, name);
-        for _ in 0..16 {
-            let Some((old, version)) = self.object_record(bucket, name).await? else {
-                self.bucket_record(bucket).await?;
-                return Ok(());
-            };
-            let mut txn = IndexTxn { checks: vec![(ok.clone(), version)], puts: vec![(ok.clone(), None)] };
-            for e in &old.extents {
-                txn.puts.push(garbage_entry(e, self.cfg.garbage_grace.as_millis() as u64)?);
-            }
-            match self.client.index_txn(txn).await.map_err(storage)? {
-                IndexOutcome::Committed { .. } => return Ok(()),
-                IndexOutcome::Conflict { .. } => continue,
-            }
-        }
-        Err(Error::Unavailable("the object kept changing; retry".into()))
+        self.delete_current(bucket, name).await.map(|_| ())
     }
 
     async fn list_objects(&self, bucket: &str, q: &ListQuery) -> Result<ListPage> {
@@ -1286,12 +1641,15 @@ impl Backend for ObjectStore {
                         continue 'outer;
                     }
                 }
-                let object: ObjectRecord = dec(&e.key, &e.value)?;
-                page.next_after = Some(name.to_string());
-                page.objects.push(object.info);
-                count += 1;
+                let object: KeyRecord = dec(&e.key, &e.value)?;
                 start = e.key.clone();
                 start.push(0);
+                if object.current.delete_marker {
+                    continue;
+                }
+                page.next_after = Some(name.to_string());
+                page.objects.push(object.current.info);
+                count += 1;
             }
             if !more {
                 break;

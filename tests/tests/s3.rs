@@ -3,7 +3,8 @@
 
 use anyhow::{bail, Context, Result};
 use basalt_s3gw::backend::{Backend, ByteStream, Error, ListQuery, PutOptions};
-use basalt_s3gw::store::{ObjectStore, StoreConfig};
+use basalt_s3gw::store::{ObjectStore, StoreConfig, Versioning};
+use std::sync::Arc;
 use basalt_tests::*;
 use bytes::Bytes;
 use futures::StreamExt;
@@ -187,6 +188,66 @@ async fn objects_live_in_data_volumes_and_list_like_s3() -> Result<()> {
     ));
     assert!(store.list_uploads("photos", "", None, 100).await?.0.is_empty());
     assert!(store.collect_garbage().await? >= 3, "the replaced part, the aborted parts");
+
+    // Versioning: a null version from before, versions, delete markers, suspension.
+    store.create_bucket(&alice, "v", "basalt").await?;
+    let put = |data: &'static [u8]| store.put_object("v", "k", PutOptions::default(), body(data, 3));
+    assert_eq!(put(b"original").await?.version_id, None, "no version ids before versioning");
+    store.set_versioning("v", Versioning::Enabled).await?;
+    let v1 = put(b"first").await?.version_id.context("a version id")?;
+    let v2 = put(b"second").await?.version_id.context("a version id")?;
+    assert!(v1 != v2 && v1 != "null");
+    let versions = |store: &Arc<ObjectStore>| {
+        let store = store.clone();
+        async move {
+            let q = ListQuery { max_keys: 1000, ..Default::default() };
+            let page = store.list_versions("v", &q, None, None).await?;
+            anyhow::Ok(page.versions.iter().map(|v| (v.version_id.clone(), v.is_latest, v.delete_marker)).collect::<Vec<_>>())
+        }
+    };
+    assert_eq!(
+        versions(&store).await?,
+        vec![(v2.clone(), true, false), (v1.clone(), false, false), ("null".into(), false, false)]
+    );
+    let (_, data) = store.get_version("v", "k", "null", None).await?;
+    assert_eq!(read_all(data).await?, b"original".to_vec());
+    let (_, data) = store.get_object("v", "k", None).await?;
+    assert_eq!(read_all(data).await?, b"second".to_vec());
+    let marker = store.delete_current("v", "k").await?;
+    assert!(marker.delete_marker);
+    assert!(matches!(store.head_object("v", "k").await, Err(Error::NoSuchKey)));
+    assert!(store.list_objects("v", &ListQuery { max_keys: 10, ..Default::default() }).await?.objects.is_empty());
+    let marker_id = marker.version_id.context("the marker's version")?;
+    assert!(matches!(store.head_version("v", "k", &marker_id).await, Err(Error::MethodNotAllowed)));
+    assert_eq!(versions(&store).await?.first(), Some(&(marker_id.clone(), true, true)));
+    // Removing the marker brings the object back; removing a version forgets it.
+    store.delete_version("v", "k", &marker_id).await?;
+    let (_, data) = store.get_object("v", "k", None).await?;
+    assert_eq!(read_all(data).await?, b"second".to_vec());
+    store.delete_version("v", "k", &v1).await?;
+    assert!(matches!(store.get_version("v", "k", &v1, None).await, Err(Error::NoSuchVersion)));
+    // Suspended: writes replace the null version.
+    store.set_versioning("v", Versioning::Suspended).await?;
+    assert_eq!(put(b"null again").await?.version_id.as_deref(), Some("null"));
+    assert_eq!(versions(&store).await?, vec![("null".into(), true, false), (v2.clone(), false, false)]);
+    // Pages of one version, going on from the markers.
+    let mut seen = Vec::new();
+    let (mut km, mut vm) = (None::<String>, None::<String>);
+    loop {
+        let q = ListQuery { max_keys: 1, ..Default::default() };
+        let page = store.list_versions("v", &q, km.as_deref(), vm.as_deref()).await?;
+        seen.extend(page.versions.iter().map(|v| (v.version_id.clone(), v.is_latest)));
+        match page.next {
+            Some((k, v)) if page.truncated => (km, vm) = (Some(k), Some(v)),
+            _ => break,
+        }
+    }
+    assert_eq!(seen, vec![("null".into(), true), (v2.clone(), false)]);
+    assert!(matches!(store.delete_bucket("v").await, Err(Error::BucketNotEmpty(_))));
+    store.delete_version("v", "k", "null").await?;
+    store.delete_version("v", "k", &v2).await?;
+    assert!(matches!(store.head_object("v", "k").await, Err(Error::NoSuchKey)));
+    store.delete_bucket("v").await?;
 
     // A bucket is deleted only when empty.
     assert!(matches!(store.delete_bucket("photos").await, Err(Error::BucketNotEmpty(_))));
