@@ -418,6 +418,7 @@ impl ObjectStore {
                 (key(P_ACCOUNT, account.id.as_bytes()), Some(enc(&account)?)),
                 (key(P_KEY, ak.id.as_bytes()), Some(enc(&ak)?)),
             ],
+            adds: Vec::new(),
         };
         self.commit(txn).await?;
         Ok((account, ak))
@@ -439,7 +440,7 @@ impl ObjectStore {
     pub async fn create_key(&self, account: &Account) -> Result<AccessKey> {
         let ak = new_access_key(&account.id);
         let k = key(P_KEY, ak.id.as_bytes());
-        self.commit(IndexTxn { checks: vec![(k.clone(), 0)], puts: vec![(k, Some(enc(&ak)?))] }).await?;
+        self.commit(IndexTxn { checks: vec![(k.clone(), 0)], puts: vec![(k, Some(enc(&ak)?))], adds: Vec::new() }).await?;
         Ok(ak)
     }
 
@@ -453,7 +454,7 @@ impl ObjectStore {
         let k = key(P_KEY, id.as_bytes());
         match self.client.index_get(&k).await.map_err(storage)? {
             None => Err(Error::Internal(format!("no access key {id:?}"))),
-            Some(e) => self.commit(IndexTxn { checks: vec![(k.clone(), e.version)], puts: vec![(k, None)] }).await,
+            Some(e) => self.commit(IndexTxn { checks: vec![(k.clone(), e.version)], puts: vec![(k, None)], adds: Vec::new() }).await,
         }
     }
 
@@ -476,7 +477,7 @@ impl ObjectStore {
             headers: opts.headers,
         };
         let k = upload_key(bucket, name, &id);
-        self.commit(IndexTxn { checks: vec![(k.clone(), 0)], puts: vec![(k, Some(enc(&rec)?))] }).await?;
+        self.commit(IndexTxn { checks: vec![(k.clone(), 0)], puts: vec![(k, Some(enc(&rec)?))], adds: Vec::new() }).await?;
         Ok(upload)
     }
 
@@ -526,6 +527,7 @@ impl ObjectStore {
                     log.incarnation_check(),
                 ],
                 puts: vec![(pk.clone(), Some(value.clone()))],
+                adds: Vec::new(),
             };
             if let Some(old) = &old {
                 let old: PartRecord = dec(&pk, &old.value)?;
@@ -655,7 +657,7 @@ impl ObjectStore {
     pub async fn abort_upload(&self, bucket: &str, name: &str, id: &str) -> Result<()> {
         let (_, uversion) = self.upload_record(bucket, name, id).await?;
         let uk = upload_key(bucket, name, id);
-        match self.client.index_txn(IndexTxn { checks: vec![(uk.clone(), uversion)], puts: vec![(uk, None)] }).await.map_err(storage)? {
+        match self.client.index_txn(IndexTxn { checks: vec![(uk.clone(), uversion)], puts: vec![(uk, None)], adds: Vec::new() }).await.map_err(storage)? {
             IndexOutcome::Committed { .. } => {}
             IndexOutcome::Conflict { .. } => return Err(Error::NoSuchUpload),
         }
@@ -674,7 +676,7 @@ impl ObjectStore {
     /// (what fails stays as dead records, logged).
     async fn delete_in_batches(&self, puts: Vec<(Vec<u8>, Option<Vec<u8>>)>) {
         for batch in puts.chunks(1000) {
-            if let Err(e) = self.client.index_txn(IndexTxn { checks: vec![], puts: batch.to_vec() }).await {
+            if let Err(e) = self.client.index_txn(IndexTxn { checks: vec![], puts: batch.to_vec(), adds: Vec::new() }).await {
                 warn!(error = %e, entries = batch.len(), "could not clean up after a multipart upload");
             }
         }
@@ -757,6 +759,7 @@ impl ObjectStore {
             let mut txn = IndexTxn {
                 checks: vec![(bk.clone(), bversion), (ok.clone(), old.as_ref().map_or(0, |(_, v)| *v))],
                 puts: vec![(version_key(bucket, name, rec.seq), Some(enc(&rec)?))],
+                adds: Vec::new(),
             };
             let mut null_seq = old.as_ref().and_then(|(o, _)| o.null_seq);
             if null {
@@ -809,7 +812,7 @@ impl ObjectStore {
                 return Err(Error::NoSuchBucket(bucket.to_string()));
             }
             record.versioning = state;
-            let txn = IndexTxn { checks: vec![(k.clone(), version)], puts: vec![(k.clone(), Some(enc(&record)?))] };
+            let txn = IndexTxn { checks: vec![(k.clone(), version)], puts: vec![(k.clone(), Some(enc(&record)?))], adds: Vec::new() };
             if let IndexOutcome::Committed { .. } = self.client.index_txn(txn).await.map_err(storage)? {
                 return Ok(());
             }
@@ -874,6 +877,7 @@ impl ObjectStore {
                 let mut txn = IndexTxn {
                     checks: vec![(ok.clone(), version)],
                     puts: vec![(ok.clone(), None), (version_key(bucket, name, old.current.seq), None)],
+                    adds: Vec::new(),
                 };
                 for e in &old.current.extents {
                     txn.puts.push(garbage_entry(e, self.cfg.garbage_grace.as_millis() as u64)?);
@@ -912,7 +916,7 @@ impl ObjectStore {
             };
             let target: ObjectRecord = dec(&vk, &entry.value)?;
             let null_seq = old.null_seq.filter(|&ns| ns != seq);
-            let mut txn = IndexTxn { checks: vec![(ok.clone(), version)], puts: vec![(vk.clone(), None)] };
+            let mut txn = IndexTxn { checks: vec![(ok.clone(), version)], puts: vec![(vk.clone(), None)], adds: Vec::new() };
             for e in &target.extents {
                 txn.puts.push(garbage_entry(e, self.cfg.garbage_grace.as_millis() as u64)?);
             }
@@ -1083,7 +1087,7 @@ impl ObjectStore {
                 let nonce = rand::random::<u64>().to_be_bytes().to_vec();
                 let incarnation = match self
                     .client
-                    .index_txn(IndexTxn { checks: vec![], puts: vec![(ik, Some(nonce))] })
+                    .index_txn(IndexTxn { checks: vec![], puts: vec![(ik, Some(nonce))], adds: Vec::new() })
                     .await
                     .map_err(storage)?
                 {
@@ -1097,6 +1101,7 @@ impl ObjectStore {
                 let txn = IndexTxn {
                     checks: vec![(vk.clone(), current.map_or(0, |e| e.version))],
                     puts: vec![(vk, Some(mine.encode()))],
+                    adds: Vec::new(),
                 };
                 self.commit(txn).await?;
                 let window = (old.run_start < old.end).then_some((old.run_start, old.end));
@@ -1127,7 +1132,7 @@ impl ObjectStore {
             let current = self.client.index_get(&k).await.map_err(storage)?;
             let version = current.map_or(0, |e| e.version);
             let value = Reservation { end: new_end, run_start: log.start }.encode();
-            let txn = IndexTxn { checks: vec![(k.clone(), version), log.incarnation_check()], puts: vec![(k, Some(value))] };
+            let txn = IndexTxn { checks: vec![(k.clone(), version), log.incarnation_check()], puts: vec![(k, Some(value))], adds: Vec::new() };
             self.commit(txn).await?;
             cursor.1 = new_end;
         }
@@ -1304,7 +1309,7 @@ impl ObjectStore {
                 continue;
             };
             log.volume.trim(offset, align_up(g.len)).await.map_err(storage)?;
-            self.client.index_txn(IndexTxn { checks: vec![], puts: vec![(k, None)] }).await.map_err(storage)?;
+            self.client.index_txn(IndexTxn { checks: vec![], puts: vec![(k, None)], adds: Vec::new() }).await.map_err(storage)?;
             trimmed += 1;
         }
         Ok(trimmed)
@@ -1352,7 +1357,7 @@ impl Drop for Written {
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 rt.spawn(async move {
-                    if let Err(e) = client.index_txn(IndexTxn { checks: vec![], puts }).await {
+                    if let Err(e) = client.index_txn(IndexTxn { checks: vec![], puts, adds: Vec::new() }).await {
                         warn!(error = %e, extents = n, "could not queue unused data for trimming; the next restart sweeps it");
                     }
                 });
@@ -1479,7 +1484,7 @@ impl Backend for ObjectStore {
         let k = key(P_BUCKET, name.as_bytes());
         let bucket = Bucket { name: name.to_string(), owner: owner.id.clone(), created_ms: now_ms(), region: region.to_string() };
         let record = BucketRecord { bucket: bucket.clone(), deleting: false, versioning: Versioning::Unversioned };
-        let txn = IndexTxn { checks: vec![(k.clone(), 0)], puts: vec![(k, Some(enc(&record)?))] };
+        let txn = IndexTxn { checks: vec![(k.clone(), 0)], puts: vec![(k, Some(enc(&record)?))], adds: Vec::new() };
         match self.client.index_txn(txn).await.map_err(storage)? {
             IndexOutcome::Committed { .. } => Ok(bucket),
             IndexOutcome::Conflict { .. } => {
@@ -1506,7 +1511,7 @@ impl Backend for ObjectStore {
         record.deleting = true;
         let marked = match self
             .client
-            .index_txn(IndexTxn { checks: vec![(k.clone(), version)], puts: vec![(k.clone(), Some(enc(&record)?))] })
+            .index_txn(IndexTxn { checks: vec![(k.clone(), version)], puts: vec![(k.clone(), Some(enc(&record)?))], adds: Vec::new() })
             .await
             .map_err(storage)?
         {
@@ -1519,13 +1524,13 @@ impl Backend for ObjectStore {
         let (objects, _) = self.client.index_list(&prefix, &prefix, 1).await.map_err(storage)?;
         if !objects.is_empty() {
             record.deleting = false;
-            let undo = IndexTxn { checks: vec![(k.clone(), marked)], puts: vec![(k, Some(enc(&record)?))] };
+            let undo = IndexTxn { checks: vec![(k.clone(), marked)], puts: vec![(k, Some(enc(&record)?))], adds: Vec::new() };
             if let Err(e) = self.commit(undo).await {
                 warn!(bucket = name, error = %e, "could not clear the deleting mark of a non-empty bucket");
             }
             return Err(Error::BucketNotEmpty(name.to_string()));
         }
-        self.commit(IndexTxn { checks: vec![(k.clone(), marked)], puts: vec![(k, None)] }).await
+        self.commit(IndexTxn { checks: vec![(k.clone(), marked)], puts: vec![(k, None)], adds: Vec::new() }).await
     }
 
     async fn list_buckets(&self, owner: &Account) -> Result<Vec<Bucket>> {

@@ -156,6 +156,10 @@ pub struct IndexTxn {
     pub checks: Vec<(Vec<u8>, u64)>,
     /// Writes (`Some`) and deletes (`None`), applied in order.
     pub puts: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// Counters: each key's value is an `i64` (8 bytes big-endian, absent = 0) to which the
+    /// amount is added, saturating (never to a key this transaction also writes). Adds never conflict with each other, so
+    /// a hot counter (a bucket's usage) does not serialise the writers that change it.
+    pub adds: Vec<(Vec<u8>, i64)>,
 }
 
 /// What became of an [`IndexTxn`].

@@ -26,15 +26,18 @@ fn invalid(message: String) -> RemoteError {
 
 /// The limits of a transaction; pure, so the proposer and every replica's apply agree.
 pub fn validate(txn: &IndexTxn) -> Result<(), RemoteError> {
-    let ops = txn.checks.len() + txn.puts.len();
+    let ops = txn.checks.len() + txn.puts.len() + txn.adds.len();
     if ops == 0 || ops > MAX_INDEX_OPS {
         return Err(invalid(format!("an index transaction has 1 to {MAX_INDEX_OPS} checks and writes, not {ops}")));
     }
-    let keys = txn.checks.iter().map(|(k, _)| k).chain(txn.puts.iter().map(|(k, _)| k));
+    let keys = txn.checks.iter().map(|(k, _)| k).chain(txn.puts.iter().map(|(k, _)| k)).chain(txn.adds.iter().map(|(k, _)| k));
     for key in keys {
         if key.is_empty() || key.len() > MAX_INDEX_KEY {
             return Err(invalid(format!("index keys are 1 to {MAX_INDEX_KEY} bytes, not {}", key.len())));
         }
+    }
+    if txn.adds.iter().any(|(k, _)| txn.puts.iter().any(|(p, _)| p == k)) {
+        return Err(invalid("an index transaction may not both write and add to one key".into()));
     }
     for (_, value) in &txn.puts {
         if let Some(v) = value {
@@ -60,13 +63,31 @@ pub(crate) fn decode(key: &[u8], stored: &[u8]) -> Result<IndexEntry, String> {
     Ok(IndexEntry { key: key.to_vec(), value: value.to_vec(), version: u64::from_be_bytes(*version) })
 }
 
-/// Applies `txn` at log index `version` into `batch`. `written` holds the versions of keys
-/// written earlier in the same batch (0: deleted), which the database does not show yet.
+/// What the same batch already wrote to a key, which the database does not show yet:
+/// its version and value (`None`: deleted).
+pub(crate) type Written = HashMap<Vec<u8>, (u64, Option<Vec<u8>>)>;
+
+/// The version and value of `key` as of this point of the batch.
+fn current(db: &DB, cf: &ColumnFamily, written: &Written, key: &[u8]) -> Result<Result<(u64, Option<Vec<u8>>), RemoteError>, rocksdb::Error> {
+    if let Some((v, value)) = written.get(key) {
+        return Ok(Ok((*v, value.clone())));
+    }
+    Ok(match db.get_pinned_cf(cf, key)? {
+        Some(stored) => match stored.split_first_chunk::<8>() {
+            Some((v, value)) => Ok((u64::from_be_bytes(*v), Some(value.to_vec()))),
+            None => Err(RemoteError::new(ErrorCode::Internal, format!("index entry {} is corrupt", key.escape_ascii()))),
+        },
+        None => Ok((0, None)),
+    })
+}
+
+/// Applies `txn` at log index `version` into `batch`; `written` carries what earlier
+/// entries of the batch wrote.
 pub(crate) fn apply(
     db: &DB,
     cf: &ColumnFamily,
     batch: &mut WriteBatch,
-    written: &mut HashMap<Vec<u8>, u64>,
+    written: &mut Written,
     txn: &IndexTxn,
     version: u64,
 ) -> Result<Result<IndexOutcome, RemoteError>, rocksdb::Error> {
@@ -74,31 +95,46 @@ pub(crate) fn apply(
         return Ok(Err(e));
     }
     for (key, want) in &txn.checks {
-        let have = match written.get(key) {
-            Some(v) => *v,
-            None => match db.get_pinned_cf(cf, key)? {
-                Some(stored) => match stored.first_chunk::<8>() {
-                    Some(v) => u64::from_be_bytes(*v),
-                    None => return Ok(Err(RemoteError::new(ErrorCode::Internal, format!("index entry {} is corrupt", key.escape_ascii())))),
-                },
-                None => 0,
-            },
+        let have = match current(db, cf, written, key)? {
+            Ok((v, _)) => v,
+            Err(e) => return Ok(Err(e)),
         };
         if have != *want {
             return Ok(Ok(IndexOutcome::Conflict { key: key.clone(), version: have }));
         }
     }
+    // Counters are read before anything is written, so a bad one refuses the whole txn.
+    let mut sums = Vec::with_capacity(txn.adds.len());
+    for (key, delta) in &txn.adds {
+        let value = match current(db, cf, written, key)? {
+            Ok((_, value)) => value,
+            Err(e) => return Ok(Err(e)),
+        };
+        let now = match value.as_deref() {
+            None => 0,
+            Some(bytes) => match <[u8; 8]>::try_from(bytes) {
+                Ok(b) => i64::from_be_bytes(b),
+                Err(_) => return Ok(Err(RemoteError::new(ErrorCode::InvalidArgument, format!("index entry {} is not a counter", key.escape_ascii())))),
+            },
+        };
+        sums.push((key, now.saturating_add(*delta)));
+    }
     for (key, value) in &txn.puts {
         match value {
             Some(v) => {
                 batch.put_cf(cf, key, encode(version, v));
-                written.insert(key.clone(), version);
+                written.insert(key.clone(), (version, Some(v.clone())));
             }
             None => {
                 batch.delete_cf(cf, key);
-                written.insert(key.clone(), 0);
+                written.insert(key.clone(), (0, None));
             }
         }
+    }
+    for (key, sum) in sums {
+        let v = sum.to_be_bytes().to_vec();
+        batch.put_cf(cf, key, encode(version, &v));
+        written.insert(key.clone(), (version, Some(v)));
     }
     Ok(Ok(IndexOutcome::Committed { version }))
 }

@@ -182,6 +182,7 @@ async fn check_index(via: &TestNode, a: &TestNode, b: &TestNode) {
         MetaRequest::IndexTxn(IndexTxn {
             checks: checks.into_iter().map(|(k, v)| (k.to_vec(), v)).collect(),
             puts: puts.into_iter().map(|(k, v)| (k.to_vec(), v.map(<[u8]>::to_vec))).collect(),
+            adds: Vec::new(),
         })
     };
     let committed = |resp: MetaResponse| match resp {
@@ -219,6 +220,18 @@ async fn check_index(via: &TestNode, a: &TestNode, b: &TestNode) {
     for bad in [txn(vec![], vec![]), txn(vec![], vec![(&[0u8; 5000][..], Some(b"x"))])] {
         assert_eq!(via.handle(bad).await.map_err(|e| e.code).err(), Some(ErrorCode::InvalidArgument));
     }
+
+    // Counters: adds from several writers combine, without conflicts.
+    let add = |delta: i64| MetaRequest::IndexTxn(IndexTxn { adds: vec![(b"count".to_vec(), delta)], ..Default::default() });
+    let (x, y) = tokio::join!(a.request(add(5)), b.request(add(-2)));
+    committed(x);
+    committed(y);
+    match via.request(get(b"count")).await {
+        MetaResponse::IndexEntry(Some(e)) => assert_eq!(e.value, 3i64.to_be_bytes().to_vec()),
+        other => panic!("{other:?}"),
+    }
+    let not_a_counter = MetaRequest::IndexTxn(IndexTxn { adds: vec![(b"a".to_vec(), 1)], ..Default::default() });
+    assert_eq!(via.handle(not_a_counter).await.map_err(|e| e.code).err(), Some(ErrorCode::InvalidArgument));
 
     // Two creators of one key through two nodes: exactly one wins.
     let (x, y) = tokio::join!(
