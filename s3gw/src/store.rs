@@ -12,6 +12,7 @@
 //!   | `s3/W/` bucket `/` key `\0` !seq | [`ObjectRecord`]: every version, newest first |
 //!   | `s3/V/` data volume name         | [`Reservation`] (2 × `u64` BE)            |
 //!   | `s3/I/` data volume name         | random: rewritten by each gateway start   |
+//!   | `s3/Q/` bucket `/b`, `/n`        | counters: bytes and versions stored       |
 //!   | `s3/G/` volume id, offset (BE)   | [`Garbage`]: an extent to trim            |
 //!   | `s3/M/` bucket `/` key `\0` upload id | [`UploadRecord`]: a multipart upload  |
 //!   | `s3/P/` upload id `/` part (u32 BE) | [`PartRecord`]                          |
@@ -86,6 +87,7 @@ const P_VERSION: &[u8] = b"s3/W/";
 const P_VOLUME: &[u8] = b"s3/V/";
 const P_GARBAGE: &[u8] = b"s3/G/";
 const P_INCARNATION: &[u8] = b"s3/I/";
+const P_USAGE: &[u8] = b"s3/Q/";
 const P_UPLOAD: &[u8] = b"s3/M/";
 const P_PART: &[u8] = b"s3/P/";
 
@@ -105,6 +107,21 @@ pub struct BucketRecord {
     /// Set while a delete checks that the bucket is empty: new objects are refused.
     pub deleting: bool,
     pub versioning: Versioning,
+    pub quota: Quota,
+}
+
+/// Limits of a bucket; every stored version counts, delete markers do not.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quota {
+    pub max_bytes: Option<u64>,
+    pub max_objects: Option<u64>,
+}
+
+/// What a bucket holds: every version's bytes and the number of versions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub bytes: i64,
+    pub objects: i64,
 }
 
 /// A bucket's versioning state (S3: never back to `Unversioned` once enabled).
@@ -224,6 +241,28 @@ fn object_key(bucket: &str, name: &str) -> Vec<u8> {
 }
 
 /// Versions of a key sort newest first: the sequence number is stored inverted.
+fn usage_keys(bucket: &str) -> (Vec<u8>, Vec<u8>) {
+    let base = key(P_USAGE, bucket.as_bytes());
+    (key(&base, b"/b"), key(&base, b"/n"))
+}
+
+/// Counter changes for versions added (`sign` 1) or removed (-1).
+fn usage_adds(bucket: &str, versions: &[(&ObjectRecord, i64)]) -> Vec<(Vec<u8>, i64)> {
+    let (bytes, objects) = versions
+        .iter()
+        .filter(|(v, _)| !v.delete_marker)
+        .fold((0i64, 0i64), |(b, n), (v, sign)| (b + sign * v.info.size as i64, n + sign));
+    let (bk, nk) = usage_keys(bucket);
+    let mut adds = Vec::new();
+    if bytes != 0 {
+        adds.push((bk, bytes));
+    }
+    if objects != 0 {
+        adds.push((nk, objects));
+    }
+    adds
+}
+
 fn version_key(bucket: &str, name: &str, seq: u64) -> Vec<u8> {
     let mut k = version_prefix(bucket, name);
     k.extend_from_slice(&(u64::MAX - seq).to_be_bytes());
@@ -624,6 +663,7 @@ impl ObjectStore {
             checksums: Default::default(),
             version_id: None,
         };
+        self.check_quota(bucket, self.bucket_record(bucket).await?.0.quota, size).await?;
         let rec = ObjectRecord::new(info, extents);
         if enc(&rec)?.len() > basalt_types::MAX_INDEX_VALUE {
             return Err(Error::InvalidArgument(format!("an object of {} parts is more than this store can describe", list.len())));
@@ -762,6 +802,7 @@ impl ObjectStore {
                 adds: Vec::new(),
             };
             let mut null_seq = old.as_ref().and_then(|(o, _)| o.null_seq);
+            let mut gone: Option<ObjectRecord> = None;
             if null {
                 if let Some(ns) = null_seq {
                     // The null version is replaced: its data goes.
@@ -779,10 +820,14 @@ impl ObjectStore {
                     for e in replaced.iter().flat_map(|r| r.extents.iter()) {
                         txn.puts.push(garbage_entry(e, grace)?);
                     }
+                    gone = replaced;
                 }
                 null_seq = Some(rec.seq);
             }
             txn.puts.push((ok.clone(), Some(enc(&KeyRecord { current: rec.clone(), null_seq })?)));
+            let mut changes = vec![(&rec, 1)];
+            changes.extend(gone.as_ref().map(|g| (g, -1)));
+            txn.adds = usage_adds(bucket, &changes);
             if let Some(check) = &incarnation {
                 txn.checks.push(check.clone());
             }
@@ -818,6 +863,56 @@ impl ObjectStore {
             }
         }
         Err(Error::Unavailable("the bucket kept changing; retry".into()))
+    }
+
+    /// Sets a bucket's limits (writes that would pass them fail with `QuotaExceeded`).
+    pub async fn set_quota(&self, bucket: &str, quota: Quota) -> Result<()> {
+        let k = key(P_BUCKET, bucket.as_bytes());
+        for _ in 0..16 {
+            let (mut record, version) = self.bucket_record(bucket).await?;
+            record.quota = quota;
+            let txn = IndexTxn { checks: vec![(k.clone(), version)], puts: vec![(k.clone(), Some(enc(&record)?))], adds: Vec::new() };
+            if let IndexOutcome::Committed { .. } = self.client.index_txn(txn).await.map_err(storage)? {
+                return Ok(());
+            }
+        }
+        Err(Error::Unavailable("the bucket kept changing; retry".into()))
+    }
+
+    pub async fn quota(&self, bucket: &str) -> Result<Quota> {
+        Ok(self.bucket_record(bucket).await?.0.quota)
+    }
+
+    /// What the bucket holds now.
+    pub async fn usage(&self, bucket: &str) -> Result<Usage> {
+        let base = key(P_USAGE, bucket.as_bytes());
+        let (entries, _) = self.client.index_list(&base, &base, 4).await.map_err(storage)?;
+        let (bk, nk) = usage_keys(bucket);
+        let mut usage = Usage::default();
+        for e in entries {
+            let v = e.value.as_slice().try_into().map(i64::from_be_bytes).unwrap_or(0);
+            if e.key == bk {
+                usage.bytes = v;
+            } else if e.key == nk {
+                usage.objects = v;
+            }
+        }
+        Ok(usage)
+    }
+
+    /// Refuses a write of `bytes` more (and one more version) past the bucket's quota. The
+    /// check is not atomic with the commit: writers racing at the limit may pass it together.
+    async fn check_quota(&self, bucket: &str, quota: Quota, bytes: u64) -> Result<()> {
+        if quota.max_bytes.is_none() && quota.max_objects.is_none() {
+            return Ok(());
+        }
+        let usage = self.usage(bucket).await?;
+        let over_bytes = quota.max_bytes.is_some_and(|max| usage.bytes.max(0) as u64 + bytes > max);
+        let over_objects = quota.max_objects.is_some_and(|max| usage.objects.max(0) as u64 + 1 > max);
+        if over_bytes || over_objects {
+            return Err(Error::QuotaExceeded);
+        }
+        Ok(())
     }
 
     pub async fn versioning(&self, bucket: &str) -> Result<Versioning> {
@@ -882,6 +977,7 @@ impl ObjectStore {
                 for e in &old.current.extents {
                     txn.puts.push(garbage_entry(e, self.cfg.garbage_grace.as_millis() as u64)?);
                 }
+                txn.adds = usage_adds(bucket, &[(&old.current, -1)]);
                 if let IndexOutcome::Committed { .. } = self.client.index_txn(txn).await.map_err(storage)? {
                     return Ok(Deleted::default());
                 }
@@ -920,6 +1016,7 @@ impl ObjectStore {
             for e in &target.extents {
                 txn.puts.push(garbage_entry(e, self.cfg.garbage_grace.as_millis() as u64)?);
             }
+            txn.adds = usage_adds(bucket, &[(&target, -1)]);
             let current = if seq == old.current.seq {
                 let prefix = version_prefix(bucket, name);
                 let mut after = vk.clone();
@@ -1483,7 +1580,8 @@ impl Backend for ObjectStore {
     async fn create_bucket(&self, owner: &Account, name: &str, region: &str) -> Result<Bucket> {
         let k = key(P_BUCKET, name.as_bytes());
         let bucket = Bucket { name: name.to_string(), owner: owner.id.clone(), created_ms: now_ms(), region: region.to_string() };
-        let record = BucketRecord { bucket: bucket.clone(), deleting: false, versioning: Versioning::Unversioned };
+        let record =
+            BucketRecord { bucket: bucket.clone(), deleting: false, versioning: Versioning::Unversioned, quota: Quota::default() };
         let txn = IndexTxn { checks: vec![(k.clone(), 0)], puts: vec![(k, Some(enc(&record)?))], adds: Vec::new() };
         match self.client.index_txn(txn).await.map_err(storage)? {
             IndexOutcome::Committed { .. } => Ok(bucket),
@@ -1530,7 +1628,8 @@ impl Backend for ObjectStore {
             }
             return Err(Error::BucketNotEmpty(name.to_string()));
         }
-        self.commit(IndexTxn { checks: vec![(k.clone(), marked)], puts: vec![(k, None)], adds: Vec::new() }).await
+        let (ub, un) = usage_keys(name);
+        self.commit(IndexTxn { checks: vec![(k.clone(), marked)], puts: vec![(k, None), (ub, None), (un, None)], adds: Vec::new() }).await
     }
 
     async fn list_buckets(&self, owner: &Account) -> Result<Vec<Bucket>> {
@@ -1550,8 +1649,12 @@ impl Backend for ObjectStore {
         if record.deleting {
             return Err(Error::NoSuchBucket(bucket.to_string()));
         }
+        self.check_quota(bucket, record.quota, opts.length.unwrap_or(0)).await?;
         let log = self.log().await?;
         let (written, size, md5) = self.write_body(body, &opts).await?;
+        if opts.length.is_none() {
+            self.check_quota(bucket, record.quota, size).await?;
+        }
         let info = ObjectInfo {
             key: name.to_string(),
             size,

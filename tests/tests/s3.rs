@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use basalt_s3gw::backend::{Backend, ByteStream, Error, ListQuery, PutOptions};
-use basalt_s3gw::store::{ObjectStore, StoreConfig, Versioning};
+use basalt_s3gw::store::{ObjectStore, Quota, StoreConfig, Usage, Versioning};
 use std::sync::Arc;
 use basalt_tests::*;
 use bytes::Bytes;
@@ -248,6 +248,27 @@ async fn objects_live_in_data_volumes_and_list_like_s3() -> Result<()> {
     store.delete_version("v", "k", &v2).await?;
     assert!(matches!(store.head_object("v", "k").await, Err(Error::NoSuchKey)));
     store.delete_bucket("v").await?;
+
+    // Quotas and usage: every version counts, deletes give room back.
+    store.create_bucket(&alice, "q", "basalt").await?;
+    store.set_quota("q", Quota { max_bytes: Some(10_000), max_objects: Some(3) }).await?;
+    let sized = |n: usize| PutOptions { length: Some(n as u64), ..Default::default() };
+    let blob = vec![7u8; 4000];
+    store.put_object("q", "a", sized(4000), body(&blob, 1000)).await?;
+    store.put_object("q", "b", sized(4000), body(&blob, 1000)).await?;
+    assert!(matches!(store.put_object("q", "c", sized(4000), body(&blob, 1000)).await, Err(Error::QuotaExceeded)));
+    assert!(matches!(store.put_object("q", "c", PutOptions::default(), body(&blob, 1000)).await, Err(Error::QuotaExceeded)));
+    assert_eq!(store.usage("q").await?, Usage { bytes: 8000, objects: 2 });
+    store.put_object("q", "c", sized(10), body(&blob[..10], 5)).await?;
+    assert!(matches!(store.put_object("q", "d", sized(1), body(b"x", 1)).await, Err(Error::QuotaExceeded)));
+    store.delete_object("q", "a").await?;
+    assert_eq!(store.usage("q").await?, Usage { bytes: 4010, objects: 2 });
+    store.put_object("q", "d", sized(1), body(b"x", 1)).await?;
+    for k in ["b", "c", "d"] {
+        store.delete_object("q", k).await?;
+    }
+    assert_eq!(store.usage("q").await?, Usage::default());
+    store.delete_bucket("q").await?;
 
     // A bucket is deleted only when empty.
     assert!(matches!(store.delete_bucket("photos").await, Err(Error::BucketNotEmpty(_))));
