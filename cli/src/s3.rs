@@ -19,6 +19,27 @@ pub enum S3Cmd {
         #[command(subcommand)]
         cmd: KeyCmd,
     },
+    /// Buckets of every account: usage, quotas, versioning.
+    Bucket {
+        #[command(subcommand)]
+        cmd: BucketCmd,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum BucketCmd {
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set a bucket's quota (sizes like 10G; 0 or "none" removes a limit).
+    Quota {
+        bucket: String,
+        #[arg(long)]
+        max_bytes: Option<String>,
+        #[arg(long)]
+        max_objects: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -100,6 +121,57 @@ pub async fn run(client: Arc<StorageClient>, cmd: S3Cmd) -> Result<()> {
                 let owner = names.get(&k.account).map(String::as_str).unwrap_or("?");
                 println!("{:<22} {:<24} {}", k.id, owner, if k.enabled { "enabled" } else { "disabled" });
             }
+        }
+        S3Cmd::Bucket { cmd: BucketCmd::List { json } } => {
+            let names: std::collections::HashMap<String, String> =
+                store.list_accounts().await.map_err(e)?.into_iter().map(|a| (a.id, a.name)).collect();
+            let mut rows = Vec::new();
+            for b in store.all_buckets().await.map_err(e)? {
+                let usage = store.usage(&b.bucket.name).await.map_err(e)?;
+                rows.push((b, usage));
+            }
+            if json {
+                let v: Vec<_> = rows
+                    .iter()
+                    .map(|(b, u)| {
+                        serde_json::json!({
+                            "name": b.bucket.name, "owner": b.bucket.owner,
+                            "owner_name": names.get(&b.bucket.owner), "versioning": format!("{:?}", b.versioning),
+                            "bytes": u.bytes, "objects": u.objects,
+                            "max_bytes": b.quota.max_bytes, "max_objects": b.quota.max_objects,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{:<32} {:<16} {:<12} {:>12} {:>10} {:>12} {:>10}", "BUCKET", "OWNER", "VERSIONING", "BYTES", "OBJECTS", "MAX BYTES", "MAX OBJ");
+                let lim = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+                for (b, u) in rows {
+                    let owner = names.get(&b.bucket.owner).map(String::as_str).unwrap_or("?");
+                    println!(
+                        "{:<32} {:<16} {:<12} {:>12} {:>10} {:>12} {:>10}",
+                        b.bucket.name, owner, format!("{:?}", b.versioning), u.bytes, u.objects,
+                        lim(b.quota.max_bytes), lim(b.quota.max_objects)
+                    );
+                }
+            }
+        }
+        S3Cmd::Bucket { cmd: BucketCmd::Quota { bucket, max_bytes, max_objects } } => {
+            let mut quota = store.quota(&bucket).await.map_err(e)?;
+            let parse = |v: &str, size: bool| -> Result<Option<u64>> {
+                if v == "none" || v == "0" {
+                    return Ok(None);
+                }
+                Ok(Some(if size { crate::sizes::parse_size(v)? } else { v.parse()? }))
+            };
+            if let Some(v) = max_bytes {
+                quota.max_bytes = parse(&v, true)?;
+            }
+            if let Some(v) = max_objects {
+                quota.max_objects = parse(&v, false)?;
+            }
+            store.set_quota(&bucket, quota).await.map_err(e)?;
+            println!("{bucket}: max bytes {:?}, max objects {:?}", quota.max_bytes, quota.max_objects);
         }
         S3Cmd::Key { cmd: KeyCmd::Delete { id } } => {
             store.delete_key(&id).await.map_err(e)?;

@@ -879,6 +879,11 @@ impl ObjectStore {
         Err(Error::Unavailable("the bucket kept changing; retry".into()))
     }
 
+    /// Every bucket of every account (for administrators).
+    pub async fn all_buckets(&self) -> Result<Vec<BucketRecord>> {
+        self.list_all(P_BUCKET).await?.iter().map(|(k, v)| dec(k, v)).collect()
+    }
+
     pub async fn quota(&self, bucket: &str) -> Result<Quota> {
         Ok(self.bucket_record(bucket).await?.0.quota)
     }
