@@ -108,6 +108,34 @@ pub struct BucketRecord {
     pub deleting: bool,
     pub versioning: Versioning,
     pub quota: Quota,
+    pub lifecycle: Vec<LifecycleRule>,
+}
+
+/// One expiration rule of a bucket's lifecycle (S3's `LifecycleConfiguration`, the
+/// expiration actions; storage-class transitions have no meaning here).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LifecycleRule {
+    pub id: String,
+    pub enabled: bool,
+    /// Only keys starting with this.
+    pub prefix: String,
+    /// Current versions this many days old expire (a delete marker in a versioned bucket).
+    pub expiration_days: Option<u32>,
+    /// Versions are removed this many days after they stopped being current.
+    pub noncurrent_days: Option<u32>,
+    /// Multipart uploads started this many days ago are aborted.
+    pub abort_multipart_days: Option<u32>,
+    /// A delete marker with no version left behind it is removed.
+    pub expired_delete_markers: bool,
+}
+
+/// What one lifecycle pass did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LifecycleReport {
+    pub expired: usize,
+    pub noncurrent_removed: usize,
+    pub markers_removed: usize,
+    pub uploads_aborted: usize,
 }
 
 /// Limits of a bucket; every stored version counts, delete markers do not.
@@ -369,11 +397,18 @@ pub struct StoreConfig {
     /// How long replaced or deleted data stays readable before it is trimmed
     /// ([`GARBAGE_GRACE`] unless a test wants it shorter).
     pub garbage_grace: Duration,
+    /// The length of a "day" in lifecycle rules (a day, unless a test wants it shorter).
+    pub lifecycle_day: Duration,
 }
 
 impl StoreConfig {
     pub fn new(node: NodeId, node_name: impl Into<String>) -> Self {
-        Self { node, node_name: node_name.into(), garbage_grace: GARBAGE_GRACE }
+        Self {
+            node,
+            node_name: node_name.into(),
+            garbage_grace: GARBAGE_GRACE,
+            lifecycle_day: Duration::from_secs(24 * 3600),
+        }
     }
 }
 
@@ -718,6 +753,164 @@ impl ObjectStore {
         for batch in puts.chunks(1000) {
             if let Err(e) = self.client.index_txn(IndexTxn { checks: vec![], puts: batch.to_vec(), adds: Vec::new() }).await {
                 warn!(error = %e, entries = batch.len(), "could not clean up after a multipart upload");
+            }
+        }
+    }
+
+    // ---- lifecycle ----
+
+    pub async fn set_lifecycle(&self, bucket: &str, rules: Vec<LifecycleRule>) -> Result<()> {
+        for r in &rules {
+            if r.id.len() > 255 {
+                return Err(Error::InvalidArgument("a lifecycle rule id is at most 255 characters".into()));
+            }
+            if [r.expiration_days, r.noncurrent_days, r.abort_multipart_days].iter().any(|d| *d == Some(0)) {
+                return Err(Error::InvalidArgument("lifecycle days must be positive".into()));
+            }
+        }
+        let k = key(P_BUCKET, bucket.as_bytes());
+        for _ in 0..16 {
+            let (mut record, version) = self.bucket_record(bucket).await?;
+            record.lifecycle = rules.clone();
+            let txn = IndexTxn { checks: vec![(k.clone(), version)], puts: vec![(k.clone(), Some(enc(&record)?))], adds: Vec::new() };
+            if let IndexOutcome::Committed { .. } = self.client.index_txn(txn).await.map_err(storage)? {
+                return Ok(());
+            }
+        }
+        Err(Error::Unavailable("the bucket kept changing; retry".into()))
+    }
+
+    pub async fn lifecycle(&self, bucket: &str) -> Result<Vec<LifecycleRule>> {
+        Ok(self.bucket_record(bucket).await?.0.lifecycle)
+    }
+
+    /// Applies the lifecycle rules of the buckets `mine` selects, as of `now_ms`.
+    pub async fn run_lifecycle(&self, now_ms: u64, mine: impl Fn(&str) -> bool) -> Result<LifecycleReport> {
+        let mut report = LifecycleReport::default();
+        for b in self.all_buckets().await? {
+            if b.deleting || !mine(&b.bucket.name) {
+                continue;
+            }
+            for rule in b.lifecycle.iter().filter(|r| r.enabled) {
+                self.apply_rule(&b.bucket.name, rule, now_ms, &mut report).await?;
+            }
+        }
+        Ok(report)
+    }
+
+    fn days_ms(&self, days: u32) -> u64 {
+        (self.cfg.lifecycle_day.as_millis() as u64).saturating_mul(u64::from(days))
+    }
+
+    async fn apply_rule(&self, bucket: &str, rule: &LifecycleRule, now_ms: u64, report: &mut LifecycleReport) -> Result<()> {
+        if let Some(days) = rule.expiration_days {
+            let cutoff = now_ms.saturating_sub(self.days_ms(days));
+            let mut after = None;
+            loop {
+                let q = ListQuery { prefix: rule.prefix.clone(), delimiter: None, start_after: after.clone(), max_keys: 1000 };
+                let page = self.list_objects(bucket, &q).await?;
+                for o in page.objects.iter().filter(|o| o.last_modified_ms < cutoff) {
+                    self.delete_current(bucket, &o.key).await?;
+                    report.expired += 1;
+                }
+                match page.next_after {
+                    Some(next) if page.truncated => after = Some(next),
+                    _ => break,
+                }
+            }
+        }
+        if rule.noncurrent_days.is_some() || rule.expired_delete_markers {
+            let cutoff = rule.noncurrent_days.map(|d| now_ms.saturating_sub(self.days_ms(d)));
+            let (mut km, mut vm): (Option<String>, Option<String>) = (None, None);
+            // The newer neighbour of each version: when it was written is when the version
+            // stopped being current.
+            let mut newer: Option<(String, u64)> = None;
+            // Current delete markers: removed below if no version is left behind them.
+            let mut lone_markers = Vec::new();
+            let mut removals = Vec::new();
+            loop {
+                let q = ListQuery { prefix: rule.prefix.clone(), delimiter: None, start_after: None, max_keys: 1000 };
+                let page = self.list_versions(bucket, &q, km.as_deref(), vm.as_deref()).await?;
+                for v in &page.versions {
+                    let key = v.info.key.clone();
+                    let successor = newer.as_ref().filter(|(k, _)| *k == key).map(|(_, t)| *t);
+                    match successor {
+                        Some(since) if cutoff.is_some_and(|c| since < c) => removals.push((key.clone(), v.version_id.clone())),
+                        _ => {}
+                    }
+                    if v.is_latest && v.delete_marker {
+                        lone_markers.push((key.clone(), v.version_id.clone()));
+                    }
+                    newer = Some((key, v.info.last_modified_ms));
+                }
+                match page.next {
+                    Some((k, v)) if page.truncated => (km, vm) = (Some(k), Some(v)),
+                    _ => break,
+                }
+            }
+            for (k, v) in removals {
+                self.delete_version(bucket, &k, &v).await?;
+                report.noncurrent_removed += 1;
+            }
+            if rule.expired_delete_markers {
+                // A marker is "expired" once no version is left behind it: check again, as
+                // the removals above may have made it so.
+                for (k, v) in lone_markers {
+                    let q = ListQuery { prefix: k.clone(), delimiter: None, start_after: None, max_keys: 2 };
+                    let page = self.list_versions(bucket, &q, None, None).await?;
+                    let behind = page.versions.iter().filter(|x| x.info.key == k).count();
+                    if behind == 1 {
+                        self.delete_version(bucket, &k, &v).await?;
+                        report.markers_removed += 1;
+                    }
+                }
+            }
+        }
+        if let Some(days) = rule.abort_multipart_days {
+            let cutoff = now_ms.saturating_sub(self.days_ms(days));
+            let mut after: Option<(String, String)> = None;
+            loop {
+                let marker = after.as_ref().map(|(k, u)| (k.as_str(), u.as_str()));
+                let (uploads, more) = self.list_uploads(bucket, &rule.prefix, marker, 1000).await?;
+                for u in uploads.iter().filter(|u| u.initiated_ms < cutoff) {
+                    self.abort_upload(bucket, &u.key, &u.id).await?;
+                    report.uploads_aborted += 1;
+                }
+                match uploads.last() {
+                    Some(u) if more => after = Some((u.key.clone(), u.id.clone())),
+                    _ => break,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the lifecycle rules every `every` for the buckets this gateway is responsible
+    /// for: bucket names are spread over the live nodes by hash, so each bucket is looked
+    /// after by one gateway (while membership is stable).
+    pub async fn lifecycle_loop(self: Arc<Self>, every: Duration, shutdown: tokio_util::sync::CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            let nodes = match self.client.list_nodes().await {
+                Ok(n) => n,
+                Err(e) => {
+                    warn!(error = %e, "lifecycle: cannot list nodes; will retry");
+                    continue;
+                }
+            };
+            let mut alive: Vec<NodeId> =
+                nodes.iter().filter(|n| n.state == basalt_types::NodeState::Alive).map(|n| n.id).collect();
+            alive.sort_unstable();
+            let Some(me) = alive.iter().position(|&n| n == self.cfg.node) else { continue };
+            let n = alive.len() as u64;
+            let mine = |bucket: &str| bucket_hash(bucket) % n == me as u64;
+            match self.run_lifecycle(now_ms(), mine).await {
+                Ok(r) if r == LifecycleReport::default() => {}
+                Ok(r) => info!(?r, "lifecycle pass"),
+                Err(e) => warn!(error = %e, "lifecycle pass failed; will retry"),
             }
         }
     }
@@ -1493,6 +1686,11 @@ fn superseded() -> Error {
     Error::Unavailable("this gateway was restarted elsewhere; retry".into())
 }
 
+/// A stable hash of a bucket name (FNV-1a), to spread buckets over gateways.
+fn bucket_hash(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
 fn new_access_key(account: &str) -> AccessKey {
     const ALNUM: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
     let id: String = "BK".chars().chain((0..18).map(|_| ALNUM[rand::random_range(0..ALNUM.len())] as char)).collect();
@@ -1586,7 +1784,13 @@ impl Backend for ObjectStore {
         let k = key(P_BUCKET, name.as_bytes());
         let bucket = Bucket { name: name.to_string(), owner: owner.id.clone(), created_ms: now_ms(), region: region.to_string() };
         let record =
-            BucketRecord { bucket: bucket.clone(), deleting: false, versioning: Versioning::Unversioned, quota: Quota::default() };
+            BucketRecord {
+                bucket: bucket.clone(),
+                deleting: false,
+                versioning: Versioning::Unversioned,
+                quota: Quota::default(),
+                lifecycle: Vec::new(),
+            };
         let txn = IndexTxn { checks: vec![(k.clone(), 0)], puts: vec![(k, Some(enc(&record)?))], adds: Vec::new() };
         match self.client.index_txn(txn).await.map_err(storage)? {
             IndexOutcome::Committed { .. } => Ok(bucket),

@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use basalt_s3gw::backend::{Backend, ByteStream, Error, ListQuery, PutOptions};
-use basalt_s3gw::store::{ObjectStore, Quota, StoreConfig, Usage, Versioning};
+use basalt_s3gw::store::{LifecycleRule, ObjectStore, Quota, StoreConfig, Usage, Versioning};
 use std::sync::Arc;
 use basalt_tests::*;
 use bytes::Bytes;
@@ -269,6 +269,33 @@ async fn objects_live_in_data_volumes_and_list_like_s3() -> Result<()> {
     }
     assert_eq!(store.usage("q").await?, Usage::default());
     store.delete_bucket("q").await?;
+
+    // Lifecycle: expiration by prefix, noncurrent versions, lone delete markers, stale
+    // uploads. A "day" is a millisecond here, and the pass runs as of a second from now.
+    let mut quick = StoreConfig::new(1, "node1");
+    quick.lifecycle_day = Duration::from_millis(1);
+    let life = ObjectStore::new(c.client()?, quick);
+    let later = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64 + 1000;
+    store.create_bucket(&alice, "life", "basalt").await?;
+    for k in ["logs/1", "logs/2", "keep/1"] {
+        store.put_object("life", k, PutOptions::default(), body(b"x", 1)).await?;
+    }
+    let stale = store.create_upload(&alice, "life", "logs/big", PutOptions::default()).await?;
+    let rule = |prefix: &str| LifecycleRule { id: "r".into(), enabled: true, prefix: prefix.into(), ..Default::default() };
+    life.set_lifecycle("life", vec![LifecycleRule { expiration_days: Some(1), abort_multipart_days: Some(1), ..rule("logs/") }]).await?;
+    let report = life.run_lifecycle(later, |_| true).await?;
+    assert_eq!((report.expired, report.uploads_aborted), (2, 1), "{report:?}");
+    assert_eq!(listing(&store, "life", "", None, 100).await?, ["keep/1"]);
+    assert!(matches!(store.list_parts("life", "logs/big", &stale.id, 0, 1).await, Err(Error::NoSuchUpload)));
+    store.set_versioning("life", Versioning::Enabled).await?;
+    store.put_object("life", "keep/1", PutOptions::default(), body(b"y", 1)).await?;
+    store.delete_object("life", "keep/1").await?;
+    life.set_lifecycle("life", vec![LifecycleRule { noncurrent_days: Some(1), expired_delete_markers: true, ..rule("") }]).await?;
+    let report = life.run_lifecycle(later, |_| true).await?;
+    assert_eq!((report.noncurrent_removed, report.markers_removed), (2, 1), "{report:?}");
+    let q = ListQuery { max_keys: 100, ..Default::default() };
+    assert!(store.list_versions("life", &q, None, None).await?.versions.is_empty());
+    store.delete_bucket("life").await?;
 
     // A bucket is deleted only when empty.
     assert!(matches!(store.delete_bucket("photos").await, Err(Error::BucketNotEmpty(_))));
