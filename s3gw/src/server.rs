@@ -1,0 +1,117 @@
+//! The HTTP server of the S3 gateway: HTTP/1.1 with keep-alive on a listener the caller
+//! bound, one `tracing` span per request, graceful shutdown on a cancellation token.
+
+use crate::backend::Backend;
+use crate::s3::host::Domains;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// A client must send its request head within this time.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// After shutdown, requests in flight get this long to finish.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// The region this gateway serves (signatures' scope, bucket locations).
+    pub region: String,
+    /// Domains for virtual-hosted-style requests (`bucket.<domain>`), e.g.
+    /// `s3.basalt.local`, `localhost`; other hosts are path-style.
+    pub domains: Vec<String>,
+}
+
+/// Serves S3 on `listener` until `shutdown` is cancelled, then stops accepting, lets open
+/// requests finish (for up to 30 s) and returns.
+pub async fn serve<B: Backend>(
+    listener: TcpListener,
+    backend: Arc<B>,
+    opts: ServeOptions,
+    shutdown: CancellationToken,
+) {
+    let service = crate::s3::service(backend, &opts.region, &opts.domains);
+    let domains = Arc::new(Domains::new(&opts.domains));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.keep_alive(true).timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let service = service.clone();
+        let domains = Arc::clone(&domains);
+        let handler = hyper::service::service_fn(move |req| handle(service.clone(), Arc::clone(&domains), peer, req));
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), handler));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
+        tracing::warn!("requests still open after the drain timeout were cut");
+    }
+}
+
+async fn handle(
+    service: s3s::service::S3Service,
+    domains: Arc<Domains>,
+    peer: SocketAddr,
+    req: hyper::Request<Incoming>,
+) -> Result<hyper::Response<s3s::Body>, s3s::HttpError> {
+    let (bucket, key) = bucket_and_key(&domains, &req);
+    let span = tracing::info_span!(
+        "s3_request",
+        method = %req.method(),
+        bucket = %bucket,
+        key = %key,
+        %peer,
+        status = tracing::field::Empty,
+    );
+    async move {
+        let started = Instant::now();
+        let result = hyper::service::Service::call(&service, req).await;
+        let elapsed_ms = started.elapsed().as_millis();
+        match &result {
+            Ok(res) => {
+                tracing::Span::current().record("status", res.status().as_u16());
+                tracing::debug!(elapsed_ms, "request done");
+            }
+            Err(e) => tracing::warn!(elapsed_ms, error = ?e, "request failed"),
+        }
+        result
+    }
+    .instrument(span)
+    .await
+}
+
+/// Bucket and key as the request names them, for the log only (routing is `s3s`'s).
+fn bucket_and_key(domains: &Domains, req: &hyper::Request<Incoming>) -> (String, String) {
+    let path = percent_encoding::percent_decode_str(req.uri().path()).decode_utf8_lossy();
+    let path = path.strip_prefix('/').unwrap_or(&path);
+    let host_bucket = req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).and_then(|h| domains.bucket_of(h));
+    match host_bucket {
+        Some(bucket) => (bucket, path.to_owned()),
+        None => {
+            let (bucket, key) = path.split_once('/').unwrap_or((path, ""));
+            (bucket.to_owned(), key.to_owned())
+        }
+    }
+}
