@@ -87,7 +87,14 @@ async fn handle(
     );
     async move {
         let started = Instant::now();
-        let result = hyper::service::Service::call(&service, req).await;
+        let head = req.method() == http::Method::HEAD;
+        let mut result = hyper::service::Service::call(&service, req).await;
+        // S3 answers a ranged HEAD with 206, which `s3s` cannot express.
+        if let Ok(res) = &mut result {
+            if head && res.status() == http::StatusCode::OK && res.headers().contains_key(http::header::CONTENT_RANGE) {
+                *res.status_mut() = http::StatusCode::PARTIAL_CONTENT;
+            }
+        }
         let elapsed_ms = started.elapsed().as_millis();
         match &result {
             Ok(res) => {

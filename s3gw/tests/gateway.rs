@@ -1,0 +1,630 @@
+//! The S3 gateway over HTTP on loopback, driven with real SigV4-signed requests against
+//! `MemBackend`.
+
+mod common;
+
+use common::{md5_b64, md5_hex, xml_values, Auth, Gateway, Payload};
+use std::time::{Duration, SystemTime};
+
+#[tokio::test]
+async fn bucket_lifecycle_and_ownership() {
+    let gw = Gateway::start().await;
+    let (alice, bob) = (gw.alice(), gw.bob());
+
+    alice.create_bucket("photos").await.expect_status(200);
+    alice.create_bucket("photos").await.expect_error(409, "BucketAlreadyOwnedByYou");
+    bob.create_bucket("photos").await.expect_error(409, "BucketAlreadyExists");
+    bob.create_bucket("bobs-bucket").await.expect_status(200);
+
+    let list = alice.request("GET", "/").send().await;
+    list.expect_status(200);
+    assert_eq!(xml_values(&list.text(), "Name"), vec!["photos".to_owned()]);
+    assert_eq!(xml_values(&list.text(), "ID"), vec!["id-alice".to_owned()]);
+
+    alice.request("HEAD", "/photos").send().await.expect_status(200);
+    bob.request("HEAD", "/photos").send().await.expect_status(403);
+    alice.request("HEAD", "/nothing-here").send().await.expect_status(404);
+
+    let loc = alice.request("GET", "/photos").query("location", "").send().await;
+    loc.expect_status(200);
+    assert!(loc.text().contains(common::REGION), "{}", loc.text());
+
+    alice.put_object("photos", "cat.jpg", b"meow").await.expect_status(200);
+    alice.request("DELETE", "/photos").send().await.expect_error(409, "BucketNotEmpty");
+    bob.request("DELETE", "/photos").send().await.expect_error(403, "AccessDenied");
+    alice.request("DELETE", "/photos/cat.jpg").send().await.expect_status(204);
+    alice.request("DELETE", "/photos").send().await.expect_status(204);
+    alice.request("HEAD", "/photos").send().await.expect_status(404);
+    alice.request("GET", "/photos").send().await.expect_error(404, "NoSuchBucket");
+
+    // Names S3 refuses.
+    for bad in ["ab", "Upper-Case", "192.168.0.1", "a..b", "-dash"] {
+        let r = alice.create_bucket(bad).await;
+        r.expect_error(400, "InvalidBucketName");
+    }
+    // A location constraint for another region.
+    let body = "<CreateBucketConfiguration><LocationConstraint>eu-west-3</LocationConstraint></CreateBucketConfiguration>";
+    alice.request("PUT", "/elsewhere").body(body).send().await.expect_error(400, "InvalidLocationConstraint");
+    let body = format!("<CreateBucketConfiguration><LocationConstraint>{}</LocationConstraint></CreateBucketConfiguration>", common::REGION);
+    alice.request("PUT", "/here").body(body).send().await.expect_status(200);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn objects_round_trip_with_metadata() {
+    let gw = Gateway::start().await;
+    let alice = gw.alice();
+    alice.create_bucket("docs").await.expect_status(200);
+    let data = vec![7u8; 300_000];
+    let put = alice
+        .request("PUT", "/docs/report.pdf")
+        .header("content-type", "application/pdf")
+        .header("x-amz-meta-author", "Ada")
+        .header("x-amz-meta-Project", "basalt")
+        .header("cache-control", "max-age=60")
+        .header("content-disposition", "attachment; filename=\"r.pdf\"")
+        .header("content-encoding", "identity")
+        .header("content-language", "en")
+        .header("expires", "Wed, 21 Oct 2037 07:28:00 GMT")
+        .header("content-md5", &md5_b64(&data))
+        .body(data.clone())
+        .send()
+        .await;
+    put.expect_status(200);
+    let etag = format!("\"{}\"", md5_hex(&data));
+    assert_eq!(put.header("etag"), Some(etag.clone()));
+
+    for method in ["GET", "HEAD"] {
+        let r = alice.request(method, "/docs/report.pdf").send().await;
+        r.expect_status(200);
+        assert_eq!(r.header("etag"), Some(etag.clone()));
+        assert_eq!(r.header("content-type").as_deref(), Some("application/pdf"));
+        assert_eq!(r.header("content-length").as_deref(), Some("300000"));
+        assert_eq!(r.header("x-amz-meta-author").as_deref(), Some("Ada"));
+        assert_eq!(r.header("x-amz-meta-project").as_deref(), Some("basalt"));
+        assert_eq!(r.header("cache-control").as_deref(), Some("max-age=60"));
+        assert_eq!(r.header("content-disposition").as_deref(), Some("attachment; filename=\"r.pdf\""));
+        assert_eq!(r.header("content-encoding").as_deref(), Some("identity"));
+        assert_eq!(r.header("content-language").as_deref(), Some("en"));
+        assert_eq!(r.header("expires").as_deref(), Some("Wed, 21 Oct 2037 07:28:00 GMT"));
+        assert!(r.header("last-modified").is_some());
+        if method == "GET" {
+            assert_eq!(r.body.as_ref(), data.as_slice());
+        } else {
+            assert!(r.body.is_empty());
+        }
+    }
+    // response-* overrides.
+    let r = alice.request("GET", "/docs/report.pdf").query("response-content-type", "text/plain").send().await;
+    assert_eq!(r.header("content-type").as_deref(), Some("text/plain"));
+
+    // An empty object.
+    alice.put_object("docs", "empty", b"").await.expect_status(200);
+    let r = alice.get_object("docs", "empty").await;
+    r.expect_status(200);
+    assert!(r.body.is_empty());
+
+    alice.request("DELETE", "/docs/report.pdf").send().await.expect_status(204);
+    alice.request("DELETE", "/docs/report.pdf").send().await.expect_status(204);
+    alice.get_object("docs", "report.pdf").await.expect_error(404, "NoSuchKey");
+    alice.request("HEAD", "/docs/report.pdf").send().await.expect_status(404);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn ranged_reads() {
+    let gw = Gateway::start().await;
+    let alice = gw.alice();
+    alice.create_bucket("ranges").await.expect_status(200);
+    alice.put_object("ranges", "digits", b"0123456789").await.expect_status(200);
+    let get = |range: &'static str| alice.request("GET", "/ranges/digits").header("range", range).send();
+
+    let r = get("bytes=2-4").await;
+    r.expect_status(206);
+    assert_eq!(r.body.as_ref(), b"234");
+    assert_eq!(r.header("content-range").as_deref(), Some("bytes 2-4/10"));
+    assert_eq!(r.header("content-length").as_deref(), Some("3"));
+    let r = get("bytes=-3").await;
+    r.expect_status(206);
+    assert_eq!(r.body.as_ref(), b"789");
+    let r = get("bytes=7-").await;
+    r.expect_status(206);
+    assert_eq!(r.body.as_ref(), b"789");
+    let r = get("bytes=8-100").await;
+    assert_eq!(r.body.as_ref(), b"89");
+    assert_eq!(r.header("content-range").as_deref(), Some("bytes 8-9/10"));
+    let r = get("bytes=-100").await;
+    assert_eq!(r.body.as_ref(), b"0123456789");
+    let r = get("bytes=10-20").await;
+    r.expect_error(416, "InvalidRange");
+    assert_eq!(r.header("content-range").as_deref(), Some("bytes */10"));
+    // Unparsable ranges are a client error, never a server one.
+    for bad in ["bytes=abc", "bytes=5-2", "lines=1-2", "bytes=1-2,4-5"] {
+        let r = get(bad).await;
+        assert!((400..500).contains(&r.status) || r.status == 200, "{bad}: {} {}", r.status, r.text());
+    }
+    let r = alice.request("HEAD", "/ranges/digits").header("range", "bytes=0-0").send().await;
+    r.expect_status(206);
+    assert_eq!(r.header("content-length").as_deref(), Some("1"));
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn conditional_reads() {
+    let gw = Gateway::start().await;
+    let alice = gw.alice();
+    alice.create_bucket("cond").await.expect_status(200);
+    let put = alice.put_object("cond", "k", b"v1").await;
+    let etag = put.header("etag").expect("etag");
+    let past = "Mon, 01 Jan 2001 00:00:00 GMT";
+    let future = "Fri, 01 Jan 2100 00:00:00 GMT";
+
+    for method in ["GET", "HEAD"] {
+        let req = || alice.request(method, "/cond/k");
+        req().header("if-match", &etag).send().await.expect_status(200);
+        req().header("if-match", "\"nope\"").send().await.expect_status(412);
+        req().header("if-match", "*").send().await.expect_status(200);
+        let r = req().header("if-none-match", &etag).send().await;
+        r.expect_status(304);
+        assert_eq!(r.header("etag"), Some(etag.clone()));
+        assert!(r.body.is_empty());
+        req().header("if-none-match", "\"other\"").send().await.expect_status(200);
+        req().header("if-modified-since", future).send().await.expect_status(304);
+        req().header("if-modified-since", past).send().await.expect_status(200);
+        req().header("if-unmodified-since", past).send().await.expect_status(412);
+        req().header("if-unmodified-since", future).send().await.expect_status(200);
+        // If-Match holds, so a failing If-Unmodified-Since does not count.
+        req().header("if-match", &etag).header("if-unmodified-since", past).send().await.expect_status(200);
+        // If-None-Match fails (the tag matches), If-Modified-Since holds: 304.
+        req().header("if-none-match", &etag).header("if-modified-since", past).send().await.expect_status(304);
+        // 412 wins over 304.
+        req().header("if-match", "\"nope\"").header("if-none-match", &etag).send().await.expect_status(412);
+    }
+    let r = alice.request("GET", "/cond/k").header("if-match", "\"nope\"").send().await;
+    r.expect_error(412, "PreconditionFailed");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn digests_and_checksums() {
+    let gw = Gateway::start().await;
+    let alice = gw.alice();
+    alice.create_bucket("sums").await.expect_status(200);
+
+    let r = alice.request("PUT", "/sums/a").header("content-md5", &md5_b64(b"other")).body("data").send().await;
+    r.expect_error(400, "BadDigest");
+    let r = alice.request("PUT", "/sums/a").header("content-md5", "not base64!").body("data").send().await;
+    r.expect_error(400, "InvalidDigest");
+    assert_eq!(gw.backend.object_count("sums"), 0);
+
+    // CRC32("hello world") = 0x0d4a1185 → "DUoRhQ==".
+    let r = alice.request("PUT", "/sums/crc").header("x-amz-checksum-crc32", "DUoRhQ==").body("hello world").send().await;
+    r.expect_status(200);
+    assert_eq!(r.header("x-amz-checksum-crc32").as_deref(), Some("DUoRhQ=="));
+    let r = alice.request("PUT", "/sums/bad").header("x-amz-checksum-crc32", "AAAAAA==").body("hello world").send().await;
+    r.expect_error(400, "BadDigest");
+    assert_eq!(gw.backend.object_count("sums"), 1);
+
+    let r = alice.request("GET", "/sums/crc").header("x-amz-checksum-mode", "ENABLED").send().await;
+    assert_eq!(r.header("x-amz-checksum-crc32").as_deref(), Some("DUoRhQ=="));
+    let r = alice.request("HEAD", "/sums/crc").header("x-amz-checksum-mode", "ENABLED").send().await;
+    assert_eq!(r.header("x-amz-checksum-crc32").as_deref(), Some("DUoRhQ=="));
+    let r = alice.request("GET", "/sums/crc").send().await;
+    assert_eq!(r.header("x-amz-checksum-crc32"), None);
+
+    // Only the algorithm named: the gateway computes it. SHA-256("abc").
+    let r = alice.request("PUT", "/sums/sha").header("x-amz-sdk-checksum-algorithm", "SHA256").body("abc").send().await;
+    r.expect_status(200);
+    assert_eq!(r.header("x-amz-checksum-sha256").as_deref(), Some("ungWv48Bz+pBQUDeXa4iI7ADYaOWF3qctBD/YfIAFa0="));
+
+    // A body that does not hash to the signed x-amz-content-sha256.
+    let r = alice
+        .request("PUT", "/sums/tampered")
+        .payload(Payload::Signed(bytes::Bytes::from_static(b"what was signed")))
+        .body("what was sent!!")
+        .send()
+        .await;
+    r.expect_error(400, "XAmzContentSHA256Mismatch");
+    // Unsigned payloads are accepted as such.
+    alice.request("PUT", "/sums/unsigned").payload(Payload::Unsigned).body("free").send().await.expect_status(200);
+    assert_eq!(alice.get_object("sums", "unsigned").await.body.as_ref(), b"free");
+    assert_eq!(gw.backend.object_count("sums"), 3);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn signatures_are_checked() {
+    let gw = Gateway::start().await;
+    let alice = gw.alice();
+    alice.create_bucket("sig").await.expect_status(200);
+    alice.put_object("sig", "k", b"secret stuff").await.expect_status(200);
+
+    gw.client("AKALICE", "wrong-secret").get_object("sig", "k").await.expect_error(403, "SignatureDoesNotMatch");
+    gw.client("AKNOBODY", "x").get_object("sig", "k").await.expect_error(403, "InvalidAccessKeyId");
+    alice.request("GET", "/sig/k").tamper_signature().send().await.expect_error(403, "SignatureDoesNotMatch");
+    alice.request("GET", "/sig/k").auth(Auth::Anonymous).send().await.expect_error(403, "AccessDenied");
+    alice.request("GET", "/").auth(Auth::Anonymous).send().await.expect_error(403, "AccessDenied");
+
+    // 20 minutes off is beyond the 15 minutes S3 allows, either way.
+    let skewed = SystemTime::now() - Duration::from_secs(20 * 60);
+    alice.request("GET", "/sig/k").at(skewed).send().await.expect_error(403, "RequestTimeTooSkewed");
+    let ahead = SystemTime::now() + Duration::from_secs(20 * 60);
+    alice.request("GET", "/sig/k").at(ahead).send().await.expect_error(403, "RequestTimeTooSkewed");
+    let close = SystemTime::now() - Duration::from_secs(5 * 60);
+    alice.request("GET", "/sig/k").at(close).send().await.expect_status(200);
+
+    // A removed key stops working at once.
+    gw.backend.remove_key("AKALICE");
+    alice.get_object("sig", "k").await.expect_error(403, "InvalidAccessKeyId");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn presigned_urls_expire() {
+    let gw = Gateway::start().await;
+    let alice = gw.alice();
+    alice.create_bucket("pre").await.expect_status(200);
+    alice.put_object("pre", "k", b"shared").await.expect_status(200);
+
+    let r = alice.request("GET", "/pre/k").auth(Auth::Presign(Duration::from_secs(60))).send().await;
+    r.expect_status(200);
+    assert_eq!(r.body.as_ref(), b"shared");
+    // Signed two minutes ago for one minute.
+    let r = alice
+        .request("GET", "/pre/k")
+        .auth(Auth::Presign(Duration::from_secs(60)))
+        .at(SystemTime::now() - Duration::from_secs(120))
+        .send()
+        .await;
+    r.expect_error(403, "AccessDenied");
+    assert!(r.text().contains("expired"), "{}", r.text());
+    let r = alice.request("GET", "/pre/k").auth(Auth::Presign(Duration::from_secs(60))).tamper_signature().send().await;
+    r.expect_error(403, "SignatureDoesNotMatch");
+    // A presigned PUT.
+    let r = alice.request("PUT", "/pre/up").auth(Auth::Presign(Duration::from_secs(60))).body("uploaded").send().await;
+    r.expect_status(200);
+    assert_eq!(alice.get_object("pre", "up").await.body.as_ref(), b"uploaded");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn signed_aws_chunked_uploads() {
+    let gw = Gateway::start().await;
+    let alice = gw.alice();
+    alice.create_bucket("chunks").await.expect_status(200);
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+
+    let r = alice.request("PUT", "/chunks/big").send_chunked(&data, 64 * 1024, false).await;
+    r.expect_status(200);
+    assert_eq!(r.header("etag"), Some(format!("\"{}\"", md5_hex(&data))));
+    let got = alice.get_object("chunks", "big").await;
+    assert_eq!(got.body.as_ref(), data.as_slice());
+
+    let r = alice.request("PUT", "/chunks/corrupt").send_chunked(&data, 64 * 1024, true).await;
+    r.expect_error(403, "SignatureDoesNotMatch");
+    assert_eq!(gw.backend.object_count("chunks"), 1);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn listing_300_keys_with_delimiter_and_pages() {
+    let gw = Gateway::start().await;
+    let alice = gw.alice();
+    alice.create_bucket("many").await.expect_status(200);
+    let mut keys = Vec::new();
+    for d in 0..3 {
+        for i in 0..90 {
+            keys.push(format!("dir{d}/file{i:03}"));
+        }
+    }
+    for i in 0..30 {
+        keys.push(format!("top{i:02}"));
+    }
+    for k in &keys {
+        alice.put_object("many", k, k.as_bytes()).await.expect_status(200);
+    }
+    keys.sort();
+
+    // Everything, 100 at a time.
+    let mut seen = Vec::new();
+    let mut token: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let mut req = alice.request("GET", "/many").query("list-type", "2").query("max-keys", "100");
+        if let Some(t) = &token {
+            req = req.query("continuation-token", t);
+        }
+        let r = req.send().await;
+        r.expect_status(200);
+        let text = r.text();
+        let page = xml_values(&text, "Key");
+        assert_eq!(xml_values(&text, "KeyCount"), vec![page.len().to_string()]);
+        seen.extend(page);
+        pages += 1;
+        match xml_values(&text, "IsTruncated").first().map(String::as_str) {
+            Some("true") => token = xml_values(&text, "NextContinuationToken").into_iter().next(),
+            _ => break,
+        }
+        assert!(token.is_some());
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen, keys);
+
+    // With a delimiter: 3 common prefixes and 30 keys, in pages of 10.
+    let mut prefixes = Vec::new();
+    let mut top = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let mut req =
+            alice.request("GET", "/many").query("list-type", "2").query("delimiter", "/").query("max-keys", "10");
+        if let Some(t) = &token {
+            req = req.query("continuation-token", t);
+        }
+        let text = req.send().await.text();
+        prefixes.extend(xml_values(&text, "Prefix").into_iter().filter(|p| !p.is_empty()));
+        top.extend(xml_values(&text, "Key"));
+        match xml_values(&text, "IsTruncated").first().map(String::as_str) {
+            Some("true") => token = xml_values(&text, "NextContinuationToken").into_iter().next(),
+            _ => break,
+        }
+    }
+    assert_eq!(prefixes, vec!["dir0/", "dir1/", "dir2/"]);
+    assert_eq!(top.len(), 30);
+
+    // A prefix, start-after and fetch-owner.
+    let text = alice
+        .request("GET", "/many")
+        .query("list-type", "2")
+        .query("prefix", "dir1/")
+        .query("start-after", "dir1/file087")
+        .query("fetch-owner", "true")
+        .send()
+        .await
+        .text();
+    assert_eq!(xml_values(&text, "Key"), vec!["dir1/file088", "dir1/file089"]);
+    assert_eq!(xml_values(&text, "ID"), vec!["id-alice", "id-alice"]);
+    assert_eq!(xml_values(&text, "ETag")[0], format!("\"{}\"", md5_hex(b"dir1/file088")));
+
+    // ListObjects v1 with markers.
+    let text = alice.request("GET", "/many").query("delimiter", "/").query("max-keys", "2").send().await.text();
+    assert_eq!(xml_values(&text, "IsTruncated"), vec!["true"]);
+    assert_eq!(xml_values(&text, "NextMarker"), vec!["dir1/"]);
+    let text = alice
+        .request("GET", "/many")
+        .query("delimiter", "/")
+        .query("marker", "dir1/")
+        .query("max-keys", "2")
+        .send()
+        .await
+        .text();
+    assert_eq!(xml_values(&text, "Prefix").into_iter().filter(|p| !p.is_empty()).collect::<Vec<_>>(), vec!["dir2/"]);
+    assert_eq!(xml_values(&text, "Key"), vec!["top00"]);
+    let text = alice.request("GET", "/many").query("prefix", "top2").query("max-keys", "1000").send().await.text();
+    assert_eq!(xml_values(&text, "Key").len(), 10);
+    assert_eq!(xml_values(&text, "IsTruncated"), vec!["false"]);
+
+    // Bad arguments.
+    alice.request("GET", "/many").query("list-type", "2").query("continuation-token", "!!!").send().await.expect_status(400);
+    alice.request("GET", "/many").query("max-keys", "-1").send().await.expect_status(400);
+    alice.request("GET", "/many").query("encoding-type", "base64").send().await.expect_status(400);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn url_encoded_listings() {
+    let gw = Gateway::start().await;
+    let alice = gw.alice();
+    alice.create_bucket("enc").await.expect_status(200);
+    for k in ["a b/c+d", "ü/x", "plain"] {
+        alice.put_object("enc", k, b"x").await.expect_status(200);
+    }
+    let text = alice.request("GET", "/enc").query("list-type", "2").query("encoding-type", "url").send().await.text();
+    assert_eq!(xml_values(&text, "Key"), vec!["a%20b/c%2Bd", "plain", "%C3%BC/x"]);
+    assert_eq!(xml_values(&text, "EncodingType"), vec!["url"]);
+    let text =
+        alice.request("GET", "/enc").query("list-type", "2").query("delimiter", "/").query("encoding-type", "url").send().await.text();
+    assert_eq!(xml_values(&text, "Prefix").into_iter().filter(|p| !p.is_empty()).collect::<Vec<_>>(), vec!["a%20b/", "%C3%BC/"]);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn other_accounts_are_denied() {
+    let gw = Gateway::start().await;
+    let (alice, bob) = (gw.alice(), gw.bob());
+    alice.create_bucket("private").await.expect_status(200);
+    alice.put_object("private", "k", b"mine").await.expect_status(200);
+    bob.create_bucket("bobs").await.expect_status(200);
+
+    bob.get_object("private", "k").await.expect_error(403, "AccessDenied");
+    bob.request("HEAD", "/private/k").send().await.expect_status(403);
+    bob.put_object("private", "k2", b"x").await.expect_error(403, "AccessDenied");
+    bob.request("DELETE", "/private/k").send().await.expect_error(403, "AccessDenied");
+    bob.request("GET", "/private").query("list-type", "2").send().await.expect_error(403, "AccessDenied");
+    bob.request("GET", "/private").query("location", "").send().await.expect_error(403, "AccessDenied");
+    // Copying out of someone else's bucket, or into it.
+    bob.request("PUT", "/bobs/stolen").header("x-amz-copy-source", "/private/k").send().await.expect_error(403, "AccessDenied");
+    alice.request("PUT", "/bobs/gift").header("x-amz-copy-source", "/private/k").send().await.expect_error(403, "AccessDenied");
+    let list = bob.request("GET", "/").send().await;
+    assert_eq!(xml_values(&list.text(), "Name"), vec!["bobs".to_owned()]);
+    assert_eq!(gw.backend.object_count("private"), 1);
+    assert_eq!(gw.backend.object_count("bobs"), 0);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn copies_within_and_between_buckets() {
+    let gw = Gateway::start().await;
+    let alice = gw.alice();
+    alice.create_bucket("src").await.expect_status(200);
+    alice.create_bucket("dst").await.expect_status(200);
+    let data = vec![42u8; 150_000];
+    let put = alice
+        .request("PUT", "/src/orig")
+        .header("content-type", "image/png")
+        .header("x-amz-meta-color", "red")
+        .header("x-amz-checksum-crc32c", "placeholder")
+        .body(data.clone())
+        .send()
+        .await;
+    // The placeholder checksum is wrong: refused.
+    put.expect_error(400, "BadDigest");
+    let put = alice
+        .request("PUT", "/src/orig")
+        .header("content-type", "image/png")
+        .header("x-amz-meta-color", "red")
+        .header("x-amz-sdk-checksum-algorithm", "SHA1")
+        .body(data.clone())
+        .send()
+        .await;
+    put.expect_status(200);
+    let etag = put.header("etag").expect("etag");
+
+    // COPY keeps the metadata.
+    let r = alice.request("PUT", "/dst/copy").header("x-amz-copy-source", "/src/orig").send().await;
+    r.expect_status(200);
+    assert_eq!(xml_values(&r.text(), "ETag"), vec![etag.clone()]);
+    let got = alice.get_object("dst", "copy").await;
+    assert_eq!(got.body.as_ref(), data.as_slice());
+    assert_eq!(got.header("content-type").as_deref(), Some("image/png"));
+    assert_eq!(got.header("x-amz-meta-color").as_deref(), Some("red"));
+
+    // REPLACE takes the request's metadata; the source may be URL-encoded.
+    let r = alice
+        .request("PUT", "/src/replaced")
+        .header("x-amz-copy-source", "src/%6Frig")
+        .header("x-amz-metadata-directive", "REPLACE")
+        .header("content-type", "text/plain")
+        .header("x-amz-meta-shape", "round")
+        .send()
+        .await;
+    r.expect_status(200);
+    let got = alice.request("HEAD", "/src/replaced").send().await;
+    assert_eq!(got.header("content-type").as_deref(), Some("text/plain"));
+    assert_eq!(got.header("x-amz-meta-shape").as_deref(), Some("round"));
+    assert_eq!(got.header("x-amz-meta-color"), None);
+
+    // Copy-source conditions.
+    let copy = |cond: &'static str, value: String| {
+        alice.request("PUT", "/dst/cond").header("x-amz-copy-source", "/src/orig").header(cond, &value).send()
+    };
+    copy("x-amz-copy-source-if-match", etag.clone()).await.expect_status(200);
+    copy("x-amz-copy-source-if-match", "\"nope\"".into()).await.expect_error(412, "PreconditionFailed");
+    copy("x-amz-copy-source-if-none-match", etag.clone()).await.expect_error(412, "PreconditionFailed");
+    copy("x-amz-copy-source-if-unmodified-since", "Mon, 01 Jan 2001 00:00:00 GMT".into())
+        .await
+        .expect_error(412, "PreconditionFailed");
+    copy("x-amz-copy-source-if-modified-since", "Fri, 01 Jan 2100 00:00:00 GMT".into())
+        .await
+        .expect_error(412, "PreconditionFailed");
+
+    // Onto itself without changes is refused; with REPLACE it is fine.
+    alice.request("PUT", "/src/orig").header("x-amz-copy-source", "/src/orig").send().await.expect_error(400, "InvalidRequest");
+    alice
+        .request("PUT", "/src/orig")
+        .header("x-amz-copy-source", "/src/orig")
+        .header("x-amz-metadata-directive", "REPLACE")
+        .send()
+        .await
+        .expect_status(200);
+    alice.request("PUT", "/dst/x").header("x-amz-copy-source", "/src/missing").send().await.expect_error(404, "NoSuchKey");
+    alice.request("PUT", "/dst/x").header("x-amz-copy-source", "/nobucket/k").send().await.expect_error(404, "NoSuchBucket");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn batch_deletes() {
+    let gw = Gateway::start().await;
+    let alice = gw.alice();
+    alice.create_bucket("batch").await.expect_status(200);
+    for k in ["a", "b", "c"] {
+        alice.put_object("batch", k, b"x").await.expect_status(200);
+    }
+    let xml = |quiet: bool, keys: &[&str]| {
+        let objects: String = keys.iter().map(|k| format!("<Object><Key>{k}</Key></Object>")).collect();
+        format!("<Delete><Quiet>{quiet}</Quiet>{objects}</Delete>")
+    };
+    let body = xml(false, &["a", "missing"]);
+    let r = alice.request("POST", "/batch").query("delete", "").header("content-md5", &md5_b64(body.as_bytes())).body(body).send().await;
+    r.expect_status(200);
+    assert_eq!(xml_values(&r.text(), "Key"), vec!["a", "missing"]);
+    let body = xml(true, &["b", &"k".repeat(1025)]);
+    let r = alice.request("POST", "/batch").query("delete", "").body(body).send().await;
+    r.expect_status(200);
+    // Quiet: only the failure is listed.
+    assert_eq!(xml_values(&r.text(), "Code"), vec!["KeyTooLongError"]);
+    assert!(xml_values(&r.text(), "Deleted").is_empty());
+    assert_eq!(gw.backend.object_count("batch"), 1);
+
+    for bad in ["<Delete><Object><Key>c</Key>", "not xml at all", "<Delete></Delete>"] {
+        let r = alice.request("POST", "/batch").query("delete", "").body(bad).send().await;
+        assert_eq!(r.status, 400, "{bad}: {}", r.text());
+        assert_eq!(r.code().as_deref(), Some("MalformedXML"), "{bad}: {}", r.text());
+    }
+    let too_many: Vec<String> = (0..1001).map(|i| format!("k{i}")).collect();
+    let refs: Vec<&str> = too_many.iter().map(String::as_str).collect();
+    alice.request("POST", "/batch").query("delete", "").body(xml(false, &refs)).send().await.expect_error(400, "MalformedXML");
+    assert_eq!(gw.backend.object_count("batch"), 1);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn odd_keys_and_bad_input_get_s3_errors() {
+    let gw = Gateway::start().await;
+    let alice = gw.alice();
+    alice.create_bucket("odd").await.expect_status(200);
+    for key in ["../../etc/passwd", "a/../b", "ünïcødé/ключ/鍵", "with space", "plus+sign", "q?mark", "hash#tag", "a//b", "trailing/"] {
+        alice.put_object("odd", key, key.as_bytes()).await.expect_status(200);
+        let r = alice.get_object("odd", key).await;
+        r.expect_status(200);
+        assert_eq!(r.body.as_ref(), key.as_bytes(), "{key}");
+    }
+    let text = alice.request("GET", "/odd").query("list-type", "2").send().await.text();
+    assert!(xml_values(&text, "Key").contains(&"../../etc/passwd".to_owned()));
+
+    let long = "k".repeat(1025);
+    alice.put_object("odd", &long, b"x").await.expect_error(400, "KeyTooLongError");
+    alice.put_object("odd", &"k".repeat(1024), b"x").await.expect_status(200);
+    // An encoded slash in the path: a key with a slash, or an error, but an S3 answer.
+    let r = alice.request("PUT", "/odd/a%2Fb").body("slash").send().await;
+    assert!(r.status == 200 || r.code().is_some(), "{} {}", r.status, r.text());
+    let r = alice.request("PUT", "/odd/bad%ZZescape").body("x").send().await;
+    assert!((400..500).contains(&r.status), "{} {}", r.status, r.text());
+    // Metadata beyond 2 KiB.
+    let r = alice.request("PUT", "/odd/meta").header("x-amz-meta-big", &"v".repeat(2100)).body("x").send().await;
+    r.expect_error(400, "MetadataTooLarge");
+    // Unsupported features are refused, not ignored.
+    alice.request("GET", "/odd/plus+sign").query("versionId", "v1").send().await.expect_error(501, "NotImplemented");
+    alice.request("PUT", "/odd/x").header("x-amz-acl", "public-read").body("x").send().await.expect_error(501, "NotImplemented");
+    // The server is still there.
+    alice.request("GET", "/").send().await.expect_status(200);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn virtual_hosted_style_addressing() {
+    let gw = Gateway::start().await;
+    let alice = gw.alice();
+    alice.create_bucket("vhost").await.expect_status(200);
+    let port = gw.addr.port();
+    let r = alice.request("PUT", "/dir/obj").host(&format!("vhost.localhost:{port}")).body("via host").send().await;
+    r.expect_status(200);
+    assert_eq!(alice.get_object("vhost", "dir/obj").await.body.as_ref(), b"via host");
+    let r = alice.request("GET", "/").host(&format!("vhost.s3.basalt.test:{port}")).query("list-type", "2").send().await;
+    r.expect_status(200);
+    assert_eq!(xml_values(&r.text(), "Key"), vec!["dir/obj"]);
+    // The bare domain is path-style.
+    let r = alice.request("GET", "/vhost/dir/obj").host(&format!("localhost:{port}")).send().await;
+    assert_eq!(r.body.as_ref(), b"via host");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_the_listener() {
+    let gw = Gateway::start().await;
+    let alice = gw.alice();
+    alice.create_bucket("drain").await.expect_status(200);
+    let addr = gw.addr;
+    gw.stop().await;
+    let refused = tokio::net::TcpStream::connect(addr).await;
+    assert!(refused.is_err(), "the listener is closed after shutdown");
+}
