@@ -303,6 +303,15 @@ async fn signed_aws_chunked_uploads() {
     let r = alice.request("PUT", "/chunks/corrupt").send_chunked(&data, 64 * 1024, true).await;
     r.expect_error(403, "SignatureDoesNotMatch");
     assert_eq!(gw.backend.object_count("chunks"), 1);
+
+    // Unsigned chunks with a trailing checksum. CRC32("hello world") = "DUoRhQ==".
+    let r = alice.request("PUT", "/chunks/trailer").send_unsigned_trailer(b"hello world", 4, "DUoRhQ==").await;
+    r.expect_status(200);
+    assert_eq!(r.header("x-amz-checksum-crc32").as_deref(), Some("DUoRhQ=="));
+    assert_eq!(alice.get_object("chunks", "trailer").await.body.as_ref(), b"hello world");
+    let r = alice.request("PUT", "/chunks/bad-trailer").send_unsigned_trailer(b"hello world", 4, "AAAAAA==").await;
+    r.expect_error(400, "XAmzContentChecksumMismatch");
+    assert_eq!(gw.backend.object_count("chunks"), 2);
     gw.stop().await;
 }
 

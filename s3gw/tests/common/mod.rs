@@ -394,6 +394,30 @@ impl Request<'_> {
     }
 }
 
+impl Request<'_> {
+    /// Sends `data` as aws-chunked with unsigned chunks and a trailing
+    /// `x-amz-checksum-crc32: trailer` (`STREAMING-UNSIGNED-PAYLOAD-TRAILER`, what AWS SDKs
+    /// send by default over TLS).
+    pub async fn send_unsigned_trailer(mut self, data: &[u8], chunk: usize, trailer: &str) -> Response {
+        let mut body = Vec::new();
+        for piece in data.chunks(chunk) {
+            body.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+            body.extend_from_slice(piece);
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(format!("0\r\nx-amz-checksum-crc32:{trailer}\r\n\r\n").as_bytes());
+        self = self
+            .header("content-encoding", "aws-chunked")
+            .header("x-amz-decoded-content-length", &data.len().to_string())
+            .header("x-amz-trailer", "x-amz-checksum-crc32")
+            .header("content-length", &body.len().to_string())
+            .payload(Payload::Literal("STREAMING-UNSIGNED-PAYLOAD-TRAILER"));
+        let (req, _) = self.build();
+        let (parts, _) = req.into_parts();
+        send(&self.client.http, http::Request::from_parts(parts, Full::new(Bytes::from(body)))).await
+    }
+}
+
 fn chunk_header_len(len: usize) -> usize {
     format!("{len:x};chunk-signature=").len() + 64 + 2
 }
