@@ -523,7 +523,7 @@ impl<B: Backend> S3 for Gateway<B> {
             }
         }
         let bucket = self.backend.create_bucket(&caller, &input.bucket, &self.region).await.map_err(to_s3)?;
-        Ok(S3Response::new(dto::CreateBucketOutput { location: Some(format!("/{}", bucket.name)), ..Default::default() }))
+        Ok(S3Response::new(dto::CreateBucketOutput { location: Some(format!("/{}", bucket.name)) }))
     }
 
     async fn head_bucket(&self, req: S3Request<dto::HeadBucketInput>) -> S3Result<S3Response<dto::HeadBucketOutput>> {
