@@ -15,6 +15,7 @@ use futures::StreamExt;
 use md5::{Digest, Md5};
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -24,6 +25,16 @@ const PIECE: usize = 64 << 10;
 #[derive(Default)]
 pub struct MemBackend {
     state: Mutex<State>,
+    /// PUTs reading their body right now (tests wait on it instead of sleeping).
+    puts_in_progress: AtomicUsize,
+}
+
+struct InProgress<'a>(&'a AtomicUsize);
+
+impl Drop for InProgress<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 #[derive(Default)]
@@ -59,6 +70,11 @@ impl MemBackend {
     /// Removes an access key; requests signed with it are refused from then on.
     pub fn remove_key(&self, access_key: &str) {
         self.state().keys.remove(access_key);
+    }
+
+    /// How many PUTs are reading their body right now.
+    pub fn puts_in_progress(&self) -> usize {
+        self.puts_in_progress.load(Ordering::SeqCst)
     }
 
     /// How many objects `bucket` holds (for tests that check nothing was stored).
@@ -113,6 +129,8 @@ impl Backend for MemBackend {
             return Err(Error::InvalidArgument("keys may not hold NUL".into()));
         }
         self.bucket(bucket).await?;
+        self.puts_in_progress.fetch_add(1, Ordering::SeqCst);
+        let _in_progress = InProgress(&self.puts_in_progress);
         let mut data = BytesMut::new();
         let mut md5 = Md5::new();
         while let Some(piece) = body.next().await {

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{md5_b64, md5_hex, xml_values, Auth, Gateway, Payload};
+use common::{request_head, md5_b64, md5_hex, xml_values, Auth, Gateway, Payload};
 use std::time::{Duration, SystemTime};
 
 #[tokio::test]
@@ -636,4 +636,40 @@ async fn shutdown_closes_the_listener() {
     gw.stop().await;
     let refused = tokio::net::TcpStream::connect(addr).await;
     assert!(refused.is_err(), "the listener is closed after shutdown");
+}
+
+#[tokio::test]
+async fn shutdown_lets_a_request_in_flight_finish() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = Gateway::start().await;
+    let alice = gw.alice();
+    alice.create_bucket("drain").await.expect_status(200);
+    let (req, _) = alice
+        .request("PUT", "/drain/slow")
+        .header("content-length", "10")
+        .payload(Payload::Unsigned)
+        .body("0123456789")
+        .build();
+    let mut conn = tokio::net::TcpStream::connect(gw.addr).await.expect("connect");
+    conn.write_all(&request_head(&req)).await.expect("head");
+    conn.write_all(b"01234").await.expect("first half");
+    // Wait until the backend is reading the body.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while gw.backend.puts_in_progress() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the PUT reaches the backend");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    gw.begin_stop();
+    while tokio::net::TcpStream::connect(gw.addr).await.is_ok() {
+        assert!(tokio::time::Instant::now() < deadline, "the listener closes on shutdown");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!gw.stopped(), "the server waits for the request in flight");
+    conn.write_all(b"56789").await.expect("second half");
+    let mut answer = Vec::new();
+    conn.read_to_end(&mut answer).await.expect("response, then close");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(gw.backend.object_count("drain"), 1);
+    gw.stop().await;
 }

@@ -68,6 +68,16 @@ impl Gateway {
         self.client("AKBOB", "bob-secret")
     }
 
+    /// Asks the server to stop, without waiting.
+    pub fn begin_stop(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Whether the server task has returned.
+    pub fn stopped(&self) -> bool {
+        self.task.as_ref().is_none_or(tokio::task::JoinHandle::is_finished)
+    }
+
     /// Stops the server and waits for it, failing if it does not stop in time.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
@@ -416,6 +426,21 @@ impl Request<'_> {
         let (parts, _) = req.into_parts();
         send(&self.client.http, http::Request::from_parts(parts, Full::new(Bytes::from(body)))).await
     }
+}
+
+/// The request line and headers of `req` as HTTP/1.1 bytes (for tests that write the body
+/// themselves, slowly).
+pub fn request_head(req: &http::Request<Full<Bytes>>) -> Vec<u8> {
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let mut head = format!("{} {} HTTP/1.1\r\n", req.method(), path).into_bytes();
+    for (name, value) in req.headers() {
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    head
 }
 
 fn chunk_header_len(len: usize) -> usize {
