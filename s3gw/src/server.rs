@@ -77,8 +77,11 @@ async fn handle(
     req: hyper::Request<Incoming>,
 ) -> Result<hyper::Response<s3s::Body>, s3s::HttpError> {
     let (bucket, key) = bucket_and_key(&domains, &req);
+    // Clients log `x-amz-request-id` with errors; the same id is in our span.
+    let request_id = format!("{:016X}", rand::random::<u64>());
     let span = tracing::info_span!(
         "s3_request",
+        request_id = %request_id,
         method = %req.method(),
         bucket = %bucket,
         key = %key,
@@ -93,6 +96,9 @@ async fn handle(
         if let Ok(res) = &mut result {
             if head && res.status() == http::StatusCode::OK && res.headers().contains_key(http::header::CONTENT_RANGE) {
                 *res.status_mut() = http::StatusCode::PARTIAL_CONTENT;
+            }
+            if let Ok(v) = http::HeaderValue::from_str(&request_id) {
+                res.headers_mut().insert("x-amz-request-id", v);
             }
         }
         let elapsed_ms = started.elapsed().as_millis();

@@ -98,11 +98,13 @@ async fn objects_round_trip_with_metadata() {
     let r = alice.request("GET", "/docs/report.pdf").query("response-content-type", "text/plain").send().await;
     assert_eq!(r.header("content-type").as_deref(), Some("text/plain"));
 
-    // An empty object.
+    // An empty object, stored without a type.
     alice.put_object("docs", "empty", b"").await.expect_status(200);
     let r = alice.get_object("docs", "empty").await;
     r.expect_status(200);
     assert!(r.body.is_empty());
+    assert_eq!(r.header("content-type").as_deref(), Some("binary/octet-stream"));
+    assert_eq!(r.header("x-amz-request-id").map(|id| id.len()), Some(16));
 
     alice.request("DELETE", "/docs/report.pdf").send().await.expect_status(204);
     alice.request("DELETE", "/docs/report.pdf").send().await.expect_status(204);

@@ -330,7 +330,8 @@ macro_rules! describe {
         let info: &ObjectInfo = $info;
         $out.e_tag = Some(etag(info));
         $out.last_modified = Some(timestamp(info.last_modified_ms));
-        $out.content_type = info.content_type.clone();
+        // What S3 answers for objects stored without a type.
+        $out.content_type = Some(info.content_type.clone().unwrap_or_else(|| "binary/octet-stream".to_owned()));
         $out.metadata = (!info.user_meta.is_empty())
             .then(|| info.user_meta.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
         $out.cache_control = info.headers.get("cache-control").cloned();
