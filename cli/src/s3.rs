@@ -77,6 +77,11 @@ pub fn admin_store(client: Arc<StorageClient>) -> Arc<ObjectStore> {
     ObjectStore::new(client, StoreConfig::new(0, "cli"))
 }
 
+/// Account names by account id.
+async fn account_names(store: &ObjectStore) -> Result<std::collections::HashMap<String, String>, basalt_s3gw::backend::Error> {
+    Ok(store.list_accounts().await?.into_iter().map(|a| (a.id, a.name)).collect())
+}
+
 pub async fn run(client: Arc<StorageClient>, cmd: S3Cmd) -> Result<()> {
     let store = admin_store(client);
     let e = |e: basalt_s3gw::backend::Error| anyhow!(e.to_string());
@@ -115,16 +120,14 @@ pub async fn run(client: Arc<StorageClient>, cmd: S3Cmd) -> Result<()> {
                 Some(name) => Some(store.account_by_name(&name).await.map_err(e)?),
                 None => None,
             };
-            let names: std::collections::HashMap<String, String> =
-                store.list_accounts().await.map_err(e)?.into_iter().map(|a| (a.id, a.name)).collect();
+            let names = account_names(&store).await.map_err(e)?;
             for k in store.list_keys(account.as_ref()).await.map_err(e)? {
                 let owner = names.get(&k.account).map(String::as_str).unwrap_or("?");
                 println!("{:<22} {:<24} {}", k.id, owner, if k.enabled { "enabled" } else { "disabled" });
             }
         }
         S3Cmd::Bucket { cmd: BucketCmd::List { json } } => {
-            let names: std::collections::HashMap<String, String> =
-                store.list_accounts().await.map_err(e)?.into_iter().map(|a| (a.id, a.name)).collect();
+            let names = account_names(&store).await.map_err(e)?;
             let mut rows = Vec::new();
             for b in store.all_buckets().await.map_err(e)? {
                 let usage = store.usage(&b.bucket.name).await.map_err(e)?;

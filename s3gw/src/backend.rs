@@ -127,6 +127,27 @@ pub struct PutOptions {
     pub checksums: BTreeMap<String, String>,
 }
 
+impl PutOptions {
+    /// The description of `key` stored with these options: `size` bytes hashing to `md5`
+    /// (its ETag), modified now, no version yet.
+    pub fn into_info(self, key: &str, size: u64, md5: &[u8; 16]) -> ObjectInfo {
+        ObjectInfo {
+            key: key.to_owned(),
+            size,
+            etag: md5.iter().map(|b| format!("{b:02x}")).collect(),
+            last_modified_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            content_type: self.content_type,
+            user_meta: self.user_meta,
+            headers: self.headers,
+            checksums: self.checksums,
+            version_id: None,
+        }
+    }
+}
+
 /// A listing request within one bucket (ListObjects v1 and v2 both map to it).
 #[derive(Clone, Debug, Default)]
 pub struct ListQuery {

@@ -148,17 +148,7 @@ impl Backend for MemBackend {
         if opts.content_md5.is_some_and(|want| want != digest) {
             return Err(Error::BadDigest);
         }
-        let info = ObjectInfo {
-            key: key.to_owned(),
-            size: data.len() as u64,
-            etag: digest.iter().map(|b| format!("{b:02x}")).collect(),
-            last_modified_ms: now_ms(),
-            content_type: opts.content_type,
-            user_meta: opts.user_meta,
-            headers: opts.headers,
-            checksums: opts.checksums,
-            version_id: None,
-        };
+        let info = opts.into_info(key, data.len() as u64, &digest);
         let mut state = self.state();
         let b = state.buckets.get_mut(bucket).ok_or_else(|| Error::NoSuchBucket(bucket.to_owned()))?;
         b.objects.insert(key.to_owned(), (info.clone(), data.freeze()));

@@ -47,7 +47,7 @@ use crate::backend::{
 };
 use async_trait::async_trait;
 use basalt_storaged_client::{StorageClient, Volume, VolumeOptions};
-use basalt_types::{ErrorCode, IndexOutcome, IndexTxn, NodeId, VolumeId};
+use basalt_types::{ErrorCode, IndexEntry, IndexOutcome, IndexTxn, NodeId, VolumeId};
 use bytes::BytesMut;
 use futures::stream::StreamExt;
 use md5::{Digest, Md5};
@@ -355,6 +355,11 @@ fn part_key(upload: &str, number: u32) -> Vec<u8> {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The offset a garbage key names, after its volume's `prefix`.
+fn garbage_offset(prefix: &[u8], k: &[u8]) -> Option<u64> {
+    k.get(prefix.len()..).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes)
 }
 
 fn garbage_key(e: &Extent) -> Vec<u8> {
@@ -768,16 +773,11 @@ impl ObjectStore {
                 return Err(Error::InvalidArgument("lifecycle days must be positive".into()));
             }
         }
-        let k = key(P_BUCKET, bucket.as_bytes());
-        for _ in 0..16 {
-            let (mut record, version) = self.bucket_record(bucket).await?;
+        self.update_bucket(bucket, |record| {
             record.lifecycle = rules.clone();
-            let txn = IndexTxn { checks: vec![(k.clone(), version)], puts: vec![(k.clone(), Some(enc(&record)?))], adds: Vec::new() };
-            if let IndexOutcome::Committed { .. } = self.client.index_txn(txn).await.map_err(storage)? {
-                return Ok(());
-            }
-        }
-        Err(Error::Unavailable("the bucket kept changing; retry".into()))
+            Ok(())
+        })
+        .await
     }
 
     pub async fn lifecycle(&self, bucket: &str) -> Result<Vec<LifecycleRule>> {
@@ -1043,13 +1043,22 @@ impl ObjectStore {
         if state == Versioning::Unversioned {
             return Err(Error::InvalidArgument("versioning can be enabled or suspended, not removed".into()));
         }
-        let k = key(P_BUCKET, bucket.as_bytes());
-        for _ in 0..16 {
-            let (mut record, version) = self.bucket_record(bucket).await?;
+        self.update_bucket(bucket, |record| {
             if record.deleting {
                 return Err(Error::NoSuchBucket(bucket.to_string()));
             }
             record.versioning = state;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Changes a bucket's record with `change`, retried while other writers change it too.
+    async fn update_bucket(&self, bucket: &str, mut change: impl FnMut(&mut BucketRecord) -> Result<()>) -> Result<()> {
+        let k = key(P_BUCKET, bucket.as_bytes());
+        for _ in 0..16 {
+            let (mut record, version) = self.bucket_record(bucket).await?;
+            change(&mut record)?;
             let txn = IndexTxn { checks: vec![(k.clone(), version)], puts: vec![(k.clone(), Some(enc(&record)?))], adds: Vec::new() };
             if let IndexOutcome::Committed { .. } = self.client.index_txn(txn).await.map_err(storage)? {
                 return Ok(());
@@ -1060,16 +1069,11 @@ impl ObjectStore {
 
     /// Sets a bucket's limits (writes that would pass them fail with `QuotaExceeded`).
     pub async fn set_quota(&self, bucket: &str, quota: Quota) -> Result<()> {
-        let k = key(P_BUCKET, bucket.as_bytes());
-        for _ in 0..16 {
-            let (mut record, version) = self.bucket_record(bucket).await?;
+        self.update_bucket(bucket, |record| {
             record.quota = quota;
-            let txn = IndexTxn { checks: vec![(k.clone(), version)], puts: vec![(k.clone(), Some(enc(&record)?))], adds: Vec::new() };
-            if let IndexOutcome::Committed { .. } = self.client.index_txn(txn).await.map_err(storage)? {
-                return Ok(());
-            }
-        }
-        Err(Error::Unavailable("the bucket kept changing; retry".into()))
+            Ok(())
+        })
+        .await
     }
 
     /// Every bucket of every account (for administrators).
@@ -1273,56 +1277,93 @@ impl ObjectStore {
             _ => prefix.clone(),
         };
         if start < prefix {
-            start = prefix.clone();
+            start = prefix;
         }
+        let name_of = |e: &IndexEntry| {
+            let name = parse_version_key(&base, &e.key);
+            if name.is_none() {
+                warn!(key = %e.key.escape_ascii(), "malformed version key");
+            }
+            Ok(name.map(|(name, _)| name))
+        };
+        page.truncated = self
+            .walk(&base, q, start, name_of, |item| match item {
+                Walked::Prefix(cp) => {
+                    page.next = Some((cp.clone(), String::new()));
+                    page.common_prefixes.push(cp);
+                    Ok(true)
+                }
+                Walked::Entry(name, e) => {
+                    let v: ObjectRecord = dec(&e.key, &e.value)?;
+                    let is_latest = last_name.as_deref() != Some(name.as_str());
+                    last_name = Some(name.clone());
+                    page.next = Some((name.clone(), v.version_id.clone()));
+                    let mut info = v.info;
+                    info.key = name;
+                    page.versions.push(VersionEntry { info, version_id: v.version_id, is_latest, delete_marker: v.delete_marker });
+                    Ok(true)
+                }
+            })
+            .await?;
+        if !page.truncated {
+            page.next = None;
+        }
+        Ok(page)
+    }
+
+    /// Walks the index entries under `base` + `q.prefix` from `start`, in key order, until
+    /// `q.max_keys` items are taken, and says whether more follow. `name_of` gives an
+    /// entry's object key (`None`: skip the entry). With a delimiter, the names sharing a
+    /// common prefix are one item, skipped past at once. `take` gets each item in turn and
+    /// says whether it counts toward `max_keys` (an entry it leaves out does not).
+    async fn walk(
+        &self,
+        base: &[u8],
+        q: &ListQuery,
+        mut start: Vec<u8>,
+        name_of: impl Fn(&IndexEntry) -> Result<Option<String>>,
+        mut take: impl FnMut(Walked<'_>) -> Result<bool>,
+    ) -> Result<bool> {
         if q.max_keys == 0 {
-            return Ok(page);
+            return Ok(false);
         }
+        let prefix = key(base, q.prefix.as_bytes());
+        let delimiter = q.delimiter.as_deref().filter(|d| !d.is_empty());
         let mut count = 0usize;
         'outer: loop {
             let want = (q.max_keys - count + 1).min(LIST_PAGE as usize) as u32;
             let (entries, more) = self.client.index_list(&prefix, &start, want).await.map_err(storage)?;
             if entries.is_empty() {
-                break;
+                return Ok(false);
             }
             for e in &entries {
-                let Some((name, _)) = parse_version_key(&base, &e.key) else {
-                    warn!(key = %e.key.escape_ascii(), "malformed version key");
+                let Some(name) = name_of(e)? else {
+                    start = e.key.clone();
+                    start.push(0);
                     continue;
                 };
                 if count == q.max_keys {
-                    page.truncated = true;
-                    break 'outer;
+                    return Ok(true);
                 }
-                if let Some(d) = q.delimiter.as_deref().filter(|d| !d.is_empty()) {
+                if let Some(d) = delimiter {
                     if let Some(pos) = name[q.prefix.len()..].find(d) {
                         let cp = name[..q.prefix.len() + pos + d.len()].to_string();
-                        start = after_prefix(&key(&base, cp.as_bytes()));
-                        page.next = Some((cp.clone(), String::new()));
-                        page.common_prefixes.push(cp);
+                        start = after_prefix(&key(base, cp.as_bytes()));
+                        take(Walked::Prefix(cp))?;
                         count += 1;
                         continue 'outer;
                     }
                 }
-                let v: ObjectRecord = dec(&e.key, &e.value)?;
-                let is_latest = last_name.as_deref() != Some(name.as_str());
-                last_name = Some(name.clone());
-                page.next = Some((name.clone(), v.version_id.clone()));
-                let mut info = v.info;
-                info.key = name;
-                page.versions.push(VersionEntry { info, version_id: v.version_id, is_latest, delete_marker: v.delete_marker });
-                count += 1;
                 start = e.key.clone();
                 start.push(0);
+                if take(Walked::Entry(name, e))? {
+                    count += 1;
+                }
             }
             if !more {
-                break;
+                return Ok(false);
             }
         }
-        if !page.truncated {
-            page.next = None;
-        }
-        Ok(page)
     }
 
     /// The data of one version, or `range` of it.
@@ -1558,7 +1599,7 @@ impl ObjectStore {
         let gprefix = key(P_GARBAGE, &vol.to_be_bytes());
         for (k, v) in self.list_all(&gprefix).await? {
             let g: Garbage = dec(&k, &v)?;
-            if let Some(offset) = k.get(gprefix.len()..).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes) {
+            if let Some(offset) = garbage_offset(&gprefix, &k) {
                 note(&Extent { volume: vol, offset, len: g.len });
             }
         }
@@ -1599,7 +1640,7 @@ impl ObjectStore {
             if g.after_ms > now {
                 continue;
             }
-            let Some(offset) = k.get(prefix.len()..).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes) else {
+            let Some(offset) = garbage_offset(&prefix, &k) else {
                 warn!(key = %k.escape_ascii(), "malformed garbage key");
                 continue;
             };
@@ -1684,6 +1725,12 @@ fn validate_key(name: &str) -> Result<()> {
 /// Another run of this gateway took the data volume over: this one must stop writing.
 fn superseded() -> Error {
     Error::Unavailable("this gateway was restarted elsewhere; retry".into())
+}
+
+/// One item of a listing walk: a common prefix, or an entry with its object key.
+enum Walked<'a> {
+    Prefix(String),
+    Entry(String, &'a IndexEntry),
 }
 
 /// A stable hash of a bucket name (FNV-1a), to spread buckets over gateways.
@@ -1864,17 +1911,7 @@ impl Backend for ObjectStore {
         if opts.length.is_none() {
             self.check_quota(bucket, record.quota, size).await?;
         }
-        let info = ObjectInfo {
-            key: name.to_string(),
-            size,
-            etag: md5.iter().map(|b| format!("{b:02x}")).collect(),
-            last_modified_ms: now_ms(),
-            content_type: opts.content_type,
-            user_meta: opts.user_meta,
-            headers: opts.headers,
-            checksums: opts.checksums,
-            version_id: None,
-        };
+        let info = opts.into_info(name, size, &md5);
         let rec = ObjectRecord::new(info, written.extents.clone());
         let committed = self
             .commit_version(bucket, name, rec, Some(log.incarnation_check()), (Vec::new(), Vec::new()))
@@ -1930,48 +1967,28 @@ impl Backend for ObjectStore {
             }
         }
         let mut page = ListPage::default();
-        if q.max_keys == 0 {
-            return Ok(page);
-        }
-        let mut count = 0usize;
-        'outer: loop {
-            let want = (q.max_keys - count + 1).min(LIST_PAGE as usize) as u32;
-            let (entries, more) = self.client.index_list(&prefix, &start, want).await.map_err(storage)?;
-            if entries.is_empty() {
-                break;
-            }
-            for e in &entries {
-                let name = std::str::from_utf8(&e.key[base.len()..])
-                    .map_err(|_| Error::Internal(format!("object key {} is not UTF-8", e.key.escape_ascii())))?;
-                if count == q.max_keys {
-                    page.truncated = true;
-                    break 'outer;
+        let name_of = |e: &IndexEntry| match std::str::from_utf8(&e.key[base.len()..]) {
+            Ok(name) => Ok(Some(name.to_string())),
+            Err(_) => Err(Error::Internal(format!("object key {} is not UTF-8", e.key.escape_ascii()))),
+        };
+        page.truncated = self
+            .walk(&base, q, start, name_of, |item| match item {
+                Walked::Prefix(cp) => {
+                    page.next_after = Some(cp.clone());
+                    page.common_prefixes.push(cp);
+                    Ok(true)
                 }
-                let rest = &name[q.prefix.len()..];
-                if let Some(d) = q.delimiter.as_deref().filter(|d| !d.is_empty()) {
-                    if let Some(pos) = rest.find(d) {
-                        let cp = name[..q.prefix.len() + pos + d.len()].to_string();
-                        start = after_prefix(&key(&base, cp.as_bytes()));
-                        page.next_after = Some(cp.clone());
-                        page.common_prefixes.push(cp);
-                        count += 1;
-                        continue 'outer;
+                Walked::Entry(name, e) => {
+                    let object: KeyRecord = dec(&e.key, &e.value)?;
+                    if object.current.delete_marker {
+                        return Ok(false);
                     }
+                    page.next_after = Some(name);
+                    page.objects.push(object.current.info);
+                    Ok(true)
                 }
-                let object: KeyRecord = dec(&e.key, &e.value)?;
-                start = e.key.clone();
-                start.push(0);
-                if object.current.delete_marker {
-                    continue;
-                }
-                page.next_after = Some(name.to_string());
-                page.objects.push(object.current.info);
-                count += 1;
-            }
-            if !more {
-                break;
-            }
-        }
+            })
+            .await?;
         if !page.truncated {
             page.next_after = None;
         }
