@@ -44,6 +44,8 @@ pub enum Error {
     Nbd(String),
     #[error("iSCSI: {0}")]
     Iscsi(String),
+    #[error("S3: {0}")]
+    S3(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -228,6 +230,15 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
             let _ = iscsi_slot.set(targets.clone());
             info!(%addr, "iSCSI target listening");
             tasks.spawn(basalt_iscsi::portal::serve(iscsi, targets, shutdown.clone()).in_current_span());
+        }
+        if let Some(s3) = listeners.s3 {
+            let addr = s3.local_addr().map_err(|e| Error::S3(e.to_string()))?;
+            let store = basalt_s3gw::store::ObjectStore::new(client.clone(), basalt_s3gw::store::StoreConfig::new(node, &f.name));
+            let opts = basalt_s3gw::ServeOptions { region: f.s3_region.clone(), domains: f.s3_domains.clone() };
+            info!(%addr, region = %f.s3_region, "S3 gateway listening");
+            tasks.spawn(store.clone().garbage_loop(Duration::from_secs(60), shutdown.clone()).in_current_span());
+            tasks.spawn(store.clone().lifecycle_loop(Duration::from_secs(3600), shutdown.clone()).in_current_span());
+            tasks.spawn(basalt_s3gw::serve(s3, store, opts, shutdown.clone()).in_current_span());
         }
         if let Some(unix) = listeners.nbd_unix {
             tasks.spawn(basalt_nbd::serve_unix(unix, exports.clone(), shutdown.clone()).in_current_span());
