@@ -11,8 +11,10 @@
 //! is not a test: a missed goal is reported, never an error.
 
 pub mod block;
+pub mod garage;
 pub mod initiator;
 pub mod iscsi;
+pub mod s3;
 mod tgt;
 
 use crate::dev::{self, ClusterFile, UpOptions};

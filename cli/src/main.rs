@@ -99,6 +99,54 @@ enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Our S3 gateway on a fresh 3-node cluster against Garage (3 nodes in 3 zones,
+    /// replication 3) on this machine, each alone, through one node's endpoint, by the same
+    /// in-process load generator (one kept-alive HTTP/1.1 connection per worker, SigV4).
+    ///
+    /// Default run: for 4 KiB and 64 MiB objects at concurrency 1, 16 and 64, a PUT phase of
+    /// new objects then a GET phase reading them back (length of every GET and every byte of
+    /// a sample checked), then LIST (ListObjectsV2 pages of --list-keys keys) at each
+    /// concurrency. Prints ops/s (small objects, LIST) or MiB/s (>= 1 MiB), p50/p90/p99/max
+    /// latency, the servers' and the generator's CPU, then Basalt/Garage ratios per row
+    /// (latency as Garage/Basalt, so > 1 favours Basalt) against the goal of >= 1.0.
+    /// Garage is taken from PATH or /var/tmp/garage/bin, else built there once with
+    /// `cargo install --locked garage` (20+ minutes on 2 cores). A run takes ~10 minutes.
+    S3 {
+        /// Measured time per row.
+        #[arg(long, default_value = "10s")]
+        runtime: String,
+        /// Object sizes, comma-separated.
+        #[arg(long, default_value = bench::s3::DEFAULT_SIZES)]
+        sizes: String,
+        /// Concurrent requests (one connection each), comma-separated.
+        #[arg(long, default_value = bench::s3::DEFAULT_CONCURRENCY)]
+        concurrency: String,
+        /// Phases to run, comma-separated, from put, get, list.
+        #[arg(long, default_value = bench::s3::DEFAULT_OPS, conflicts_with = "mix")]
+        ops: String,
+        /// Instead of phases, one mixed run per size and concurrency, e.g.
+        /// `put=50,get=40,list=10` (GETs read objects PUT so far).
+        #[arg(long)]
+        mix: Option<String>,
+        /// Keys under the listed prefix (one ListObjectsV2 page: at most 1000).
+        #[arg(long, default_value_t = bench::s3::DEFAULT_LIST_KEYS)]
+        list_keys: usize,
+        /// Benchmark one system only.
+        #[arg(long, value_enum)]
+        only: Option<bench::s3::System>,
+        /// Run Garage as shipped (no fsync) instead of with data_fsync and metadata_fsync,
+        /// the durability our gateway gives every PUT.
+        #[arg(long)]
+        garage_no_fsync: bool,
+        /// The garage binary (default: PATH, then /var/tmp/garage/bin/garage, else install).
+        #[arg(long)]
+        garage_bin: Option<PathBuf>,
+        /// Where both clusters live: one disk-backed directory.
+        #[arg(long, default_value = basalt_cli::bench::FRESH_CLUSTER_PARENT)]
+        work_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -241,6 +289,38 @@ async fn bench_cmd(dir: &std::path::Path, cmd: BenchCmd) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", bench::iscsi::render_table(&report));
+            }
+            Ok(())
+        }
+        BenchCmd::S3 {
+            runtime,
+            sizes,
+            concurrency,
+            ops,
+            mix,
+            list_keys,
+            only,
+            garage_no_fsync,
+            garage_bin,
+            work_dir,
+            json,
+        } => {
+            use bench::s3;
+            let mut opts = s3::S3Options::new(parse_duration(&runtime)?);
+            opts.sizes = s3::parse_list(&sizes, "size", parse_size)?;
+            opts.concurrencies = s3::parse_list(&concurrency, "concurrency", |c| Ok(c.parse::<usize>()?))?;
+            opts.ops = s3::parse_list(&ops, "operation", s3::Op::parse)?;
+            opts.mix = mix.as_deref().map(s3::Mix::parse).transpose()?;
+            opts.list_keys = list_keys;
+            opts.only = only;
+            opts.garage_fsync = !garage_no_fsync;
+            opts.garage_bin = garage_bin;
+            opts.work_dir = work_dir;
+            let report = s3::run_s3(&opts).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", s3::render_table(&report));
             }
             Ok(())
         }
