@@ -68,6 +68,10 @@ pub enum Error {
     Unavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// The backend does not offer this operation (S3 `NotImplemented`, HTTP 501): see
+    /// [`Backend`] for which backend implements what.
+    #[error("not implemented by this backend: {0}")]
+    NotImplemented(&'static str),
 }
 
 /// A tenant: owns buckets; its access keys sign requests.
@@ -169,8 +173,22 @@ pub struct ListPage {
     pub next_after: Option<String>,
 }
 
-/// Accounts, buckets and objects. Byte ranges are half-open `[start, end)` and already
-/// clipped to the object by the caller.
+/// Accounts, buckets, objects and multipart uploads; versions and lifecycle rules where the
+/// backend keeps them. Byte ranges are half-open `[start, end)` and already clipped to the
+/// object by the caller.
+///
+/// Which backend implements what:
+///
+/// | operations                                   | `ObjectStore` | `MemBackend` |
+/// |----------------------------------------------|---------------|--------------|
+/// | buckets, objects, listings                   | yes           | yes          |
+/// | multipart uploads                            | yes           | yes          |
+/// | versioning, versions, ListObjectVersions     | yes           | no: `NotImplemented` (buckets read as never versioned) |
+/// | lifecycle rules                              | yes           | no: `NotImplemented` |
+/// | quotas (`QuotaExceeded` on writes)           | yes           | no quotas    |
+///
+/// The versioning and lifecycle methods have default implementations that answer
+/// [`Error::NotImplemented`], so a backend without them needs no code for them.
 #[async_trait]
 pub trait Backend: Send + Sync + 'static {
     /// The account owning `access_key` and the key's secret, if the key exists and is enabled.
@@ -183,14 +201,173 @@ pub trait Backend: Send + Sync + 'static {
     /// The buckets `owner` owns, by name.
     async fn list_buckets(&self, owner: &Account) -> Result<Vec<Bucket>>;
 
-    /// Stores `body` under `key`, replacing any object there, once all of it is durable.
+    /// Stores `body` under `key`, replacing any object there (or, in a versioned bucket,
+    /// adding a version), once all of it is durable.
     async fn put_object(&self, bucket: &str, key: &str, opts: PutOptions, body: ByteStream) -> Result<ObjectInfo>;
+    /// The current version (`NoSuchKey` if it is a delete marker).
     async fn head_object(&self, bucket: &str, key: &str) -> Result<ObjectInfo>;
     /// The object's description and its data (the whole object, or `range`).
     async fn get_object(&self, bucket: &str, key: &str, range: Option<(u64, u64)>) -> Result<(ObjectInfo, ByteStream)>;
-    /// Removes the object; removing a missing key is not an error (S3 answers 204 either way).
-    async fn delete_object(&self, bucket: &str, key: &str) -> Result<()>;
+    /// Removes the object, or in a versioned bucket puts a delete marker on it; removing a
+    /// missing key is not an error (S3 answers 204 either way).
+    async fn delete_object(&self, bucket: &str, key: &str) -> Result<Deleted>;
     async fn list_objects(&self, bucket: &str, query: &ListQuery) -> Result<ListPage>;
+
+    // ---- multipart uploads ----
+
+    /// Starts a multipart upload of `key`, stored with `opts` (its type, metadata and
+    /// headers) on completion.
+    async fn create_upload(&self, owner: &Account, bucket: &str, key: &str, opts: PutOptions) -> Result<Upload>;
+    /// Stores part `number` (1 to [`MAX_PART_NUMBER`]) of an upload, replacing an earlier
+    /// upload of that number; `opts` as for `put_object` (Content-MD5, length).
+    async fn upload_part(
+        &self,
+        bucket: &str,
+        key: &str,
+        upload_id: &str,
+        number: u32,
+        opts: PutOptions,
+        body: ByteStream,
+    ) -> Result<PartInfo>;
+    /// The upload and its parts numbered after `after`, at most `max`; and whether more follow.
+    async fn list_parts(
+        &self,
+        bucket: &str,
+        key: &str,
+        upload_id: &str,
+        after: u32,
+        max: usize,
+    ) -> Result<(Upload, Vec<PartInfo>, bool)>;
+    /// Uploads in progress, by key then by age; and whether more follow.
+    async fn list_uploads(&self, bucket: &str, query: &UploadQuery) -> Result<(Vec<Upload>, bool)>;
+    /// Makes the object from the listed parts (ascending numbers; every part but the last
+    /// at least [`MIN_PART_SIZE`]); its ETag is the MD5 of the parts' MD5s, `-N`. Parts
+    /// uploaded but not listed are dropped.
+    async fn complete_upload(&self, bucket: &str, key: &str, upload_id: &str, parts: &[CompletedPart]) -> Result<ObjectInfo>;
+    /// Drops an upload and its parts (`NoSuchUpload` if it is gone).
+    async fn abort_upload(&self, bucket: &str, key: &str, upload_id: &str) -> Result<()>;
+
+    // ---- versioning (ObjectStore only) ----
+
+    async fn set_versioning(&self, bucket: &str, state: Versioning) -> Result<()> {
+        let _ = (bucket, state);
+        Err(Error::NotImplemented("bucket versioning"))
+    }
+    /// A backend without versioning has only never-versioned buckets.
+    async fn versioning(&self, bucket: &str) -> Result<Versioning> {
+        self.bucket(bucket).await.map(|_| Versioning::Unversioned)
+    }
+    /// One version (`null` names the null version); a delete marker is `MethodNotAllowed`.
+    async fn head_version(&self, bucket: &str, key: &str, version_id: &str) -> Result<ObjectInfo> {
+        let _ = (bucket, key, version_id);
+        Err(Error::NotImplemented("object versions"))
+    }
+    async fn get_version(
+        &self,
+        bucket: &str,
+        key: &str,
+        version_id: &str,
+        range: Option<(u64, u64)>,
+    ) -> Result<(ObjectInfo, ByteStream)> {
+        let _ = (bucket, key, version_id, range);
+        Err(Error::NotImplemented("object versions"))
+    }
+    /// Removes one version for good (the next newest becomes current); a missing version
+    /// is not an error.
+    async fn delete_version(&self, bucket: &str, key: &str, version_id: &str) -> Result<Deleted> {
+        let _ = (bucket, key, version_id);
+        Err(Error::NotImplemented("object versions"))
+    }
+    /// Every version and delete marker, by key then newest first, after the markers
+    /// (a key marker alone: after every version of that key).
+    async fn list_versions(
+        &self,
+        bucket: &str,
+        query: &ListQuery,
+        key_marker: Option<&str>,
+        version_marker: Option<&str>,
+    ) -> Result<VersionPage> {
+        let _ = (bucket, query, key_marker, version_marker);
+        Err(Error::NotImplemented("object versions"))
+    }
+
+    // ---- lifecycle (ObjectStore only) ----
+
+    /// Replaces the bucket's lifecycle rules (none: no lifecycle).
+    async fn set_lifecycle(&self, bucket: &str, rules: Vec<LifecycleRule>) -> Result<()> {
+        let _ = (bucket, rules);
+        Err(Error::NotImplemented("bucket lifecycle rules"))
+    }
+    async fn lifecycle(&self, bucket: &str) -> Result<Vec<LifecycleRule>> {
+        let _ = bucket;
+        Err(Error::NotImplemented("bucket lifecycle rules"))
+    }
+}
+
+/// A ListMultipartUploads request within one bucket.
+#[derive(Clone, Debug, Default)]
+pub struct UploadQuery {
+    pub prefix: String,
+    /// Only uploads of keys after this one, or (with `upload_id_marker`) of this key with
+    /// a later upload id.
+    pub key_marker: Option<String>,
+    pub upload_id_marker: Option<String>,
+    pub max_uploads: usize,
+}
+
+/// A bucket's versioning state (S3: never back to `Unversioned` once enabled).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Versioning {
+    #[default]
+    Unversioned,
+    Enabled,
+    Suspended,
+}
+
+/// One expiration rule of a bucket's lifecycle (S3's `LifecycleConfiguration`, the
+/// expiration actions; storage-class transitions have no meaning here).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LifecycleRule {
+    pub id: String,
+    pub enabled: bool,
+    /// Only keys starting with this.
+    pub prefix: String,
+    /// Current versions this many days old expire (a delete marker in a versioned bucket).
+    pub expiration_days: Option<u32>,
+    /// Versions are removed this many days after they stopped being current.
+    pub noncurrent_days: Option<u32>,
+    /// Multipart uploads started this many days ago are aborted.
+    pub abort_multipart_days: Option<u32>,
+    /// A delete marker with no version left behind it is removed.
+    pub expired_delete_markers: bool,
+}
+
+/// A version as listed by ListObjectVersions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VersionEntry {
+    pub info: ObjectInfo,
+    pub version_id: String,
+    pub is_latest: bool,
+    pub delete_marker: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VersionPage {
+    pub versions: Vec<VersionEntry>,
+    pub common_prefixes: Vec<String>,
+    pub truncated: bool,
+    /// When truncated: where to go on (key marker, version id marker; the latter empty
+    /// after a common prefix).
+    pub next: Option<(String, String)>,
+}
+
+/// What a DeleteObject did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Deleted {
+    /// The version removed, or the delete marker's version (None in unversioned buckets).
+    pub version_id: Option<String>,
+    /// A delete marker was created, or the version removed was one.
+    pub delete_marker: bool,
 }
 
 /// A multipart upload in progress.

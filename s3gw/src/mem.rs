@@ -4,10 +4,13 @@
 //! held whole in memory, and there is one lock for everything. It keeps the semantics the
 //! protocol layer relies on (ownership errors, `BucketNotEmpty`, Content-MD5 and length
 //! checks that store nothing on failure, listings with prefix, delimiter, start-after and
-//! truncation in UTF-8 byte order), so tests against it say something about the gateway.
+//! truncation in UTF-8 byte order, multipart uploads with S3's part rules and ETags), so
+//! tests against it say something about the gateway. It has no versioning, lifecycle or
+//! quotas: those operations answer `NotImplemented` (the trait's defaults).
 
 use crate::backend::{
-    Account, Backend, Bucket, ByteStream, Error, ListPage, ListQuery, ObjectInfo, PutOptions, Result,
+    Account, Backend, Bucket, ByteStream, CompletedPart, Deleted, Error, ListPage, ListQuery, ObjectInfo, PartInfo,
+    PutOptions, Result, Upload, UploadQuery, MAX_PART_NUMBER, MIN_PART_SIZE,
 };
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -25,6 +28,8 @@ const PIECE: usize = 64 << 10;
 #[derive(Default)]
 pub struct MemBackend {
     state: Mutex<State>,
+    /// Numbers upload ids.
+    uploads_started: AtomicUsize,
     /// PUTs reading their body right now (tests wait on it instead of sleeping).
     puts_in_progress: AtomicUsize,
 }
@@ -47,6 +52,15 @@ struct State {
 struct MemBucket {
     info: Bucket,
     objects: BTreeMap<String, (ObjectInfo, Bytes)>,
+    /// (key, upload id) → upload; ids start with a counter, so a key's uploads are in the
+    /// order they were started.
+    uploads: BTreeMap<(String, String), MemUpload>,
+}
+
+struct MemUpload {
+    upload: Upload,
+    opts: PutOptions,
+    parts: BTreeMap<u32, (PartInfo, Bytes)>,
 }
 
 fn now_ms() -> u64 {
@@ -81,6 +95,50 @@ impl MemBackend {
     pub fn object_count(&self, bucket: &str) -> usize {
         self.state().buckets.get(bucket).map_or(0, |b| b.objects.len())
     }
+
+    /// How many parts the uploads in progress in `bucket` hold (for tests that check
+    /// nothing was stored).
+    pub fn part_count(&self, bucket: &str) -> usize {
+        self.state().buckets.get(bucket).map_or(0, |b| b.uploads.values().map(|u| u.parts.len()).sum())
+    }
+
+    /// Reads a whole body, checking its length and Content-MD5 as `opts` ask.
+    async fn read_body(&self, opts: &PutOptions, mut body: ByteStream) -> Result<(Bytes, [u8; 16])> {
+        self.puts_in_progress.fetch_add(1, Ordering::SeqCst);
+        let _in_progress = InProgress(&self.puts_in_progress);
+        let mut data = BytesMut::new();
+        let mut md5 = Md5::new();
+        while let Some(piece) = body.next().await {
+            let piece = piece.map_err(Error::Body)?;
+            md5.update(&piece);
+            data.extend_from_slice(&piece);
+            if opts.length.is_some_and(|len| data.len() as u64 > len) {
+                return Err(Error::IncompleteBody);
+            }
+        }
+        if opts.length.is_some_and(|len| data.len() as u64 != len) {
+            return Err(Error::IncompleteBody);
+        }
+        let digest: [u8; 16] = md5.finalize().into();
+        if opts.content_md5.is_some_and(|want| want != digest) {
+            return Err(Error::BadDigest);
+        }
+        Ok((data.freeze(), digest))
+    }
+
+    /// Runs `f` on an upload in progress (`NoSuchBucket`, `NoSuchUpload` if there is none).
+    fn with_upload<T>(&self, bucket: &str, key: &str, id: &str, f: impl FnOnce(&mut MemBucket) -> Result<T>) -> Result<T> {
+        let mut state = self.state();
+        let b = state.buckets.get_mut(bucket).ok_or_else(|| Error::NoSuchBucket(bucket.to_owned()))?;
+        if !b.uploads.contains_key(&(key.to_owned(), id.to_owned())) {
+            return Err(Error::NoSuchUpload);
+        }
+        f(b)
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[async_trait]
@@ -101,7 +159,8 @@ impl Backend for MemBackend {
         }
         let info =
             Bucket { name: name.to_owned(), owner: owner.id.clone(), created_ms: now_ms(), region: region.to_owned() };
-        state.buckets.insert(name.to_owned(), MemBucket { info: info.clone(), objects: BTreeMap::new() });
+        let bucket = MemBucket { info: info.clone(), objects: BTreeMap::new(), uploads: BTreeMap::new() };
+        state.buckets.insert(name.to_owned(), bucket);
         Ok(info)
     }
 
@@ -123,35 +182,17 @@ impl Backend for MemBackend {
         Ok(self.state().buckets.values().filter(|b| b.info.owner == owner.id).map(|b| b.info.clone()).collect())
     }
 
-    async fn put_object(&self, bucket: &str, key: &str, opts: PutOptions, mut body: ByteStream) -> Result<ObjectInfo> {
+    async fn put_object(&self, bucket: &str, key: &str, opts: PutOptions, body: ByteStream) -> Result<ObjectInfo> {
         crate::s3::validate_key(key)?;
         if key.contains('\0') {
             return Err(Error::InvalidArgument("keys may not hold NUL".into()));
         }
         self.bucket(bucket).await?;
-        self.puts_in_progress.fetch_add(1, Ordering::SeqCst);
-        let _in_progress = InProgress(&self.puts_in_progress);
-        let mut data = BytesMut::new();
-        let mut md5 = Md5::new();
-        while let Some(piece) = body.next().await {
-            let piece = piece.map_err(Error::Body)?;
-            md5.update(&piece);
-            data.extend_from_slice(&piece);
-            if opts.length.is_some_and(|len| data.len() as u64 > len) {
-                return Err(Error::IncompleteBody);
-            }
-        }
-        if opts.length.is_some_and(|len| data.len() as u64 != len) {
-            return Err(Error::IncompleteBody);
-        }
-        let digest: [u8; 16] = md5.finalize().into();
-        if opts.content_md5.is_some_and(|want| want != digest) {
-            return Err(Error::BadDigest);
-        }
+        let (data, digest) = self.read_body(&opts, body).await?;
         let info = opts.into_info(key, data.len() as u64, &digest);
         let mut state = self.state();
         let b = state.buckets.get_mut(bucket).ok_or_else(|| Error::NoSuchBucket(bucket.to_owned()))?;
-        b.objects.insert(key.to_owned(), (info.clone(), data.freeze()));
+        b.objects.insert(key.to_owned(), (info.clone(), data));
         Ok(info)
     }
 
@@ -178,11 +219,128 @@ impl Backend for MemBackend {
         Ok((info, Box::pin(futures::stream::iter(pieces))))
     }
 
-    async fn delete_object(&self, bucket: &str, key: &str) -> Result<()> {
+    async fn delete_object(&self, bucket: &str, key: &str) -> Result<Deleted> {
         let mut state = self.state();
         let b = state.buckets.get_mut(bucket).ok_or_else(|| Error::NoSuchBucket(bucket.to_owned()))?;
         b.objects.remove(key);
-        Ok(())
+        Ok(Deleted::default())
+    }
+
+    async fn create_upload(&self, owner: &Account, bucket: &str, key: &str, opts: PutOptions) -> Result<Upload> {
+        crate::s3::validate_key(key)?;
+        if key.contains('\0') {
+            return Err(Error::InvalidArgument("keys may not hold NUL".into()));
+        }
+        let n = self.uploads_started.fetch_add(1, Ordering::SeqCst);
+        let id = format!("{n:016x}{:016x}", rand::random::<u64>());
+        let upload = Upload { id: id.clone(), key: key.to_owned(), initiated_ms: now_ms(), initiator: owner.id.clone() };
+        let mut state = self.state();
+        let b = state.buckets.get_mut(bucket).ok_or_else(|| Error::NoSuchBucket(bucket.to_owned()))?;
+        let opts = PutOptions { content_md5: None, length: None, ..opts };
+        b.uploads.insert((key.to_owned(), id), MemUpload { upload: upload.clone(), opts, parts: BTreeMap::new() });
+        Ok(upload)
+    }
+
+    async fn upload_part(
+        &self,
+        bucket: &str,
+        key: &str,
+        upload_id: &str,
+        number: u32,
+        opts: PutOptions,
+        body: ByteStream,
+    ) -> Result<PartInfo> {
+        if !(1..=MAX_PART_NUMBER).contains(&number) {
+            return Err(Error::InvalidArgument(format!("part numbers are 1 to {MAX_PART_NUMBER}, not {number}")));
+        }
+        self.with_upload(bucket, key, upload_id, |_| Ok(()))?;
+        let (data, digest) = self.read_body(&opts, body).await?;
+        let info = PartInfo { number, etag: hex(&digest), size: data.len() as u64, last_modified_ms: now_ms() };
+        // The upload may have been completed or aborted meanwhile: then the part goes too.
+        self.with_upload(bucket, key, upload_id, |b| {
+            if let Some(u) = b.uploads.get_mut(&(key.to_owned(), upload_id.to_owned())) {
+                u.parts.insert(number, (info.clone(), data));
+            }
+            Ok(info)
+        })
+    }
+
+    async fn list_parts(
+        &self,
+        bucket: &str,
+        key: &str,
+        upload_id: &str,
+        after: u32,
+        max: usize,
+    ) -> Result<(Upload, Vec<PartInfo>, bool)> {
+        self.with_upload(bucket, key, upload_id, |b| {
+            let u = b.uploads.get(&(key.to_owned(), upload_id.to_owned())).ok_or(Error::NoSuchUpload)?;
+            let mut parts: Vec<PartInfo> =
+                u.parts.range(after.saturating_add(1)..).take(max.saturating_add(1)).map(|(_, (p, _))| p.clone()).collect();
+            let more = parts.len() > max;
+            parts.truncate(max);
+            Ok((u.upload.clone(), parts, more))
+        })
+    }
+
+    async fn list_uploads(&self, bucket: &str, q: &UploadQuery) -> Result<(Vec<Upload>, bool)> {
+        let state = self.state();
+        let b = state.buckets.get(bucket).ok_or_else(|| Error::NoSuchBucket(bucket.to_owned()))?;
+        let after = |k: &String, id: &String| match (&q.key_marker, &q.upload_id_marker) {
+            (None, _) => true,
+            (Some(mk), Some(mid)) if !mid.is_empty() => k > mk || (k == mk && id > mid),
+            (Some(mk), _) => k > mk,
+        };
+        let mut uploads: Vec<Upload> = b
+            .uploads
+            .iter()
+            .filter(|((k, id), _)| k.starts_with(q.prefix.as_str()) && after(k, id))
+            .take(q.max_uploads.saturating_add(1))
+            .map(|(_, u)| u.upload.clone())
+            .collect();
+        let more = uploads.len() > q.max_uploads;
+        uploads.truncate(q.max_uploads);
+        Ok((uploads, more))
+    }
+
+    async fn complete_upload(&self, bucket: &str, key: &str, upload_id: &str, list: &[CompletedPart]) -> Result<ObjectInfo> {
+        self.with_upload(bucket, key, upload_id, |b| {
+            let id = (key.to_owned(), upload_id.to_owned());
+            let u = b.uploads.get(&id).ok_or(Error::NoSuchUpload)?;
+            if list.is_empty() {
+                return Err(Error::InvalidArgument("a multipart upload needs at least one part".into()));
+            }
+            if list.windows(2).any(|w| w[0].number >= w[1].number) {
+                return Err(Error::InvalidPartOrder);
+            }
+            let mut data = BytesMut::new();
+            let mut md5s = Md5::new();
+            for (i, want) in list.iter().enumerate() {
+                let (part, bytes) = u.parts.get(&want.number).ok_or(Error::InvalidPart(want.number))?;
+                if want.etag.trim_matches('"') != part.etag {
+                    return Err(Error::InvalidPart(want.number));
+                }
+                if i + 1 < list.len() && part.size < MIN_PART_SIZE {
+                    return Err(Error::EntityTooSmall(want.number));
+                }
+                let digest: [u8; 16] = Md5::digest(bytes).into();
+                md5s.update(digest);
+                data.extend_from_slice(bytes);
+            }
+            let mut info = u.opts.clone().into_info(key, data.len() as u64, &[0; 16]);
+            info.etag = format!("{}-{}", hex(&md5s.finalize()), list.len());
+            info.checksums.clear();
+            b.uploads.remove(&id);
+            b.objects.insert(key.to_owned(), (info.clone(), data.freeze()));
+            Ok(info)
+        })
+    }
+
+    async fn abort_upload(&self, bucket: &str, key: &str, upload_id: &str) -> Result<()> {
+        self.with_upload(bucket, key, upload_id, |b| {
+            b.uploads.remove(&(key.to_owned(), upload_id.to_owned()));
+            Ok(())
+        })
     }
 
     async fn list_objects(&self, bucket: &str, query: &ListQuery) -> Result<ListPage> {

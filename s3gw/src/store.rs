@@ -43,8 +43,10 @@
 
 use crate::backend::{
     Account, Backend, Bucket, ByteStream, CompletedPart, Error, ListPage, ListQuery, ObjectInfo, PartInfo, PutOptions,
-    Result, Upload, MAX_PART_NUMBER, MIN_PART_SIZE,
+    Result, Upload, UploadQuery, MAX_PART_NUMBER, MIN_PART_SIZE,
 };
+// Versions and lifecycle rules are the backend's vocabulary; they are also this store's.
+pub use crate::backend::{Deleted, LifecycleRule, VersionEntry, VersionPage, Versioning};
 use async_trait::async_trait;
 use basalt_storaged_client::{StorageClient, Volume, VolumeOptions};
 use basalt_types::{ErrorCode, IndexEntry, IndexOutcome, IndexTxn, NodeId, VolumeId};
@@ -111,24 +113,6 @@ pub struct BucketRecord {
     pub lifecycle: Vec<LifecycleRule>,
 }
 
-/// One expiration rule of a bucket's lifecycle (S3's `LifecycleConfiguration`, the
-/// expiration actions; storage-class transitions have no meaning here).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LifecycleRule {
-    pub id: String,
-    pub enabled: bool,
-    /// Only keys starting with this.
-    pub prefix: String,
-    /// Current versions this many days old expire (a delete marker in a versioned bucket).
-    pub expiration_days: Option<u32>,
-    /// Versions are removed this many days after they stopped being current.
-    pub noncurrent_days: Option<u32>,
-    /// Multipart uploads started this many days ago are aborted.
-    pub abort_multipart_days: Option<u32>,
-    /// A delete marker with no version left behind it is removed.
-    pub expired_delete_markers: bool,
-}
-
 /// What one lifecycle pass did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LifecycleReport {
@@ -150,15 +134,6 @@ pub struct Quota {
 pub struct Usage {
     pub bytes: i64,
     pub objects: i64,
-}
-
-/// A bucket's versioning state (S3: never back to `Unversioned` once enabled).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Versioning {
-    #[default]
-    Unversioned,
-    Enabled,
-    Suspended,
 }
 
 /// A run of object data in a data volume.
@@ -197,33 +172,6 @@ impl ObjectRecord {
 pub struct KeyRecord {
     pub current: ObjectRecord,
     pub null_seq: Option<u64>,
-}
-
-/// A version as listed by ListObjectVersions.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct VersionEntry {
-    pub info: ObjectInfo,
-    pub version_id: String,
-    pub is_latest: bool,
-    pub delete_marker: bool,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct VersionPage {
-    pub versions: Vec<VersionEntry>,
-    pub common_prefixes: Vec<String>,
-    pub truncated: bool,
-    /// When truncated: where to go on (key marker, version id marker).
-    pub next: Option<(String, String)>,
-}
-
-/// What DeleteObject did.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Deleted {
-    /// The version removed, or the delete marker's version (None in unversioned buckets).
-    pub version_id: Option<String>,
-    /// A delete marker was created, or the version removed was one.
-    pub delete_marker: bool,
 }
 
 pub const NULL_VERSION: &str = "null";
@@ -642,13 +590,15 @@ impl ObjectStore {
     }
 
     /// Uploads in progress in `bucket` whose key starts with `prefix`, by key then age,
-    /// after the (key, upload id) marker; at most `max`, and whether more follow.
+    /// after the (key, upload id) marker (an empty upload id: after every upload of the
+    /// key); at most `max`, and whether more follow.
     pub async fn list_uploads(&self, bucket: &str, prefix: &str, after: Option<(&str, &str)>, max: usize) -> Result<(Vec<Upload>, bool)> {
         self.bucket_record(bucket).await?;
         let mut base = key(P_UPLOAD, bucket.as_bytes());
         base.push(b'/');
         let full = key(&base, prefix.as_bytes());
         let start = match after {
+            Some((k, "")) => after_prefix(&upload_key(bucket, k, "")),
             Some((k, id)) => {
                 let mut s = upload_key(bucket, k, id);
                 s.push(0);
@@ -656,6 +606,7 @@ impl ObjectStore {
             }
             None => full.clone(),
         };
+        let start = start.max(full.clone());
         let (entries, more) = self.client.index_list(&full, &start, (max.clamp(1, 1000)) as u32).await.map_err(storage)?;
         let uploads = entries.iter().map(|e| dec::<UploadRecord>(&e.key, &e.value).map(|u| u.upload)).collect::<Result<_>>()?;
         Ok((uploads, more))
@@ -1276,6 +1227,15 @@ impl ObjectStore {
             (Some(k), _) => after_prefix(&version_prefix(bucket, k)),
             _ => prefix.clone(),
         };
+        // A key marker that is a common prefix (or inside one): that prefix was listed already.
+        if let (Some(d), Some(k)) = (q.delimiter.as_deref().filter(|d| !d.is_empty()), key_marker) {
+            if let Some(rest) = k.strip_prefix(q.prefix.as_str()) {
+                if let Some(pos) = rest.find(d) {
+                    let cp = &k[..q.prefix.len() + pos + d.len()];
+                    start = start.max(after_prefix(&key(&base, cp.as_bytes())));
+                }
+            }
+        }
         if start < prefix {
             start = prefix;
         }
@@ -1941,8 +1901,8 @@ impl Backend for ObjectStore {
         }
     }
 
-    async fn delete_object(&self, bucket: &str, name: &str) -> Result<()> {
-        self.delete_current(bucket, name).await.map(|_| ())
+    async fn delete_object(&self, bucket: &str, name: &str) -> Result<Deleted> {
+        self.delete_current(bucket, name).await
     }
 
     async fn list_objects(&self, bucket: &str, q: &ListQuery) -> Result<ListPage> {
@@ -1993,6 +1953,93 @@ impl Backend for ObjectStore {
             page.next_after = None;
         }
         Ok(page)
+    }
+
+    // The trait's multipart, versioning and lifecycle operations are the inherent methods
+    // above (which the CLI and the cluster tests also call directly).
+
+    async fn create_upload(&self, owner: &Account, bucket: &str, key: &str, opts: PutOptions) -> Result<Upload> {
+        ObjectStore::create_upload(self, owner, bucket, key, opts).await
+    }
+
+    async fn upload_part(
+        &self,
+        bucket: &str,
+        key: &str,
+        upload_id: &str,
+        number: u32,
+        opts: PutOptions,
+        body: ByteStream,
+    ) -> Result<PartInfo> {
+        ObjectStore::upload_part(self, bucket, key, upload_id, number, opts, body).await
+    }
+
+    async fn list_parts(
+        &self,
+        bucket: &str,
+        key: &str,
+        upload_id: &str,
+        after: u32,
+        max: usize,
+    ) -> Result<(Upload, Vec<PartInfo>, bool)> {
+        ObjectStore::list_parts(self, bucket, key, upload_id, after, max).await
+    }
+
+    async fn list_uploads(&self, bucket: &str, q: &UploadQuery) -> Result<(Vec<Upload>, bool)> {
+        let after = q.key_marker.as_deref().map(|k| (k, q.upload_id_marker.as_deref().unwrap_or("")));
+        ObjectStore::list_uploads(self, bucket, &q.prefix, after, q.max_uploads).await
+    }
+
+    async fn complete_upload(&self, bucket: &str, key: &str, upload_id: &str, parts: &[CompletedPart]) -> Result<ObjectInfo> {
+        ObjectStore::complete_upload(self, bucket, key, upload_id, parts).await
+    }
+
+    async fn abort_upload(&self, bucket: &str, key: &str, upload_id: &str) -> Result<()> {
+        ObjectStore::abort_upload(self, bucket, key, upload_id).await
+    }
+
+    async fn set_versioning(&self, bucket: &str, state: Versioning) -> Result<()> {
+        ObjectStore::set_versioning(self, bucket, state).await
+    }
+
+    async fn versioning(&self, bucket: &str) -> Result<Versioning> {
+        ObjectStore::versioning(self, bucket).await
+    }
+
+    async fn head_version(&self, bucket: &str, key: &str, version_id: &str) -> Result<ObjectInfo> {
+        ObjectStore::head_version(self, bucket, key, version_id).await
+    }
+
+    async fn get_version(
+        &self,
+        bucket: &str,
+        key: &str,
+        version_id: &str,
+        range: Option<(u64, u64)>,
+    ) -> Result<(ObjectInfo, ByteStream)> {
+        ObjectStore::get_version(self, bucket, key, version_id, range).await
+    }
+
+    async fn delete_version(&self, bucket: &str, key: &str, version_id: &str) -> Result<Deleted> {
+        ObjectStore::delete_version(self, bucket, key, version_id).await
+    }
+
+    async fn list_versions(
+        &self,
+        bucket: &str,
+        q: &ListQuery,
+        key_marker: Option<&str>,
+        version_marker: Option<&str>,
+    ) -> Result<VersionPage> {
+        ObjectStore::list_versions(self, bucket, q, key_marker, version_marker).await
+    }
+
+    async fn set_lifecycle(&self, bucket: &str, rules: Vec<LifecycleRule>) -> Result<()> {
+        ObjectStore::set_lifecycle(self, bucket, rules).await
+    }
+
+    async fn lifecycle(&self, bucket: &str) -> Result<Vec<LifecycleRule>> {
+        ObjectStore::lifecycle(self, bucket).await
     }
 }
 

@@ -1,5 +1,6 @@
 //! The gateway as boto3 (the AWS SDK for Python, with its default checksum behaviour) sees
-//! it. boto3 comes from the project's install-deps; without it this test fails.
+//! it, multipart uploads included. boto3 comes from the project's install-deps; without it
+//! this test fails.
 
 mod common;
 
@@ -78,6 +79,52 @@ assert urllib.request.urlopen(url).read() == b"streamed"
 expect_error("NoSuchKey", s3.get_object, Bucket="boto", Key="missing")
 expect_error("BucketNotEmpty", s3.delete_bucket, Bucket="boto")
 expect_error("PreconditionFailed", s3.get_object, Bucket="boto", Key="sha", IfMatch='"nope"')
+
+# Multipart: upload_file splits 12 MiB into 5 MiB parts (with the SDK's part checksums).
+from boto3.s3.transfer import TransferConfig
+big = bytes(range(251)) * (12 * 1024 * 1024 // 251 + 1)
+big = big[: 12 * 1024 * 1024 + 17]
+mib = 1024 * 1024
+cfg = TransferConfig(multipart_threshold=5 * mib, multipart_chunksize=5 * mib, max_concurrency=3)
+s3.upload_fileobj(io.BytesIO(big), "boto", "multi.bin", Config=cfg)
+h = s3.head_object(Bucket="boto", Key="multi.bin")
+assert h["ContentLength"] == len(big) and h["ETag"].endswith('-3"'), h
+assert s3.get_object(Bucket="boto", Key="multi.bin")["Body"].read() == big
+out = io.BytesIO()
+s3.download_fileobj("boto", "multi.bin", out, Config=cfg)
+assert out.getvalue() == big
+
+# The low-level calls: parts listed in pages, uploads listed, a part copied from a range,
+# completion errors, abort.
+up = s3.create_multipart_upload(Bucket="boto", Key="manual", ContentType="text/x-parts")["UploadId"]
+p1 = s3.upload_part(Bucket="boto", Key="manual", UploadId=up, PartNumber=1, Body=big[: 5 * mib])
+p2 = s3.upload_part_copy(Bucket="boto", Key="manual", UploadId=up, PartNumber=2,
+                         CopySource={"Bucket": "boto", "Key": "multi.bin"}, CopySourceRange=f"bytes={5 * mib}-{10 * mib - 1}")
+p3 = s3.upload_part(Bucket="boto", Key="manual", UploadId=up, PartNumber=3, Body=b"the end")
+numbers = []
+for page in s3.get_paginator("list_parts").paginate(Bucket="boto", Key="manual", UploadId=up, PaginationConfig={"PageSize": 2}):
+    numbers += [p["PartNumber"] for p in page.get("Parts", [])]
+assert numbers == [1, 2, 3], numbers
+other = s3.create_multipart_upload(Bucket="boto", Key="other")["UploadId"]
+ups = s3.list_multipart_uploads(Bucket="boto")["Uploads"]
+assert [(u["Key"], u["UploadId"]) for u in ups] == [("manual", up), ("other", other)], ups
+parts = [{"PartNumber": 1, "ETag": p1["ETag"]}, {"PartNumber": 2, "ETag": p2["CopyPartResult"]["ETag"]},
+         {"PartNumber": 3, "ETag": p3["ETag"]}]
+expect_error("InvalidPart", s3.complete_multipart_upload, Bucket="boto", Key="manual", UploadId=up,
+             MultipartUpload={"Parts": parts[:2] + [{"PartNumber": 3, "ETag": p1["ETag"]}]})
+expect_error("InvalidPartOrder", s3.complete_multipart_upload, Bucket="boto", Key="manual", UploadId=up,
+             MultipartUpload={"Parts": [parts[1], parts[0], parts[2]]})
+expect_error("EntityTooSmall", s3.complete_multipart_upload, Bucket="boto", Key="manual", UploadId=up,
+             MultipartUpload={"Parts": [parts[0], parts[2], {"PartNumber": 4, "ETag": p1["ETag"]}]})
+done = s3.complete_multipart_upload(Bucket="boto", Key="manual", UploadId=up, MultipartUpload={"Parts": parts})
+assert done["ETag"].endswith('-3"'), done
+got = s3.get_object(Bucket="boto", Key="manual")
+assert got["Body"].read() == big[: 10 * mib] + b"the end" and got["ContentType"] == "text/x-parts"
+s3.abort_multipart_upload(Bucket="boto", Key="other", UploadId=other)
+expect_error("NoSuchUpload", s3.list_parts, Bucket="boto", Key="other", UploadId=other)
+assert s3.list_multipart_uploads(Bucket="boto").get("Uploads", []) == []
+s3.delete_object(Bucket="boto", Key="multi.bin")
+s3.delete_object(Bucket="boto", Key="manual")
 
 res = s3.delete_objects(Bucket="boto", Delete={"Objects": [{"Key": k} for k in keys]})
 assert sorted(d["Key"] for d in res["Deleted"]) == keys

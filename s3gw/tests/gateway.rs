@@ -457,6 +457,12 @@ async fn other_accounts_are_denied() {
     alice.request("PUT", "/bobs/gift").header("x-amz-copy-source", "/private/k").send().await.expect_error(403, "AccessDenied");
     let list = bob.request("GET", "/").send().await;
     assert_eq!(xml_values(&list.text(), "Name"), vec!["bobs".to_owned()]);
+    // x-amz-expected-bucket-owner guards against writing into the wrong account's bucket.
+    let r = alice.request("PUT", "/private/guarded").header("x-amz-expected-bucket-owner", "id-bob").body("x").send().await;
+    r.expect_error(403, "AccessDenied");
+    let r = alice.request("PUT", "/private/guarded").header("x-amz-expected-bucket-owner", "id-alice").body("x").send().await;
+    r.expect_status(200);
+    alice.request("DELETE", "/private/guarded").send().await.expect_status(204);
     assert_eq!(gw.backend.object_count("private"), 1);
     assert_eq!(gw.backend.object_count("bobs"), 0);
     gw.stop().await;
@@ -673,5 +679,351 @@ async fn shutdown_lets_a_request_in_flight_finish() {
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert_eq!(gw.backend.object_count("drain"), 1);
+    gw.stop().await;
+}
+
+// ---- multipart uploads ----
+
+fn complete_xml(parts: &[(u32, &str)]) -> String {
+    let parts: String =
+        parts.iter().map(|(n, etag)| format!("<Part><PartNumber>{n}</PartNumber><ETag>{etag}</ETag></Part>")).collect();
+    format!("<CompleteMultipartUpload>{parts}</CompleteMultipartUpload>")
+}
+
+async fn create_upload(client: &common::Client, bucket: &str, key: &str) -> String {
+    let r = client.request("POST", &format!("/{bucket}/{key}")).query("uploads", "").send().await;
+    r.expect_status(200);
+    let ids = xml_values(&r.text(), "UploadId");
+    assert_eq!(ids.len(), 1, "{}", r.text());
+    ids[0].clone()
+}
+
+async fn upload_part(client: &common::Client, bucket: &str, key: &str, id: &str, n: u32, data: &[u8]) -> String {
+    let r = client
+        .request("PUT", &format!("/{bucket}/{key}"))
+        .query("partNumber", &n.to_string())
+        .query("uploadId", id)
+        .body(data.to_vec())
+        .send()
+        .await;
+    r.expect_status(200);
+    let etag = r.header("etag").expect("a part's ETag");
+    assert_eq!(etag, format!("\"{}\"", md5_hex(data)));
+    etag
+}
+
+/// S3's ETag of a multipart object: the MD5 of the parts' MD5s, then `-` and their count.
+fn multipart_etag(parts: &[&[u8]]) -> String {
+    use md5::Digest;
+    let mut all = md5::Md5::new();
+    for p in parts {
+        all.update(md5::Md5::digest(p));
+    }
+    let hex: String = all.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    format!("\"{hex}-{}\"", parts.len())
+}
+
+fn common_prefixes(xml: &str) -> Vec<String> {
+    xml_values(xml, "CommonPrefixes").iter().flat_map(|c| xml_values(c, "Prefix")).collect()
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+}
+
+#[tokio::test]
+async fn multipart_uploads_complete_into_one_object() {
+    let gw = Gateway::start().await;
+    let alice = gw.alice();
+    alice.create_bucket("mpu").await.expect_status(200);
+    let r = alice
+        .request("POST", "/mpu/video.mp4")
+        .query("uploads", "")
+        .header("content-type", "video/mp4")
+        .header("x-amz-meta-camera", "front")
+        .header("cache-control", "no-cache")
+        .send()
+        .await;
+    r.expect_status(200);
+    let id = xml_values(&r.text(), "UploadId").pop().expect("an upload id");
+    assert_eq!(xml_values(&r.text(), "Key"), vec!["video.mp4".to_owned()]);
+    assert_eq!(xml_values(&r.text(), "Bucket"), vec!["mpu".to_owned()]);
+
+    let parts = [pattern(5 << 20, 1), pattern(5 << 20, 2), pattern(1000, 3)];
+    // Out of order, and part 2 uploaded twice: the later upload counts.
+    let e3 = upload_part(&alice, "mpu", "video.mp4", &id, 3, &parts[2]).await;
+    upload_part(&alice, "mpu", "video.mp4", &id, 2, b"not this one").await;
+    let e1 = upload_part(&alice, "mpu", "video.mp4", &id, 1, &parts[0]).await;
+    let e2 = upload_part(&alice, "mpu", "video.mp4", &id, 2, &parts[1]).await;
+    assert_eq!(gw.backend.object_count("mpu"), 0, "nothing is visible before completion");
+    alice.get_object("mpu", "video.mp4").await.expect_error(404, "NoSuchKey");
+
+    // ListParts, two at a time.
+    let r = alice.request("GET", "/mpu/video.mp4").query("uploadId", &id).query("max-parts", "2").send().await;
+    r.expect_status(200);
+    assert_eq!(xml_values(&r.text(), "PartNumber"), vec!["1", "2"]);
+    assert_eq!(xml_values(&r.text(), "ETag"), vec![e1.clone(), e2.clone()]);
+    assert_eq!(xml_values(&r.text(), "Size"), vec![(5 << 20).to_string(), (5 << 20).to_string()]);
+    assert_eq!(xml_values(&r.text(), "IsTruncated"), vec!["true"]);
+    assert_eq!(xml_values(&r.text(), "NextPartNumberMarker"), vec!["2"]);
+    let r = alice
+        .request("GET", "/mpu/video.mp4")
+        .query("uploadId", &id)
+        .query("max-parts", "2")
+        .query("part-number-marker", "2")
+        .send()
+        .await;
+    assert_eq!(xml_values(&r.text(), "PartNumber"), vec!["3"]);
+    assert_eq!(xml_values(&r.text(), "IsTruncated"), vec!["false"]);
+
+    let body = complete_xml(&[(1, &e1), (2, &e2), (3, &e3)]);
+    let r = alice.request("POST", "/mpu/video.mp4").query("uploadId", &id).body(body.clone()).send().await;
+    r.expect_status(200);
+    let want = multipart_etag(&[&parts[0], &parts[1], &parts[2]]);
+    assert_eq!(xml_values(&r.text(), "ETag"), vec![want.clone()], "{}", r.text());
+    assert_eq!(xml_values(&r.text(), "Key"), vec!["video.mp4".to_owned()]);
+    assert_eq!(r.header("x-amz-version-id"), None, "no versions in an unversioned bucket");
+
+    let r = alice.get_object("mpu", "video.mp4").await;
+    r.expect_status(200);
+    assert!(r.body.as_ref() == parts.concat().as_slice(), "the object is the parts in order");
+    assert_eq!(r.header("etag"), Some(want));
+    assert_eq!(r.header("content-type").as_deref(), Some("video/mp4"));
+    assert_eq!(r.header("x-amz-meta-camera").as_deref(), Some("front"));
+    assert_eq!(r.header("cache-control").as_deref(), Some("no-cache"));
+    // A range across the first two parts.
+    let r = alice.request("GET", "/mpu/video.mp4").header("range", &format!("bytes={}-{}", (5 << 20) - 2, (5 << 20) + 1)).send().await;
+    r.expect_status(206);
+    assert_eq!(r.body.as_ref(), &parts.concat()[(5 << 20) - 2..(5 << 20) + 2]);
+
+    // The upload is gone: listing its parts, completing it again or aborting it is NoSuchUpload.
+    alice.request("GET", "/mpu/video.mp4").query("uploadId", &id).send().await.expect_error(404, "NoSuchUpload");
+    alice.request("POST", "/mpu/video.mp4").query("uploadId", &id).body(body).send().await.expect_error(404, "NoSuchUpload");
+    alice.request("DELETE", "/mpu/video.mp4").query("uploadId", &id).send().await.expect_error(404, "NoSuchUpload");
+    let r = alice.request("GET", "/mpu").query("uploads", "").send().await;
+    r.expect_status(200);
+    assert!(xml_values(&r.text(), "UploadId").is_empty(), "{}", r.text());
+    assert_eq!(gw.backend.part_count("mpu"), 0);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn multipart_completion_checks_parts_like_s3() {
+    let gw = Gateway::start().await;
+    let (alice, bob) = (gw.alice(), gw.bob());
+    alice.create_bucket("mpu").await.expect_status(200);
+    let id = create_upload(&alice, "mpu", "k").await;
+    let (big, small, last) = (pattern(5 << 20, 9), pattern(100, 8), pattern(10, 7));
+    let e1 = upload_part(&alice, "mpu", "k", &id, 1, &small).await;
+    let e2 = upload_part(&alice, "mpu", "k", &id, 2, &big).await;
+    let e3 = upload_part(&alice, "mpu", "k", &id, 3, &last).await;
+    let complete = |parts: Vec<(u32, &str)>| {
+        alice.request("POST", "/mpu/k").query("uploadId", &id).body(complete_xml(&parts))
+    };
+    // A wrong ETag, a part never uploaded, parts out of order or repeated, a small part
+    // that is not the last, no parts at all.
+    complete(vec![(2, &e2), (3, "\"0123456789abcdef0123456789abcdef\"")]).send().await.expect_error(400, "InvalidPart");
+    complete(vec![(2, &e2), (4, &e3)]).send().await.expect_error(400, "InvalidPart");
+    complete(vec![(2, &e2), (1, &e1)]).send().await.expect_error(400, "InvalidPartOrder");
+    complete(vec![(2, &e2), (2, &e2)]).send().await.expect_error(400, "InvalidPartOrder");
+    complete(vec![(1, &e1), (2, &e2)]).send().await.expect_error(400, "EntityTooSmall");
+    complete(vec![]).send().await.expect_error(400, "MalformedXML");
+    // Another account may not touch it; an unknown upload id is NoSuchUpload.
+    bob.request("POST", "/mpu/k").query("uploadId", &id).body(complete_xml(&[(2, &e2)])).send().await.expect_error(403, "AccessDenied");
+    let r = alice.request("POST", "/mpu/k").query("uploadId", "00000000000000000000000000000000").body(complete_xml(&[(2, &e2)])).send().await;
+    r.expect_error(404, "NoSuchUpload");
+    // The same upload id under another key is not the upload.
+    alice.request("POST", "/mpu/other").query("uploadId", &id).body(complete_xml(&[(2, &e2)])).send().await.expect_error(404, "NoSuchUpload");
+    // Part numbers are 1 to 10000.
+    for n in ["0", "10001"] {
+        let r = alice.request("PUT", "/mpu/k").query("partNumber", n).query("uploadId", &id).body("x").send().await;
+        r.expect_error(400, "InvalidArgument");
+    }
+    assert_eq!(gw.backend.object_count("mpu"), 0, "failed completions store nothing");
+
+    // The upload survived every refusal: parts 2 and 3 make a valid object (part 1 dropped).
+    let r = complete(vec![(2, &e2), (3, &e3)]).send().await;
+    r.expect_status(200);
+    assert_eq!(xml_values(&r.text(), "ETag"), vec![multipart_etag(&[&big, &last])]);
+    assert_eq!(alice.get_object("mpu", "k").await.body.len(), big.len() + last.len());
+
+    // Abort: parts go, the upload id is unknown from then on.
+    let id = create_upload(&alice, "mpu", "aborted").await;
+    upload_part(&alice, "mpu", "aborted", &id, 1, b"some data").await;
+    assert_eq!(gw.backend.part_count("mpu"), 1);
+    alice.request("DELETE", "/mpu/aborted").query("uploadId", &id).send().await.expect_status(204);
+    assert_eq!(gw.backend.part_count("mpu"), 0);
+    alice.request("GET", "/mpu/aborted").query("uploadId", &id).send().await.expect_error(404, "NoSuchUpload");
+    let r = alice.request("PUT", "/mpu/aborted").query("partNumber", "2").query("uploadId", &id).body("late").send().await;
+    r.expect_error(404, "NoSuchUpload");
+    alice.get_object("mpu", "aborted").await.expect_error(404, "NoSuchKey");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn part_digests_and_checksums_are_verified_and_a_mismatch_stores_nothing() {
+    let gw = Gateway::start().await;
+    let alice = gw.alice();
+    alice.create_bucket("sums").await.expect_status(200);
+    let id = create_upload(&alice, "sums", "k").await;
+    let part = |n: &str| alice.request("PUT", "/sums/k").query("partNumber", n).query("uploadId", &id);
+    // CRC32("hello world") = "DUoRhQ==".
+    let r = part("1").header("x-amz-checksum-crc32", "AAAAAA==").body("hello world").send().await;
+    r.expect_error(400, "BadDigest");
+    let r = part("1").header("content-md5", &md5_b64(b"something else")).body("hello world").send().await;
+    r.expect_error(400, "BadDigest");
+    let r = part("1").send_unsigned_trailer(b"hello world", 4, "AAAAAA==").await;
+    r.expect_error(400, "XAmzContentChecksumMismatch");
+    assert_eq!(gw.backend.part_count("sums"), 0, "a refused part stores nothing");
+    let r = alice.request("GET", "/sums/k").query("uploadId", &id).send().await;
+    assert!(xml_values(&r.text(), "PartNumber").is_empty(), "{}", r.text());
+
+    let r = part("1").header("x-amz-checksum-crc32", "DUoRhQ==").header("content-md5", &md5_b64(b"hello world")).body("hello world").send().await;
+    r.expect_status(200);
+    assert_eq!(r.header("x-amz-checksum-crc32").as_deref(), Some("DUoRhQ=="));
+    let r = part("2").header("x-amz-sdk-checksum-algorithm", "SHA256").body("abc").send().await;
+    r.expect_status(200);
+    assert_eq!(r.header("x-amz-checksum-sha256").as_deref(), Some("ungWv48Bz+pBQUDeXa4iI7ADYaOWF3qctBD/YfIAFa0="));
+    let r = part("3").send_unsigned_trailer(b"hello world", 4, "DUoRhQ==").await;
+    r.expect_status(200);
+    let r = part("4").send_chunked(b"signed chunks", 5, false).await;
+    r.expect_status(200);
+    let r = part("5").send_chunked(b"signed chunks", 5, true).await;
+    r.expect_error(403, "SignatureDoesNotMatch");
+    assert_eq!(gw.backend.part_count("sums"), 4);
+    // A whole-object checksum of a multipart upload cannot be honoured: refused, not ignored.
+    let r = alice.request("POST", "/sums/full").query("uploads", "").header("x-amz-checksum-type", "FULL_OBJECT").send().await;
+    r.expect_error(501, "NotImplemented");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn upload_listings_page_by_key_and_upload_id() {
+    let gw = Gateway::start().await;
+    let alice = gw.alice();
+    alice.create_bucket("ups").await.expect_status(200);
+    let mut ids = Vec::new();
+    for key in ["a", "b/1", "b/2", "c", "c", "d/x/1"] {
+        ids.push((key, create_upload(&alice, "ups", key).await));
+    }
+    let list = |q: &[(&str, &str)]| {
+        let mut r = alice.request("GET", "/ups").query("uploads", "");
+        for (k, v) in q {
+            r = r.query(k, v);
+        }
+        r.send()
+    };
+    let r = list(&[]).await;
+    r.expect_status(200);
+    assert_eq!(xml_values(&r.text(), "Key"), vec!["a", "b/1", "b/2", "c", "c", "d/x/1"]);
+    // c's two uploads in the order they were started.
+    let c_ids: Vec<String> = ids.iter().filter(|(k, _)| *k == "c").map(|(_, id)| id.clone()).collect();
+    assert_eq!(xml_values(&r.text(), "UploadId")[3..5].to_vec(), c_ids);
+    assert_eq!(xml_values(&r.text(), "ID")[0], "id-alice");
+
+    // Pages of two, going on from the markers; one of them ends between c's uploads.
+    let mut seen = Vec::new();
+    let (mut km, mut um) = (String::new(), String::new());
+    for _ in 0..10 {
+        let r = list(&[("max-uploads", "2"), ("key-marker", &km), ("upload-id-marker", &um)]).await;
+        r.expect_status(200);
+        let keys = xml_values(&r.text(), "Key");
+        assert!(keys.len() <= 2, "{}", r.text());
+        seen.extend(keys.into_iter().zip(xml_values(&r.text(), "UploadId")));
+        if xml_values(&r.text(), "IsTruncated") != vec!["true"] {
+            break;
+        }
+        km = xml_values(&r.text(), "NextKeyMarker").pop().expect("NextKeyMarker");
+        um = xml_values(&r.text(), "NextUploadIdMarker").pop().expect("NextUploadIdMarker");
+    }
+    let want: Vec<(String, String)> = ids.iter().map(|(k, id)| ((*k).to_owned(), id.clone())).collect();
+    assert_eq!(seen, want);
+
+    // A key marker alone: keys after it.
+    let r = list(&[("key-marker", "c")]).await;
+    assert_eq!(xml_values(&r.text(), "Key"), vec!["d/x/1"]);
+    // Prefix and delimiter: uploads under b/ and d/ roll up into common prefixes.
+    let r = list(&[("delimiter", "/")]).await;
+    assert_eq!(xml_values(&r.text(), "Key"), vec!["a", "c", "c"]);
+    assert_eq!(common_prefixes(&r.text()), vec!["b/", "d/"]);
+    let r = list(&[("delimiter", "/"), ("max-uploads", "2")]).await;
+    assert_eq!(xml_values(&r.text(), "Key"), vec!["a"]);
+    assert_eq!(xml_values(&r.text(), "NextKeyMarker"), vec!["b/"]);
+    let r = list(&[("delimiter", "/"), ("max-uploads", "2"), ("key-marker", "b/")]).await;
+    assert_eq!(xml_values(&r.text(), "Key"), vec!["c", "c"]);
+    let r = list(&[("prefix", "d/"), ("delimiter", "/")]).await;
+    assert!(xml_values(&r.text(), "Key").is_empty());
+    assert_eq!(common_prefixes(&r.text()), vec!["d/x/"]);
+    let r = list(&[("prefix", "b/")]).await;
+    assert_eq!(xml_values(&r.text(), "Key"), vec!["b/1", "b/2"]);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn part_copies_take_a_range_of_another_object() {
+    let gw = Gateway::start().await;
+    let alice = gw.alice();
+    alice.create_bucket("src").await.expect_status(200);
+    alice.create_bucket("dst").await.expect_status(200);
+    let source = pattern((10 << 20) + 5, 4);
+    alice.put_object("src", "big", &source).await.expect_status(200);
+    alice.put_object("src", "small", b"tail end").await.expect_status(200);
+    let id = create_upload(&alice, "dst", "joined").await;
+    let copy = |n: &str, from: &str| {
+        alice.request("PUT", "/dst/joined").query("partNumber", n).query("uploadId", &id).header("x-amz-copy-source", from)
+    };
+    let r = copy("1", "/src/big").header("x-amz-copy-source-range", &format!("bytes=0-{}", (5 << 20) - 1)).send().await;
+    r.expect_status(200);
+    let e1 = xml_values(&r.text(), "ETag").pop().expect("CopyPartResult ETag");
+    assert_eq!(e1, format!("\"{}\"", md5_hex(&source[..5 << 20])));
+    assert_eq!(xml_values(&r.text(), "LastModified").len(), 1);
+    let r = copy("2", "/src/big").header("x-amz-copy-source-range", &format!("bytes={}-{}", 5 << 20, source.len() - 1)).send().await;
+    r.expect_status(200);
+    let e2 = xml_values(&r.text(), "ETag").pop().expect("CopyPartResult ETag");
+    let r = copy("3", "src/small").send().await;
+    r.expect_status(200);
+    let e3 = xml_values(&r.text(), "ETag").pop().expect("CopyPartResult ETag");
+    // Ranges outside the source, malformed ranges, missing sources, unmet conditions.
+    for bad in [format!("bytes=0-{}", source.len()), "bytes=5-1".to_owned(), "bytes=-10".to_owned(), "0-10".to_owned()] {
+        copy("4", "/src/big").header("x-amz-copy-source-range", &bad).send().await.expect_error(400, "InvalidArgument");
+    }
+    copy("4", "/src/missing").send().await.expect_error(404, "NoSuchKey");
+    copy("4", "/src/big").header("x-amz-copy-source-if-match", "\"nope\"").send().await.expect_error(412, "PreconditionFailed");
+    gw.bob().request("PUT", "/dst/joined").query("partNumber", "4").query("uploadId", &id).header("x-amz-copy-source", "/src/big").send().await.expect_error(403, "AccessDenied");
+
+    let r = alice.request("POST", "/dst/joined").query("uploadId", &id).body(complete_xml(&[(1, &e1), (2, &e2), (3, &e3)])).send().await;
+    r.expect_status(200);
+    let r = alice.get_object("dst", "joined").await;
+    let mut want = source.clone();
+    want.extend_from_slice(b"tail end");
+    assert!(r.body.as_ref() == want.as_slice(), "the copied parts make the object");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn versioning_and_lifecycle_are_refused_by_a_backend_without_them() {
+    let gw = Gateway::start().await;
+    let alice = gw.alice();
+    alice.create_bucket("plain").await.expect_status(200);
+    alice.put_object("plain", "k", b"data").await.expect_status(200);
+    // A bucket that was never versioned says so.
+    let r = alice.request("GET", "/plain").query("versioning", "").send().await;
+    r.expect_status(200);
+    assert!(xml_values(&r.text(), "Status").is_empty(), "{}", r.text());
+    let body = "<VersioningConfiguration><Status>Enabled</Status></VersioningConfiguration>";
+    alice.request("PUT", "/plain").query("versioning", "").body(body).send().await.expect_error(501, "NotImplemented");
+    alice.request("GET", "/plain/k").query("versionId", "null").send().await.expect_error(501, "NotImplemented");
+    alice.request("HEAD", "/plain/k").query("versionId", "null").send().await.expect_status(501);
+    alice.request("DELETE", "/plain/k").query("versionId", "null").send().await.expect_error(501, "NotImplemented");
+    alice.request("GET", "/plain").query("versions", "").send().await.expect_error(501, "NotImplemented");
+    let lifecycle = "<LifecycleConfiguration><Rule><ID>r</ID><Filter><Prefix>logs/</Prefix></Filter><Status>Enabled</Status><Expiration><Days>1</Days></Expiration></Rule></LifecycleConfiguration>";
+    let r = alice.request("PUT", "/plain").query("lifecycle", "").header("content-md5", &md5_b64(lifecycle.as_bytes())).body(lifecycle).send().await;
+    r.expect_error(501, "NotImplemented");
+    // What no backend can do is refused before the backend is asked.
+    let transition = "<LifecycleConfiguration><Rule><ID>r</ID><Filter><Prefix></Prefix></Filter><Status>Enabled</Status><Transition><Days>30</Days><StorageClass>GLACIER</StorageClass></Transition></Rule></LifecycleConfiguration>";
+    let r = alice.request("PUT", "/plain").query("lifecycle", "").header("content-md5", &md5_b64(transition.as_bytes())).body(transition).send().await;
+    r.expect_error(501, "NotImplemented");
+    assert!(r.text().contains("transition"), "{}", r.text());
+    assert_eq!(alice.get_object("plain", "k").await.body.as_ref(), b"data");
     gw.stop().await;
 }

@@ -34,6 +34,7 @@ pub fn to_s3(e: Error) -> S3Error {
         Error::Body(_) => (C::IncompleteBody, StatusCode::BAD_REQUEST),
         Error::Unavailable(_) => (C::ServiceUnavailable, StatusCode::SERVICE_UNAVAILABLE),
         Error::Internal(_) => (C::InternalError, StatusCode::INTERNAL_SERVER_ERROR),
+        Error::NotImplemented(_) => (C::NotImplemented, StatusCode::NOT_IMPLEMENTED),
     };
     let message = match &e {
         Error::Internal(msg) => {
@@ -97,6 +98,7 @@ mod tests {
             (Error::Body(std::io::Error::other("reset")), "IncompleteBody", 400),
             (Error::Unavailable("no leader".into()), "ServiceUnavailable", 503),
             (Error::Internal("boom".into()), "InternalError", 500),
+            (Error::NotImplemented("versioning"), "NotImplemented", 501),
         ];
         for (e, code, status) in cases {
             let s3 = to_s3(e);

@@ -6,18 +6,29 @@
 //! through [`body::Upload`] (which verifies checksums at the end of the body, failing the
 //! stream so that nothing is stored), and backend streams become response bodies.
 //!
-//! What is refused with `NotImplemented` rather than ignored: versioned reads and deletes
-//! (`versionId`), `partNumber` reads, conditional writes, ACLs other than private, server
-//! side encryption, tagging, object lock, non-STANDARD storage classes.
+//! Multipart uploads are in [`multipart`], bucket versioning and ListObjectVersions in
+//! [`versions`], lifecycle configurations in [`lifecycle`]; reads, copies and deletes of one
+//! version (`versionId`) are here, beside their unversioned forms. Versioning and lifecycle
+//! need a backend that keeps them (the object store does, `MemBackend` answers
+//! `NotImplemented`; see [`Backend`]).
+//!
+//! What is refused with `NotImplemented` rather than ignored: `partNumber` reads,
+//! conditional writes, ACLs other than private, server side encryption, tagging, object
+//! lock, MFA delete, whole-object checksums of multipart uploads (part checksums are
+//! verified), lifecycle transitions, date expirations and tag or size filters; and, with
+//! `InvalidStorageClass`, storage classes other than STANDARD.
 
 pub mod auth;
 pub mod body;
 pub mod conditions;
 pub mod errors;
 pub mod host;
+pub mod lifecycle;
+pub mod multipart;
 pub mod names;
+pub mod versions;
 
-use crate::backend::{Account, Backend, Bucket, ByteStream, ListPage, ListQuery, ObjectInfo, PutOptions};
+use crate::backend::{Account, Backend, Bucket, ByteStream, Deleted, ListPage, ListQuery, ObjectInfo, PutOptions};
 use auth::{Caller, KeyAuth};
 use body::{Algorithm, Expected, Upload};
 use conditions::{Conditions, Outcome};
@@ -65,13 +76,35 @@ impl<B: Backend> Gateway<B> {
         Gateway { backend, region: region.to_owned() }
     }
 
-    /// The bucket, if `caller` owns it (AccessDenied if someone else does).
-    async fn owned_bucket(&self, caller: &Account, name: &str) -> S3Result<Bucket> {
+    /// The bucket, if `caller` owns it (AccessDenied if someone else does, or if it is not
+    /// owned by the `x-amz-expected-bucket-owner` the client named).
+    async fn owned_bucket(&self, caller: &Account, name: &str, expected_owner: Option<&String>) -> S3Result<Bucket> {
         let bucket = self.backend.bucket(name).await.map_err(to_s3)?;
-        if bucket.owner != caller.id {
+        if bucket.owner != caller.id || expected_owner.is_some_and(|o| *o != bucket.owner) {
             return Err(access_denied());
         }
         Ok(bucket)
+    }
+
+    /// One version of an object (`version`), or its current one.
+    async fn head_of(&self, bucket: &str, key: &str, version: Option<&str>) -> crate::backend::Result<ObjectInfo> {
+        match version {
+            Some(v) => self.backend.head_version(bucket, key, v).await,
+            None => self.backend.head_object(bucket, key).await,
+        }
+    }
+
+    async fn get_of(
+        &self,
+        bucket: &str,
+        key: &str,
+        version: Option<&str>,
+        range: Option<(u64, u64)>,
+    ) -> crate::backend::Result<(ObjectInfo, ByteStream)> {
+        match version {
+            Some(v) => self.backend.get_version(bucket, key, v, range).await,
+            None => self.backend.get_object(bucket, key, range).await,
+        }
     }
 
     /// The object's data (whole, or the satisfiable part of `range`) once `conds` hold.
@@ -81,20 +114,23 @@ impl<B: Backend> Gateway<B> {
         &self,
         bucket: &str,
         key: &str,
+        version: Option<&str>,
         range: Option<&dto::Range>,
         conds: &Conditions<'_>,
     ) -> S3Result<(ObjectInfo, Option<std::ops::Range<u64>>, ByteStream)> {
         let Some(range) = range else {
-            let (info, stream) = self.backend.get_object(bucket, key, None).await.map_err(to_s3)?;
+            let (info, stream) = self.get_of(bucket, key, version, None).await.map_err(|e| version_error(e, version))?;
             check_conditions(conds, &info, false)?;
             return Ok((info, None, stream));
         };
         for _ in 0..3 {
-            let head = self.backend.head_object(bucket, key).await.map_err(to_s3)?;
+            let head = self.head_of(bucket, key, version).await.map_err(|e| version_error(e, version))?;
             check_conditions(conds, &head, false)?;
             let span = satisfiable(range, head.size)?;
-            let (info, stream) =
-                self.backend.get_object(bucket, key, Some((span.start, span.end))).await.map_err(to_s3)?;
+            let (info, stream) = self
+                .get_of(bucket, key, version, Some((span.start, span.end)))
+                .await
+                .map_err(|e| version_error(e, version))?;
             if same_object(&info, &head) {
                 return Ok((info, Some(span), stream));
             }
@@ -106,13 +142,43 @@ impl<B: Backend> Gateway<B> {
         ))
     }
 
-    async fn list(&self, caller: &Account, bucket: &str, query: ListQuery) -> S3Result<ListPage> {
-        self.owned_bucket(caller, bucket).await?;
+    async fn list(
+        &self,
+        caller: &Account,
+        bucket: &str,
+        expected_owner: Option<&String>,
+        query: ListQuery,
+    ) -> S3Result<ListPage> {
+        self.owned_bucket(caller, bucket, expected_owner).await?;
         if query.max_keys == 0 {
             return Ok(ListPage::default());
         }
         self.backend.list_objects(bucket, &query).await.map_err(to_s3)
     }
+
+    /// DeleteObject of one version, or of the key (a delete marker in a versioned bucket).
+    async fn delete(&self, bucket: &str, key: &str, version: Option<&str>) -> crate::backend::Result<Deleted> {
+        match version {
+            Some(v) => self.backend.delete_version(bucket, key, v).await,
+            None => self.backend.delete_object(bucket, key).await,
+        }
+    }
+}
+
+/// S3's answer to a read of `version` that failed: a delete marker read by its version id
+/// is a 405 that says so in its headers.
+fn version_error(e: crate::backend::Error, version: Option<&str>) -> s3s::S3Error {
+    let marker = matches!(e, crate::backend::Error::MethodNotAllowed);
+    let mut err = to_s3(e);
+    if let (true, Some(v)) = (marker, version) {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-amz-delete-marker", HeaderValue::from_static("true"));
+        if let Ok(v) = HeaderValue::from_str(v) {
+            headers.insert("x-amz-version-id", v);
+        }
+        err.set_headers(headers);
+    }
+    err
 }
 
 fn same_object(a: &ObjectInfo, b: &ObjectInfo) -> bool {
@@ -529,7 +595,7 @@ impl<B: Backend> S3 for Gateway<B> {
 
     async fn head_bucket(&self, req: S3Request<dto::HeadBucketInput>) -> S3Result<S3Response<dto::HeadBucketOutput>> {
         let caller = caller(&req)?;
-        let bucket = self.owned_bucket(&caller, &req.input.bucket).await?;
+        let bucket = self.owned_bucket(&caller, &req.input.bucket, req.input.expected_bucket_owner.as_ref()).await?;
         Ok(S3Response::new(dto::HeadBucketOutput { bucket_region: Some(bucket.region), ..Default::default() }))
     }
 
@@ -538,7 +604,7 @@ impl<B: Backend> S3 for Gateway<B> {
         req: S3Request<dto::DeleteBucketInput>,
     ) -> S3Result<S3Response<dto::DeleteBucketOutput>> {
         let caller = caller(&req)?;
-        self.owned_bucket(&caller, &req.input.bucket).await?;
+        self.owned_bucket(&caller, &req.input.bucket, req.input.expected_bucket_owner.as_ref()).await?;
         self.backend.delete_bucket(&req.input.bucket).await.map_err(to_s3)?;
         Ok(S3Response::new(dto::DeleteBucketOutput::default()))
     }
@@ -548,7 +614,7 @@ impl<B: Backend> S3 for Gateway<B> {
         req: S3Request<dto::GetBucketLocationInput>,
     ) -> S3Result<S3Response<dto::GetBucketLocationOutput>> {
         let caller = caller(&req)?;
-        let bucket = self.owned_bucket(&caller, &req.input.bucket).await?;
+        let bucket = self.owned_bucket(&caller, &req.input.bucket, req.input.expected_bucket_owner.as_ref()).await?;
         // S3 shows the original region, us-east-1, as no constraint at all.
         let location_constraint =
             (bucket.region != "us-east-1").then(|| dto::BucketLocationConstraint::from(bucket.region));
@@ -559,7 +625,7 @@ impl<B: Backend> S3 for Gateway<B> {
         let caller = caller(&req)?;
         let trailers = req.trailing_headers.clone();
         let input = req.input;
-        self.owned_bucket(&caller, &input.bucket).await?;
+        self.owned_bucket(&caller, &input.bucket, input.expected_bucket_owner.as_ref()).await?;
         validate_key(&input.key).map_err(to_s3)?;
         if input.if_match.is_some() || input.if_none_match.is_some() {
             return Err(not_implemented("conditional writes (If-Match, If-None-Match on PUT) are not supported"));
@@ -638,10 +704,7 @@ impl<B: Backend> S3 for Gateway<B> {
     async fn get_object(&self, req: S3Request<dto::GetObjectInput>) -> S3Result<S3Response<dto::GetObjectOutput>> {
         let caller = caller(&req)?;
         let input = req.input;
-        self.owned_bucket(&caller, &input.bucket).await?;
-        if input.version_id.is_some() {
-            return Err(not_implemented("reading object versions is not supported"));
-        }
+        self.owned_bucket(&caller, &input.bucket, input.expected_bucket_owner.as_ref()).await?;
         if input.part_number.is_some() {
             return Err(not_implemented("partNumber reads are not supported"));
         }
@@ -651,7 +714,8 @@ impl<B: Backend> S3 for Gateway<B> {
             if_modified_since: input.if_modified_since.as_ref(),
             if_unmodified_since: input.if_unmodified_since.as_ref(),
         };
-        let (info, span, stream) = self.read(&input.bucket, &input.key, input.range.as_ref(), &conds).await?;
+        let version = input.version_id.as_deref();
+        let (info, span, stream) = self.read(&input.bucket, &input.key, version, input.range.as_ref(), &conds).await?;
         let length = span.as_ref().map_or(info.size, |s| s.end - s.start);
         let mut out = dto::GetObjectOutput {
             body: Some(body::download(stream)),
@@ -668,14 +732,12 @@ impl<B: Backend> S3 for Gateway<B> {
     async fn head_object(&self, req: S3Request<dto::HeadObjectInput>) -> S3Result<S3Response<dto::HeadObjectOutput>> {
         let caller = caller(&req)?;
         let input = req.input;
-        self.owned_bucket(&caller, &input.bucket).await?;
-        if input.version_id.is_some() {
-            return Err(not_implemented("reading object versions is not supported"));
-        }
+        self.owned_bucket(&caller, &input.bucket, input.expected_bucket_owner.as_ref()).await?;
         if input.part_number.is_some() {
             return Err(not_implemented("partNumber reads are not supported"));
         }
-        let info = self.backend.head_object(&input.bucket, &input.key).await.map_err(to_s3)?;
+        let version = input.version_id.as_deref();
+        let info = self.head_of(&input.bucket, &input.key, version).await.map_err(|e| version_error(e, version))?;
         let conds = Conditions {
             if_match: input.if_match.as_ref(),
             if_none_match: input.if_none_match.as_ref(),
@@ -703,16 +765,20 @@ impl<B: Backend> S3 for Gateway<B> {
     ) -> S3Result<S3Response<dto::DeleteObjectOutput>> {
         let caller = caller(&req)?;
         let input = req.input;
-        self.owned_bucket(&caller, &input.bucket).await?;
-        if input.version_id.is_some() {
-            return Err(not_implemented("deleting object versions is not supported"));
-        }
+        self.owned_bucket(&caller, &input.bucket, input.expected_bucket_owner.as_ref()).await?;
         if input.if_match.is_some() || input.if_match_last_modified_time.is_some() || input.if_match_size.is_some() {
             return Err(not_implemented("conditional deletes are not supported"));
         }
+        if input.bypass_governance_retention.is_some() || input.mfa.is_some() {
+            return Err(not_implemented("object lock and MFA delete are not supported"));
+        }
         validate_key(&input.key).map_err(to_s3)?;
-        self.backend.delete_object(&input.bucket, &input.key).await.map_err(to_s3)?;
-        Ok(S3Response::new(dto::DeleteObjectOutput::default()))
+        let deleted = self.delete(&input.bucket, &input.key, input.version_id.as_deref()).await.map_err(to_s3)?;
+        Ok(S3Response::new(dto::DeleteObjectOutput {
+            delete_marker: deleted.delete_marker.then_some(true),
+            version_id: deleted.version_id,
+            ..Default::default()
+        }))
     }
 
     async fn delete_objects(
@@ -722,7 +788,7 @@ impl<B: Backend> S3 for Gateway<B> {
         use futures::StreamExt;
         let caller = caller(&req)?;
         let input = req.input;
-        self.owned_bucket(&caller, &input.bucket).await?;
+        self.owned_bucket(&caller, &input.bucket, input.expected_bucket_owner.as_ref()).await?;
         let objects = input.delete.objects;
         if objects.is_empty() || objects.len() > MAX_DELETE_OBJECTS {
             return Err(with_status(
@@ -733,32 +799,47 @@ impl<B: Backend> S3 for Gateway<B> {
         }
         let quiet = input.delete.quiet.unwrap_or(false);
         let bucket = input.bucket.as_str();
-        let results: Vec<(String, S3Result<()>)> = futures::stream::iter(objects)
+        if objects.iter().any(|o| o.e_tag.is_some() || o.last_modified_time.is_some() || o.size.is_some()) {
+            return Err(not_implemented("conditional deletes are not supported"));
+        }
+        let results: Vec<(String, Option<String>, S3Result<Deleted>)> = futures::stream::iter(objects)
             .map(|object| async move {
                 let result = async {
-                    if object.version_id.is_some() {
-                        return Err(not_implemented("deleting object versions is not supported"));
-                    }
                     validate_key(&object.key).map_err(to_s3)?;
-                    self.backend.delete_object(bucket, &object.key).await.map_err(to_s3)
+                    self.delete(bucket, &object.key, object.version_id.as_deref()).await.map_err(to_s3)
                 }
                 .await;
-                (object.key, result)
+                (object.key, object.version_id, result)
             })
             .buffered(8)
             .collect()
             .await;
         let mut deleted = Vec::new();
         let mut errors = Vec::new();
-        for (key, result) in results {
+        for (key, version_id, result) in results {
             match result {
-                Ok(()) if quiet => {}
-                Ok(()) => deleted.push(dto::DeletedObject { key: Some(key), ..Default::default() }),
+                Ok(_) if quiet => {}
+                Ok(d) => deleted.push(match version_id {
+                    // One version removed (a delete marker, perhaps).
+                    Some(v) => dto::DeletedObject {
+                        key: Some(key),
+                        version_id: Some(v),
+                        delete_marker: d.delete_marker.then_some(true),
+                        delete_marker_version_id: None,
+                    },
+                    // A delete marker put on the key, in a versioned bucket.
+                    None => dto::DeletedObject {
+                        key: Some(key),
+                        version_id: None,
+                        delete_marker: d.delete_marker.then_some(true),
+                        delete_marker_version_id: d.version_id.filter(|_| d.delete_marker),
+                    },
+                }),
                 Err(e) => errors.push(dto::Error {
                     code: Some(e.code().as_str().to_owned()),
                     message: e.message().map(str::to_owned),
                     key: Some(key),
-                    version_id: None,
+                    version_id,
                 }),
             }
         }
@@ -775,11 +856,8 @@ impl<B: Backend> S3 for Gateway<B> {
         let dto::CopySource::Bucket { bucket: src_bucket, key: src_key, version_id } = &input.copy_source else {
             return Err(not_implemented("copy sources other than bucket/key are not supported"));
         };
-        if version_id.is_some() {
-            return Err(not_implemented("copying object versions is not supported"));
-        }
-        self.owned_bucket(&caller, &input.bucket).await?;
-        self.owned_bucket(&caller, src_bucket).await?;
+        self.owned_bucket(&caller, &input.bucket, input.expected_bucket_owner.as_ref()).await?;
+        self.owned_bucket(&caller, src_bucket, input.expected_source_bucket_owner.as_ref()).await?;
         validate_key(&input.key).map_err(to_s3)?;
         validate_key(src_key).map_err(to_s3)?;
         if input.server_side_encryption.is_some() || input.tagging.is_some() || input.website_redirect_location.is_some() {
@@ -805,7 +883,9 @@ impl<B: Backend> S3 for Gateway<B> {
             if_modified_since: input.copy_source_if_modified_since.as_ref(),
             if_unmodified_since: input.copy_source_if_unmodified_since.as_ref(),
         };
-        let (source, stream) = self.backend.get_object(src_bucket, src_key, None).await.map_err(to_s3)?;
+        let version = version_id.as_deref();
+        let (source, stream) =
+            self.get_of(src_bucket, src_key, version, None).await.map_err(|e| version_error(e, version))?;
         check_conditions(&conds, &source, true)?;
         if source.size > MAX_PUT_SIZE {
             return Err(with_status(
@@ -891,7 +971,7 @@ impl<B: Backend> S3 for Gateway<B> {
         let delimiter = opt_nonempty(input.delimiter);
         let marker = opt_nonempty(input.marker);
         let query = ListQuery { prefix: prefix.clone(), delimiter: delimiter.clone(), start_after: marker.clone(), max_keys: max };
-        let page = self.list(&caller, &input.bucket, query).await?;
+        let page = self.list(&caller, &input.bucket, input.expected_bucket_owner.as_ref(), query).await?;
         // S3 gives NextMarker only with a delimiter; without one, clients continue after the
         // last key.
         let next_marker = if page.truncated && delimiter.is_some() { page.next_after.clone() } else { None };
@@ -930,7 +1010,7 @@ impl<B: Backend> S3 for Gateway<B> {
             None => start_after.clone(),
         };
         let query = ListQuery { prefix: prefix.clone(), delimiter: delimiter.clone(), start_after: after, max_keys: max };
-        let page = self.list(&caller, &input.bucket, query).await?;
+        let page = self.list(&caller, &input.bucket, input.expected_bucket_owner.as_ref(), query).await?;
         let fetch_owner = input.fetch_owner.unwrap_or(false);
         let key_count = page.objects.len() + page.common_prefixes.len();
         let next = if page.truncated { page.next_after.as_deref().map(continuation_token) } else { None };
@@ -953,5 +1033,90 @@ impl<B: Backend> S3 for Gateway<B> {
             start_after: start_after.map(|s| encode(url, s)),
             ..Default::default()
         }))
+    }
+
+    async fn create_multipart_upload(
+        &self,
+        req: S3Request<dto::CreateMultipartUploadInput>,
+    ) -> S3Result<S3Response<dto::CreateMultipartUploadOutput>> {
+        self.create_upload(req).await
+    }
+
+    async fn upload_part(&self, req: S3Request<dto::UploadPartInput>) -> S3Result<S3Response<dto::UploadPartOutput>> {
+        Gateway::upload_part(self, req).await
+    }
+
+    async fn upload_part_copy(
+        &self,
+        req: S3Request<dto::UploadPartCopyInput>,
+    ) -> S3Result<S3Response<dto::UploadPartCopyOutput>> {
+        Gateway::upload_part_copy(self, req).await
+    }
+
+    async fn complete_multipart_upload(
+        &self,
+        req: S3Request<dto::CompleteMultipartUploadInput>,
+    ) -> S3Result<S3Response<dto::CompleteMultipartUploadOutput>> {
+        self.complete_upload(req).await
+    }
+
+    async fn abort_multipart_upload(
+        &self,
+        req: S3Request<dto::AbortMultipartUploadInput>,
+    ) -> S3Result<S3Response<dto::AbortMultipartUploadOutput>> {
+        self.abort_upload(req).await
+    }
+
+    async fn list_parts(&self, req: S3Request<dto::ListPartsInput>) -> S3Result<S3Response<dto::ListPartsOutput>> {
+        self.list_upload_parts(req).await
+    }
+
+    async fn list_multipart_uploads(
+        &self,
+        req: S3Request<dto::ListMultipartUploadsInput>,
+    ) -> S3Result<S3Response<dto::ListMultipartUploadsOutput>> {
+        self.list_uploads(req).await
+    }
+
+    async fn put_bucket_versioning(
+        &self,
+        req: S3Request<dto::PutBucketVersioningInput>,
+    ) -> S3Result<S3Response<dto::PutBucketVersioningOutput>> {
+        self.put_versioning(req).await
+    }
+
+    async fn get_bucket_versioning(
+        &self,
+        req: S3Request<dto::GetBucketVersioningInput>,
+    ) -> S3Result<S3Response<dto::GetBucketVersioningOutput>> {
+        self.get_versioning(req).await
+    }
+
+    async fn list_object_versions(
+        &self,
+        req: S3Request<dto::ListObjectVersionsInput>,
+    ) -> S3Result<S3Response<dto::ListObjectVersionsOutput>> {
+        self.list_versions(req).await
+    }
+
+    async fn put_bucket_lifecycle_configuration(
+        &self,
+        req: S3Request<dto::PutBucketLifecycleConfigurationInput>,
+    ) -> S3Result<S3Response<dto::PutBucketLifecycleConfigurationOutput>> {
+        self.put_lifecycle(req).await
+    }
+
+    async fn get_bucket_lifecycle_configuration(
+        &self,
+        req: S3Request<dto::GetBucketLifecycleConfigurationInput>,
+    ) -> S3Result<S3Response<dto::GetBucketLifecycleConfigurationOutput>> {
+        self.get_lifecycle(req).await
+    }
+
+    async fn delete_bucket_lifecycle(
+        &self,
+        req: S3Request<dto::DeleteBucketLifecycleInput>,
+    ) -> S3Result<S3Response<dto::DeleteBucketLifecycleOutput>> {
+        self.delete_lifecycle(req).await
     }
 }
