@@ -2,6 +2,8 @@
 //! cargo-fuzz targets run (included from `fuzz/src/`), so every test run on stable checks
 //! the same invariants on the seeds and on every input fuzzing ever kept.
 
+#[path = "../fuzz/src/headers.rs"]
+mod headers;
 #[path = "../fuzz/src/request.rs"]
 mod request;
 
@@ -31,6 +33,11 @@ fn replay(target: &str, run: fn(&[u8])) {
 #[test]
 fn request_corpus_gets_s3_answers_and_never_bobs_data() {
     replay("request", request::request);
+}
+
+#[test]
+fn headers_corpus_parses_within_s3_limits() {
+    replay("headers", headers::headers);
 }
 
 /// The harness itself works: signed seeds get past authentication and alice's requests

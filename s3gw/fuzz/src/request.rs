@@ -67,6 +67,7 @@ pub const ALICE_BUCKET: &str = "alice-bucket";
 pub const BOB_BUCKET: &str = "bob-private";
 /// Alice's objects: plain, nested with a space and unicode, dot segments, an encoded
 /// slash taken literally, and (see [`long_key`]) a key of exactly 1024 bytes, the limit.
+/// Each holds `alice's <key>\n`.
 pub const ALICE_OBJECTS: [&str; 4] = ["hello.txt", "dir/a b/ünï.txt", "../up/./x", "a%2Fb"];
 
 /// `long/` and then `0123456789abcdef` repeated, 1024 bytes in all.

@@ -68,6 +68,28 @@ impl<B: Backend> S3Auth for KeyAuth<B> {
     }
 }
 
+/// Operations S3 lets send their body aws-chunked (`x-amz-content-sha256: STREAMING-…`).
+const STREAMING_OPERATIONS: [&str; 2] = ["PutObject", "UploadPart"];
+
+/// Refuses an aws-chunked body anywhere but [`STREAMING_OPERATIONS`]. `s3s` reads the
+/// whole body of the other operations (DeleteObjects, CompleteMultipartUpload…) right
+/// after this check and answers a malformed aws-chunked one with 500 InternalError; S3
+/// takes chunked bodies only for object data, so this is refused as a bad request first.
+fn check_streaming_payload(cx: &S3AccessContext<'_>) -> S3Result<()> {
+    let streaming = cx
+        .headers()
+        .get_all("x-amz-content-sha256")
+        .iter()
+        .any(|v| v.as_bytes().starts_with(b"STREAMING-"));
+    if streaming && !STREAMING_OPERATIONS.contains(&cx.s3_op().name()) {
+        return Err(S3Error::with_message(
+            S3ErrorCode::InvalidRequest,
+            format!("{} does not take an aws-chunked (STREAMING-*) payload.", cx.s3_op().name()),
+        ));
+    }
+    Ok(())
+}
+
 #[async_trait::async_trait]
 impl<B: Backend> S3Access for KeyAuth<B> {
     /// Every request must be signed (public buckets do not exist yet); bucket ownership is
@@ -76,6 +98,7 @@ impl<B: Backend> S3Access for KeyAuth<B> {
         let Some(credentials) = cx.credentials() else {
             return Err(access_denied());
         };
+        check_streaming_payload(cx)?;
         let key = credentials.access_key.clone();
         let account = match self.remembered(&key) {
             Some(account) => account,
