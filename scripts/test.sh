@@ -26,10 +26,11 @@ if [ "$fuzz" = 0 ]; then
 elif rustup run nightly rustc --version >/dev/null 2>&1; then
   scratch=$(mktemp -d)
   trap 'rm -rf "$scratch"' EXIT
-  for t in pdu login_keys scsi_cdb; do
-    mkdir -p "$scratch/$t"
-    (cd iscsi/fuzz && CARGO_TARGET_DIR=/var/tmp/basalt-fuzz-target \
-      cargo +nightly fuzz run "$t" "$scratch/$t" "corpus/$t" -- -max_total_time=20 -rss_limit_mb=2048)
+  for t in iscsi:pdu iscsi:login_keys iscsi:scsi_cdb s3gw:request s3gw:headers; do
+    dir=${t%%:*} t=${t#*:}
+    mkdir -p "$scratch/$dir/$t"
+    (cd "$dir/fuzz" && CARGO_TARGET_DIR=/var/tmp/basalt-fuzz-target \
+      cargo +nightly fuzz run "$t" "$scratch/$dir/$t" "corpus/$t" -- -max_total_time=20 -rss_limit_mb=2048)
   done
 else
   echo "################################################################" >&2
