@@ -67,7 +67,11 @@ def phase1():
     d = s3.delete_object(Bucket="vers", Key="k")
     assert d["DeleteMarker"] is True, d
     marker = d["VersionId"]
-    expect_error("NoSuchKey", 404, s3.get_object, Bucket="vers", Key="k")
+    r = expect_error("NoSuchKey", 404, s3.get_object, Bucket="vers", Key="k")
+    headers = r["ResponseMetadata"]["HTTPHeaders"]
+    assert (headers.get("x-amz-delete-marker"), headers.get("x-amz-version-id")) == ("true", marker), headers
+    r = expect_error("404", 404, s3.head_object, Bucket="vers", Key="k")
+    assert r["ResponseMetadata"]["HTTPHeaders"].get("x-amz-delete-marker") == "true", r
     r = expect_error("MethodNotAllowed", 405, s3.get_object, Bucket="vers", Key="k", VersionId=marker)
     assert r["ResponseMetadata"]["HTTPHeaders"].get("x-amz-delete-marker") == "true", r
     assert [o["Key"] for o in s3.list_objects_v2(Bucket="vers").get("Contents", [])] == []
@@ -87,6 +91,10 @@ def phase1():
     d = s3.delete_object(Bucket="vers", Key="k", VersionId=marker)
     assert d.get("DeleteMarker") is True and d["VersionId"] == marker, d
     assert body(s3b.get_object(Bucket="vers", Key="k")) == b"two"
+    # Restoring an older version: copied onto its own key, it becomes the newest.
+    r = s3.copy_object(Bucket="vers", Key="k", CopySource={"Bucket": "vers", "Key": "k", "VersionId": v1})
+    assert r["VersionId"] not in (v1, v2) and body(s3.get_object(Bucket="vers", Key="k")) == b"one", r
+    expect_error("InvalidRequest", 400, s3.copy_object, Bucket="vers", Key="k", CopySource={"Bucket": "vers", "Key": "k"})
     res = s3.delete_objects(Bucket="vers", Delete={"Objects": [{"Key": "k", "VersionId": v1}, {"Key": "copied"}]})
     got = sorted((x["Key"], x.get("VersionId"), x.get("DeleteMarker", False)) for x in res["Deleted"])
     assert got[0] == ("copied", None, True) and got[1] == ("k", v1, False), res

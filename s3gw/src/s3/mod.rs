@@ -28,7 +28,9 @@ pub mod multipart;
 pub mod names;
 pub mod versions;
 
-use crate::backend::{Account, Backend, Bucket, ByteStream, Deleted, ListPage, ListQuery, ObjectInfo, PutOptions};
+use crate::backend::{
+    Account, Backend, Bucket, ByteStream, Deleted, ListPage, ListQuery, ObjectInfo, PutOptions, Versioning,
+};
 use auth::{Caller, KeyAuth};
 use body::{Algorithm, Expected, Upload};
 use conditions::{Conditions, Outcome};
@@ -119,18 +121,24 @@ impl<B: Backend> Gateway<B> {
         conds: &Conditions<'_>,
     ) -> S3Result<(ObjectInfo, Option<std::ops::Range<u64>>, ByteStream)> {
         let Some(range) = range else {
-            let (info, stream) = self.get_of(bucket, key, version, None).await.map_err(|e| version_error(e, version))?;
+            let (info, stream) = match self.get_of(bucket, key, version, None).await {
+                Ok(found) => found,
+                Err(e) => return Err(self.read_error(bucket, key, version, e).await),
+            };
             check_conditions(conds, &info, false)?;
             return Ok((info, None, stream));
         };
         for _ in 0..3 {
-            let head = self.head_of(bucket, key, version).await.map_err(|e| version_error(e, version))?;
+            let head = match self.head_of(bucket, key, version).await {
+                Ok(head) => head,
+                Err(e) => return Err(self.read_error(bucket, key, version, e).await),
+            };
             check_conditions(conds, &head, false)?;
             let span = satisfiable(range, head.size)?;
-            let (info, stream) = self
-                .get_of(bucket, key, version, Some((span.start, span.end)))
-                .await
-                .map_err(|e| version_error(e, version))?;
+            let (info, stream) = match self.get_of(bucket, key, version, Some((span.start, span.end))).await {
+                Ok(found) => found,
+                Err(e) => return Err(self.read_error(bucket, key, version, e).await),
+            };
             if same_object(&info, &head) {
                 return Ok((info, Some(span), stream));
             }
@@ -140,6 +148,36 @@ impl<B: Backend> Gateway<B> {
             StatusCode::SERVICE_UNAVAILABLE,
             "The object kept changing while it was read; please retry.",
         ))
+    }
+
+    /// S3's answer to a read that failed: a delete marker read by its version id is a 405,
+    /// and a key whose newest version is a delete marker a 404, that say so in their
+    /// headers (`x-amz-delete-marker`, `x-amz-version-id`).
+    async fn read_error(&self, bucket: &str, key: &str, version: Option<&str>, e: crate::backend::Error) -> s3s::S3Error {
+        use crate::backend::Error;
+        match (&e, version) {
+            (Error::MethodNotAllowed, Some(v)) => {
+                let v = v.to_owned();
+                with_marker_headers(to_s3(e), &v)
+            }
+            (Error::NoSuchKey, None) => {
+                let versioned = matches!(self.backend.versioning(bucket).await, Ok(v) if v != Versioning::Unversioned);
+                if !versioned {
+                    return to_s3(e);
+                }
+                let q = ListQuery { prefix: key.to_owned(), delimiter: None, start_after: None, max_keys: 1 };
+                match self.backend.list_versions(bucket, &q, None, None).await {
+                    Ok(page) => match page.versions.first() {
+                        Some(v) if v.info.key == key && v.is_latest && v.delete_marker => {
+                            with_marker_headers(to_s3(e), &v.version_id)
+                        }
+                        _ => to_s3(e),
+                    },
+                    Err(_) => to_s3(e),
+                }
+            }
+            _ => to_s3(e),
+        }
     }
 
     async fn list(
@@ -165,19 +203,14 @@ impl<B: Backend> Gateway<B> {
     }
 }
 
-/// S3's answer to a read of `version` that failed: a delete marker read by its version id
-/// is a 405 that says so in its headers.
-fn version_error(e: crate::backend::Error, version: Option<&str>) -> s3s::S3Error {
-    let marker = matches!(e, crate::backend::Error::MethodNotAllowed);
-    let mut err = to_s3(e);
-    if let (true, Some(v)) = (marker, version) {
-        let mut headers = HeaderMap::new();
-        headers.insert("x-amz-delete-marker", HeaderValue::from_static("true"));
-        if let Ok(v) = HeaderValue::from_str(v) {
-            headers.insert("x-amz-version-id", v);
-        }
-        err.set_headers(headers);
+/// `err` with the headers that say a delete marker (`version`) answered.
+fn with_marker_headers(mut err: s3s::S3Error, version: &str) -> s3s::S3Error {
+    let mut headers = HeaderMap::new();
+    headers.insert("x-amz-delete-marker", HeaderValue::from_static("true"));
+    if let Ok(v) = HeaderValue::from_str(version) {
+        headers.insert("x-amz-version-id", v);
     }
+    err.set_headers(headers);
     err
 }
 
@@ -737,7 +770,10 @@ impl<B: Backend> S3 for Gateway<B> {
             return Err(not_implemented("partNumber reads are not supported"));
         }
         let version = input.version_id.as_deref();
-        let info = self.head_of(&input.bucket, &input.key, version).await.map_err(|e| version_error(e, version))?;
+        let info = match self.head_of(&input.bucket, &input.key, version).await {
+            Ok(info) => info,
+            Err(e) => return Err(self.read_error(&input.bucket, &input.key, version, e).await),
+        };
         let conds = Conditions {
             if_match: input.if_match.as_ref(),
             if_none_match: input.if_none_match.as_ref(),
@@ -870,7 +906,8 @@ impl<B: Backend> S3 for Gateway<B> {
             Some("REPLACE") => true,
             Some(other) => return Err(invalid_argument(format!("Unknown metadata directive {other:?}"))),
         };
-        if !replace && input.bucket.as_str() == &**src_bucket && input.key.as_str() == &**src_key {
+        // Copying an older version onto its own key is how S3 users restore it.
+        if !replace && version_id.is_none() && input.bucket.as_str() == &**src_bucket && input.key.as_str() == &**src_key {
             return Err(with_status(
                 S3ErrorCode::InvalidRequest,
                 StatusCode::BAD_REQUEST,
@@ -884,8 +921,10 @@ impl<B: Backend> S3 for Gateway<B> {
             if_unmodified_since: input.copy_source_if_unmodified_since.as_ref(),
         };
         let version = version_id.as_deref();
-        let (source, stream) =
-            self.get_of(src_bucket, src_key, version, None).await.map_err(|e| version_error(e, version))?;
+        let (source, stream) = match self.get_of(src_bucket, src_key, version, None).await {
+            Ok(found) => found,
+            Err(e) => return Err(self.read_error(src_bucket, src_key, version, e).await),
+        };
         check_conditions(&conds, &source, true)?;
         if source.size > MAX_PUT_SIZE {
             return Err(with_status(

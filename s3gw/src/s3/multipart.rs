@@ -192,7 +192,10 @@ impl<B: Backend> Gateway<B> {
         conds: &Conditions<'_>,
     ) -> S3Result<(ObjectInfo, (u64, u64), ByteStream)> {
         for _ in 0..3 {
-            let head = self.head_of(bucket, key, version).await.map_err(to_s3)?;
+            let head = match self.head_of(bucket, key, version).await {
+                Ok(head) => head,
+                Err(e) => return Err(self.read_error(bucket, key, version, e).await),
+            };
             check_conditions(conds, &head, true)?;
             let span = match range {
                 Some(r) => copy_source_range(r, head.size)?,
