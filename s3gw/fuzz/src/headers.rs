@@ -10,7 +10,7 @@
 //! - `Range` (`s3s::dto::Range::parse`): a parsed range prints back to itself, and every
 //!   satisfiable span of it lies inside the object and is not empty unless the object is;
 //! - `x-amz-copy-source` (`s3s::dto::CopySource::parse`): a parsed source prints back to
-//!   itself, with a non-empty bucket and key;
+//!   itself, with a non-empty bucket (the key may be empty);
 //! - the request path, path-style (`s3s::path::parse_path_style_with_validation` with our
 //!   bucket-name rules): a bucket it names passes `validate_bucket_name`, a key is not
 //!   empty;
@@ -56,8 +56,10 @@ fn range(s: &str) {
 
 fn copy_source(s: &str) {
     let Ok(source) = CopySource::parse(s) else { return };
-    if let CopySource::Bucket { bucket, key, .. } = &source {
-        assert!(!bucket.is_empty() && !key.is_empty(), "{s:?} parsed as {source:?}");
+    // The key may be empty (`bucket/`): s3s leaves that to the operation, which refuses
+    // it (the `request` corpus has this case).
+    if let CopySource::Bucket { bucket, .. } = &source {
+        assert!(!bucket.is_empty(), "{s:?} parsed as {source:?}");
     }
     let printed = source.format_to_string();
     assert_eq!(CopySource::parse(&printed).ok(), Some(source), "{s:?} printed as {printed:?}");
