@@ -782,6 +782,7 @@ async fn multipart_uploads_complete_into_one_object() {
     let want = multipart_etag(&[&parts[0], &parts[1], &parts[2]]);
     assert_eq!(xml_values(&r.text(), "ETag"), vec![want.clone()], "{}", r.text());
     assert_eq!(xml_values(&r.text(), "Key"), vec!["video.mp4".to_owned()]);
+    assert_eq!(xml_values(&r.text(), "Location"), vec![format!("http://{}/mpu/video.mp4", gw.addr)]);
     assert_eq!(r.header("x-amz-version-id"), None, "no versions in an unversioned bucket");
 
     let r = alice.get_object("mpu", "video.mp4").await;

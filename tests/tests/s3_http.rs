@@ -126,6 +126,13 @@ def phase1():
     lv = s3.list_object_versions(Bucket="vers", Delimiter="/")
     assert [p["Prefix"] for p in lv["CommonPrefixes"]] == ["dir/"], lv
     assert sorted({v["Key"] for v in lv["Versions"]}) == ["copied", "k"], lv
+    # The same in pages of one: the common prefix is listed once, then the markers go on past it.
+    entries = []
+    for page in s3.get_paginator("list_object_versions").paginate(Bucket="vers", Delimiter="/", PaginationConfig={"PageSize": 1}):
+        entries += [p["Prefix"] for p in page.get("CommonPrefixes", [])]
+        entries += [(v["Key"], v["VersionId"]) for v in page.get("Versions", []) + page.get("DeleteMarkers", [])]
+    keys = [e if e == "dir/" else e[0] for e in entries]
+    assert keys == ["copied", "copied", "dir/", "k", "k", "k"], entries
 
     # Suspended: new writes are the null version.
     s3.put_bucket_versioning(Bucket="vers", VersioningConfiguration={"Status": "Suspended"})

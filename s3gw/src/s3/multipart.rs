@@ -301,7 +301,12 @@ impl<B: Backend> Gateway<B> {
             parts.push(CompletedPart { number, etag });
         }
         let info = self.backend.complete_upload(&input.bucket, &input.key, &input.upload_id, &parts).await.map_err(to_s3)?;
-        let location = host.map(|h| format!("http://{h}/{}/{}", input.bucket, super::encode(true, input.key.clone())));
+        let key = encode(true, input.key.clone());
+        // Where the object is, addressed the way the client addressed it.
+        let location = host.map(|h| match h.strip_prefix(&format!("{}.", input.bucket)) {
+            Some(_) => format!("http://{h}/{key}"),
+            None => format!("http://{h}/{}/{key}", input.bucket),
+        });
         Ok(S3Response::new(dto::CompleteMultipartUploadOutput {
             bucket: Some(input.bucket),
             key: Some(input.key),
