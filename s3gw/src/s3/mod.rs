@@ -2,9 +2,9 @@
 //! checked by `s3s`) from a [`Backend`], and [`service`] assembles the `s3s` service with
 //! our authentication, bucket-name rules and virtual-hosted-style domains.
 //!
-//! Object data is never held whole: request bodies stream into `Backend::put_object`
-//! through [`body::Upload`] (which verifies checksums at the end of the body, failing the
-//! stream so that nothing is stored), and backend streams become response bodies.
+//! Object data is never held whole: request bodies stream into `Backend::put_object` (and
+//! `upload_part`) through [`body::Upload`] (which verifies checksums at the end of the body,
+//! failing the stream so that nothing is stored), and backend streams become response bodies.
 //!
 //! Multipart uploads are in [`multipart`], bucket versioning and ListObjectVersions in
 //! [`versions`], lifecycle configurations in [`lifecycle`]; reads, copies and deletes of one
@@ -13,10 +13,13 @@
 //! `NotImplemented`; see [`Backend`]).
 //!
 //! What is refused with `NotImplemented` rather than ignored: `partNumber` reads,
-//! conditional writes, ACLs other than private, server side encryption, tagging, object
-//! lock, MFA delete, whole-object checksums of multipart uploads (part checksums are
-//! verified), lifecycle transitions, date expirations and tag or size filters; and, with
-//! `InvalidStorageClass`, storage classes other than STANDARD.
+//! conditional writes and deletes (`If-Match`, `If-None-Match` on PUT and on completion),
+//! ACLs other than private, server side encryption, tagging, object lock, MFA delete,
+//! website redirects, whole-object checksums of multipart uploads (`x-amz-checksum-type:
+//! FULL_OBJECT`, checksums on completion; part checksums are verified) and
+//! `x-amz-mp-object-size`; in lifecycle rules, transitions, expiration dates, tag and size
+//! filters and `NewerNoncurrentVersions`. Storage classes other than STANDARD are refused
+//! with `InvalidStorageClass`.
 
 pub mod auth;
 pub mod body;
