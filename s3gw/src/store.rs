@@ -1845,7 +1845,18 @@ impl Backend for ObjectStore {
             return Err(Error::BucketNotEmpty(name.to_string()));
         }
         let (ub, un) = usage_keys(name);
-        self.commit(IndexTxn { checks: vec![(k.clone(), marked)], puts: vec![(k, None), (ub, None), (un, None)], adds: Vec::new() }).await
+        self.commit(IndexTxn { checks: vec![(k.clone(), marked)], puts: vec![(k, None), (ub, None), (un, None)], adds: Vec::new() })
+            .await?;
+        // Uploads still in progress go with the bucket (as in S3): their parts become garbage.
+        let mut uploads = key(P_UPLOAD, name.as_bytes());
+        uploads.push(b'/');
+        for (uk, v) in self.list_all(&uploads).await? {
+            let Ok(u) = dec::<UploadRecord>(&uk, &v) else { continue };
+            if let Err(e) = self.abort_upload(name, &u.upload.key, &u.upload.id).await {
+                warn!(bucket = name, upload = %u.upload.id, error = %e, "could not abort an upload of a deleted bucket");
+            }
+        }
+        Ok(())
     }
 
     async fn list_buckets(&self, owner: &Account) -> Result<Vec<Bucket>> {

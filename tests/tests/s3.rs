@@ -303,6 +303,14 @@ async fn objects_live_in_data_volumes_and_list_like_s3() -> Result<()> {
     for name in listing(&store, "photos", "", None, 1000).await? {
         store.delete_object("photos", &name).await?;
     }
+    // An upload in progress does not keep a bucket alive; its parts go with it.
+    let pending = store.create_upload(&alice, "photos", "pending", PutOptions::default()).await?;
+    store.upload_part("photos", "pending", &pending.id, 1, PutOptions::default(), body(b"orphan?", 7)).await?;
+    store.collect_garbage().await?;
+    store.delete_bucket("photos").await?;
+    assert_eq!(store.collect_garbage().await?, 1, "the pending upload's part is garbage once the bucket is gone");
+    store.create_bucket(&alice, "photos", "basalt").await?;
+    assert!(store.list_uploads("photos", "", None, 100).await?.0.is_empty(), "an upload outlived its bucket");
     store.delete_bucket("photos").await?;
     assert!(matches!(store.bucket("photos").await, Err(Error::NoSuchBucket(_))));
     assert!(matches!(
