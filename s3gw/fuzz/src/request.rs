@@ -70,6 +70,8 @@ pub const BOB_BUCKET: &str = "bob-private";
 /// slash taken literally, and (see [`long_key`]) a key of exactly 1024 bytes, the limit.
 /// Each holds `alice's <key>\n`.
 pub const ALICE_OBJECTS: [&str; 4] = ["hello.txt", "dir/a b/ünï.txt", "../up/./x", "a%2Fb"];
+/// alice's object of no bytes.
+pub const EMPTY_OBJECT: &str = "empty";
 
 /// `long/` and then `0123456789abcdef` repeated, 1024 bytes in all.
 pub fn long_key() -> String {
@@ -185,6 +187,8 @@ async fn world() -> World {
     for key in ALICE_OBJECTS.map(str::to_owned).into_iter().chain([long_key()]) {
         put(&backend, ALICE_BUCKET, &key, Bytes::from(format!("alice's {key}\n"))).await;
     }
+    // An empty object: ranges of it are all unsatisfiable.
+    put(&backend, ALICE_BUCKET, EMPTY_OBJECT, Bytes::new()).await;
     backend.create_bucket(&bob, BOB_BUCKET, REGION).await.expect("bob's bucket");
     let mut bob_objects = Vec::new();
     for key in ["hello.txt".to_owned(), format!("key-{token}")] {

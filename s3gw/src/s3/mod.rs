@@ -247,8 +247,11 @@ fn owner(account: &Account) -> dto::Owner {
     dto::Owner { id: Some(account.id.clone()), display_name: Some(account.name.clone()) }
 }
 
+/// The byte span `range` selects in an object of `size` bytes. An empty span (any range of
+/// an empty object: `s3s` answers a suffix range of one with `0..0`) is unsatisfiable too,
+/// as S3 answers it.
 fn satisfiable(range: &dto::Range, size: u64) -> S3Result<std::ops::Range<u64>> {
-    range.check(size).map_err(|_| {
+    range.check(size).ok().filter(|span| span.start < span.end).ok_or_else(|| {
         let mut err = with_status(
             S3ErrorCode::InvalidRange,
             StatusCode::RANGE_NOT_SATISFIABLE,
