@@ -94,8 +94,13 @@ async fn restarted_node_catches_up_incrementally() -> Result<()> {
     random_file(&first, 128 * MIB, 2)?;
     nbdcopy(first.to_str().unwrap_or_default(), &c.nbd_uri("node1", "inc")?)?;
 
-    // Overwrite the first 4 MiB (a quarter of chunk 0) while node3 is down.
+    // Overwrite the first 4 MiB (a quarter of chunk 0) while node3 is down, once node1's
+    // export has let go of the lease (it does so after nbdcopy's connections close).
     c.kill("node3")?;
+    wait_for("node1's NBD export to release the lease", Duration::from_secs(30), || async {
+        Ok(client.volume("inc").await?.lease.is_none().then_some(()))
+    })
+    .await?;
     let vol = client.open_volume("inc", VolumeOptions::writer("test", 0)).await?;
     let patch = Bytes::from(vec![0x5a; 4 * MIB]);
     vol.write(0, patch.clone()).await?;
