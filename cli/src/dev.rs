@@ -68,6 +68,10 @@ pub struct NodeEntry {
     /// S3 gateway endpoint of the node (`http://` + this); every node serves every bucket.
     #[serde(default)]
     pub s3_addr: Option<SocketAddr>,
+    /// The same gateway over HTTPS (`https://` + this), its certificate issued by the
+    /// cluster CA (`<certs_dir>/ca.pem`) for `localhost` and the address.
+    #[serde(default)]
+    pub s3_tls_addr: Option<SocketAddr>,
 }
 
 #[derive(Clone, Debug)]
@@ -275,6 +279,9 @@ pub async fn up(opts: &UpOptions) -> Result<ClusterFile> {
         let nbd_addr = ports.tcp()?;
         let iscsi_addr = ports.tcp()?;
         let s3_addr = ports.tcp()?;
+        let s3_tls_addr = ports.tcp()?;
+        let s3_sans = ["localhost".to_owned(), s3_tls_addr.ip().to_string()];
+        ca.issue_server(&format!("{name}-s3"), &s3_sans)?.save(&certs_dir, &format!("{name}-s3"))?;
         nodes.push(NodeEntry {
             id: i as u64,
             name: name.clone(),
@@ -290,6 +297,7 @@ pub async fn up(opts: &UpOptions) -> Result<ClusterFile> {
             voter: i <= voters,
             iscsi_addr: Some(iscsi_addr),
             s3_addr: Some(s3_addr),
+            s3_tls_addr: Some(s3_tls_addr),
         });
     }
     let initial_voters: BTreeMap<u64, SocketAddr> =
@@ -304,6 +312,9 @@ pub async fn up(opts: &UpOptions) -> Result<ClusterFile> {
             "nbd_socket": n.nbd_socket,
             "iscsi_listen": n.iscsi_addr,
             "s3_listen": n.s3_addr,
+            "s3_tls_listen": n.s3_tls_addr,
+            "s3_tls_cert": certs_dir.join(format!("{}-s3.pem", n.name)),
+            "s3_tls_key": certs_dir.join(format!("{}-s3.key", n.name)),
             "s3_region": S3_REGION,
             "data_dirs": n.data_dirs,
             "meta_dir": n.meta_dir,

@@ -136,6 +136,26 @@ impl ClusterCa {
     }
 }
 
+impl ClusterCa {
+    /// Issues a server certificate for a service clients outside the cluster reach (the S3
+    /// gateway's HTTPS): CN = `name`, the host names and IP addresses in `sans`.
+    pub fn issue_server(&self, name: &str, sans: &[String]) -> Result<Identity> {
+        validate_name(name)?;
+        let mut params = CertificateParams::new(sans.to_vec())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, name);
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        set_validity(&mut params, LEAF_VALIDITY);
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Identity { ca_pem: self.cert_pem.clone(), cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    }
+}
+
 /// What a node needs to take part in the cluster: the CA it trusts and its own certificate
 /// and private key, all PEM encoded.
 #[derive(Clone)]

@@ -25,6 +25,31 @@ pub struct ServeOptions {
     /// Domains for virtual-hosted-style requests (`bucket.<domain>`), e.g.
     /// `s3.basalt.local`, `localhost`; other hosts are path-style.
     pub domains: Vec<String>,
+    /// Serve HTTPS with this certificate and key (see [`tls_config`]); plain HTTP without.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+/// A TLS server configuration from a PEM certificate chain and private key (HTTP/1.1 over
+/// TLS 1.2 and 1.3, as S3 clients speak it).
+pub fn tls_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<rustls::ServerConfig>, String> {
+    let certs = rustls_pemfile::certs(&mut &cert_pem[..])
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("reading the certificate: {e}"))?;
+    if certs.is_empty() {
+        return Err("no certificate in the PEM file".into());
+    }
+    let key = rustls_pemfile::private_key(&mut &key_pem[..])
+        .map_err(|e| format!("reading the private key: {e}"))?
+        .ok_or("no private key in the PEM file")?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("certificate and key: {e}"))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
 }
 
 /// Serves S3 on `listener` until `shutdown` is cancelled, then stops accepting, lets open
@@ -40,6 +65,7 @@ pub async fn serve<B: Backend>(
     let mut http = hyper::server::conn::http1::Builder::new();
     http.keep_alive(true).timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
     let graceful = GracefulShutdown::new();
+    let tls = opts.tls.map(tokio_rustls::TlsAcceptor::from);
     loop {
         let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -57,9 +83,23 @@ pub async fn serve<B: Backend>(
         let service = service.clone();
         let domains = Arc::clone(&domains);
         let handler = hyper::service::service_fn(move |req| handle(service.clone(), Arc::clone(&domains), peer, req));
-        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), handler));
+        let http = http.clone();
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let result = match tls {
+                None => watcher.watch(http.serve_connection(TokioIo::new(stream), handler)).await,
+                Some(acceptor) => {
+                    // The handshake gets the time a request head gets.
+                    let stream = match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+                    };
+                    watcher.watch(http.serve_connection(TokioIo::new(stream), handler)).await
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });

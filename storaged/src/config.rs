@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The on-disk form (JSON) of a node's configuration.
@@ -34,6 +35,16 @@ pub struct ConfigFile {
     /// TCP address of the S3 gateway (optional; plain HTTP).
     #[serde(default)]
     pub s3_listen: Option<SocketAddr>,
+    /// TCP address of the S3 gateway over HTTPS (optional; needs `s3_tls_cert` and
+    /// `s3_tls_key`).
+    #[serde(default)]
+    pub s3_tls_listen: Option<SocketAddr>,
+    /// PEM certificate chain the HTTPS gateway presents.
+    #[serde(default)]
+    pub s3_tls_cert: Option<PathBuf>,
+    /// PEM private key of that certificate.
+    #[serde(default)]
+    pub s3_tls_key: Option<PathBuf>,
     /// The region S3 clients sign requests for.
     #[serde(default = "default_s3_region")]
     pub s3_region: String,
@@ -120,6 +131,8 @@ fn default_scrub_interval() -> Duration {
 pub struct Config {
     pub file: ConfigFile,
     pub rpc_advertise: SocketAddr,
+    /// The HTTPS gateway's certificate and key, loaded (with `s3_tls_listen`).
+    pub s3_tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -176,6 +189,50 @@ impl Config {
         if rpc_advertise.ip().is_unspecified() {
             return bad("rpc_advertise must be a concrete address when rpc_listen is 0.0.0.0".into());
         }
-        Ok(Config { file, rpc_advertise })
+        let s3_tls = match (&file.s3_tls_listen, &file.s3_tls_cert, &file.s3_tls_key) {
+            (None, None, None) => None,
+            (Some(_), Some(cert), Some(key)) => {
+                let read = |p: &PathBuf| std::fs::read(p).map_err(|source| ConfigError::Read { path: p.clone(), source });
+                let tls = basalt_s3gw::server::tls_config(&read(cert)?, &read(key)?)
+                    .map_err(|e| ConfigError::Invalid(format!("s3_tls_cert/s3_tls_key: {e}")))?;
+                Some(tls)
+            }
+            _ => return bad("s3_tls_listen, s3_tls_cert and s3_tls_key go together".into()),
+        };
+        Ok(Config { file, rpc_advertise, s3_tls })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(extra: serde_json::Value) -> ConfigFile {
+        let mut v = serde_json::json!({
+            "node_id": 1, "name": "n1", "certs_dir": "/nonexistent",
+            "rpc_listen": "127.0.0.1:1", "nbd_listen": "127.0.0.1:2",
+            "data_dirs": ["/tmp/d"], "meta_dir": "/tmp/m",
+            "initial_voters": {"1": "127.0.0.1:1"},
+        });
+        if let (Some(base), Some(more)) = (v.as_object_mut(), extra.as_object()) {
+            base.extend(more.clone());
+        }
+        serde_json::from_value(v).expect("a config file")
+    }
+
+    #[test]
+    fn https_needs_its_certificate_and_key_and_they_must_load() {
+        assert!(Config::validate(file(serde_json::json!({}))).expect("plain config").s3_tls.is_none());
+        let half = file(serde_json::json!({"s3_tls_listen": "127.0.0.1:3", "s3_tls_cert": "/x.pem"}));
+        assert!(matches!(Config::validate(half), Err(ConfigError::Invalid(m)) if m.contains("go together")));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = basalt_rpc::ClusterCa::generate("t").expect("ca");
+        ca.issue_server("n1-s3", &["localhost".into(), "127.0.0.1".into()]).expect("cert").save(dir.path(), "n1-s3").expect("save");
+        let (cert, key) = (dir.path().join("n1-s3.pem"), dir.path().join("n1-s3.key"));
+        let good = file(serde_json::json!({"s3_tls_listen": "127.0.0.1:3", "s3_tls_cert": cert, "s3_tls_key": key}));
+        assert!(Config::validate(good).expect("https config").s3_tls.is_some());
+        // A key file that holds a certificate is refused at start-up, not at the first client.
+        let swapped = file(serde_json::json!({"s3_tls_listen": "127.0.0.1:3", "s3_tls_cert": cert, "s3_tls_key": cert}));
+        assert!(matches!(Config::validate(swapped), Err(ConfigError::Invalid(m)) if m.contains("private key")));
     }
 }

@@ -57,6 +57,8 @@ pub struct Listeners {
     pub nbd_unix: Option<tokio::net::UnixListener>,
     pub iscsi: Option<tokio::net::TcpListener>,
     pub s3: Option<tokio::net::TcpListener>,
+    /// The S3 gateway over HTTPS.
+    pub s3_tls: Option<tokio::net::TcpListener>,
 }
 
 impl Listeners {
@@ -83,7 +85,11 @@ impl Listeners {
             Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| in_use(e, "S3 (TCP)", &addr))?),
             None => None,
         };
-        Ok(Listeners { rpc, nbd, nbd_unix, iscsi, s3 })
+        let s3_tls = match config.file.s3_tls_listen {
+            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| in_use(e, "S3 HTTPS (TCP)", &addr))?),
+            None => None,
+        };
+        Ok(Listeners { rpc, nbd, nbd_unix, iscsi, s3, s3_tls })
     }
 }
 
@@ -231,14 +237,21 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
             info!(%addr, "iSCSI target listening");
             tasks.spawn(basalt_iscsi::portal::serve(iscsi, targets, shutdown.clone()).in_current_span());
         }
-        if let Some(s3) = listeners.s3 {
-            let addr = s3.local_addr().map_err(|e| Error::S3(e.to_string()))?;
+        if listeners.s3.is_some() || listeners.s3_tls.is_some() {
+            // One object store per node (it holds the node's data volume), whichever of
+            // HTTP and HTTPS it is served on.
             let store = basalt_s3gw::store::ObjectStore::new(client.clone(), basalt_s3gw::store::StoreConfig::new(node, &f.name));
-            let opts = basalt_s3gw::ServeOptions { region: f.s3_region.clone(), domains: f.s3_domains.clone() };
-            info!(%addr, region = %f.s3_region, "S3 gateway listening");
             tasks.spawn(store.clone().garbage_loop(Duration::from_secs(60), shutdown.clone()).in_current_span());
             tasks.spawn(store.clone().lifecycle_loop(Duration::from_secs(3600), shutdown.clone()).in_current_span());
-            tasks.spawn(basalt_s3gw::serve(s3, store, opts, shutdown.clone()).in_current_span());
+            let served = [(listeners.s3, None), (listeners.s3_tls, config.s3_tls.clone())];
+            for (listener, tls) in served {
+                let Some(listener) = listener else { continue };
+                let addr = listener.local_addr().map_err(|e| Error::S3(e.to_string()))?;
+                let https = tls.is_some();
+                let opts = basalt_s3gw::ServeOptions { region: f.s3_region.clone(), domains: f.s3_domains.clone(), tls };
+                info!(%addr, https, region = %f.s3_region, "S3 gateway listening");
+                tasks.spawn(basalt_s3gw::serve(listener, store.clone(), opts, shutdown.clone()).in_current_span());
+            }
         }
         if let Some(unix) = listeners.nbd_unix {
             tasks.spawn(basalt_nbd::serve_unix(unix, exports.clone(), shutdown.clone()).in_current_span());

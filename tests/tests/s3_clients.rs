@@ -82,6 +82,21 @@ async fn aws_cli_boto3_s3cmd_and_rclone_work_against_the_gateway() -> Result<()>
     let head = json(&ok("head", aws(&e, &e.endpoint, k, &["s3api", "head-object", "--bucket", "alpha", "--key", "dir/big.bin"])?)?)?;
     assert!(head["ETag"].as_str().is_some_and(|t| t.contains('-')), "a multipart ETag: {head}");
 
+    // HTTPS: the same gateway with a certificate from the cluster CA; a client that does
+    // not trust that CA refuses the connection.
+    let https = format!("https://{}", c.file.nodes[0].s3_tls_addr.context("node1 has no HTTPS endpoint")?);
+    let ca = c.file.certs_dir.join("ca.pem");
+    let ls = ok("https ls", aws(&e, &https, k, &["--ca-bundle", path(&ca)?, "s3", "ls", "s3://alpha/dir/"])?)?;
+    assert!(ls.contains("209715200 big.bin"), "{ls}");
+    let over_tls = work.join("over-tls.bin");
+    ok("https cp down", aws(&e, &https, k, &["--ca-bundle", path(&ca)?, "s3", "cp", "s3://alpha/dir/big.bin", path(&over_tls)?])?)?;
+    assert_same_file(&big, &over_tls)?;
+    std::fs::remove_file(&over_tls)?;
+    let other_ca = work.join("other-ca");
+    basalt_rpc::tls::ClusterCa::generate("other")?.save(&other_ca)?;
+    let untrusted = aws(&e, &https, k, &["--ca-bundle", path(&other_ca.join("ca.pem"))?, "s3api", "list-buckets"])?;
+    assert!(!untrusted.status.success() && text(&untrusted).contains("SSL"), "{}", text(&untrusted));
+
     // s3api: metadata, content type, ranged get, listing pages with delimiters.
     let small = work.join("small.txt");
     std::fs::write(&small, b"hello from basalt")?;

@@ -46,7 +46,7 @@ impl Gateway {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
         let addr = listener.local_addr().expect("local addr");
         let shutdown = CancellationToken::new();
-        let opts = ServeOptions { region: REGION.into(), domains: vec!["localhost".into(), "s3.basalt.test".into()] };
+        let opts = ServeOptions { region: REGION.into(), domains: vec!["localhost".into(), "s3.basalt.test".into()], tls: None };
         let task = tokio::spawn(serve(listener, Arc::clone(&backend), opts, shutdown.clone()));
         Gateway { addr, backend, alice, bob, shutdown, task: Some(task) }
     }
