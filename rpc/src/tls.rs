@@ -111,43 +111,29 @@ impl ClusterCa {
     /// Issues a certificate for the node (or tool) `name`: CN = `name`, DNS names `name` and
     /// [`SERVER_NAME`], usable for both client and server authentication.
     pub fn issue(&self, name: &str) -> Result<Identity> {
-        validate_name(name)?;
         let mut sans = vec![name.to_owned()];
         if name != SERVER_NAME {
             sans.push(SERVER_NAME.to_owned());
         }
+        self.leaf(name, sans, vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth])
+    }
+
+    /// Issues a server certificate for a service clients outside the cluster reach (the S3
+    /// gateway's HTTPS): CN = `name`, the host names and IP addresses in `sans`.
+    pub fn issue_server(&self, name: &str, sans: &[String]) -> Result<Identity> {
+        self.leaf(name, sans.to_vec(), vec![ExtendedKeyUsagePurpose::ServerAuth])
+    }
+
+    /// A leaf certificate signed by this CA: CN = `name`, subject alternative names `sans`.
+    fn leaf(&self, name: &str, sans: Vec<String>, usages: Vec<ExtendedKeyUsagePurpose>) -> Result<Identity> {
+        validate_name(name)?;
         let mut params = CertificateParams::new(sans)?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, name);
         params.distinguished_name = dn;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages =
-            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        params.use_authority_key_identifier_extension = true;
-        set_validity(&mut params, LEAF_VALIDITY);
-        let key = KeyPair::generate()?;
-        let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(Identity {
-            ca_pem: self.cert_pem.clone(),
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        })
-    }
-}
-
-impl ClusterCa {
-    /// Issues a server certificate for a service clients outside the cluster reach (the S3
-    /// gateway's HTTPS): CN = `name`, the host names and IP addresses in `sans`.
-    pub fn issue_server(&self, name: &str, sans: &[String]) -> Result<Identity> {
-        validate_name(name)?;
-        let mut params = CertificateParams::new(sans.to_vec())?;
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, name);
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.extended_key_usages = usages;
         params.use_authority_key_identifier_extension = true;
         set_validity(&mut params, LEAF_VALIDITY);
         let key = KeyPair::generate()?;

@@ -370,6 +370,17 @@ fn unsupported_storage_class(class: Option<&dto::StorageClass>) -> S3Result<()> 
 
 /// The checksums a PUT must compute: named by a header with its value, announced as a
 /// trailer, or only named by `x-amz-sdk-checksum-algorithm`.
+/// The checksums given in headers (not trailers), by algorithm name, as stored.
+fn known_checksums(expected: &[(Algorithm, Expected)]) -> BTreeMap<String, String> {
+    expected
+        .iter()
+        .filter_map(|(a, e)| match e {
+            Expected::Header(v) => Some((a.name().to_owned(), v.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
 fn expected_checksums(
     headers: &HeaderMap,
     values: [(Algorithm, Option<String>); 5],
@@ -697,13 +708,7 @@ impl<B: Backend> S3 for Gateway<B> {
         )?;
         // Values known before the body are stored with the object (the stream fails at its
         // end if they do not match, so nothing unverified is kept).
-        let known: BTreeMap<String, String> = expected
-            .iter()
-            .filter_map(|(a, e)| match e {
-                Expected::Header(v) => Some((a.name().to_owned(), v.clone())),
-                _ => None,
-            })
-            .collect();
+        let known = known_checksums(&expected);
         let opts = PutOptions {
             content_type: opt_nonempty(input.content_type),
             user_meta: user_meta(input.metadata)?,

@@ -6,18 +6,18 @@
 //! and returned, but not kept: CompleteMultipartUpload identifies parts by their ETags, and
 //! a whole-object checksum for the completed object is refused (`NotImplemented`).
 
-use super::body::{Algorithm, Expected, Upload as BodyUpload};
+use super::body::{Algorithm, Upload as BodyUpload};
 use super::errors::{invalid_argument, not_implemented, to_s3, with_status};
 use super::{
-    caller, check_conditions, content_length, content_md5, empty_body, encode, etag, expected_checksums, opt_nonempty,
-    stored_headers, sums, timestamp, unsupported_acl, unsupported_storage_class, url_encoding, user_meta, Gateway,
+    caller, check_conditions, content_length, content_md5, empty_body, encode, etag, expected_checksums, known_checksums,
+    opt_nonempty, stored_headers, sums, timestamp, unsupported_acl, unsupported_storage_class, url_encoding, user_meta,
+    Gateway,
 };
 use crate::backend::{Account, Backend, ByteStream, CompletedPart, ObjectInfo, PutOptions, UploadQuery, MAX_PART_NUMBER};
 use super::conditions::Conditions;
 use http::StatusCode;
 use s3s::dto;
 use s3s::{S3ErrorCode, S3Request, S3Response, S3Result};
-use std::collections::BTreeMap;
 
 /// Parts or uploads in one listing page, at most.
 pub const MAX_LIST_PARTS: usize = 1000;
@@ -145,13 +145,7 @@ impl<B: Backend> Gateway<B> {
             ],
             input.checksum_algorithm.as_ref(),
         )?;
-        let known: BTreeMap<String, String> = expected
-            .iter()
-            .filter_map(|(a, e)| match e {
-                Expected::Header(v) => Some((a.name().to_owned(), v.clone())),
-                _ => None,
-            })
-            .collect();
+        let known = known_checksums(&expected);
         let opts = PutOptions {
             content_md5: content_md5(input.content_md5.as_deref())?,
             length: content_length(input.content_length)?,
