@@ -164,6 +164,28 @@ where
     }
 }
 
+/// The S3 gateways of a test cluster (`http://` endpoints, by node) and the admin key
+/// `dev up` created, as S3 clients are given them.
+pub struct S3Access {
+    pub endpoints: Vec<String>,
+    pub access_key: String,
+    pub secret_key: String,
+    pub region: String,
+}
+
+impl TestCluster {
+    pub fn s3(&self) -> Result<S3Access> {
+        let admin = self.file.s3_admin.clone().context("cluster.json has no S3 admin key")?;
+        let endpoints = self
+            .file
+            .nodes
+            .iter()
+            .map(|n| n.s3_addr.map(|a| format!("http://{a}")).with_context(|| format!("{} has no S3 endpoint", n.name)))
+            .collect::<Result<_>>()?;
+        Ok(S3Access { endpoints, access_key: admin.access_key, secret_key: admin.secret_key, region: admin.region })
+    }
+}
+
 /// Is a command available? Tests that need it fail loudly when it is not: the test script
 /// installs it.
 pub fn require(tool: &str) -> Result<()> {

@@ -7,34 +7,12 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-struct S3Env {
-    endpoint: String,
-    endpoint2: String,
-    access_key: String,
-    secret_key: String,
-    region: String,
-}
-
-fn env_of(c: &TestCluster) -> Result<S3Env> {
-    let admin = c.file.s3_admin.clone().context("cluster.json has no S3 admin key")?;
-    let addr = |i: usize| -> Result<String> {
-        Ok(format!("http://{}", c.file.nodes.get(i).and_then(|n| n.s3_addr).context("node without an S3 endpoint")?))
-    };
-    Ok(S3Env {
-        endpoint: addr(0)?,
-        endpoint2: addr(1)?,
-        access_key: admin.access_key,
-        secret_key: admin.secret_key,
-        region: admin.region,
-    })
-}
-
 fn text(o: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
 /// The aws cli (`aws` on PATH: Debian's v2, or a v1 from pip) with our endpoint and keys.
-fn aws(e: &S3Env, endpoint: &str, key: (&str, &str), args: &[&str]) -> Result<Output> {
+fn aws(e: &S3Access, endpoint: &str, key: (&str, &str), args: &[&str]) -> Result<Output> {
     Command::new("aws")
         .args(["--endpoint-url", endpoint, "--region", &e.region])
         .args(args)
@@ -64,22 +42,22 @@ async fn aws_cli_boto3_s3cmd_and_rclone_work_against_the_gateway() -> Result<()>
         require(tool)?;
     }
     let c = TestCluster::start(3, Duration::from_secs(60)).await?;
-    let e = env_of(&c)?;
+    let e = c.s3()?;
     let k = (e.access_key.as_str(), e.secret_key.as_str());
     let work = c.dir().join("s3-work");
     std::fs::create_dir_all(&work)?;
 
     // aws s3: bucket, a 200 MiB file (multipart), listing, download through another node.
-    ok("mb", aws(&e, &e.endpoint, k, &["s3", "mb", "s3://alpha"])?)?;
+    ok("mb", aws(&e, &e.endpoints[0], k, &["s3", "mb", "s3://alpha"])?)?;
     let big = work.join("big.bin");
     random_file(&big, 200 << 20, 42)?;
-    ok("cp up", aws(&e, &e.endpoint, k, &["s3", "cp", path(&big)?, "s3://alpha/dir/big.bin"])?)?;
-    let ls = ok("ls", aws(&e, &e.endpoint, k, &["s3", "ls", "s3://alpha/dir/"])?)?;
+    ok("cp up", aws(&e, &e.endpoints[0], k, &["s3", "cp", path(&big)?, "s3://alpha/dir/big.bin"])?)?;
+    let ls = ok("ls", aws(&e, &e.endpoints[0], k, &["s3", "ls", "s3://alpha/dir/"])?)?;
     assert!(ls.contains("209715200 big.bin"), "{ls}");
     let back = work.join("back.bin");
-    ok("cp down", aws(&e, &e.endpoint2, k, &["s3", "cp", "s3://alpha/dir/big.bin", path(&back)?])?)?;
+    ok("cp down", aws(&e, &e.endpoints[1], k, &["s3", "cp", "s3://alpha/dir/big.bin", path(&back)?])?)?;
     assert_same_file(&big, &back)?;
-    let head = json(&ok("head", aws(&e, &e.endpoint, k, &["s3api", "head-object", "--bucket", "alpha", "--key", "dir/big.bin"])?)?)?;
+    let head = json(&ok("head", aws(&e, &e.endpoints[0], k, &["s3api", "head-object", "--bucket", "alpha", "--key", "dir/big.bin"])?)?)?;
     assert!(head["ETag"].as_str().is_some_and(|t| t.contains('-')), "a multipart ETag: {head}");
 
     // HTTPS: the same gateway with a certificate from the cluster CA; a client that does
@@ -104,58 +82,58 @@ async fn aws_cli_boto3_s3cmd_and_rclone_work_against_the_gateway() -> Result<()>
         "put-object",
         aws(
             &e,
-            &e.endpoint,
+            &e.endpoints[0],
             k,
             &["s3api", "put-object", "--bucket", "alpha", "--key", "notes/é x.txt", "--body", path(&small)?,
               "--content-type", "text/plain", "--metadata", "colour=blue"],
         )?,
     )?;
-    let head = json(&ok("head", aws(&e, &e.endpoint2, k, &["s3api", "head-object", "--bucket", "alpha", "--key", "notes/é x.txt"])?)?)?;
+    let head = json(&ok("head", aws(&e, &e.endpoints[1], k, &["s3api", "head-object", "--bucket", "alpha", "--key", "notes/é x.txt"])?)?)?;
     assert_eq!(head["ContentType"], "text/plain");
     assert_eq!(head["Metadata"]["colour"], "blue");
     let part = work.join("part");
     ok(
         "ranged get",
-        aws(&e, &e.endpoint, k, &["s3api", "get-object", "--bucket", "alpha", "--key", "notes/é x.txt", "--range", "bytes=6-9", path(&part)?])?,
+        aws(&e, &e.endpoints[0], k, &["s3api", "get-object", "--bucket", "alpha", "--key", "notes/é x.txt", "--range", "bytes=6-9", path(&part)?])?,
     )?;
     assert_eq!(std::fs::read(&part)?, b"from");
     for i in 0..30 {
         let key = format!("many/{}/{i:03}", i % 3);
-        ok("put", aws(&e, &e.endpoint, k, &["s3api", "put-object", "--bucket", "alpha", "--key", &key])?)?;
+        ok("put", aws(&e, &e.endpoints[0], k, &["s3api", "put-object", "--bucket", "alpha", "--key", &key])?)?;
     }
     let listed = json(&ok(
         "list-objects-v2",
-        aws(&e, &e.endpoint, k, &["s3api", "list-objects-v2", "--bucket", "alpha", "--prefix", "many/", "--page-size", "7"])?,
+        aws(&e, &e.endpoints[0], k, &["s3api", "list-objects-v2", "--bucket", "alpha", "--prefix", "many/", "--page-size", "7"])?,
     )?)?;
     assert_eq!(listed["Contents"].as_array().map(Vec::len), Some(30), "{listed}");
     let delimited = json(&ok(
         "list delimited",
-        aws(&e, &e.endpoint, k, &["s3api", "list-objects-v2", "--bucket", "alpha", "--prefix", "many/", "--delimiter", "/"])?,
+        aws(&e, &e.endpoints[0], k, &["s3api", "list-objects-v2", "--bucket", "alpha", "--prefix", "many/", "--delimiter", "/"])?,
     )?)?;
     assert_eq!(delimited["CommonPrefixes"].as_array().map(Vec::len), Some(3), "{delimited}");
 
     // Versioning with s3api: two versions, a delete marker on top, the old version readable.
-    ok("mb versioned", aws(&e, &e.endpoint, k, &["s3", "mb", "s3://vers"])?)?;
+    ok("mb versioned", aws(&e, &e.endpoints[0], k, &["s3", "mb", "s3://vers"])?)?;
     ok(
         "put-bucket-versioning",
-        aws(&e, &e.endpoint, k, &["s3api", "put-bucket-versioning", "--bucket", "vers", "--versioning-configuration", "Status=Enabled"])?,
+        aws(&e, &e.endpoints[0], k, &["s3api", "put-bucket-versioning", "--bucket", "vers", "--versioning-configuration", "Status=Enabled"])?,
     )?;
-    let state = json(&ok("get-bucket-versioning", aws(&e, &e.endpoint2, k, &["s3api", "get-bucket-versioning", "--bucket", "vers"])?)?)?;
+    let state = json(&ok("get-bucket-versioning", aws(&e, &e.endpoints[1], k, &["s3api", "get-bucket-versioning", "--bucket", "vers"])?)?)?;
     assert_eq!(state["Status"], "Enabled", "{state}");
-    let v1 = json(&ok("put v1", aws(&e, &e.endpoint, k, &["s3api", "put-object", "--bucket", "vers", "--key", "doc", "--body", path(&small)?])?)?)?;
+    let v1 = json(&ok("put v1", aws(&e, &e.endpoints[0], k, &["s3api", "put-object", "--bucket", "vers", "--key", "doc", "--body", path(&small)?])?)?)?;
     let v1 = v1["VersionId"].as_str().context("no version id for a PUT into a versioned bucket")?.to_owned();
-    ok("put v2", aws(&e, &e.endpoint, k, &["s3api", "put-object", "--bucket", "vers", "--key", "doc", "--body", path(&big)?])?)?;
-    let del = json(&ok("delete", aws(&e, &e.endpoint, k, &["s3api", "delete-object", "--bucket", "vers", "--key", "doc"])?)?)?;
+    ok("put v2", aws(&e, &e.endpoints[0], k, &["s3api", "put-object", "--bucket", "vers", "--key", "doc", "--body", path(&big)?])?)?;
+    let del = json(&ok("delete", aws(&e, &e.endpoints[0], k, &["s3api", "delete-object", "--bucket", "vers", "--key", "doc"])?)?)?;
     assert_eq!(del["DeleteMarker"], true, "{del}");
-    let gone = aws(&e, &e.endpoint, k, &["s3api", "head-object", "--bucket", "vers", "--key", "doc"])?;
+    let gone = aws(&e, &e.endpoints[0], k, &["s3api", "head-object", "--bucket", "vers", "--key", "doc"])?;
     assert!(!gone.status.success() && text(&gone).contains("404"), "{}", text(&gone));
-    let versions = json(&ok("list-object-versions", aws(&e, &e.endpoint2, k, &["s3api", "list-object-versions", "--bucket", "vers"])?)?)?;
+    let versions = json(&ok("list-object-versions", aws(&e, &e.endpoints[1], k, &["s3api", "list-object-versions", "--bucket", "vers"])?)?)?;
     assert_eq!(versions["Versions"].as_array().map(Vec::len), Some(2), "{versions}");
     assert_eq!(versions["DeleteMarkers"].as_array().map(Vec::len), Some(1), "{versions}");
     let old = work.join("old");
     ok(
         "get old version",
-        aws(&e, &e.endpoint2, k, &["s3api", "get-object", "--bucket", "vers", "--key", "doc", "--version-id", &v1, path(&old)?])?,
+        aws(&e, &e.endpoints[1], k, &["s3api", "get-object", "--bucket", "vers", "--key", "doc", "--version-id", &v1, path(&old)?])?,
     )?;
     assert_eq!(std::fs::read(&old)?, b"hello from basalt");
 
@@ -166,7 +144,7 @@ async fn aws_cli_boto3_s3cmd_and_rclone_work_against_the_gateway() -> Result<()>
     for (style, config) in [("SigV2", None), ("SigV4", Some(v4_config.as_path()))] {
         let presign = |expires: &str| -> Result<String> {
             let mut cmd = Command::new("aws");
-            cmd.args(["--endpoint-url", &e.endpoint, "--region", &e.region])
+            cmd.args(["--endpoint-url", &e.endpoints[0], "--region", &e.region])
                 .args(["s3", "presign", "s3://alpha/notes/é x.txt", "--expires-in", expires])
                 .env("AWS_ACCESS_KEY_ID", k.0)
                 .env("AWS_SECRET_ACCESS_KEY", k.1)
@@ -198,9 +176,9 @@ async fn aws_cli_boto3_s3cmd_and_rclone_work_against_the_gateway() -> Result<()>
     }
 
     // Wrong keys are refused with S3's codes.
-    let bad = aws(&e, &e.endpoint, (e.access_key.as_str(), "wrong-secret-wrong-secret-wrong-secret00"), &["s3api", "list-buckets"])?;
+    let bad = aws(&e, &e.endpoints[0], (e.access_key.as_str(), "wrong-secret-wrong-secret-wrong-secret00"), &["s3api", "list-buckets"])?;
     assert!(!bad.status.success() && text(&bad).contains("SignatureDoesNotMatch"), "{}", text(&bad));
-    let unknown = aws(&e, &e.endpoint, ("BKUNKNOWNKEY00000000", k.1), &["s3api", "list-buckets"])?;
+    let unknown = aws(&e, &e.endpoints[0], ("BKUNKNOWNKEY00000000", k.1), &["s3api", "list-buckets"])?;
     assert!(!unknown.status.success() && text(&unknown).contains("InvalidAccessKeyId"), "{}", text(&unknown));
 
     // boto3.
@@ -259,13 +237,13 @@ for sig in ("s3", "s3v4"):
 print("boto3 ok")
 "#;
     let py = Command::new("python3")
-        .args(["-c", script, &e.endpoint, &e.region, k.0, k.1])
+        .args(["-c", script, &e.endpoints[0], &e.region, k.0, k.1])
         .output()?;
     assert!(ok("boto3", py)?.contains("boto3 ok"));
 
     // s3cmd (path-style through host_bucket without a bucket template).
     let cfg = work.join("s3cmd.cfg");
-    let host = e.endpoint.trim_start_matches("http://");
+    let host = e.endpoints[0].trim_start_matches("http://");
     std::fs::write(
         &cfg,
         format!(
@@ -296,7 +274,7 @@ print("boto3 ok")
             .env("RCLONE_CONFIG_B_PROVIDER", "Other")
             .env("RCLONE_CONFIG_B_ACCESS_KEY_ID", k.0)
             .env("RCLONE_CONFIG_B_SECRET_ACCESS_KEY", k.1)
-            .env("RCLONE_CONFIG_B_ENDPOINT", &e.endpoint)
+            .env("RCLONE_CONFIG_B_ENDPOINT", &e.endpoints[0])
             .env("RCLONE_CONFIG_B_REGION", &e.region)
             .output()
     };

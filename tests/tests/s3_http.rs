@@ -197,36 +197,13 @@ def phase2():
 print("phase ok")
 "#;
 
-struct Endpoints {
-    endpoint: String,
-    endpoint2: String,
-    access_key: String,
-    secret_key: String,
-    region: String,
-}
-
-fn endpoints(c: &TestCluster) -> Result<Endpoints> {
-    let admin = c.file.s3_admin.clone().context("cluster.json has no S3 admin key")?;
-    let addr = |i: usize| -> Result<String> {
-        let a = c.file.nodes.get(i).and_then(|n| n.s3_addr).context("a node without an S3 endpoint")?;
-        Ok(format!("http://{a}"))
-    };
-    Ok(Endpoints {
-        endpoint: addr(0)?,
-        endpoint2: addr(1)?,
-        access_key: admin.access_key,
-        secret_key: admin.secret_key,
-        region: admin.region,
-    })
-}
-
-async fn run_phase(e: &Endpoints, phase: &str) -> Result<()> {
+async fn run_phase(e: &S3Access, phase: &str) -> Result<()> {
     let mut cmd = Command::new("python3");
     cmd.arg("-c")
         .arg(SCRIPT)
         .env("PHASE", phase)
-        .env("ENDPOINT", &e.endpoint)
-        .env("ENDPOINT2", &e.endpoint2)
+        .env("ENDPOINT", &e.endpoints[0])
+        .env("ENDPOINT2", &e.endpoints[1])
         .env("ACCESS_KEY", &e.access_key)
         .env("SECRET_KEY", &e.secret_key)
         .env("REGION", &e.region)
@@ -244,7 +221,7 @@ async fn run_phase(e: &Endpoints, phase: &str) -> Result<()> {
 async fn versioning_lifecycle_and_multipart_work_over_http_on_a_cluster() -> Result<()> {
     require("python3")?;
     let c = TestCluster::start(3, Duration::from_secs(60)).await?;
-    let e = endpoints(&c)?;
+    let e = c.s3()?;
     run_phase(&e, "1").await?;
 
     // A lifecycle pass as of a second from now, with millisecond "days", over the rules

@@ -7,24 +7,6 @@ use basalt_tests::*;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-struct Creds {
-    endpoints: Vec<String>,
-    access_key: String,
-    secret_key: String,
-    region: String,
-}
-
-fn creds(c: &TestCluster) -> Result<Creds> {
-    let admin = c.file.s3_admin.clone().context("cluster.json has no S3 admin key")?;
-    let endpoints = c
-        .file
-        .nodes
-        .iter()
-        .map(|n| n.s3_addr.map(|a| format!("http://{a}")).context("node without an S3 endpoint"))
-        .collect::<Result<_>>()?;
-    Ok(Creds { endpoints, access_key: admin.access_key, secret_key: admin.secret_key, region: admin.region })
-}
-
 /// A client that does what S3 clients do when a gateway goes away: retry, on the next
 /// gateway. It PUTs objects of known content (sizes from 1 KiB to 48 MiB, so most span
 /// several 4 MiB pieces), GETs an earlier acknowledged one after each PUT and checks it,
@@ -94,7 +76,7 @@ print(f"ok {len(acked)}")
 async fn a_node_killed_during_puts_and_gets_loses_no_acknowledged_object() -> Result<()> {
     require("python3")?;
     let mut c = TestCluster::start(3, Duration::from_secs(60)).await?;
-    let e = creds(&c)?;
+    let e = c.s3()?;
     let progress = c.dir().join("progress");
     let total = 80;
     let mut client = Command::new("python3")
@@ -165,7 +147,7 @@ async fn a_5_gib_object_streams_through_bounded_gateway_memory() -> Result<()> {
         require(tool)?;
     }
     let c = TestCluster::start(3, Duration::from_secs(60)).await?;
-    let e = creds(&c)?;
+    let e = c.s3()?;
     let pid = c.file.node("node1")?.pid.context("node1 is not running")?;
     // Start the peak over from here (clear_refs 5 resets VmHWM).
     std::fs::write(format!("/proc/{pid}/clear_refs"), "5")?;
