@@ -92,6 +92,10 @@ pub struct Bucket {
     pub created_ms: u64,
     /// The region (location constraint) it was created in.
     pub region: String,
+    /// Its bucket policy (JSON, checked when it was put), if it has one. Kept by the
+    /// backend beside the bucket's other settings, not in this encoding.
+    #[serde(skip)]
+    pub policy: Option<String>,
 }
 
 /// The stored description of an object (what HEAD returns).
@@ -200,6 +204,8 @@ pub trait Backend: Send + Sync + 'static {
     async fn delete_bucket(&self, name: &str) -> Result<()>;
     /// The buckets `owner` owns, by name.
     async fn list_buckets(&self, owner: &Account) -> Result<Vec<Bucket>>;
+    /// Replaces the bucket's policy (None removes it); the protocol layer has checked it.
+    async fn set_policy(&self, bucket: &str, policy: Option<String>) -> Result<()>;
 
     /// Stores `body` under `key`, replacing any object there (or, in a versioned bucket,
     /// adding a version), once all of it is durable.

@@ -157,8 +157,13 @@ impl Backend for MemBackend {
                 Error::BucketAlreadyExists(name.to_owned())
             });
         }
-        let info =
-            Bucket { name: name.to_owned(), owner: owner.id.clone(), created_ms: now_ms(), region: region.to_owned() };
+        let info = Bucket {
+            name: name.to_owned(),
+            owner: owner.id.clone(),
+            created_ms: now_ms(),
+            region: region.to_owned(),
+            policy: None,
+        };
         let bucket = MemBucket { info: info.clone(), objects: BTreeMap::new(), uploads: BTreeMap::new() };
         state.buckets.insert(name.to_owned(), bucket);
         Ok(info)
@@ -180,6 +185,13 @@ impl Backend for MemBackend {
 
     async fn list_buckets(&self, owner: &Account) -> Result<Vec<Bucket>> {
         Ok(self.state().buckets.values().filter(|b| b.info.owner == owner.id).map(|b| b.info.clone()).collect())
+    }
+
+    async fn set_policy(&self, bucket: &str, policy: Option<String>) -> Result<()> {
+        let mut state = self.state();
+        let b = state.buckets.get_mut(bucket).ok_or_else(|| Error::NoSuchBucket(bucket.to_owned()))?;
+        b.info.policy = policy;
+        Ok(())
     }
 
     async fn put_object(&self, bucket: &str, key: &str, opts: PutOptions, body: ByteStream) -> Result<ObjectInfo> {

@@ -111,6 +111,41 @@ pub struct BucketRecord {
     pub versioning: Versioning,
     pub quota: Quota,
     pub lifecycle: Vec<LifecycleRule>,
+    /// The bucket policy as the owner put it (JSON), checked when it was put.
+    pub policy: Option<String>,
+}
+
+/// A bucket entry written before bucket policies existed (decoded as having none).
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct BucketRecordV1 {
+    bucket: Bucket,
+    deleting: bool,
+    versioning: Versioning,
+    quota: Quota,
+    lifecycle: Vec<LifecycleRule>,
+}
+
+impl BucketRecord {
+    /// Decodes an `s3/B/` entry, of this layout or of the one before it.
+    fn decode(k: &[u8], v: &[u8]) -> Result<BucketRecord> {
+        dec::<BucketRecord>(k, v).or_else(|e| match dec::<BucketRecordV1>(k, v) {
+            Ok(old) => Ok(BucketRecord {
+                bucket: old.bucket,
+                deleting: old.deleting,
+                versioning: old.versioning,
+                quota: old.quota,
+                lifecycle: old.lifecycle,
+                policy: None,
+            }),
+            Err(_) => Err(e),
+        })
+    }
+
+    /// The bucket as the protocol layer sees it (its policy included).
+    fn to_bucket(&self) -> Bucket {
+        Bucket { policy: self.policy.clone(), ..self.bucket.clone() }
+    }
 }
 
 /// What one lifecycle pass did.
@@ -896,7 +931,7 @@ impl ObjectStore {
     async fn bucket_record(&self, name: &str) -> Result<(BucketRecord, u64)> {
         let k = key(P_BUCKET, name.as_bytes());
         match self.client.index_get(&k).await.map_err(storage)? {
-            Some(e) => Ok((dec(&k, &e.value)?, e.version)),
+            Some(e) => Ok((BucketRecord::decode(&k, &e.value)?, e.version)),
             None => Err(Error::NoSuchBucket(name.to_string())),
         }
     }
@@ -1029,7 +1064,7 @@ impl ObjectStore {
 
     /// Every bucket of every account (for administrators).
     pub async fn all_buckets(&self) -> Result<Vec<BucketRecord>> {
-        self.list_all(P_BUCKET).await?.iter().map(|(k, v)| dec(k, v)).collect()
+        self.list_all(P_BUCKET).await?.iter().map(|(k, v)| BucketRecord::decode(k, v)).collect()
     }
 
     pub async fn quota(&self, bucket: &str) -> Result<Quota> {
@@ -1789,15 +1824,21 @@ impl Backend for ObjectStore {
 
     async fn create_bucket(&self, owner: &Account, name: &str, region: &str) -> Result<Bucket> {
         let k = key(P_BUCKET, name.as_bytes());
-        let bucket = Bucket { name: name.to_string(), owner: owner.id.clone(), created_ms: now_ms(), region: region.to_string() };
-        let record =
-            BucketRecord {
-                bucket: bucket.clone(),
-                deleting: false,
-                versioning: Versioning::Unversioned,
-                quota: Quota::default(),
-                lifecycle: Vec::new(),
-            };
+        let bucket = Bucket {
+            name: name.to_string(),
+            owner: owner.id.clone(),
+            created_ms: now_ms(),
+            region: region.to_string(),
+            policy: None,
+        };
+        let record = BucketRecord {
+            bucket: bucket.clone(),
+            deleting: false,
+            versioning: Versioning::Unversioned,
+            quota: Quota::default(),
+            lifecycle: Vec::new(),
+            policy: None,
+        };
         let txn = IndexTxn { checks: vec![(k.clone(), 0)], puts: vec![(k, Some(enc(&record)?))], adds: Vec::new() };
         match self.client.index_txn(txn).await.map_err(storage)? {
             IndexOutcome::Committed { .. } => Ok(bucket),
@@ -1814,7 +1855,18 @@ impl Backend for ObjectStore {
 
     async fn bucket(&self, name: &str) -> Result<Bucket> {
         let (record, _) = self.bucket_record(name).await?;
-        Ok(record.bucket)
+        Ok(record.to_bucket())
+    }
+
+    async fn set_policy(&self, bucket: &str, policy: Option<String>) -> Result<()> {
+        self.update_bucket(bucket, |record| {
+            if record.deleting {
+                return Err(Error::NoSuchBucket(bucket.to_string()));
+            }
+            record.policy = policy.clone();
+            Ok(())
+        })
+        .await
     }
 
     async fn delete_bucket(&self, name: &str) -> Result<()> {
@@ -1862,9 +1914,9 @@ impl Backend for ObjectStore {
     async fn list_buckets(&self, owner: &Account) -> Result<Vec<Bucket>> {
         let mut out = Vec::new();
         for (k, v) in self.list_all(P_BUCKET).await? {
-            let r: BucketRecord = dec(&k, &v)?;
+            let r = BucketRecord::decode(&k, &v)?;
             if r.bucket.owner == owner.id && !r.deleting {
-                out.push(r.bucket);
+                out.push(r.to_bucket());
             }
         }
         Ok(out)
@@ -2057,6 +2109,33 @@ impl Backend for ObjectStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bucket_entries_written_before_policies_still_decode() {
+        let bucket = Bucket { name: "b".into(), owner: "o".into(), created_ms: 7, region: "r".into(), policy: None };
+        let rule = LifecycleRule { id: "r1".into(), enabled: true, expiration_days: Some(3), ..Default::default() };
+        let old = BucketRecordV1 {
+            bucket: bucket.clone(),
+            deleting: false,
+            versioning: Versioning::Suspended,
+            quota: Quota { max_bytes: Some(10), max_objects: None },
+            lifecycle: vec![rule.clone()],
+        };
+        let r = BucketRecord::decode(b"k", &enc(&old).expect("encodes")).expect("old layout decodes");
+        assert_eq!((r.bucket, r.versioning, r.lifecycle, r.policy), (bucket.clone(), Versioning::Suspended, vec![rule], None));
+        let new = BucketRecord {
+            bucket,
+            deleting: true,
+            versioning: Versioning::Enabled,
+            quota: Quota::default(),
+            lifecycle: Vec::new(),
+            policy: Some("{}".into()),
+        };
+        let r = BucketRecord::decode(b"k", &enc(&new).expect("encodes")).expect("new layout decodes");
+        assert!(r.deleting);
+        assert_eq!(r.to_bucket().policy.as_deref(), Some("{}"));
+        assert!(BucketRecord::decode(b"k", b"\xff\xff").is_err());
+    }
 
     #[test]
     fn extents_slice_by_object_range() {

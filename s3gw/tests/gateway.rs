@@ -611,7 +611,9 @@ async fn odd_keys_and_bad_input_get_s3_errors() {
     r.expect_error(400, "MetadataTooLarge");
     // Unsupported features are refused, not ignored.
     alice.request("GET", "/odd/plus+sign").query("versionId", "v1").send().await.expect_error(501, "NotImplemented");
-    alice.request("PUT", "/odd/x").header("x-amz-acl", "public-read").body("x").send().await.expect_error(501, "NotImplemented");
+    // ACLs are off, as on S3 buckets with "bucket owner enforced" ownership.
+    let r = alice.request("PUT", "/odd/x").header("x-amz-acl", "public-read").body("x").send().await;
+    r.expect_error(400, "AccessControlListNotSupported");
     // The server is still there.
     alice.request("GET", "/").send().await.expect_status(200);
     gw.stop().await;
@@ -1026,5 +1028,126 @@ async fn versioning_and_lifecycle_are_refused_by_a_backend_without_them() {
     r.expect_error(501, "NotImplemented");
     assert!(r.text().contains("transition"), "{}", r.text());
     assert_eq!(alice.get_object("plain", "k").await.body.as_ref(), b"data");
+    gw.stop().await;
+}
+
+/// A bucket is private until its owner puts a policy opening it; what the policy grants,
+/// and nothing more, is then allowed to others and to unsigned requests.
+#[tokio::test]
+async fn bucket_policies_open_buckets_on_purpose() {
+    let gw = Gateway::start().await;
+    let (alice, bob) = (gw.alice(), gw.bob());
+    let anon = |method: &str, path: &str| alice.request(method, path).auth(Auth::Anonymous);
+    alice.create_bucket("pub").await.expect_status(200);
+    alice.put_object("pub", "a/hello.txt", b"hello world").await.expect_status(200);
+    alice.put_object("pub", "keep/x", b"kept").await.expect_status(200);
+
+    // Private: anonymous and other accounts are refused, whatever they ask.
+    anon("GET", "/pub/a/hello.txt").send().await.expect_error(403, "AccessDenied");
+    anon("HEAD", "/pub/a/hello.txt").send().await.expect_status(403);
+    anon("GET", "/pub").send().await.expect_error(403, "AccessDenied");
+    anon("PUT", "/pub/new").body("x").send().await.expect_error(403, "AccessDenied");
+    bob.get_object("pub", "a/hello.txt").await.expect_error(403, "AccessDenied");
+    anon("GET", "/nothing-here/k").send().await.expect_error(404, "NoSuchBucket");
+    alice.request("GET", "/pub").query("policy", "").send().await.expect_error(404, "NoSuchBucketPolicy");
+
+    // Only the owner manages the policy; bad and unsupported policies are refused.
+    let public_read = r#"{"Version":"2012-10-17","Statement":[{"Sid":"PublicRead","Effect":"Allow","Principal":"*","Action":"s3:GetObject","Resource":"arn:aws:s3:::pub/*"}]}"#;
+    bob.request("PUT", "/pub").query("policy", "").body(public_read).send().await.expect_error(403, "AccessDenied");
+    anon("PUT", "/pub").query("policy", "").body(public_read).send().await.expect_error(403, "AccessDenied");
+    alice.request("PUT", "/pub").query("policy", "").body("{not json").send().await.expect_error(400, "MalformedPolicy");
+    let elsewhere = public_read.replace("pub/*", "other/*");
+    alice.request("PUT", "/pub").query("policy", "").body(elsewhere).send().await.expect_error(400, "MalformedPolicy");
+    let conditional = public_read.replace(r#""Resource""#, r#""Condition":{"IpAddress":{"aws:SourceIp":"10.0.0.0/8"}},"Resource""#);
+    alice.request("PUT", "/pub").query("policy", "").body(conditional).send().await.expect_error(501, "NotImplemented");
+    anon("GET", "/pub/a/hello.txt").send().await.expect_error(403, "AccessDenied");
+
+    alice.request("PUT", "/pub").query("policy", "").body(public_read).send().await.expect_status(204);
+    let got = alice.request("GET", "/pub").query("policy", "").send().await;
+    got.expect_status(200);
+    assert_eq!(got.text(), public_read);
+    bob.request("GET", "/pub").query("policy", "").send().await.expect_error(403, "AccessDenied");
+    let status = alice.request("GET", "/pub").query("policyStatus", "").send().await;
+    status.expect_status(200);
+    assert_eq!(xml_values(&status.text(), "IsPublic"), vec!["true".to_owned()]);
+
+    // Public read: objects to anyone, nothing else.
+    let r = anon("GET", "/pub/a/hello.txt").send().await;
+    r.expect_status(200);
+    assert_eq!(r.body.as_ref(), b"hello world");
+    anon("HEAD", "/pub/a/hello.txt").send().await.expect_status(200);
+    anon("GET", "/pub/a/missing").send().await.expect_error(404, "NoSuchKey");
+    let r = alice.request("GET", "/pub/a/hello.txt").auth(Auth::Anonymous).header("range", "bytes=0-4").send().await;
+    r.expect_status(206);
+    assert_eq!(r.body.as_ref(), b"hello");
+    let r = bob.get_object("pub", "a/hello.txt").await;
+    r.expect_status(200);
+    anon("GET", "/pub").send().await.expect_error(403, "AccessDenied");
+    anon("PUT", "/pub/a/hello.txt").body("defaced").send().await.expect_error(403, "AccessDenied");
+    anon("DELETE", "/pub/a/hello.txt").send().await.expect_error(403, "AccessDenied");
+    bob.put_object("pub", "mine", b"x").await.expect_error(403, "AccessDenied");
+    // Unsigned aws-chunked bodies are never taken as such.
+    let r = anon("PUT", "/pub/chunked").header("x-amz-content-sha256", "STREAMING-UNSIGNED-PAYLOAD-TRAILER").body("x").send().await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    // Copying out of a public bucket into one's own works; into it does not.
+    bob.create_bucket("bobs").await.expect_status(200);
+    let r = bob.request("PUT", "/bobs/copy").header("x-amz-copy-source", "/pub/a/hello.txt").send().await;
+    r.expect_status(200);
+    assert_eq!(bob.get_object("bobs", "copy").await.body.as_ref(), b"hello world");
+    let r = bob.request("PUT", "/pub/copy").header("x-amz-copy-source", "/bobs/copy").send().await;
+    r.expect_error(403, "AccessDenied");
+    // Other buckets stay private.
+    anon("GET", "/bobs/copy").send().await.expect_error(403, "AccessDenied");
+
+    // Grants to one account, and a Deny that binds the owner too.
+    let shared = r#"{"Statement":[
+        {"Effect":"Allow","Principal":{"AWS":"arn:aws:iam::id-bob:root"},"Action":["s3:ListBucket","s3:PutObject","s3:Get*"],"Resource":["arn:aws:s3:::pub","arn:aws:s3:::pub/*"]},
+        {"Effect":"Deny","Principal":"*","Action":"s3:DeleteObject","Resource":"arn:aws:s3:::pub/keep/*"}]}"#;
+    alice.request("PUT", "/pub").query("policy", "").body(shared).send().await.expect_status(204);
+    let status = alice.request("GET", "/pub").query("policyStatus", "").send().await;
+    assert_eq!(xml_values(&status.text(), "IsPublic"), vec!["false".to_owned()]);
+    anon("GET", "/pub/a/hello.txt").send().await.expect_error(403, "AccessDenied");
+    let list = bob.request("GET", "/pub").query("list-type", "2").send().await;
+    list.expect_status(200);
+    assert_eq!(xml_values(&list.text(), "Key"), vec!["a/hello.txt".to_owned(), "keep/x".to_owned()]);
+    bob.put_object("pub", "from-bob", b"bob was here").await.expect_status(200);
+    assert_eq!(alice.get_object("pub", "from-bob").await.body.as_ref(), b"bob was here");
+    bob.request("DELETE", "/pub/from-bob").send().await.expect_error(403, "AccessDenied");
+    alice.request("DELETE", "/pub/keep/x").send().await.expect_error(403, "AccessDenied");
+    // DeleteObjects answers each key on its own.
+    let body = "<Delete><Object><Key>keep/x</Key></Object><Object><Key>from-bob</Key></Object></Delete>";
+    let r = alice.request("POST", "/pub").query("delete", "").header("content-md5", &md5_b64(body.as_bytes())).body(body).send().await;
+    r.expect_status(200);
+    assert_eq!(xml_values(&r.text(), "Code"), vec!["AccessDenied".to_owned()]);
+    assert_eq!(xml_values(&r.text(), "Key"), vec!["from-bob".to_owned(), "keep/x".to_owned()]);
+    // Bucket settings stay the owner's.
+    bob.request("DELETE", "/pub").query("policy", "").send().await.expect_error(403, "AccessDenied");
+    bob.request("DELETE", "/pub").send().await.expect_error(403, "AccessDenied");
+
+    // The owner can always take the policy away, even one that denies it things.
+    alice.request("DELETE", "/pub").query("policy", "").send().await.expect_status(204);
+    alice.request("GET", "/pub").query("policy", "").send().await.expect_error(404, "NoSuchBucketPolicy");
+    bob.get_object("pub", "a/hello.txt").await.expect_error(403, "AccessDenied");
+    alice.request("DELETE", "/pub/keep/x").send().await.expect_status(204);
+
+    // ACLs show the owner's full control and grant nothing else.
+    let acl = alice.request("GET", "/pub").query("acl", "").send().await;
+    acl.expect_status(200);
+    assert_eq!(xml_values(&acl.text(), "Permission"), vec!["FULL_CONTROL".to_owned()]);
+    assert_eq!(xml_values(&acl.text(), "ID"), vec!["id-alice".to_owned(), "id-alice".to_owned()]);
+    let acl = alice.request("GET", "/pub/a/hello.txt").query("acl", "").send().await;
+    acl.expect_status(200);
+    assert_eq!(xml_values(&acl.text(), "Permission"), vec!["FULL_CONTROL".to_owned()]);
+    alice.request("GET", "/pub/missing").query("acl", "").send().await.expect_error(404, "NoSuchKey");
+    let r = alice.request("PUT", "/pub").query("acl", "").header("x-amz-acl", "public-read").send().await;
+    r.expect_error(400, "AccessControlListNotSupported");
+    alice.request("PUT", "/pub").query("acl", "").header("x-amz-acl", "private").send().await.expect_status(200);
+    let r = alice.request("PUT", "/pub/a/hello.txt").query("acl", "").header("x-amz-acl", "public-read").send().await;
+    r.expect_error(400, "AccessControlListNotSupported");
+    let r = alice.request("PUT", "/open").header("x-amz-acl", "public-read").send().await;
+    r.expect_error(400, "InvalidBucketAclWithObjectOwnership");
+    let own = alice.request("GET", "/pub").query("ownershipControls", "").send().await;
+    own.expect_status(200);
+    assert_eq!(xml_values(&own.text(), "ObjectOwnership"), vec!["BucketOwnerEnforced".to_owned()]);
     gw.stop().await;
 }

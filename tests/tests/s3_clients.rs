@@ -175,6 +175,47 @@ async fn aws_cli_boto3_s3cmd_and_rclone_work_against_the_gateway() -> Result<()>
         .with_context(|| format!("{style}: an expired presigned URL still works"))?;
     }
 
+    // A bucket is public only when its owner says so, with a bucket policy; every
+    // gateway then serves unsigned GETs of what it grants, and only that.
+    let site = work.join("index.html");
+    std::fs::write(&site, "<h1>public</h1>")?;
+    ok("mb site", aws(&e, &e.endpoints[0], k, &["s3", "mb", "s3://site"])?)?;
+    ok("cp site", aws(&e, &e.endpoints[0], k, &["s3", "cp", path(&site)?, "s3://site/www/index.html"])?)?;
+    let anon_status = |endpoint: &str, method: &str, key: &str| -> Result<String> {
+        let url = format!("{endpoint}/site/{key}");
+        let out = Command::new("curl").args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", method, &url]).output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    assert_eq!(anon_status(&e.endpoints[1], "GET", "www/index.html")?, "403");
+    let policy = r#"{"Version":"2012-10-17","Statement":[{"Sid":"PublicRead","Effect":"Allow","Principal":"*","Action":"s3:GetObject","Resource":"arn:aws:s3:::site/www/*"}]}"#;
+    ok("put-bucket-policy", aws(&e, &e.endpoints[0], k, &["s3api", "put-bucket-policy", "--bucket", "site", "--policy", policy])?)?;
+    let got = json(&ok("get-bucket-policy", aws(&e, &e.endpoints[2], k, &["s3api", "get-bucket-policy", "--bucket", "site"])?)?)?;
+    assert_eq!(got["Policy"].as_str(), Some(policy), "{got}");
+    let status = json(&ok("policy status", aws(&e, &e.endpoints[0], k, &["s3api", "get-bucket-policy-status", "--bucket", "site"])?)?)?;
+    assert_eq!(status["PolicyStatus"]["IsPublic"], serde_json::Value::Bool(true), "{status}");
+    for endpoint in &e.endpoints {
+        let body = Command::new("curl").args(["-sf", &format!("{endpoint}/site/www/index.html")]).output()?;
+        assert_eq!(ok("anonymous curl", body)?, "<h1>public</h1>", "{endpoint}");
+    }
+    let fetched = work.join("fetched.html");
+    ok("cp --no-sign-request", aws(&e, &e.endpoints[1], k, &["s3", "cp", "--no-sign-request", "s3://site/www/index.html", path(&fetched)?])?)?;
+    assert_same_file(&site, &fetched)?;
+    // Not granted: listing, writing, deleting, and keys outside www/.
+    ok("cp secret", aws(&e, &e.endpoints[0], k, &["s3", "cp", path(&site)?, "s3://site/secret.html"])?)?;
+    assert_eq!(anon_status(&e.endpoints[0], "GET", "secret.html")?, "403");
+    assert_eq!(anon_status(&e.endpoints[0], "GET", "")?, "403");
+    assert_eq!(anon_status(&e.endpoints[0], "PUT", "www/defaced.html")?, "403");
+    assert_eq!(anon_status(&e.endpoints[0], "DELETE", "www/index.html")?, "403");
+    let listing = aws(&e, &e.endpoints[0], k, &["s3", "ls", "--no-sign-request", "s3://site/"])?;
+    assert!(!listing.status.success() && text(&listing).contains("AccessDenied"), "{}", text(&listing));
+    // ACLs cannot open it (ACLs are off, as on new AWS buckets).
+    let acl = aws(&e, &e.endpoints[0], k, &["s3api", "put-object-acl", "--bucket", "site", "--key", "secret.html", "--acl", "public-read"])?;
+    assert!(!acl.status.success() && text(&acl).contains("AccessControlListNotSupported"), "{}", text(&acl));
+    ok("delete-bucket-policy", aws(&e, &e.endpoints[0], k, &["s3api", "delete-bucket-policy", "--bucket", "site"])?)?;
+    for endpoint in &e.endpoints {
+        assert_eq!(anon_status(endpoint, "GET", "www/index.html")?, "403", "{endpoint}");
+    }
+
     // Wrong keys are refused with S3's codes.
     let bad = aws(&e, &e.endpoints[0], (e.access_key.as_str(), "wrong-secret-wrong-secret-wrong-secret00"), &["s3api", "list-buckets"])?;
     assert!(!bad.status.success() && text(&bad).contains("SignatureDoesNotMatch"), "{}", text(&bad));

@@ -9,10 +9,10 @@ use s3s::{S3Error, S3ErrorCode, S3Result};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-/// The account whose key signed the request, put in the request's extensions by
-/// [`KeyAuth`]'s access check.
+/// The account whose key signed the request (None: the request was not signed), put in
+/// the request's extensions by [`KeyAuth`]'s access check.
 #[derive(Clone, Debug)]
-pub struct Caller(pub Account);
+pub struct Caller(pub Option<Account>);
 
 /// At most this many key→account pairs are remembered between the signature check and
 /// the access check of a request (and for later requests with the same key).
@@ -75,12 +75,20 @@ const STREAMING_OPERATIONS: [&str; 2] = ["PutObject", "UploadPart"];
 /// whole body of the other operations (DeleteObjects, CompleteMultipartUpload…) right
 /// after this check and answers a malformed aws-chunked one with 500 InternalError; S3
 /// takes chunked bodies only for object data, so this is refused as a bad request first.
+/// An unsigned request's body is never decoded as aws-chunked (that belongs to SigV4), so
+/// one announcing it is refused too rather than stored with its chunk framing.
 fn check_streaming_payload(cx: &S3AccessContext<'_>) -> S3Result<()> {
     let streaming = cx
         .headers()
         .get_all("x-amz-content-sha256")
         .iter()
         .any(|v| v.as_bytes().starts_with(b"STREAMING-"));
+    if streaming && cx.credentials().is_none() {
+        return Err(S3Error::with_message(
+            S3ErrorCode::InvalidRequest,
+            "An aws-chunked (STREAMING-*) payload must be signed.",
+        ));
+    }
     if streaming && !STREAMING_OPERATIONS.contains(&cx.s3_op().name()) {
         return Err(S3Error::with_message(
             S3ErrorCode::InvalidRequest,
@@ -92,13 +100,16 @@ fn check_streaming_payload(cx: &S3AccessContext<'_>) -> S3Result<()> {
 
 #[async_trait::async_trait]
 impl<B: Backend> S3Access for KeyAuth<B> {
-    /// Every request must be signed (public buckets do not exist yet); bucket ownership is
-    /// checked by each operation, which knows the bucket's owner.
+    /// Names the caller: the account of the signing key, or nobody for an unsigned request
+    /// (whose signature `s3s` did not have to check). What the caller may do is decided by
+    /// each operation, which knows the bucket, its owner and its policy: an unsigned
+    /// request gets only what a bucket policy grants to everyone.
     async fn check(&self, cx: &mut S3AccessContext<'_>) -> S3Result<()> {
-        let Some(credentials) = cx.credentials() else {
-            return Err(access_denied());
-        };
         check_streaming_payload(cx)?;
+        let Some(credentials) = cx.credentials() else {
+            cx.extensions_mut().insert(Caller(None));
+            return Ok(());
+        };
         let key = credentials.access_key.clone();
         let account = match self.remembered(&key) {
             Some(account) => account,
@@ -110,7 +121,7 @@ impl<B: Backend> S3Access for KeyAuth<B> {
                 None => return Err(access_denied()),
             },
         };
-        cx.extensions_mut().insert(Caller(account));
+        cx.extensions_mut().insert(Caller(Some(account)));
         Ok(())
     }
 }

@@ -4,7 +4,7 @@
 //! noncurrent versions — is refused (`NotImplemented`), never silently dropped.
 
 use super::errors::{invalid_argument, not_implemented, to_s3, with_status};
-use super::{caller, Gateway};
+use super::{requester, Gateway};
 use crate::backend::{Backend, LifecycleRule};
 use http::StatusCode;
 use s3s::dto;
@@ -155,9 +155,9 @@ impl<B: Backend> Gateway<B> {
         &self,
         req: S3Request<dto::PutBucketLifecycleConfigurationInput>,
     ) -> S3Result<S3Response<dto::PutBucketLifecycleConfigurationOutput>> {
-        let caller = caller(&req)?;
+        let caller = requester(&req);
         let input = req.input;
-        self.owned_bucket(&caller, &input.bucket, input.expected_bucket_owner.as_ref()).await?;
+        self.authorize(&caller, &input.bucket, input.expected_bucket_owner.as_ref(), "s3:PutLifecycleConfiguration", None).await?;
         let config = input.lifecycle_configuration.ok_or_else(|| malformed("A lifecycle configuration is required"))?;
         let rules = rules_of(config)?;
         self.backend.set_lifecycle(&input.bucket, rules).await.map_err(to_s3)?;
@@ -168,9 +168,9 @@ impl<B: Backend> Gateway<B> {
         &self,
         req: S3Request<dto::GetBucketLifecycleConfigurationInput>,
     ) -> S3Result<S3Response<dto::GetBucketLifecycleConfigurationOutput>> {
-        let caller = caller(&req)?;
+        let caller = requester(&req);
         let input = req.input;
-        self.owned_bucket(&caller, &input.bucket, input.expected_bucket_owner.as_ref()).await?;
+        self.authorize(&caller, &input.bucket, input.expected_bucket_owner.as_ref(), "s3:GetLifecycleConfiguration", None).await?;
         let rules = self.backend.lifecycle(&input.bucket).await.map_err(to_s3)?;
         if rules.is_empty() {
             return Err(with_status(
@@ -189,9 +189,9 @@ impl<B: Backend> Gateway<B> {
         &self,
         req: S3Request<dto::DeleteBucketLifecycleInput>,
     ) -> S3Result<S3Response<dto::DeleteBucketLifecycleOutput>> {
-        let caller = caller(&req)?;
+        let caller = requester(&req);
         let input = req.input;
-        self.owned_bucket(&caller, &input.bucket, input.expected_bucket_owner.as_ref()).await?;
+        self.authorize(&caller, &input.bucket, input.expected_bucket_owner.as_ref(), "s3:PutLifecycleConfiguration", None).await?;
         self.backend.set_lifecycle(&input.bucket, Vec::new()).await.map_err(to_s3)?;
         Ok(S3Response::new(dto::DeleteBucketLifecycleOutput::default()))
     }

@@ -12,9 +12,15 @@
 //! need a backend that keeps them (the object store does, `MemBackend` answers
 //! `NotImplemented`; see [`Backend`]).
 //!
+//! Every operation names the S3 action it is (`s3:GetObject`…) and asks `permits`
+//! whether the caller may do it: the bucket's owner may unless its bucket policy denies
+//! it, anyone else (an unsigned request too) only if the policy allows it ([`policy`],
+//! [`permissions`]). ACLs are off, as on S3 buckets with "bucket owner enforced"
+//! ownership: requests that would grant through them get `AccessControlListNotSupported`.
+//!
 //! What is refused with `NotImplemented` rather than ignored: `partNumber` reads,
 //! conditional writes and deletes (`If-Match`, `If-None-Match` on PUT and on completion),
-//! ACLs other than private, server side encryption, tagging, object lock, MFA delete,
+//! policy conditions, server side encryption, tagging, object lock, MFA delete,
 //! website redirects, whole-object checksums of multipart uploads (`x-amz-checksum-type:
 //! FULL_OBJECT`, checksums on completion; part checksums are verified) and
 //! `x-amz-mp-object-size`; in lifecycle rules, transitions, expiration dates, tag and size
@@ -29,6 +35,8 @@ pub mod host;
 pub mod lifecycle;
 pub mod multipart;
 pub mod names;
+pub mod permissions;
+pub mod policy;
 pub mod versions;
 
 use crate::backend::{
@@ -82,10 +90,29 @@ impl<B: Backend> Gateway<B> {
     }
 
     /// The bucket, if `caller` owns it (AccessDenied if someone else does, or if it is not
-    /// owned by the `x-amz-expected-bucket-owner` the client named).
-    async fn owned_bucket(&self, caller: &Account, name: &str, expected_owner: Option<&String>) -> S3Result<Bucket> {
+    /// owned by the `x-amz-expected-bucket-owner` the client named). For what only the
+    /// owner may do whatever the bucket policy says: manage that policy.
+    async fn owned_bucket(&self, caller: &Requester, name: &str, expected_owner: Option<&String>) -> S3Result<Bucket> {
         let bucket = self.backend.bucket(name).await.map_err(to_s3)?;
-        if bucket.owner != caller.id || expected_owner.is_some_and(|o| *o != bucket.owner) {
+        if !is_owner(&bucket, caller) || expected_owner.is_some_and(|o| *o != bucket.owner) {
+            return Err(access_denied());
+        }
+        Ok(bucket)
+    }
+
+    /// The bucket, if `caller` may do `action` (`s3:GetObject`…) on it (`key` None) or on
+    /// its object `key` (AccessDenied otherwise, and when the bucket is not owned by the
+    /// `x-amz-expected-bucket-owner` the client named). See [`permits`].
+    async fn authorize(
+        &self,
+        caller: &Requester,
+        name: &str,
+        expected_owner: Option<&String>,
+        action: &str,
+        key: Option<&str>,
+    ) -> S3Result<Bucket> {
+        let bucket = self.backend.bucket(name).await.map_err(to_s3)?;
+        if expected_owner.is_some_and(|o| *o != bucket.owner) || !permits(&bucket, caller, action, key) {
             return Err(access_denied());
         }
         Ok(bucket)
@@ -185,16 +212,17 @@ impl<B: Backend> Gateway<B> {
 
     async fn list(
         &self,
-        caller: &Account,
+        caller: &Requester,
         bucket: &str,
         expected_owner: Option<&String>,
         query: ListQuery,
-    ) -> S3Result<ListPage> {
-        self.owned_bucket(caller, bucket, expected_owner).await?;
+    ) -> S3Result<(Bucket, ListPage)> {
+        let b = self.authorize(caller, bucket, expected_owner, "s3:ListBucket", None).await?;
         if query.max_keys == 0 {
-            return Ok(ListPage::default());
+            return Ok((b, ListPage::default()));
         }
-        self.backend.list_objects(bucket, &query).await.map_err(to_s3)
+        let page = self.backend.list_objects(bucket, &query).await.map_err(to_s3)?;
+        Ok((b, page))
     }
 
     /// DeleteObject of one version, or of the key (a delete marker in a versioned bucket).
@@ -221,8 +249,60 @@ fn same_object(a: &ObjectInfo, b: &ObjectInfo) -> bool {
     a.etag == b.etag && a.size == b.size && a.last_modified_ms == b.last_modified_ms && a.version_id == b.version_id
 }
 
+/// Who sent a request: the account whose key signed it, or nobody (an unsigned request).
+pub type Requester = Option<Account>;
+
+fn requester<T>(req: &S3Request<T>) -> Requester {
+    req.extensions.get::<Caller>().and_then(|c| c.0.clone())
+}
+
+/// The account that signed the request, for what is never granted to anyone else: listing
+/// one's buckets, creating one.
 fn caller<T>(req: &S3Request<T>) -> S3Result<Account> {
-    req.extensions.get::<Caller>().map(|c| c.0.clone()).ok_or_else(access_denied)
+    requester(req).ok_or_else(access_denied)
+}
+
+/// Stands for an unsigned request where an account must be recorded (the initiator of a
+/// multipart upload in a bucket whose policy lets anyone write).
+fn anonymous() -> Account {
+    Account { id: "anonymous".into(), name: "anonymous".into() }
+}
+
+fn is_owner(bucket: &Bucket, caller: &Requester) -> bool {
+    caller.as_ref().is_some_and(|c| c.id == bucket.owner)
+}
+
+/// Whether `caller` may do `action` on `bucket` (`key` None) or on its object `key`: the
+/// bucket policy's explicit Deny refuses anyone, its Allow admits anyone it names, and
+/// where it says nothing only the owner may act. Buckets have no ACLs (S3's "bucket owner
+/// enforced"), so this is the whole rule.
+fn permits(bucket: &Bucket, caller: &Requester, action: &str, key: Option<&str>) -> bool {
+    let decision = match &bucket.policy {
+        None => policy::Decision::Silent,
+        Some(text) => match policy::Policy::parse(text, &bucket.name) {
+            Ok(p) => p.decide(caller.as_ref().map(|c| c.id.as_str()), action, &policy::resource(&bucket.name, key)),
+            Err(e) => {
+                // It was checked when it was put; if it no longer parses, only the owner
+                // acts, as if there were none (and it can be replaced or deleted).
+                tracing::warn!(bucket = %bucket.name, error = %e, "stored bucket policy does not parse; ignored");
+                policy::Decision::Silent
+            }
+        },
+    };
+    match decision {
+        policy::Decision::Allow => true,
+        policy::Decision::Deny => false,
+        policy::Decision::Silent => is_owner(bucket, caller),
+    }
+}
+
+/// The owner shown for objects of `bucket` (all its objects are its owner's): its name
+/// only to the owner itself.
+fn owner_of(bucket: &Bucket, caller: &Requester) -> dto::Owner {
+    dto::Owner {
+        id: Some(bucket.owner.clone()),
+        display_name: caller.as_ref().filter(|c| c.id == bucket.owner).map(|c| c.name.clone()),
+    }
 }
 
 fn timestamp(ms: u64) -> Timestamp {
@@ -350,12 +430,6 @@ fn content_length(len: Option<i64>) -> S3Result<Option<u64>> {
     Ok(Some(len))
 }
 
-fn unsupported_acl(acl: Option<&dto::ObjectCannedACL>) -> S3Result<()> {
-    match acl.map(dto::ObjectCannedACL::as_str) {
-        None | Some("private" | "bucket-owner-full-control") => Ok(()),
-        Some(other) => Err(not_implemented(format!("canned ACL {other:?} is not supported; objects are private"))),
-    }
-}
 
 fn unsupported_storage_class(class: Option<&dto::StorageClass>) -> S3Result<()> {
     match class.map(dto::StorageClass::as_str) {
@@ -526,7 +600,7 @@ fn max_keys(requested: Option<i32>) -> S3Result<usize> {
     }
 }
 
-fn listed_object(info: ObjectInfo, owner_of: Option<&Account>, url: bool) -> dto::Object {
+fn listed_object(info: ObjectInfo, owner: Option<&dto::Owner>, url: bool) -> dto::Object {
     let checksum_algorithm = (!info.checksums.is_empty())
         .then(|| info.checksums.keys().map(|k| dto::ChecksumAlgorithm::from(k.clone())).collect());
     dto::Object {
@@ -534,7 +608,7 @@ fn listed_object(info: ObjectInfo, owner_of: Option<&Account>, url: bool) -> dto
         last_modified: Some(timestamp(info.last_modified_ms)),
         size: Some(i64::try_from(info.size).unwrap_or(i64::MAX)),
         storage_class: Some(dto::ObjectStorageClass::from_static(dto::ObjectStorageClass::STANDARD)),
-        owner: owner_of.map(owner),
+        owner: owner.cloned(),
         checksum_algorithm,
         key: Some(encode(url, info.key)),
         ..Default::default()
@@ -615,17 +689,25 @@ impl<B: Backend> S3 for Gateway<B> {
         if input.object_lock_enabled_for_bucket == Some(true) {
             return Err(not_implemented("object lock is not supported"));
         }
-        match input.acl.as_ref().map(dto::BucketCannedACL::as_str) {
-            None | Some("private") => {}
-            Some(other) => return Err(not_implemented(format!("canned ACL {other:?} is not supported; buckets are private"))),
-        }
-        if input.grant_full_control.is_some()
+        // ACLs are off (S3's "bucket owner enforced", its default since 2023): a bucket is
+        // made public with a bucket policy, not an ACL.
+        let canned = input.acl.as_ref().map(dto::BucketCannedACL::as_str);
+        if !matches!(canned, None | Some("private"))
+            || input.grant_full_control.is_some()
             || input.grant_read.is_some()
             || input.grant_read_acp.is_some()
             || input.grant_write.is_some()
             || input.grant_write_acp.is_some()
         {
-            return Err(not_implemented("ACL grants are not supported; buckets are private"));
+            return Err(with_status(
+                S3ErrorCode::InvalidBucketAclWithObjectOwnership,
+                StatusCode::BAD_REQUEST,
+                "Bucket cannot have ACLs set with ObjectOwnership's BucketOwnerEnforced setting",
+            ));
+        }
+        match input.object_ownership.as_ref().map(dto::ObjectOwnership::as_str) {
+            None | Some("BucketOwnerEnforced") => {}
+            Some(other) => return Err(not_implemented(format!("object ownership {other:?} is not supported; buckets are BucketOwnerEnforced"))),
         }
         let constraint = input.create_bucket_configuration.and_then(|c| c.location_constraint);
         match constraint.as_ref().map(dto::BucketLocationConstraint::as_str) {
@@ -644,8 +726,8 @@ impl<B: Backend> S3 for Gateway<B> {
     }
 
     async fn head_bucket(&self, req: S3Request<dto::HeadBucketInput>) -> S3Result<S3Response<dto::HeadBucketOutput>> {
-        let caller = caller(&req)?;
-        let bucket = self.owned_bucket(&caller, &req.input.bucket, req.input.expected_bucket_owner.as_ref()).await?;
+        let caller = requester(&req);
+        let bucket = self.authorize(&caller, &req.input.bucket, req.input.expected_bucket_owner.as_ref(), "s3:ListBucket", None).await?;
         Ok(S3Response::new(dto::HeadBucketOutput { bucket_region: Some(bucket.region), ..Default::default() }))
     }
 
@@ -653,8 +735,8 @@ impl<B: Backend> S3 for Gateway<B> {
         &self,
         req: S3Request<dto::DeleteBucketInput>,
     ) -> S3Result<S3Response<dto::DeleteBucketOutput>> {
-        let caller = caller(&req)?;
-        self.owned_bucket(&caller, &req.input.bucket, req.input.expected_bucket_owner.as_ref()).await?;
+        let caller = requester(&req);
+        self.authorize(&caller, &req.input.bucket, req.input.expected_bucket_owner.as_ref(), "s3:DeleteBucket", None).await?;
         self.backend.delete_bucket(&req.input.bucket).await.map_err(to_s3)?;
         Ok(S3Response::new(dto::DeleteBucketOutput::default()))
     }
@@ -663,8 +745,8 @@ impl<B: Backend> S3 for Gateway<B> {
         &self,
         req: S3Request<dto::GetBucketLocationInput>,
     ) -> S3Result<S3Response<dto::GetBucketLocationOutput>> {
-        let caller = caller(&req)?;
-        let bucket = self.owned_bucket(&caller, &req.input.bucket, req.input.expected_bucket_owner.as_ref()).await?;
+        let caller = requester(&req);
+        let bucket = self.authorize(&caller, &req.input.bucket, req.input.expected_bucket_owner.as_ref(), "s3:GetBucketLocation", None).await?;
         // S3 shows the original region, us-east-1, as no constraint at all.
         let location_constraint =
             (bucket.region != "us-east-1").then(|| dto::BucketLocationConstraint::from(bucket.region));
@@ -672,10 +754,10 @@ impl<B: Backend> S3 for Gateway<B> {
     }
 
     async fn put_object(&self, req: S3Request<dto::PutObjectInput>) -> S3Result<S3Response<dto::PutObjectOutput>> {
-        let caller = caller(&req)?;
+        let caller = requester(&req);
         let trailers = req.trailing_headers.clone();
         let input = req.input;
-        self.owned_bucket(&caller, &input.bucket, input.expected_bucket_owner.as_ref()).await?;
+        self.authorize(&caller, &input.bucket, input.expected_bucket_owner.as_ref(), "s3:PutObject", Some(&input.key)).await?;
         validate_key(&input.key).map_err(to_s3)?;
         if input.if_match.is_some() || input.if_none_match.is_some() {
             return Err(not_implemented("conditional writes (If-Match, If-None-Match on PUT) are not supported"));
@@ -692,7 +774,7 @@ impl<B: Backend> S3 for Gateway<B> {
         if input.object_lock_mode.is_some() || input.object_lock_legal_hold_status.is_some() {
             return Err(not_implemented("object lock is not supported"));
         }
-        unsupported_acl(input.acl.as_ref())?;
+        permissions::object_canned_acl(input.acl.as_ref())?;
         unsupported_storage_class(input.storage_class.as_ref())?;
 
         let expected = expected_checksums(
@@ -746,9 +828,10 @@ impl<B: Backend> S3 for Gateway<B> {
     }
 
     async fn get_object(&self, req: S3Request<dto::GetObjectInput>) -> S3Result<S3Response<dto::GetObjectOutput>> {
-        let caller = caller(&req)?;
+        let caller = requester(&req);
         let input = req.input;
-        self.owned_bucket(&caller, &input.bucket, input.expected_bucket_owner.as_ref()).await?;
+        let read = if input.version_id.is_some() { "s3:GetObjectVersion" } else { "s3:GetObject" };
+        self.authorize(&caller, &input.bucket, input.expected_bucket_owner.as_ref(), read, Some(&input.key)).await?;
         if input.part_number.is_some() {
             return Err(not_implemented("partNumber reads are not supported"));
         }
@@ -774,9 +857,10 @@ impl<B: Backend> S3 for Gateway<B> {
     }
 
     async fn head_object(&self, req: S3Request<dto::HeadObjectInput>) -> S3Result<S3Response<dto::HeadObjectOutput>> {
-        let caller = caller(&req)?;
+        let caller = requester(&req);
         let input = req.input;
-        self.owned_bucket(&caller, &input.bucket, input.expected_bucket_owner.as_ref()).await?;
+        let read = if input.version_id.is_some() { "s3:GetObjectVersion" } else { "s3:GetObject" };
+        self.authorize(&caller, &input.bucket, input.expected_bucket_owner.as_ref(), read, Some(&input.key)).await?;
         if input.part_number.is_some() {
             return Err(not_implemented("partNumber reads are not supported"));
         }
@@ -810,9 +894,10 @@ impl<B: Backend> S3 for Gateway<B> {
         &self,
         req: S3Request<dto::DeleteObjectInput>,
     ) -> S3Result<S3Response<dto::DeleteObjectOutput>> {
-        let caller = caller(&req)?;
+        let caller = requester(&req);
         let input = req.input;
-        self.owned_bucket(&caller, &input.bucket, input.expected_bucket_owner.as_ref()).await?;
+        let action = if input.version_id.is_some() { "s3:DeleteObjectVersion" } else { "s3:DeleteObject" };
+        self.authorize(&caller, &input.bucket, input.expected_bucket_owner.as_ref(), action, Some(&input.key)).await?;
         if input.if_match.is_some() || input.if_match_last_modified_time.is_some() || input.if_match_size.is_some() {
             return Err(not_implemented("conditional deletes are not supported"));
         }
@@ -833,9 +918,12 @@ impl<B: Backend> S3 for Gateway<B> {
         req: S3Request<dto::DeleteObjectsInput>,
     ) -> S3Result<S3Response<dto::DeleteObjectsOutput>> {
         use futures::StreamExt;
-        let caller = caller(&req)?;
+        let caller = requester(&req);
         let input = req.input;
-        self.owned_bucket(&caller, &input.bucket, input.expected_bucket_owner.as_ref()).await?;
+        let b = self.backend.bucket(&input.bucket).await.map_err(to_s3)?;
+        if input.expected_bucket_owner.as_ref().is_some_and(|o| *o != b.owner) {
+            return Err(access_denied());
+        }
         let objects = input.delete.objects;
         if objects.is_empty() || objects.len() > MAX_DELETE_OBJECTS {
             return Err(with_status(
@@ -846,6 +934,7 @@ impl<B: Backend> S3 for Gateway<B> {
         }
         let quiet = input.delete.quiet.unwrap_or(false);
         let bucket = input.bucket.as_str();
+        let (b, caller) = (&b, &caller);
         if objects.iter().any(|o| o.e_tag.is_some() || o.last_modified_time.is_some() || o.size.is_some()) {
             return Err(not_implemented("conditional deletes are not supported"));
         }
@@ -853,6 +942,11 @@ impl<B: Backend> S3 for Gateway<B> {
             .map(|object| async move {
                 let result = async {
                     validate_key(&object.key).map_err(to_s3)?;
+                    // Each key is allowed or not on its own, as S3 does.
+                    let action = if object.version_id.is_some() { "s3:DeleteObjectVersion" } else { "s3:DeleteObject" };
+                    if !permits(b, caller, action, Some(&object.key)) {
+                        return Err(access_denied());
+                    }
                     self.delete(bucket, &object.key, object.version_id.as_deref()).await.map_err(to_s3)
                 }
                 .await;
@@ -898,19 +992,20 @@ impl<B: Backend> S3 for Gateway<B> {
     }
 
     async fn copy_object(&self, req: S3Request<dto::CopyObjectInput>) -> S3Result<S3Response<dto::CopyObjectOutput>> {
-        let caller = caller(&req)?;
+        let caller = requester(&req);
         let input = req.input;
         let dto::CopySource::Bucket { bucket: src_bucket, key: src_key, version_id } = &input.copy_source else {
             return Err(not_implemented("copy sources other than bucket/key are not supported"));
         };
-        self.owned_bucket(&caller, &input.bucket, input.expected_bucket_owner.as_ref()).await?;
-        self.owned_bucket(&caller, src_bucket, input.expected_source_bucket_owner.as_ref()).await?;
+        self.authorize(&caller, &input.bucket, input.expected_bucket_owner.as_ref(), "s3:PutObject", Some(&input.key)).await?;
+        let read = if version_id.is_some() { "s3:GetObjectVersion" } else { "s3:GetObject" };
+        self.authorize(&caller, src_bucket, input.expected_source_bucket_owner.as_ref(), read, Some(src_key)).await?;
         validate_key(&input.key).map_err(to_s3)?;
         validate_key(src_key).map_err(to_s3)?;
         if input.server_side_encryption.is_some() || input.tagging.is_some() || input.website_redirect_location.is_some() {
             return Err(not_implemented("encryption, tagging and website redirects are not supported"));
         }
-        unsupported_acl(input.acl.as_ref())?;
+        permissions::object_canned_acl(input.acl.as_ref())?;
         unsupported_storage_class(input.storage_class.as_ref())?;
         let replace = match input.metadata_directive.as_ref().map(dto::MetadataDirective::as_str) {
             None | Some("COPY") => false,
@@ -1013,7 +1108,7 @@ impl<B: Backend> S3 for Gateway<B> {
     }
 
     async fn list_objects(&self, req: S3Request<dto::ListObjectsInput>) -> S3Result<S3Response<dto::ListObjectsOutput>> {
-        let caller = caller(&req)?;
+        let caller = requester(&req);
         let input = req.input;
         let url = url_encoding(input.encoding_type.as_ref())?;
         let max = max_keys(input.max_keys)?;
@@ -1021,7 +1116,8 @@ impl<B: Backend> S3 for Gateway<B> {
         let delimiter = opt_nonempty(input.delimiter);
         let marker = opt_nonempty(input.marker);
         let query = ListQuery { prefix: prefix.clone(), delimiter: delimiter.clone(), start_after: marker.clone(), max_keys: max };
-        let page = self.list(&caller, &input.bucket, input.expected_bucket_owner.as_ref(), query).await?;
+        let (bucket, page) = self.list(&caller, &input.bucket, input.expected_bucket_owner.as_ref(), query).await?;
+        let owner = owner_of(&bucket, &caller);
         // S3 gives NextMarker only with a delimiter; without one, clients continue after the
         // last key.
         let next_marker = if page.truncated && delimiter.is_some() { page.next_after.clone() } else { None };
@@ -1031,7 +1127,7 @@ impl<B: Backend> S3 for Gateway<B> {
             marker: Some(encode(url, marker.unwrap_or_default())),
             max_keys: Some(i32::try_from(max).unwrap_or(i32::MAX)),
             is_truncated: Some(page.truncated),
-            contents: Some(page.objects.into_iter().map(|o| listed_object(o, Some(&caller), url)).collect()),
+            contents: Some(page.objects.into_iter().map(|o| listed_object(o, Some(&owner), url)).collect()),
             common_prefixes: Some(
                 page.common_prefixes.into_iter().map(|p| dto::CommonPrefix { prefix: Some(encode(url, p)) }).collect(),
             ),
@@ -1046,7 +1142,7 @@ impl<B: Backend> S3 for Gateway<B> {
         &self,
         req: S3Request<dto::ListObjectsV2Input>,
     ) -> S3Result<S3Response<dto::ListObjectsV2Output>> {
-        let caller = caller(&req)?;
+        let caller = requester(&req);
         let input = req.input;
         let url = url_encoding(input.encoding_type.as_ref())?;
         let max = max_keys(input.max_keys)?;
@@ -1060,7 +1156,8 @@ impl<B: Backend> S3 for Gateway<B> {
             None => start_after.clone(),
         };
         let query = ListQuery { prefix: prefix.clone(), delimiter: delimiter.clone(), start_after: after, max_keys: max };
-        let page = self.list(&caller, &input.bucket, input.expected_bucket_owner.as_ref(), query).await?;
+        let (bucket, page) = self.list(&caller, &input.bucket, input.expected_bucket_owner.as_ref(), query).await?;
+        let owner = owner_of(&bucket, &caller);
         let fetch_owner = input.fetch_owner.unwrap_or(false);
         let key_count = page.objects.len() + page.common_prefixes.len();
         let next = if page.truncated { page.next_after.as_deref().map(continuation_token) } else { None };
@@ -1073,7 +1170,7 @@ impl<B: Backend> S3 for Gateway<B> {
             is_truncated: Some(page.truncated),
             next_continuation_token: next,
             contents: Some(
-                page.objects.into_iter().map(|o| listed_object(o, fetch_owner.then_some(&caller), url)).collect(),
+                page.objects.into_iter().map(|o| listed_object(o, fetch_owner.then_some(&owner), url)).collect(),
             ),
             common_prefixes: Some(
                 page.common_prefixes.into_iter().map(|p| dto::CommonPrefix { prefix: Some(encode(url, p)) }).collect(),
@@ -1126,6 +1223,57 @@ impl<B: Backend> S3 for Gateway<B> {
         req: S3Request<dto::ListMultipartUploadsInput>,
     ) -> S3Result<S3Response<dto::ListMultipartUploadsOutput>> {
         self.list_uploads(req).await
+    }
+
+    async fn put_bucket_policy(
+        &self,
+        req: S3Request<dto::PutBucketPolicyInput>,
+    ) -> S3Result<S3Response<dto::PutBucketPolicyOutput>> {
+        self.put_policy(req).await
+    }
+
+    async fn get_bucket_policy(
+        &self,
+        req: S3Request<dto::GetBucketPolicyInput>,
+    ) -> S3Result<S3Response<dto::GetBucketPolicyOutput>> {
+        self.get_policy(req).await
+    }
+
+    async fn delete_bucket_policy(
+        &self,
+        req: S3Request<dto::DeleteBucketPolicyInput>,
+    ) -> S3Result<S3Response<dto::DeleteBucketPolicyOutput>> {
+        self.delete_policy(req).await
+    }
+
+    async fn get_bucket_policy_status(
+        &self,
+        req: S3Request<dto::GetBucketPolicyStatusInput>,
+    ) -> S3Result<S3Response<dto::GetBucketPolicyStatusOutput>> {
+        self.policy_status(req).await
+    }
+
+    async fn get_bucket_ownership_controls(
+        &self,
+        req: S3Request<dto::GetBucketOwnershipControlsInput>,
+    ) -> S3Result<S3Response<dto::GetBucketOwnershipControlsOutput>> {
+        self.ownership_controls(req).await
+    }
+
+    async fn get_bucket_acl(&self, req: S3Request<dto::GetBucketAclInput>) -> S3Result<S3Response<dto::GetBucketAclOutput>> {
+        self.bucket_acl(req).await
+    }
+
+    async fn put_bucket_acl(&self, req: S3Request<dto::PutBucketAclInput>) -> S3Result<S3Response<dto::PutBucketAclOutput>> {
+        self.set_bucket_acl(req).await
+    }
+
+    async fn get_object_acl(&self, req: S3Request<dto::GetObjectAclInput>) -> S3Result<S3Response<dto::GetObjectAclOutput>> {
+        self.object_acl(req).await
+    }
+
+    async fn put_object_acl(&self, req: S3Request<dto::PutObjectAclInput>) -> S3Result<S3Response<dto::PutObjectAclOutput>> {
+        self.set_object_acl(req).await
     }
 
     async fn put_bucket_versioning(

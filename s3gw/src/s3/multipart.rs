@@ -9,11 +9,11 @@
 use super::body::{Algorithm, Upload as BodyUpload};
 use super::errors::{invalid_argument, not_implemented, to_s3, with_status};
 use super::{
-    caller, check_conditions, content_length, content_md5, empty_body, encode, etag, expected_checksums, known_checksums,
-    opt_nonempty, stored_headers, sums, timestamp, unsupported_acl, unsupported_storage_class, url_encoding, user_meta,
+    anonymous, check_conditions, content_length, content_md5, empty_body, encode, etag, expected_checksums, known_checksums,
+    opt_nonempty, requester, stored_headers, sums, timestamp, unsupported_storage_class, url_encoding, user_meta, Requester,
     Gateway,
 };
-use crate::backend::{Account, Backend, ByteStream, CompletedPart, ObjectInfo, PutOptions, UploadQuery, MAX_PART_NUMBER};
+use crate::backend::{Backend, ByteStream, CompletedPart, ObjectInfo, PutOptions, UploadQuery, MAX_PART_NUMBER};
 use super::conditions::Conditions;
 use http::StatusCode;
 use s3s::dto;
@@ -48,9 +48,9 @@ fn malformed_xml() -> s3s::S3Error {
     )
 }
 
-fn initiator(id: &str, caller: &Account) -> dto::Initiator {
-    // Buckets are private: whoever started an upload in one is its owner.
-    let display_name = (id == caller.id).then(|| caller.name.clone());
+fn initiator(id: &str, caller: &Requester) -> dto::Initiator {
+    // Names are shown only to their own account.
+    let display_name = caller.as_ref().filter(|c| c.id == id).map(|c| c.name.clone());
     dto::Initiator { id: Some(id.to_owned()), display_name }
 }
 
@@ -73,9 +73,9 @@ impl<B: Backend> Gateway<B> {
         &self,
         req: S3Request<dto::CreateMultipartUploadInput>,
     ) -> S3Result<S3Response<dto::CreateMultipartUploadOutput>> {
-        let caller = caller(&req)?;
+        let caller = requester(&req);
         let input = req.input;
-        self.owned_bucket(&caller, &input.bucket, input.expected_bucket_owner.as_ref()).await?;
+        self.authorize(&caller, &input.bucket, input.expected_bucket_owner.as_ref(), "s3:PutObject", Some(&input.key)).await?;
         crate::s3::validate_key(&input.key).map_err(to_s3)?;
         if input.server_side_encryption.is_some() || input.sse_customer_algorithm.is_some() || input.ssekms_key_id.is_some() {
             return Err(not_implemented("server-side encryption is not supported"));
@@ -99,7 +99,7 @@ impl<B: Backend> Gateway<B> {
             Algorithm::from_name(a.as_str())
                 .ok_or_else(|| invalid_argument(format!("unsupported checksum algorithm {:?}", a.as_str())))?;
         }
-        unsupported_acl(input.acl.as_ref())?;
+        super::permissions::object_canned_acl(input.acl.as_ref())?;
         unsupported_storage_class(input.storage_class.as_ref())?;
         let opts = PutOptions {
             content_type: opt_nonempty(input.content_type),
@@ -113,7 +113,7 @@ impl<B: Backend> Gateway<B> {
             ),
             ..Default::default()
         };
-        let upload = self.backend.create_upload(&caller, &input.bucket, &input.key, opts).await.map_err(to_s3)?;
+        let upload = self.backend.create_upload(&caller.clone().unwrap_or_else(anonymous), &input.bucket, &input.key, opts).await.map_err(to_s3)?;
         Ok(S3Response::new(dto::CreateMultipartUploadOutput {
             bucket: Some(input.bucket),
             key: Some(input.key),
@@ -126,10 +126,10 @@ impl<B: Backend> Gateway<B> {
         &self,
         req: S3Request<dto::UploadPartInput>,
     ) -> S3Result<S3Response<dto::UploadPartOutput>> {
-        let caller = caller(&req)?;
+        let caller = requester(&req);
         let trailers = req.trailing_headers.clone();
         let input = req.input;
-        self.owned_bucket(&caller, &input.bucket, input.expected_bucket_owner.as_ref()).await?;
+        self.authorize(&caller, &input.bucket, input.expected_bucket_owner.as_ref(), "s3:PutObject", Some(&input.key)).await?;
         let number = part_number(input.part_number)?;
         if input.sse_customer_algorithm.is_some() {
             return Err(not_implemented("server-side encryption is not supported"));
@@ -211,13 +211,14 @@ impl<B: Backend> Gateway<B> {
         &self,
         req: S3Request<dto::UploadPartCopyInput>,
     ) -> S3Result<S3Response<dto::UploadPartCopyOutput>> {
-        let caller = caller(&req)?;
+        let caller = requester(&req);
         let input = req.input;
         let dto::CopySource::Bucket { bucket: src_bucket, key: src_key, version_id } = &input.copy_source else {
             return Err(not_implemented("copy sources other than bucket/key are not supported"));
         };
-        self.owned_bucket(&caller, &input.bucket, input.expected_bucket_owner.as_ref()).await?;
-        self.owned_bucket(&caller, src_bucket, input.expected_source_bucket_owner.as_ref()).await?;
+        self.authorize(&caller, &input.bucket, input.expected_bucket_owner.as_ref(), "s3:PutObject", Some(&input.key)).await?;
+        let read = if version_id.is_some() { "s3:GetObjectVersion" } else { "s3:GetObject" };
+        self.authorize(&caller, src_bucket, input.expected_source_bucket_owner.as_ref(), read, Some(src_key)).await?;
         let number = part_number(input.part_number)?;
         crate::s3::validate_key(src_key).map_err(to_s3)?;
         if input.sse_customer_algorithm.is_some() || input.copy_source_sse_customer_algorithm.is_some() {
@@ -263,10 +264,10 @@ impl<B: Backend> Gateway<B> {
         &self,
         req: S3Request<dto::CompleteMultipartUploadInput>,
     ) -> S3Result<S3Response<dto::CompleteMultipartUploadOutput>> {
-        let caller = caller(&req)?;
+        let caller = requester(&req);
         let host = req.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned);
         let input = req.input;
-        self.owned_bucket(&caller, &input.bucket, input.expected_bucket_owner.as_ref()).await?;
+        self.authorize(&caller, &input.bucket, input.expected_bucket_owner.as_ref(), "s3:PutObject", Some(&input.key)).await?;
         if input.if_match.is_some() || input.if_none_match.is_some() {
             return Err(not_implemented("conditional writes (If-Match, If-None-Match) are not supported"));
         }
@@ -315,9 +316,9 @@ impl<B: Backend> Gateway<B> {
         &self,
         req: S3Request<dto::AbortMultipartUploadInput>,
     ) -> S3Result<S3Response<dto::AbortMultipartUploadOutput>> {
-        let caller = caller(&req)?;
+        let caller = requester(&req);
         let input = req.input;
-        self.owned_bucket(&caller, &input.bucket, input.expected_bucket_owner.as_ref()).await?;
+        self.authorize(&caller, &input.bucket, input.expected_bucket_owner.as_ref(), "s3:AbortMultipartUpload", Some(&input.key)).await?;
         if let Some(t) = &input.if_match_initiated_time {
             let (upload, _, _) =
                 self.backend.list_parts(&input.bucket, &input.key, &input.upload_id, 0, 1).await.map_err(to_s3)?;
@@ -338,9 +339,9 @@ impl<B: Backend> Gateway<B> {
         &self,
         req: S3Request<dto::ListPartsInput>,
     ) -> S3Result<S3Response<dto::ListPartsOutput>> {
-        let caller = caller(&req)?;
+        let caller = requester(&req);
         let input = req.input;
-        self.owned_bucket(&caller, &input.bucket, input.expected_bucket_owner.as_ref()).await?;
+        self.authorize(&caller, &input.bucket, input.expected_bucket_owner.as_ref(), "s3:ListMultipartUploadParts", Some(&input.key)).await?;
         let max = max_entries(input.max_parts, "max-parts")?;
         let after = match input.part_number_marker {
             None => 0,
@@ -386,9 +387,9 @@ impl<B: Backend> Gateway<B> {
         &self,
         req: S3Request<dto::ListMultipartUploadsInput>,
     ) -> S3Result<S3Response<dto::ListMultipartUploadsOutput>> {
-        let caller = caller(&req)?;
+        let caller = requester(&req);
         let input = req.input;
-        self.owned_bucket(&caller, &input.bucket, input.expected_bucket_owner.as_ref()).await?;
+        self.authorize(&caller, &input.bucket, input.expected_bucket_owner.as_ref(), "s3:ListBucketMultipartUploads", None).await?;
         let url = url_encoding(input.encoding_type.as_ref())?;
         let max = max_entries(input.max_uploads, "max-uploads")?;
         let prefix = input.prefix.clone().unwrap_or_default();

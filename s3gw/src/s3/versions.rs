@@ -4,7 +4,7 @@
 //! the unversioned forms of those operations.
 
 use super::errors::{invalid_argument, not_implemented, to_s3, with_status};
-use super::{caller, encode, etag, max_keys, opt_nonempty, owner, timestamp, url_encoding, Gateway};
+use super::{encode, etag, max_keys, opt_nonempty, owner_of, requester, timestamp, url_encoding, Gateway};
 use crate::backend::{Backend, ListQuery, Versioning};
 use http::StatusCode;
 use s3s::dto;
@@ -15,9 +15,9 @@ impl<B: Backend> Gateway<B> {
         &self,
         req: S3Request<dto::PutBucketVersioningInput>,
     ) -> S3Result<S3Response<dto::PutBucketVersioningOutput>> {
-        let caller = caller(&req)?;
+        let caller = requester(&req);
         let input = req.input;
-        self.owned_bucket(&caller, &input.bucket, input.expected_bucket_owner.as_ref()).await?;
+        self.authorize(&caller, &input.bucket, input.expected_bucket_owner.as_ref(), "s3:PutBucketVersioning", None).await?;
         let config = input.versioning_configuration;
         if config.mfa_delete.as_ref().is_some_and(|m| m.as_str() == dto::MFADelete::ENABLED) || input.mfa.is_some() {
             return Err(not_implemented("MFA delete is not supported"));
@@ -41,9 +41,9 @@ impl<B: Backend> Gateway<B> {
         &self,
         req: S3Request<dto::GetBucketVersioningInput>,
     ) -> S3Result<S3Response<dto::GetBucketVersioningOutput>> {
-        let caller = caller(&req)?;
+        let caller = requester(&req);
         let input = req.input;
-        self.owned_bucket(&caller, &input.bucket, input.expected_bucket_owner.as_ref()).await?;
+        self.authorize(&caller, &input.bucket, input.expected_bucket_owner.as_ref(), "s3:GetBucketVersioning", None).await?;
         let status = match self.backend.versioning(&input.bucket).await.map_err(to_s3)? {
             // A bucket that never had versioning shows no status at all.
             Versioning::Unversioned => None,
@@ -59,9 +59,9 @@ impl<B: Backend> Gateway<B> {
         &self,
         req: S3Request<dto::ListObjectVersionsInput>,
     ) -> S3Result<S3Response<dto::ListObjectVersionsOutput>> {
-        let caller = caller(&req)?;
+        let caller = requester(&req);
         let input = req.input;
-        self.owned_bucket(&caller, &input.bucket, input.expected_bucket_owner.as_ref()).await?;
+        let bucket = self.authorize(&caller, &input.bucket, input.expected_bucket_owner.as_ref(), "s3:ListBucketVersions", None).await?;
         let url = url_encoding(input.encoding_type.as_ref())?;
         let max = max_keys(input.max_keys)?;
         let prefix = input.prefix.unwrap_or_default();
@@ -90,7 +90,7 @@ impl<B: Backend> Gateway<B> {
                     version_id: Some(v.version_id),
                     is_latest: Some(v.is_latest),
                     last_modified: Some(timestamp(v.info.last_modified_ms)),
-                    owner: Some(owner(&caller)),
+                    owner: Some(owner_of(&bucket, &caller)),
                 });
             } else {
                 let checksum_algorithm = (!v.info.checksums.is_empty())
@@ -105,7 +105,7 @@ impl<B: Backend> Gateway<B> {
                     storage_class: Some(dto::ObjectVersionStorageClass::from_static(
                         dto::ObjectVersionStorageClass::STANDARD,
                     )),
-                    owner: Some(owner(&caller)),
+                    owner: Some(owner_of(&bucket, &caller)),
                     checksum_algorithm,
                     ..Default::default()
                 });
