@@ -697,7 +697,7 @@ impl ObjectStore {
         let used: std::collections::HashSet<u32> = list.iter().map(|p| p.number).collect();
         let uk = upload_key(bucket, name, id);
         let write_id = rec.write_id;
-        let info = match self.commit_version(bucket, name, rec, None, (vec![(uk.clone(), uversion)], vec![(uk, None)])).await? {
+        let info = match self.commit_version(bucket, name, rec, None, (vec![(uk.clone(), uversion)], vec![(uk, None)]), None).await? {
             Some(rec) => rec.info,
             // The upload went away: completed by our own earlier attempt, or aborted.
             None => match self.key_record(bucket, name).await? {
@@ -948,6 +948,8 @@ impl ObjectStore {
     /// versioning is enabled, else as the `null` version, replacing (and queuing as garbage)
     /// the key's previous `null` version. `extra` checks and writes go into the same
     /// transaction; a conflict on one of `extra`'s checks is returned as `Ok(None)`.
+    /// `known` is the bucket's entry as the caller read it, used for the first attempt
+    /// (the transaction checks its version, so a stale one only costs a retry).
     async fn commit_version(
         &self,
         bucket: &str,
@@ -955,12 +957,16 @@ impl ObjectStore {
         mut rec: ObjectRecord,
         incarnation: Option<(Vec<u8>, u64)>,
         extra: (Vec<(Vec<u8>, u64)>, Vec<(Vec<u8>, Option<Vec<u8>>)>),
+        mut known: Option<(BucketRecord, u64)>,
     ) -> Result<Option<ObjectRecord>> {
         let ok = object_key(bucket, name);
         let bk = key(P_BUCKET, bucket.as_bytes());
         let grace = self.cfg.garbage_grace.as_millis() as u64;
         for _ in 0..16 {
-            let (brecord, bversion) = self.bucket_record(bucket).await?;
+            let (brecord, bversion) = match known.take() {
+                Some(b) => b,
+                None => self.bucket_record(bucket).await?,
+            };
             if brecord.deleting {
                 return Err(Error::NoSuchBucket(bucket.to_string()));
             }
@@ -1176,7 +1182,7 @@ impl ObjectStore {
         let mut marker = ObjectRecord::new(info, Vec::new());
         marker.delete_marker = true;
         let rec = self
-            .commit_version(bucket, name, marker, None, (Vec::new(), Vec::new()))
+            .commit_version(bucket, name, marker, None, (Vec::new(), Vec::new()), None)
             .await?
             .ok_or_else(|| Error::Internal("no extra checks, yet an extra conflict".into()))?;
         Ok(Deleted { version_id: Some(rec.version_id), delete_marker: true })
@@ -1924,20 +1930,21 @@ impl Backend for ObjectStore {
 
     async fn put_object(&self, bucket: &str, name: &str, opts: PutOptions, body: ByteStream) -> Result<ObjectInfo> {
         validate_key(name)?;
-        let (record, _) = self.bucket_record(bucket).await?;
+        let (record, bversion) = self.bucket_record(bucket).await?;
         if record.deleting {
             return Err(Error::NoSuchBucket(bucket.to_string()));
         }
-        self.check_quota(bucket, record.quota, opts.length.unwrap_or(0)).await?;
+        let quota = record.quota;
+        self.check_quota(bucket, quota, opts.length.unwrap_or(0)).await?;
         let log = self.log().await?;
         let (written, size, md5) = self.write_body(body, &opts).await?;
         if opts.length.is_none() {
-            self.check_quota(bucket, record.quota, size).await?;
+            self.check_quota(bucket, quota, size).await?;
         }
         let info = opts.into_info(name, size, &md5);
         let rec = ObjectRecord::new(info, written.extents.clone());
         let committed = self
-            .commit_version(bucket, name, rec, Some(log.incarnation_check()), (Vec::new(), Vec::new()))
+            .commit_version(bucket, name, rec, Some(log.incarnation_check()), (Vec::new(), Vec::new()), Some((record, bversion)))
             .await?
             .ok_or_else(|| Error::Internal("no extra checks, yet an extra conflict".into()))?;
         written.keep();

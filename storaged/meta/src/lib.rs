@@ -17,6 +17,7 @@
 pub mod index;
 pub mod network;
 pub mod raft;
+pub mod read_barrier;
 mod service;
 pub mod store;
 

@@ -6,6 +6,7 @@
 
 use crate::network::{self, NetworkFactory};
 use crate::raft::{Node, NodeId, Raft, RaftMetrics};
+use crate::read_barrier::ReadBarrier;
 use crate::store;
 use crate::Error;
 use basalt_map::{place, ClusterMap, DiskSpace, Usage};
@@ -122,6 +123,8 @@ pub struct MetaService {
     id: NodeId,
     cfg: MetaConfig,
     raft: Raft,
+    /// Linearizable reads, sharing leadership checks.
+    reads: ReadBarrier,
     map: Arc<RwLock<ClusterMap>>,
     /// The on-disk metadata index of this replica (read by the leader after a linearizable check).
     index: crate::index::IndexReader,
@@ -226,10 +229,16 @@ impl MetaService {
         let raft = Raft::new(id, raft_cfg, NetworkFactory::new(id, rpc.clone()), log, sm)
             .await
             .map_err(|e| Error::Raft(format!("starting raft: {e}")))?;
+        let checker = raft.clone();
+        let reads = ReadBarrier::new(Arc::new(move || {
+            let raft = checker.clone();
+            Box::pin(async move { raft.ensure_linearizable().await.map(|_| ()).map_err(read_error) })
+        }));
         let svc = Arc::new(Self {
             id,
             cfg,
             raft,
+            reads,
             map,
             index,
             rpc,
@@ -469,8 +478,7 @@ impl MetaService {
     }
 
     async fn linearizable(&self) -> Result<(), RemoteError> {
-        self.raft.ensure_linearizable().await.map_err(read_error)?;
-        Ok(())
+        self.reads.wait().await
     }
 
     async fn handle_local(&self, req: MetaRequest) -> Result<MetaResponse, RemoteError> {
