@@ -86,7 +86,38 @@ pub fn open_db(path: &Path) -> Result<Arc<Db>, Error> {
 /// loaded from the `sm` column family.
 pub fn open_stores(db: Arc<Db>) -> Result<(LogStore, StateMachineStore), Error> {
     let sm = StateMachineStore::load(db.clone())?;
-    Ok((LogStore { db }, sm))
+    let (flush, requests) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(flush_log(Arc::downgrade(&db), requests));
+    Ok((LogStore { db, flush }, sm))
+}
+
+/// Makes appended log entries durable, one WAL sync for every append queued meanwhile (a
+/// group commit), and tells openraft in append order. Ends when the log store is gone.
+/// It holds the database only while it syncs, so that dropping the stores closes it.
+async fn flush_log(db: std::sync::Weak<Db>, mut requests: tokio::sync::mpsc::UnboundedReceiver<LogFlushed<TypeConfig>>) {
+    while let Some(first) = requests.recv().await {
+        let mut waiting = vec![first];
+        while let Ok(more) = requests.try_recv() {
+            waiting.push(more);
+        }
+        let Some(db) = db.upgrade() else {
+            for callback in waiting {
+                callback.log_io_completed(Err(std::io::Error::other("the metadata store is closed")));
+            }
+            continue;
+        };
+        let synced = match tokio::task::spawn_blocking(move || db.flush_wal(true)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(format!("WAL sync task failed: {e}")),
+        };
+        if let Err(e) = &synced {
+            tracing::error!(error = %e, "syncing the raft log failed");
+        }
+        for callback in waiting {
+            callback.log_io_completed(synced.clone().map_err(std::io::Error::other));
+        }
+    }
 }
 
 fn cf<'a>(db: &'a DB, name: &str) -> Result<&'a ColumnFamily, AnyError> {
@@ -129,6 +160,17 @@ async fn write_synced(db: &Arc<Db>, batch: WriteBatch) -> Result<(), AnyError> {
         .map_err(|e| any(&e))
 }
 
+/// A batch write that is in the database (readable, in the WAL) but not yet synced: it
+/// becomes durable with the next synced write or WAL sync. The log and the state machine
+/// share one WAL, so a write is never durable while an earlier one is not.
+async fn write_unsynced(db: &Arc<Db>, batch: WriteBatch) -> Result<(), AnyError> {
+    let db = db.clone();
+    tokio::task::spawn_blocking(move || db.write(batch))
+        .await
+        .map_err(|e| any(format!("storage write task failed: {e}")))?
+        .map_err(|e| any(&e))
+}
+
 // ---------------------------------------------------------------------------------------
 // Log store
 
@@ -136,6 +178,8 @@ async fn write_synced(db: &Arc<Db>, batch: WriteBatch) -> Result<(), AnyError> {
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Db>,
+    /// Appends waiting for their WAL sync ([`flush_log`]).
+    flush: tokio::sync::mpsc::UnboundedSender<LogFlushed<TypeConfig>>,
 }
 
 impl LogStore {
@@ -210,8 +254,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        // Not synced: the state machine is persisted on apply, so a lost `committed` only
-        // means fewer entries are re-applied at startup; it is never a safety issue.
+        // Not synced: a lost `committed` only means fewer entries are re-applied at
+        // startup (the rest come from the leader); it is never a safety issue.
         let res = (|| {
             self.db.put_cf(cf(&self.db, CF_RAFT)?, KEY_COMMITTED, enc(&committed)?).map_err(|e| any(&e))
         })();
@@ -235,12 +279,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             for entry in entries {
                 batch.put_cf(log_cf, log_key(entry.log_id.index), enc(&entry)?);
             }
-            write_synced(&self.db, batch).await
+            write_unsynced(&self.db, batch).await
         };
-        // The entries are durable (WAL synced) before openraft hears about it.
+        // The entries are readable when this returns, and openraft hears they are durable
+        // once the WAL is synced: Raft goes on (replicating, answering heartbeats) during
+        // the sync, and appends queued meanwhile share it.
         match write.await {
             Ok(()) => {
-                callback.log_io_completed(Ok(()));
+                if let Err(unsent) = self.flush.send(callback) {
+                    unsent.0.log_io_completed(Err(std::io::Error::other("the raft log flusher stopped")));
+                }
                 Ok(())
             }
             Err(e) => {
@@ -476,7 +524,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         batch.put_cf(meta_cf, KEY_MEMBERSHIP, membership_bytes);
         // The map in memory is already ahead of the disk here; if this write fails openraft
         // stops the node on the storage error, so nobody keeps serving the unpersisted state.
-        write_synced(&self.db, batch).await.map_err(StorageIOError::write_state_machine)?;
+        // Not synced: the entries applied were written to the same WAL before this batch
+        // (appended here, or replicated here before their commit was known), so a crash
+        // can lose this batch only with everything after it, and the state and `applied`
+        // it holds go back together; the entries are then applied again from the log (or
+        // from the leader), to the same result.
+        write_unsynced(&self.db, batch).await.map_err(StorageIOError::write_state_machine)?;
         self.applied = applied;
         if let Some(m) = membership {
             self.membership = m;
