@@ -64,6 +64,12 @@ use tracing::{debug, info, warn, Instrument};
 pub const PIECE: u64 = 4 << 20;
 /// Pieces of one PUT being written at once (the PUT's memory is about this many pieces).
 const WRITES_IN_FLIGHT: usize = 4;
+/// Object data this gateway has in flight to storage at most, over all its PUTs, in units
+/// of [`WRITE_UNIT`]. Without a bound, many large uploads at once queue so much on the disks
+/// that replica writes time out (and replicas are dropped) instead of waiting their turn;
+/// with it, uploads beyond it wait here, and TCP slows their clients.
+const WRITE_BUDGET: u64 = 64 << 20;
+const WRITE_UNIT: u64 = 4 << 10;
 /// Pieces of one GET read ahead of the client.
 const READ_AHEAD: usize = 2;
 /// Data volumes are thin: this is address space, not capacity.
@@ -448,6 +454,8 @@ pub struct ObjectStore {
     log: OnceCell<Arc<DataLog>>,
     readers: Mutex<HashMap<VolumeId, Arc<Volume>>>,
     keys: Mutex<HashMap<String, (Instant, Option<(Account, String)>)>>,
+    /// Bounds the data in flight to storage ([`WRITE_BUDGET`]).
+    write_budget: Arc<tokio::sync::Semaphore>,
 }
 
 impl ObjectStore {
@@ -458,6 +466,7 @@ impl ObjectStore {
             log: OnceCell::new(),
             readers: Mutex::new(HashMap::new()),
             keys: Mutex::new(HashMap::new()),
+            write_budget: Arc::new(tokio::sync::Semaphore::new((WRITE_BUDGET / WRITE_UNIT) as usize)),
         })
     }
 
@@ -1547,7 +1556,22 @@ impl ObjectStore {
                 push_extent(&mut written.extents, Extent { volume: log.volume.id(), offset, len });
                 let vol = log.volume.clone();
                 let data = padded.freeze();
-                writes.spawn(async move { vol.write(offset, data).await }.in_current_span());
+                let units = u32::try_from(align_up(len).div_ceil(WRITE_UNIT)).unwrap_or(u32::MAX);
+                let permit = match Arc::clone(&self.write_budget).acquire_many_owned(units).await {
+                    Ok(p) => p,
+                    Err(_) => {
+                        failed = Some(Error::Internal("the write budget is closed".into()));
+                        break;
+                    }
+                };
+                writes.spawn(
+                    async move {
+                        let r = vol.write(offset, data).await;
+                        drop(permit);
+                        r
+                    }
+                    .in_current_span(),
+                );
                 while writes.len() >= WRITES_IN_FLIGHT {
                     if let Some(r) = writes.join_next().await {
                         if let Err(e) = flatten(r) {
