@@ -226,8 +226,18 @@ impl ClusterFile {
 }
 
 /// Is a process with this pid alive (and not a zombie)?
+/// Whether process `pid` still runs (or is still exiting). A zombie counts as gone, but only
+/// once all its threads are: the thread-group leader turns zombie as soon as it exits, while
+/// other threads may still be tearing down (an io_uring waits for its I/O in flight), and
+/// until the last one has, the process keeps its files, listening sockets included, so a
+/// restarted node would find its ports in use.
 pub fn pid_alive(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+    tasks.flatten().any(|t| task_running(&t.path().join("stat")))
+}
+
+fn task_running(stat: &Path) -> bool {
+    let Ok(stat) = std::fs::read_to_string(stat) else { return false };
     // Field 3 (after the parenthesised command name) is the state; Z = zombie, X = dead.
     match stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next()) {
         Some("Z") | Some("X") | None => false,
