@@ -118,7 +118,17 @@ pub struct ObjectInfo {
     pub checksums: BTreeMap<String, String>,
     /// The version (`x-amz-version-id`): None in a bucket that never had versioning.
     pub version_id: Option<String>,
+    /// The object's tags (at most [`MAX_TAGS`], distinct keys), in the order they were given.
+    pub tags: Vec<(String, String)>,
+    /// Sizes of the parts a multipart upload was completed from, in order (what a GET of
+    /// `partNumber` N reads); empty for an object stored in one piece.
+    pub part_sizes: Vec<u64>,
 }
+
+/// Tags one object may carry, and the longest tag key and value (in characters), as in S3.
+pub const MAX_TAGS: usize = 10;
+pub const MAX_TAG_KEY: usize = 128;
+pub const MAX_TAG_VALUE: usize = 256;
 
 /// What a PUT stores besides the data.
 #[derive(Clone, Debug, Default)]
@@ -133,6 +143,8 @@ pub struct PutOptions {
     pub length: Option<u64>,
     /// Checksums to store (already verified by the protocol layer).
     pub checksums: BTreeMap<String, String>,
+    /// Tags to store (already checked by the protocol layer).
+    pub tags: Vec<(String, String)>,
 }
 
 impl PutOptions {
@@ -152,6 +164,8 @@ impl PutOptions {
             headers: self.headers,
             checksums: self.checksums,
             version_id: None,
+            tags: self.tags,
+            part_sizes: Vec::new(),
         }
     }
 }
@@ -218,6 +232,17 @@ pub trait Backend: Send + Sync + 'static {
     /// missing key is not an error (S3 answers 204 either way).
     async fn delete_object(&self, bucket: &str, key: &str) -> Result<Deleted>;
     async fn list_objects(&self, bucket: &str, query: &ListQuery) -> Result<ListPage>;
+    /// Replaces the tags of the current version of `key` (`version_id` None) or of one
+    /// version, and returns that version's id. Nothing else about the object changes (no
+    /// new version, same modification time). A delete marker has no tags: `MethodNotAllowed`
+    /// when named by version, `NoSuchKey` when current.
+    async fn set_tags(
+        &self,
+        bucket: &str,
+        key: &str,
+        version_id: Option<&str>,
+        tags: Vec<(String, String)>,
+    ) -> Result<Option<String>>;
 
     // ---- multipart uploads ----
 

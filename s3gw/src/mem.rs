@@ -231,6 +231,23 @@ impl Backend for MemBackend {
         Ok((info, Box::pin(futures::stream::iter(pieces))))
     }
 
+    async fn set_tags(
+        &self,
+        bucket: &str,
+        key: &str,
+        version_id: Option<&str>,
+        tags: Vec<(String, String)>,
+    ) -> Result<Option<String>> {
+        if version_id.is_some() {
+            return Err(Error::NotImplemented("object versions"));
+        }
+        let mut state = self.state();
+        let b = state.buckets.get_mut(bucket).ok_or_else(|| Error::NoSuchBucket(bucket.to_owned()))?;
+        let (info, _) = b.objects.get_mut(key).ok_or(Error::NoSuchKey)?;
+        info.tags = tags;
+        Ok(None)
+    }
+
     async fn delete_object(&self, bucket: &str, key: &str) -> Result<Deleted> {
         let mut state = self.state();
         let b = state.buckets.get_mut(bucket).ok_or_else(|| Error::NoSuchBucket(bucket.to_owned()))?;
@@ -327,6 +344,7 @@ impl Backend for MemBackend {
             }
             let mut data = BytesMut::new();
             let mut md5s = Md5::new();
+            let mut part_sizes = Vec::with_capacity(list.len());
             for (i, want) in list.iter().enumerate() {
                 let (part, bytes) = u.parts.get(&want.number).ok_or(Error::InvalidPart(want.number))?;
                 if want.etag.trim_matches('"') != part.etag {
@@ -338,10 +356,12 @@ impl Backend for MemBackend {
                 let digest: [u8; 16] = Md5::digest(bytes).into();
                 md5s.update(digest);
                 data.extend_from_slice(bytes);
+                part_sizes.push(part.size);
             }
             let mut info = u.opts.clone().into_info(key, data.len() as u64, &[0; 16]);
             info.etag = format!("{}-{}", hex(&md5s.finalize()), list.len());
             info.checksums.clear();
+            info.part_sizes = part_sizes;
             b.uploads.remove(&id);
             b.objects.insert(key.to_owned(), (info.clone(), data.freeze()));
             Ok(info)

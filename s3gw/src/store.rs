@@ -19,6 +19,10 @@
 //!
 //!   Bucket names never hold `/`, so `s3/O/<bucket>/` is exactly one bucket's objects, in
 //!   the byte order of their keys (S3's listing order).
+//!
+//!   Values are bincode. Those whose layout grew (object, key and upload records: tags and
+//!   part sizes came later) start with a layout mark and number, a byte no first-layout
+//!   value starts with, and entries of the first layout still decode ([`Grown`]).
 //! - **Data** goes in one *data volume* per gateway node (`s3data-<node>`), a thin 1 PiB
 //!   Basalt volume used as an append-only log: every object's data is written at fresh,
 //!   4 KiB-aligned offsets, so small objects share chunks instead of taking one each, and a
@@ -215,6 +219,110 @@ pub struct KeyRecord {
     pub null_seq: Option<u64>,
 }
 
+impl Grown for ObjectRecord {
+    const LAYOUT: u8 = 2;
+    type First = ObjectRecordV1;
+}
+
+impl Grown for KeyRecord {
+    const LAYOUT: u8 = 2;
+    type First = KeyRecordV1;
+}
+
+impl Grown for UploadRecord {
+    const LAYOUT: u8 = 2;
+    type First = UploadRecordV1;
+}
+
+/// [`ObjectInfo`] as stored before objects had tags and part sizes.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct ObjectInfoV1 {
+    key: String,
+    size: u64,
+    etag: String,
+    last_modified_ms: u64,
+    content_type: Option<String>,
+    user_meta: std::collections::BTreeMap<String, String>,
+    headers: std::collections::BTreeMap<String, String>,
+    checksums: std::collections::BTreeMap<String, String>,
+    version_id: Option<String>,
+}
+
+/// [`ObjectRecord`] in its first layout.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct ObjectRecordV1 {
+    info: ObjectInfoV1,
+    extents: Vec<Extent>,
+    write_id: u64,
+    version_id: String,
+    seq: u64,
+    delete_marker: bool,
+}
+
+/// [`KeyRecord`] in its first layout.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct KeyRecordV1 {
+    current: ObjectRecordV1,
+    null_seq: Option<u64>,
+}
+
+/// [`UploadRecord`] in its first layout.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct UploadRecordV1 {
+    upload: Upload,
+    content_type: Option<String>,
+    user_meta: std::collections::BTreeMap<String, String>,
+    headers: std::collections::BTreeMap<String, String>,
+}
+
+impl From<ObjectRecordV1> for ObjectRecord {
+    fn from(v: ObjectRecordV1) -> Self {
+        let i = v.info;
+        ObjectRecord {
+            info: ObjectInfo {
+                key: i.key,
+                size: i.size,
+                etag: i.etag,
+                last_modified_ms: i.last_modified_ms,
+                content_type: i.content_type,
+                user_meta: i.user_meta,
+                headers: i.headers,
+                checksums: i.checksums,
+                version_id: i.version_id,
+                tags: Default::default(),
+                part_sizes: Vec::new(),
+            },
+            extents: v.extents,
+            write_id: v.write_id,
+            version_id: v.version_id,
+            seq: v.seq,
+            delete_marker: v.delete_marker,
+        }
+    }
+}
+
+impl From<KeyRecordV1> for KeyRecord {
+    fn from(v: KeyRecordV1) -> Self {
+        KeyRecord { current: v.current.into(), null_seq: v.null_seq }
+    }
+}
+
+impl From<UploadRecordV1> for UploadRecord {
+    fn from(v: UploadRecordV1) -> Self {
+        UploadRecord {
+            upload: v.upload,
+            content_type: v.content_type,
+            user_meta: v.user_meta,
+            headers: v.headers,
+            tags: Default::default(),
+        }
+    }
+}
+
 pub const NULL_VERSION: &str = "null";
 
 /// A multipart upload: what the object will be stored with.
@@ -224,6 +332,7 @@ pub struct UploadRecord {
     pub content_type: Option<String>,
     pub user_meta: std::collections::BTreeMap<String, String>,
     pub headers: std::collections::BTreeMap<String, String>,
+    pub tags: Vec<(String, String)>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -357,14 +466,64 @@ fn garbage_key(e: &Extent) -> Vec<u8> {
     k
 }
 
-fn enc<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+/// Index values stored as plain bincode, in the one layout they ever had. Values whose
+/// layout grew ([`Grown`]) are encoded with a layout mark instead; this bound keeps them out
+/// of [`enc`] and [`dec`].
+trait Plain {}
+impl Plain for Account {}
+impl Plain for AccessKey {}
+impl Plain for BucketRecord {}
+impl Plain for BucketRecordV1 {}
+impl Plain for PartRecord {}
+impl Plain for Garbage {}
+impl Plain for ObjectRecordV1 {}
+impl Plain for KeyRecordV1 {}
+impl Plain for UploadRecordV1 {}
+
+fn enc<T: Serialize + Plain>(value: &T) -> Result<Vec<u8>> {
     bincode::serde::encode_to_vec(value, bincode::config::standard()).map_err(|e| Error::Internal(format!("encoding: {e}")))
 }
 
-fn dec<T: serde::de::DeserializeOwned>(what: &[u8], bytes: &[u8]) -> Result<T> {
+fn dec<T: serde::de::DeserializeOwned + Plain>(what: &[u8], bytes: &[u8]) -> Result<T> {
+    dec_any(what, bytes)
+}
+
+fn dec_any<T: serde::de::DeserializeOwned>(what: &[u8], bytes: &[u8]) -> Result<T> {
     bincode::serde::decode_from_slice(bytes, bincode::config::standard())
         .map(|(v, _)| v)
         .map_err(|e| Error::Internal(format!("index entry {} does not decode: {e}", what.escape_ascii())))
+}
+
+/// First byte of a value in a later layout: no value of a first layout begins with it (they
+/// all begin with a string's length, and bincode 2's varint prefixes stop at 254). The
+/// layout number follows it.
+const LAYOUT_MARK: u8 = 0xFF;
+
+/// An index value whose layout grew since records were first written: encoded as
+/// [`LAYOUT_MARK`], [`Grown::LAYOUT`], bincode; decoded from that, or from the first layout
+/// (plain bincode of [`Grown::First`]), so entries written by older gateways still read.
+trait Grown: Serialize + serde::de::DeserializeOwned + Sized {
+    const LAYOUT: u8;
+    type First: serde::de::DeserializeOwned + Plain + Into<Self>;
+
+    fn encode(&self) -> Result<Vec<u8>> {
+        let mut out = vec![LAYOUT_MARK, Self::LAYOUT];
+        bincode::serde::encode_into_std_write(self, &mut out, bincode::config::standard())
+            .map_err(|e| Error::Internal(format!("encoding: {e}")))?;
+        Ok(out)
+    }
+
+    fn decode(what: &[u8], bytes: &[u8]) -> Result<Self> {
+        match bytes {
+            [LAYOUT_MARK, layout, rest @ ..] if *layout == Self::LAYOUT => dec_any(what, rest),
+            [LAYOUT_MARK, layout, ..] => Err(Error::Internal(format!(
+                "index entry {} has layout {layout}, which this gateway does not know (it knows up to {})",
+                what.escape_ascii(),
+                Self::LAYOUT
+            ))),
+            _ => dec::<Self::First>(what, bytes).map(Into::into),
+        }
+    }
 }
 
 fn storage(e: basalt_storaged_client::Error) -> Error {
@@ -546,9 +705,10 @@ impl ObjectStore {
             content_type: opts.content_type,
             user_meta: opts.user_meta,
             headers: opts.headers,
+            tags: opts.tags,
         };
         let k = upload_key(bucket, name, &id);
-        self.commit(IndexTxn { checks: vec![(k.clone(), 0)], puts: vec![(k, Some(enc(&rec)?))], adds: Vec::new() }).await?;
+        self.commit(IndexTxn { checks: vec![(k.clone(), 0)], puts: vec![(k, Some(rec.encode()?))], adds: Vec::new() }).await?;
         Ok(upload)
     }
 
@@ -558,7 +718,7 @@ impl ObjectStore {
         }
         let k = upload_key(bucket, name, id);
         match self.client.index_get(&k).await.map_err(storage)? {
-            Some(e) => Ok((dec(&k, &e.value)?, e.version)),
+            Some(e) => Ok((UploadRecord::decode(&k, &e.value)?, e.version)),
             None => {
                 self.bucket_record(bucket).await?;
                 Err(Error::NoSuchUpload)
@@ -652,7 +812,7 @@ impl ObjectStore {
         };
         let start = start.max(full.clone());
         let (entries, more) = self.client.index_list(&full, &start, (max.clamp(1, 1000)) as u32).await.map_err(storage)?;
-        let uploads = entries.iter().map(|e| dec::<UploadRecord>(&e.key, &e.value).map(|u| u.upload)).collect::<Result<_>>()?;
+        let uploads = entries.iter().map(|e| UploadRecord::decode(&e.key, &e.value).map(|u| u.upload)).collect::<Result<_>>()?;
         Ok((uploads, more))
     }
 
@@ -670,6 +830,7 @@ impl ObjectStore {
         let mut extents = Vec::new();
         let mut md5s = Md5::new();
         let mut size = 0u64;
+        let mut part_sizes = Vec::with_capacity(list.len());
         for (i, want) in list.iter().enumerate() {
             let part = by_number.get(&want.number).ok_or(Error::InvalidPart(want.number))?;
             if want.etag.trim_matches('"') != part.info.etag {
@@ -683,6 +844,7 @@ impl ObjectStore {
                 .collect();
             md5s.update(&digest);
             size += part.info.size;
+            part_sizes.push(part.info.size);
             for e in &part.extents {
                 push_extent(&mut extents, *e);
             }
@@ -697,10 +859,12 @@ impl ObjectStore {
             headers: upload.headers.clone(),
             checksums: Default::default(),
             version_id: None,
+            tags: upload.tags.clone(),
+            part_sizes,
         };
         self.check_quota(bucket, self.bucket_record(bucket).await?.0.quota, size).await?;
         let rec = ObjectRecord::new(info, extents);
-        if enc(&rec)?.len() > basalt_types::MAX_INDEX_VALUE {
+        if rec.encode()?.len() > basalt_types::MAX_INDEX_VALUE {
             return Err(Error::InvalidArgument(format!("an object of {} parts is more than this store can describe", list.len())));
         }
         let used: std::collections::HashSet<u32> = list.iter().map(|p| p.number).collect();
@@ -948,7 +1112,7 @@ impl ObjectStore {
     async fn key_record(&self, bucket: &str, name: &str) -> Result<Option<(KeyRecord, u64)>> {
         let k = object_key(bucket, name);
         match self.client.index_get(&k).await.map_err(storage)? {
-            Some(e) => Ok(Some((dec(&k, &e.value)?, e.version))),
+            Some(e) => Ok(Some((KeyRecord::decode(&k, &e.value)?, e.version))),
             None => Ok(None),
         }
     }
@@ -992,7 +1156,7 @@ impl ObjectStore {
             rec.info.version_id = (brecord.versioning != Versioning::Unversioned).then(|| rec.version_id.clone());
             let mut txn = IndexTxn {
                 checks: vec![(bk.clone(), bversion), (ok.clone(), old.as_ref().map_or(0, |(_, v)| *v))],
-                puts: vec![(version_key(bucket, name, rec.seq), Some(enc(&rec)?))],
+                puts: vec![(version_key(bucket, name, rec.seq), Some(rec.encode()?))],
                 adds: Vec::new(),
             };
             let mut null_seq = old.as_ref().and_then(|(o, _)| o.null_seq);
@@ -1005,7 +1169,7 @@ impl ObjectStore {
                         _ => {
                             let vk = version_key(bucket, name, ns);
                             match self.client.index_get(&vk).await.map_err(storage)? {
-                                Some(e) => Some(dec::<ObjectRecord>(&vk, &e.value)?),
+                                Some(e) => Some(ObjectRecord::decode(&vk, &e.value)?),
                                 None => None,
                             }
                         }
@@ -1018,7 +1182,7 @@ impl ObjectStore {
                 }
                 null_seq = Some(rec.seq);
             }
-            txn.puts.push((ok.clone(), Some(enc(&KeyRecord { current: rec.clone(), null_seq })?)));
+            txn.puts.push((ok.clone(), Some(KeyRecord { current: rec.clone(), null_seq }.encode()?)));
             let mut changes = vec![(&rec, 1)];
             changes.extend(gone.as_ref().map(|g| (g, -1)));
             txn.adds = usage_adds(bucket, &changes);
@@ -1137,7 +1301,7 @@ impl ObjectStore {
         };
         let vk = version_key(bucket, name, seq);
         match self.client.index_get(&vk).await.map_err(storage)? {
-            Some(e) => dec(&vk, &e.value),
+            Some(e) => ObjectRecord::decode(&vk, &e.value),
             None => {
                 self.bucket_record(bucket).await?;
                 Err(Error::NoSuchVersion)
@@ -1213,7 +1377,7 @@ impl ObjectStore {
             let Some(entry) = self.client.index_get(&vk).await.map_err(storage)? else {
                 return Ok(Deleted { version_id: Some(version_id.to_string()), delete_marker: false });
             };
-            let target: ObjectRecord = dec(&vk, &entry.value)?;
+            let target = ObjectRecord::decode(&vk, &entry.value)?;
             let null_seq = old.null_seq.filter(|&ns| ns != seq);
             let mut txn = IndexTxn { checks: vec![(ok.clone(), version)], puts: vec![(vk.clone(), None)], adds: Vec::new() };
             for e in &target.extents {
@@ -1226,18 +1390,75 @@ impl ObjectStore {
                 after.push(0);
                 let (next, _) = self.client.index_list(&prefix, &after, 1).await.map_err(storage)?;
                 match next.first() {
-                    Some(e) => Some(dec::<ObjectRecord>(&e.key, &e.value)?),
+                    Some(e) => Some(ObjectRecord::decode(&e.key, &e.value)?),
                     None => None,
                 }
             } else {
                 Some(old.current.clone())
             };
             match current {
-                Some(current) => txn.puts.push((ok.clone(), Some(enc(&KeyRecord { current, null_seq })?))),
+                Some(current) => txn.puts.push((ok.clone(), Some(KeyRecord { current, null_seq }.encode()?))),
                 None => txn.puts.push((ok.clone(), None)),
             }
             if let IndexOutcome::Committed { .. } = self.client.index_txn(txn).await.map_err(storage)? {
                 return Ok(Deleted { version_id: Some(target.version_id), delete_marker: target.delete_marker });
+            }
+        }
+        Err(Error::Unavailable("the object kept changing; retry".into()))
+    }
+
+    /// Replaces the tags of the current version (`version_id` None) or of one version, in
+    /// place (see [`Backend::set_tags`]). The key's entry is rewritten in the same
+    /// transaction, checked against its entry version, so the change cannot cross a new
+    /// version or a delete unseen.
+    pub async fn set_tags(
+        &self,
+        bucket: &str,
+        name: &str,
+        version_id: Option<&str>,
+        tags: Vec<(String, String)>,
+    ) -> Result<Option<String>> {
+        // None: the current version; Some(None): the null version; Some(Some(seq)): that one.
+        let wanted = match version_id {
+            None => None,
+            Some(NULL_VERSION) => Some(None),
+            Some(v) => Some(Some(parse_version_id(v)?)),
+        };
+        let missing = || if version_id.is_some() { Error::NoSuchVersion } else { Error::NoSuchKey };
+        let ok = object_key(bucket, name);
+        for _ in 0..16 {
+            let Some((mut keyrec, version)) = self.key_record(bucket, name).await? else {
+                self.bucket_record(bucket).await?;
+                return Err(missing());
+            };
+            let seq = match wanted {
+                None => keyrec.current.seq,
+                Some(None) => keyrec.null_seq.ok_or_else(missing)?,
+                Some(Some(seq)) => seq,
+            };
+            let vk = version_key(bucket, name, seq);
+            let mut target = if seq == keyrec.current.seq {
+                keyrec.current.clone()
+            } else {
+                match self.client.index_get(&vk).await.map_err(storage)? {
+                    Some(e) => ObjectRecord::decode(&vk, &e.value)?,
+                    None => return Err(missing()),
+                }
+            };
+            if target.delete_marker {
+                return Err(if version_id.is_some() { Error::MethodNotAllowed } else { Error::NoSuchKey });
+            }
+            target.info.tags = tags.clone();
+            if seq == keyrec.current.seq {
+                keyrec.current = target.clone();
+            }
+            let txn = IndexTxn {
+                checks: vec![(ok.clone(), version)],
+                puts: vec![(vk, Some(target.encode()?)), (ok.clone(), Some(keyrec.encode()?))],
+                adds: Vec::new(),
+            };
+            if let IndexOutcome::Committed { .. } = self.client.index_txn(txn).await.map_err(storage)? {
+                return Ok(target.info.version_id);
             }
         }
         Err(Error::Unavailable("the object kept changing; retry".into()))
@@ -1304,7 +1525,7 @@ impl ObjectStore {
                     Ok(true)
                 }
                 Walked::Entry(name, e) => {
-                    let v: ObjectRecord = dec(&e.key, &e.value)?;
+                    let v = ObjectRecord::decode(&e.key, &e.value)?;
                     let is_latest = last_name.as_deref() != Some(name.as_str());
                     last_name = Some(name.clone());
                     page.next = Some((name.clone(), v.version_id.clone()));
@@ -1616,7 +1837,7 @@ impl ObjectStore {
             }
         };
         for (k, v) in self.list_all(P_VERSION).await? {
-            dec::<ObjectRecord>(&k, &v)?.extents.iter().for_each(&mut note);
+            ObjectRecord::decode(&k, &v)?.extents.iter().for_each(&mut note);
         }
         for (k, v) in self.list_all(P_PART).await? {
             dec::<PartRecord>(&k, &v)?.extents.iter().for_each(&mut note);
@@ -1933,7 +2154,7 @@ impl Backend for ObjectStore {
         let mut uploads = key(P_UPLOAD, name.as_bytes());
         uploads.push(b'/');
         for (uk, v) in self.list_all(&uploads).await? {
-            let Ok(u) = dec::<UploadRecord>(&uk, &v) else { continue };
+            let Ok(u) = UploadRecord::decode(&uk, &v) else { continue };
             if let Err(e) = self.abort_upload(name, &u.upload.key, &u.upload.id).await {
                 warn!(bucket = name, upload = %u.upload.id, error = %e, "could not abort an upload of a deleted bucket");
             }
@@ -1999,6 +2220,16 @@ impl Backend for ObjectStore {
         self.delete_current(bucket, name).await
     }
 
+    async fn set_tags(
+        &self,
+        bucket: &str,
+        name: &str,
+        version_id: Option<&str>,
+        tags: Vec<(String, String)>,
+    ) -> Result<Option<String>> {
+        ObjectStore::set_tags(self, bucket, name, version_id, tags).await
+    }
+
     async fn list_objects(&self, bucket: &str, q: &ListQuery) -> Result<ListPage> {
         self.bucket_record(bucket).await?;
         let base = object_key(bucket, "");
@@ -2033,7 +2264,7 @@ impl Backend for ObjectStore {
                     Ok(true)
                 }
                 Walked::Entry(name, e) => {
-                    let object: KeyRecord = dec(&e.key, &e.value)?;
+                    let object = KeyRecord::decode(&e.key, &e.value)?;
                     if object.current.delete_marker {
                         return Ok(false);
                     }
@@ -2166,6 +2397,49 @@ mod tests {
         assert!(r.deleting);
         assert_eq!(r.to_bucket().policy.as_deref(), Some("{}"));
         assert!(BucketRecord::decode(b"k", b"\xff\xff").is_err());
+    }
+
+    #[test]
+    fn object_and_upload_entries_of_the_first_layout_still_decode() {
+        let info = ObjectInfoV1 {
+            key: "k".into(),
+            size: 5,
+            etag: "e".into(),
+            last_modified_ms: 9,
+            content_type: Some("t".into()),
+            user_meta: [("m".to_string(), "1".to_string())].into(),
+            headers: Default::default(),
+            checksums: Default::default(),
+            version_id: Some("v".into()),
+        };
+        let extents = vec![Extent { volume: 1, offset: 4096, len: 5 }];
+        let old = ObjectRecordV1 { info, extents: extents.clone(), write_id: 3, version_id: "v".into(), seq: 4, delete_marker: false };
+        let r = ObjectRecord::decode(b"k", &enc(&old).expect("encodes")).expect("old object decodes");
+        assert_eq!((r.info.key.as_str(), r.info.size, r.info.user_meta.len(), r.seq, r.write_id), ("k", 5, 1, 4, 3));
+        assert_eq!(r.extents, extents);
+        assert!(r.info.tags.is_empty() && r.info.part_sizes.is_empty());
+        let key = KeyRecordV1 { current: old, null_seq: Some(4) };
+        let k = KeyRecord::decode(b"k", &enc(&key).expect("encodes")).expect("old key decodes");
+        assert_eq!((k.current.info.etag.as_str(), k.null_seq), ("e", Some(4)));
+        let upload = Upload { id: "ab".into(), key: "k".into(), initiated_ms: 1, initiator: "a".into() };
+        let old = UploadRecordV1 { upload: upload.clone(), content_type: None, user_meta: Default::default(), headers: Default::default() };
+        let u = UploadRecord::decode(b"k", &enc(&old).expect("encodes")).expect("old upload decodes");
+        assert_eq!((u.upload, u.tags.len()), (upload, 0));
+
+        // The current layout round-trips with what the first could not hold...
+        let mut r = r;
+        r.info.tags = vec![("z".into(), "1".into()), ("a".into(), String::new())];
+        r.info.part_sizes = vec![5 << 20, 7];
+        let bytes = r.encode().expect("encodes");
+        assert_eq!(bytes[0], LAYOUT_MARK);
+        let back = ObjectRecord::decode(b"k", &bytes).expect("decodes");
+        assert_eq!((back.info.tags, back.info.part_sizes), (r.info.tags.clone(), r.info.part_sizes.clone()));
+        let k = KeyRecord { current: r, null_seq: None };
+        assert_eq!(KeyRecord::decode(b"k", &k.encode().expect("encodes")).expect("decodes").current.info.part_sizes.len(), 2);
+        // ...and a layout from a newer gateway is an error, not a guess.
+        let mut newer = bytes;
+        newer[1] = ObjectRecord::LAYOUT + 1;
+        assert!(ObjectRecord::decode(b"k", &newer).is_err());
     }
 
     #[test]

@@ -1151,3 +1151,157 @@ async fn bucket_policies_open_buckets_on_purpose() {
     assert_eq!(xml_values(&own.text(), "ObjectOwnership"), vec!["BucketOwnerEnforced".to_owned()]);
     gw.stop().await;
 }
+
+fn tagging_xml(tags: &[(&str, &str)]) -> String {
+    let tags: String = tags.iter().map(|(k, v)| format!("<Tag><Key>{k}</Key><Value>{v}</Value></Tag>")).collect();
+    format!("<Tagging><TagSet>{tags}</TagSet></Tagging>")
+}
+
+/// The (Key, Value) pairs of a GetObjectTagging answer, in order.
+fn tag_pairs(xml: &str) -> Vec<(String, String)> {
+    xml_values(xml, "Tag")
+        .iter()
+        .map(|t| (xml_values(t, "Key").pop().unwrap_or_default(), xml_values(t, "Value").pop().unwrap_or_default()))
+        .collect()
+}
+
+fn pairs(tags: &[(&str, &str)]) -> Vec<(String, String)> {
+    tags.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+#[tokio::test]
+async fn object_tags_are_stored_replaced_copied_and_checked() {
+    let gw = Gateway::start().await;
+    let alice = gw.alice();
+    alice.create_bucket("tags").await.expect_status(200);
+    // Tags given with the PUT, in the header's order (not sorted).
+    alice
+        .request("PUT", "/tags/a")
+        .header("x-amz-tagging", "zone=eu%20west&Project=x&empty=")
+        .body(&b"data"[..])
+        .send()
+        .await
+        .expect_status(200);
+    let r = alice.request("GET", "/tags/a").query("tagging", "").send().await;
+    r.expect_status(200);
+    assert_eq!(tag_pairs(&r.text()), pairs(&[("zone", "eu west"), ("Project", "x"), ("empty", "")]), "{}", r.text());
+    let r = alice.get_object("tags", "a").await;
+    assert_eq!(r.header("x-amz-tagging-count").as_deref(), Some("3"));
+    let r = alice.request("HEAD", "/tags/a").send().await;
+    assert_eq!(r.header("x-amz-tagging-count").as_deref(), Some("3"));
+
+    // PutObjectTagging replaces the whole set; the data and ETag stay.
+    let r = alice.request("PUT", "/tags/a").query("tagging", "").body(tagging_xml(&[("k", "v")])).send().await;
+    r.expect_status(200);
+    let r = alice.request("GET", "/tags/a").query("tagging", "").send().await;
+    assert_eq!(tag_pairs(&r.text()), pairs(&[("k", "v")]));
+    let r = alice.get_object("tags", "a").await;
+    assert_eq!((r.body.as_ref(), r.header("etag")), (&b"data"[..], Some(format!("\"{}\"", md5_hex(b"data")))));
+
+    // S3's limits: refused whole, nothing changes.
+    let eleven: Vec<(String, String)> = (0..11).map(|i| (format!("k{i}"), "v".to_owned())).collect();
+    let eleven: Vec<(&str, &str)> = eleven.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let long_key = "k".repeat(129);
+    let long_value = "v".repeat(257);
+    for bad in [eleven.clone(), vec![(long_key.as_str(), "v")], vec![("k", long_value.as_str())], vec![("d", "1"), ("d", "2")], vec![("aws:x", "1")]] {
+        let r = alice.request("PUT", "/tags/a").query("tagging", "").body(tagging_xml(&bad)).send().await;
+        r.expect_error(400, "InvalidTag");
+    }
+    let max: Vec<(String, String)> = (0..10).map(|i| (format!("{i}").repeat(128), "v".repeat(256))).collect();
+    let max: Vec<(&str, &str)> = max.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    alice.request("PUT", "/tags/a").query("tagging", "").body(tagging_xml(&max)).send().await.expect_status(200);
+    let r = alice.request("GET", "/tags/a").query("tagging", "").send().await;
+    assert_eq!(tag_pairs(&r.text()).len(), 10);
+    alice.request("PUT", "/tags/b").header("x-amz-tagging", &format!("{}=1", long_key)).body(&b"x"[..]).send().await.expect_error(400, "InvalidTag");
+    alice.get_object("tags", "b").await.expect_error(404, "NoSuchKey");
+
+    // DeleteObjectTagging: 204, and an empty set after.
+    alice.request("DELETE", "/tags/a").query("tagging", "").send().await.expect_status(204);
+    let r = alice.request("GET", "/tags/a").query("tagging", "").send().await;
+    r.expect_status(200);
+    assert!(tag_pairs(&r.text()).is_empty(), "{}", r.text());
+    assert_eq!(alice.get_object("tags", "a").await.header("x-amz-tagging-count"), None);
+
+    // Copies take the source's tags, or new ones with the REPLACE directive.
+    alice.request("PUT", "/tags/a").query("tagging", "").body(tagging_xml(&[("src", "1")])).send().await.expect_status(200);
+    alice.request("PUT", "/tags/c1").header("x-amz-copy-source", "/tags/a").send().await.expect_status(200);
+    let r = alice.request("GET", "/tags/c1").query("tagging", "").send().await;
+    assert_eq!(tag_pairs(&r.text()), pairs(&[("src", "1")]));
+    alice
+        .request("PUT", "/tags/c2")
+        .header("x-amz-copy-source", "/tags/a")
+        .header("x-amz-tagging-directive", "REPLACE")
+        .header("x-amz-tagging", "new=2")
+        .send()
+        .await
+        .expect_status(200);
+    let r = alice.request("GET", "/tags/c2").query("tagging", "").send().await;
+    assert_eq!(tag_pairs(&r.text()), pairs(&[("new", "2")]));
+
+    // Missing keys, and other accounts.
+    alice.request("GET", "/tags/none").query("tagging", "").send().await.expect_error(404, "NoSuchKey");
+    alice.request("PUT", "/tags/none").query("tagging", "").body(tagging_xml(&[("k", "v")])).send().await.expect_error(404, "NoSuchKey");
+    let bob = gw.bob();
+    bob.request("GET", "/tags/a").query("tagging", "").send().await.expect_error(403, "AccessDenied");
+    bob.request("PUT", "/tags/a").query("tagging", "").body(tagging_xml(&[("k", "v")])).send().await.expect_error(403, "AccessDenied");
+    bob.request("DELETE", "/tags/a").query("tagging", "").send().await.expect_error(403, "AccessDenied");
+    let r = alice.request("GET", "/tags/a").query("tagging", "").send().await;
+    assert_eq!(tag_pairs(&r.text()), pairs(&[("src", "1")]), "others changed nothing");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn part_numbers_read_one_part_of_a_multipart_object() {
+    let gw = Gateway::start().await;
+    let alice = gw.alice();
+    alice.create_bucket("parts").await.expect_status(200);
+    let r = alice.request("POST", "/parts/big").query("uploads", "").header("x-amz-tagging", "mpu=yes").send().await;
+    r.expect_status(200);
+    let id = xml_values(&r.text(), "UploadId").pop().expect("an upload id");
+    let parts = [pattern(5 << 20, 1), pattern(5 << 20, 2), pattern(1000, 3)];
+    let mut etags = Vec::new();
+    for (i, p) in parts.iter().enumerate() {
+        etags.push(upload_part(&alice, "parts", "big", &id, i as u32 + 1, p).await);
+    }
+    let list: Vec<(u32, &str)> = etags.iter().enumerate().map(|(i, e)| (i as u32 + 1, e.as_str())).collect();
+    alice.request("POST", "/parts/big").query("uploadId", &id).body(complete_xml(&list)).send().await.expect_status(200);
+    let etag = multipart_etag(&[&parts[0], &parts[1], &parts[2]]);
+    let r = alice.request("GET", "/parts/big").query("tagging", "").send().await;
+    assert_eq!(tag_pairs(&r.text()), pairs(&[("mpu", "yes")]), "tags given at creation");
+
+    let mut start = 0usize;
+    for (i, p) in parts.iter().enumerate() {
+        let n = (i + 1).to_string();
+        let r = alice.request("HEAD", "/parts/big").query("partNumber", &n).send().await;
+        r.expect_status(206);
+        assert_eq!(r.header("x-amz-mp-parts-count").as_deref(), Some("3"));
+        assert_eq!(r.header("content-length"), Some(p.len().to_string()));
+        assert_eq!(r.header("etag"), Some(etag.clone()));
+        let r = alice.request("GET", "/parts/big").query("partNumber", &n).send().await;
+        r.expect_status(206);
+        assert!(r.body.as_ref() == p.as_slice(), "part {n} reads back");
+        assert_eq!(r.header("x-amz-mp-parts-count").as_deref(), Some("3"));
+        let total: usize = parts.iter().map(Vec::len).sum();
+        assert_eq!(r.header("content-range"), Some(format!("bytes {}-{}/{total}", start, start + p.len() - 1)));
+        start += p.len();
+    }
+    alice.request("GET", "/parts/big").query("partNumber", "4").send().await.expect_error(400, "InvalidPart");
+    alice.request("GET", "/parts/big").query("partNumber", "0").send().await.expect_error(400, "InvalidArgument");
+    alice
+        .request("GET", "/parts/big")
+        .query("partNumber", "1")
+        .header("range", "bytes=0-1")
+        .send()
+        .await
+        .expect_error(400, "InvalidRequest");
+
+    // An object stored in one piece is its own part 1.
+    alice.put_object("parts", "small", b"body").await.expect_status(200);
+    let r = alice.request("GET", "/parts/small").query("partNumber", "1").send().await;
+    r.expect_status(200);
+    assert_eq!(r.body.as_ref(), b"body");
+    assert_eq!(r.header("x-amz-mp-parts-count"), None);
+    alice.request("GET", "/parts/small").query("partNumber", "2").send().await.expect_error(400, "InvalidPart");
+    alice.request("GET", "/parts/none").query("partNumber", "1").send().await.expect_error(404, "NoSuchKey");
+    gw.stop().await;
+}

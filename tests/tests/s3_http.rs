@@ -1,6 +1,7 @@
 //! The S3 gateway of a real cluster over HTTP, driven by boto3: bucket versioning (version
 //! ids, delete markers, versioned reads, copies and deletes, ListObjectVersions in pages),
-//! multipart uploads in a versioned bucket, lifecycle configurations (stored, read back,
+//! multipart uploads in a versioned bucket, object tags per version and partNumber reads,
+//! lifecycle configurations (stored, read back,
 //! refused where the store cannot honour them, and applied by a lifecycle pass), and quotas
 //! answered as 403 QuotaExceeded.
 
@@ -133,6 +134,36 @@ def phase1():
         entries += [(v["Key"], v["VersionId"]) for v in page.get("Versions", []) + page.get("DeleteMarkers", [])]
     keys = [e if e == "dir/" else e[0] for e in entries]
     assert keys == ["copied", "copied", "dir/", "k", "k", "k"], entries
+
+    # Tags per version, changed in place (no new version), through either gateway.
+    t1 = s3.put_object(Bucket="vers", Key="tagged", Body=b"t1", Tagging="a=1&b=2")["VersionId"]
+    t2 = s3.put_object(Bucket="vers", Key="tagged", Body=b"t2")["VersionId"]
+    assert s3b.get_object_tagging(Bucket="vers", Key="tagged")["TagSet"] == []
+    r = s3b.get_object_tagging(Bucket="vers", Key="tagged", VersionId=t1)
+    assert r["TagSet"] == [{"Key": "a", "Value": "1"}, {"Key": "b", "Value": "2"}] and r["VersionId"] == t1, r
+    assert s3.get_object(Bucket="vers", Key="tagged", VersionId=t1)["TagCount"] == 2
+    r = s3.put_object_tagging(Bucket="vers", Key="tagged", Tagging={"TagSet": [{"Key": "cur", "Value": "x"}]})
+    assert r["VersionId"] == t2, r
+    s3.put_object_tagging(Bucket="vers", Key="tagged", VersionId=t1, Tagging={"TagSet": [{"Key": "old", "Value": "y"}]})
+    assert s3b.get_object_tagging(Bucket="vers", Key="tagged")["TagSet"] == [{"Key": "cur", "Value": "x"}]
+    assert s3b.get_object_tagging(Bucket="vers", Key="tagged", VersionId=t1)["TagSet"] == [{"Key": "old", "Value": "y"}]
+    lv = s3.list_object_versions(Bucket="vers", Prefix="tagged")
+    assert [v["VersionId"] for v in lv["Versions"]] == [t2, t1], lv
+    assert body(s3.get_object(Bucket="vers", Key="tagged")) == b"t2"
+    assert s3.delete_object_tagging(Bucket="vers", Key="tagged", VersionId=t1)["VersionId"] == t1
+    assert s3.get_object_tagging(Bucket="vers", Key="tagged", VersionId=t1)["TagSet"] == []
+    expect_error("InvalidTag", 400, s3.put_object_tagging, Bucket="vers", Key="tagged",
+                 Tagging={"TagSet": [{"Key": str(i), "Value": "v"} for i in range(11)]})
+    m = s3.delete_object(Bucket="vers", Key="tagged")["VersionId"]
+    expect_error("NoSuchKey", 404, s3.get_object_tagging, Bucket="vers", Key="tagged")
+    expect_error("MethodNotAllowed", 405, s3.put_object_tagging, Bucket="vers", Key="tagged", VersionId=m,
+                 Tagging={"TagSet": []})
+    # partNumber reads of the multipart version above (its parts: 5 MiB, 5 MiB, 1 MiB and 4 bytes).
+    r = s3b.head_object(Bucket="vers", Key="dir/big", VersionId=done["VersionId"], PartNumber=2)
+    assert (r["PartsCount"], r["ContentLength"], r["ETag"]) == (3, 5 * mib, done["ETag"]), r
+    r = s3.get_object(Bucket="vers", Key="dir/big", VersionId=done["VersionId"], PartNumber=3)
+    assert body(r) == big[10 * mib:] and r["PartsCount"] == 3, r
+    expect_error("InvalidPart", 400, s3.get_object, Bucket="vers", Key="dir/big", VersionId=done["VersionId"], PartNumber=4)
 
     # Suspended: new writes are the null version.
     s3.put_bucket_versioning(Bucket="vers", VersioningConfiguration={"Status": "Suspended"})

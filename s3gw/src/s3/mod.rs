@@ -18,9 +18,9 @@
 //! [`permissions`]). ACLs are off, as on S3 buckets with "bucket owner enforced"
 //! ownership: requests that would grant through them get `AccessControlListNotSupported`.
 //!
-//! What is refused with `NotImplemented` rather than ignored: `partNumber` reads,
+//! What is refused with `NotImplemented` rather than ignored:
 //! conditional writes and deletes (`If-Match`, `If-None-Match` on PUT and on completion),
-//! policy conditions, server side encryption, tagging, object lock, MFA delete,
+//! policy conditions, server side encryption, object lock, MFA delete,
 //! website redirects, whole-object checksums of multipart uploads (`x-amz-checksum-type:
 //! FULL_OBJECT`, checksums on completion; part checksums are verified) and
 //! `x-amz-mp-object-size`; in lifecycle rules, transitions, expiration dates, tag and size
@@ -37,6 +37,7 @@ pub mod multipart;
 pub mod names;
 pub mod permissions;
 pub mod policy;
+pub mod tagging;
 pub mod versions;
 
 use crate::backend::{
@@ -139,18 +140,18 @@ impl<B: Backend> Gateway<B> {
         }
     }
 
-    /// The object's data (whole, or the satisfiable part of `range`) once `conds` hold.
-    /// A ranged read looks at the object first to clip the range, and makes sure the data
+    /// The object's data (whole, or the part `part` selects) once `conds` hold.
+    /// A partial read looks at the object first to find its span, and makes sure the data
     /// read belongs to the same object it looked at.
     async fn read(
         &self,
         bucket: &str,
         key: &str,
         version: Option<&str>,
-        range: Option<&dto::Range>,
+        part: Option<Part<'_>>,
         conds: &Conditions<'_>,
     ) -> S3Result<(ObjectInfo, Option<std::ops::Range<u64>>, ByteStream)> {
-        let Some(range) = range else {
+        let Some(part) = part else {
             let (info, stream) = match self.get_of(bucket, key, version, None).await {
                 Ok(found) => found,
                 Err(e) => return Err(self.read_error(bucket, key, version, e).await),
@@ -164,13 +165,13 @@ impl<B: Backend> Gateway<B> {
                 Err(e) => return Err(self.read_error(bucket, key, version, e).await),
             };
             check_conditions(conds, &head, false)?;
-            let span = satisfiable(range, head.size)?;
-            let (info, stream) = match self.get_of(bucket, key, version, Some((span.start, span.end))).await {
+            let span = part.span(&head)?;
+            let (info, stream) = match self.get_of(bucket, key, version, span.as_ref().map(|s| (s.start, s.end))).await {
                 Ok(found) => found,
                 Err(e) => return Err(self.read_error(bucket, key, version, e).await),
             };
             if same_object(&info, &head) {
-                return Ok((info, Some(span), stream));
+                return Ok((info, span, stream));
             }
         }
         Err(with_status(
@@ -330,6 +331,67 @@ fn owner(account: &Account) -> dto::Owner {
 /// The byte span `range` selects in an object of `size` bytes. An empty span (any range of
 /// an empty object: `s3s` answers a suffix range of one with `0..0`) is unsatisfiable too,
 /// as S3 answers it.
+/// What a GET or HEAD reads of an object when not all of it.
+#[derive(Clone, Copy, Debug)]
+enum Part<'a> {
+    /// A `Range` header.
+    Range(&'a dto::Range),
+    /// `partNumber`: one part of a multipart object (1 to 10,000; an object stored in one
+    /// piece has one part, all of it).
+    Number(u32),
+}
+
+impl<'a> Part<'a> {
+    /// The request's selection: a Range or a part number, not both (as S3).
+    fn of_request(range: Option<&'a dto::Range>, part_number: Option<i32>) -> S3Result<Option<Part<'a>>> {
+        match (range, part_number) {
+            (Some(_), Some(_)) => Err(with_status(
+                S3ErrorCode::InvalidRequest,
+                StatusCode::BAD_REQUEST,
+                "Cannot specify both Range header and partNumber query parameter",
+            )),
+            (Some(r), None) => Ok(Some(Part::Range(r))),
+            (None, Some(n)) => match u32::try_from(n) {
+                Ok(n) if (1..=crate::backend::MAX_PART_NUMBER).contains(&n) => Ok(Some(Part::Number(n))),
+                _ => Err(invalid_argument("Part number must be an integer between 1 and 10000, inclusive")),
+            },
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// The bytes selected of the object `info` describes; None for all of it.
+    fn span(self, info: &ObjectInfo) -> S3Result<Option<std::ops::Range<u64>>> {
+        match self {
+            Part::Range(r) => satisfiable(r, info.size).map(Some),
+            Part::Number(n) => {
+                let invalid = || {
+                    with_status(S3ErrorCode::InvalidPart, StatusCode::BAD_REQUEST, format!("The requested partnumber {n} is not satisfiable"))
+                };
+                if info.part_sizes.is_empty() {
+                    return if n == 1 { Ok(None) } else { Err(invalid()) };
+                }
+                let i = (n - 1) as usize;
+                let size = *info.part_sizes.get(i).ok_or_else(invalid)?;
+                let start: u64 = info.part_sizes[..i].iter().sum();
+                Ok(Some(start..start + size))
+            }
+        }
+    }
+}
+
+/// `Content-Range` of a partial read (none for an empty span, which has no last byte).
+fn content_range(span: &std::ops::Range<u64>, size: u64) -> Option<String> {
+    (span.end > span.start).then(|| format!("bytes {}-{}/{}", span.start, span.end - 1, size))
+}
+
+/// `x-amz-mp-parts-count` of a `partNumber` read: the number of parts of a multipart object.
+fn parts_count(info: &ObjectInfo, part: Option<Part<'_>>) -> Option<i32> {
+    match part {
+        Some(Part::Number(_)) if !info.part_sizes.is_empty() => Some(i32::try_from(info.part_sizes.len()).unwrap_or(i32::MAX)),
+        _ => None,
+    }
+}
+
 fn satisfiable(range: &dto::Range, size: u64) -> S3Result<std::ops::Range<u64>> {
     range.check(size).ok().filter(|span| span.start < span.end).ok_or_else(|| {
         let mut err = with_status(
@@ -757,8 +819,13 @@ impl<B: Backend> S3 for Gateway<B> {
         let caller = requester(&req);
         let trailers = req.trailing_headers.clone();
         let input = req.input;
-        self.authorize(&caller, &input.bucket, input.expected_bucket_owner.as_ref(), "s3:PutObject", Some(&input.key)).await?;
+        let bucket =
+            self.authorize(&caller, &input.bucket, input.expected_bucket_owner.as_ref(), "s3:PutObject", Some(&input.key)).await?;
         validate_key(&input.key).map_err(to_s3)?;
+        let tags = tagging::from_header(input.tagging.as_deref())?;
+        if !tags.is_empty() && !permits(&bucket, &caller, "s3:PutObjectTagging", Some(&input.key)) {
+            return Err(access_denied());
+        }
         if input.if_match.is_some() || input.if_none_match.is_some() {
             return Err(not_implemented("conditional writes (If-Match, If-None-Match on PUT) are not supported"));
         }
@@ -767,9 +834,6 @@ impl<B: Backend> S3 for Gateway<B> {
         }
         if input.server_side_encryption.is_some() || input.sse_customer_algorithm.is_some() || input.ssekms_key_id.is_some() {
             return Err(not_implemented("server-side encryption is not supported"));
-        }
-        if input.tagging.is_some() {
-            return Err(not_implemented("object tagging is not supported"));
         }
         if input.object_lock_mode.is_some() || input.object_lock_legal_hold_status.is_some() {
             return Err(not_implemented("object lock is not supported"));
@@ -804,6 +868,7 @@ impl<B: Backend> S3 for Gateway<B> {
             content_md5: content_md5(input.content_md5.as_deref())?,
             length: content_length(input.content_length)?,
             checksums: known,
+            tags,
         };
         let body = input.body.unwrap_or_else(empty_body);
         let (upload, report) = Upload::new(body, expected, trailers);
@@ -832,9 +897,7 @@ impl<B: Backend> S3 for Gateway<B> {
         let input = req.input;
         let read = if input.version_id.is_some() { "s3:GetObjectVersion" } else { "s3:GetObject" };
         self.authorize(&caller, &input.bucket, input.expected_bucket_owner.as_ref(), read, Some(&input.key)).await?;
-        if input.part_number.is_some() {
-            return Err(not_implemented("partNumber reads are not supported"));
-        }
+        let part = Part::of_request(input.range.as_ref(), input.part_number)?;
         let conds = Conditions {
             if_match: input.if_match.as_ref(),
             if_none_match: input.if_none_match.as_ref(),
@@ -842,12 +905,14 @@ impl<B: Backend> S3 for Gateway<B> {
             if_unmodified_since: input.if_unmodified_since.as_ref(),
         };
         let version = input.version_id.as_deref();
-        let (info, span, stream) = self.read(&input.bucket, &input.key, version, input.range.as_ref(), &conds).await?;
+        let (info, span, stream) = self.read(&input.bucket, &input.key, version, part, &conds).await?;
         let length = span.as_ref().map_or(info.size, |s| s.end - s.start);
         let mut out = dto::GetObjectOutput {
             body: Some(body::download(stream)),
             content_length: Some(i64::try_from(length).unwrap_or(i64::MAX)),
-            content_range: span.as_ref().map(|s| format!("bytes {}-{}/{}", s.start, s.end - 1, info.size)),
+            content_range: span.as_ref().and_then(|s| content_range(s, info.size)),
+            parts_count: parts_count(&info, part),
+            tag_count: (!info.tags.is_empty()).then(|| i32::try_from(info.tags.len()).unwrap_or(i32::MAX)),
             ..Default::default()
         };
         // A range's checksum is not the object's: S3 returns none for ranged reads.
@@ -861,9 +926,7 @@ impl<B: Backend> S3 for Gateway<B> {
         let input = req.input;
         let read = if input.version_id.is_some() { "s3:GetObjectVersion" } else { "s3:GetObject" };
         self.authorize(&caller, &input.bucket, input.expected_bucket_owner.as_ref(), read, Some(&input.key)).await?;
-        if input.part_number.is_some() {
-            return Err(not_implemented("partNumber reads are not supported"));
-        }
+        let part = Part::of_request(input.range.as_ref(), input.part_number)?;
         let version = input.version_id.as_deref();
         let info = match self.head_of(&input.bucket, &input.key, version).await {
             Ok(info) => info,
@@ -876,18 +939,24 @@ impl<B: Backend> S3 for Gateway<B> {
             if_unmodified_since: input.if_unmodified_since.as_ref(),
         };
         check_conditions(&conds, &info, false)?;
-        let span = input.range.as_ref().map(|r| satisfiable(r, info.size)).transpose()?;
+        let span = part.map(|p| p.span(&info)).transpose()?.flatten();
         let length = span.as_ref().map_or(info.size, |s| s.end - s.start);
         let mut out = dto::HeadObjectOutput {
             content_length: Some(i64::try_from(length).unwrap_or(i64::MAX)),
-            content_range: span.as_ref().map(|s| format!("bytes {}-{}/{}", s.start, s.end - 1, info.size)),
+            content_range: span.as_ref().and_then(|s| content_range(s, info.size)),
+            parts_count: parts_count(&info, part),
             ..Default::default()
         };
         describe!(out, &info, span.is_none() && checksum_mode_enabled(input.checksum_mode.as_ref()));
         overrides!(out, input);
         // (`s3s` answers 200 whatever the status asked for here; the server makes a HEAD
         // with Content-Range a 206.)
-        Ok(S3Response::new(out))
+        let mut response = S3Response::new(out);
+        // S3's HEAD output has no field for it, but S3 (and clients checking it) send it.
+        if !info.tags.is_empty() {
+            response.headers.insert("x-amz-tagging-count", HeaderValue::from(info.tags.len()));
+        }
+        Ok(response)
     }
 
     async fn delete_object(
@@ -991,19 +1060,75 @@ impl<B: Backend> S3 for Gateway<B> {
         }))
     }
 
+    async fn get_object_tagging(
+        &self,
+        req: S3Request<dto::GetObjectTaggingInput>,
+    ) -> S3Result<S3Response<dto::GetObjectTaggingOutput>> {
+        let caller = requester(&req);
+        let input = req.input;
+        let action = if input.version_id.is_some() { "s3:GetObjectVersionTagging" } else { "s3:GetObjectTagging" };
+        self.authorize(&caller, &input.bucket, input.expected_bucket_owner.as_ref(), action, Some(&input.key)).await?;
+        validate_key(&input.key).map_err(to_s3)?;
+        let version = input.version_id.as_deref();
+        let info = match self.head_of(&input.bucket, &input.key, version).await {
+            Ok(info) => info,
+            Err(e) => return Err(self.read_error(&input.bucket, &input.key, version, e).await),
+        };
+        Ok(S3Response::new(dto::GetObjectTaggingOutput { tag_set: tagging::tag_set(&info.tags), version_id: info.version_id }))
+    }
+
+    async fn put_object_tagging(
+        &self,
+        req: S3Request<dto::PutObjectTaggingInput>,
+    ) -> S3Result<S3Response<dto::PutObjectTaggingOutput>> {
+        let caller = requester(&req);
+        let input = req.input;
+        let action = if input.version_id.is_some() { "s3:PutObjectVersionTagging" } else { "s3:PutObjectTagging" };
+        self.authorize(&caller, &input.bucket, input.expected_bucket_owner.as_ref(), action, Some(&input.key)).await?;
+        validate_key(&input.key).map_err(to_s3)?;
+        let tags = tagging::from_xml(input.tagging)?;
+        let version = input.version_id.as_deref();
+        let version_id = self.backend.set_tags(&input.bucket, &input.key, version, tags).await.map_err(to_s3)?;
+        Ok(S3Response::new(dto::PutObjectTaggingOutput { version_id }))
+    }
+
+    async fn delete_object_tagging(
+        &self,
+        req: S3Request<dto::DeleteObjectTaggingInput>,
+    ) -> S3Result<S3Response<dto::DeleteObjectTaggingOutput>> {
+        let caller = requester(&req);
+        let input = req.input;
+        let action = if input.version_id.is_some() { "s3:DeleteObjectVersionTagging" } else { "s3:DeleteObjectTagging" };
+        self.authorize(&caller, &input.bucket, input.expected_bucket_owner.as_ref(), action, Some(&input.key)).await?;
+        validate_key(&input.key).map_err(to_s3)?;
+        let version = input.version_id.as_deref();
+        let version_id = self.backend.set_tags(&input.bucket, &input.key, version, Vec::new()).await.map_err(to_s3)?;
+        Ok(S3Response::new(dto::DeleteObjectTaggingOutput { version_id }))
+    }
+
     async fn copy_object(&self, req: S3Request<dto::CopyObjectInput>) -> S3Result<S3Response<dto::CopyObjectOutput>> {
         let caller = requester(&req);
         let input = req.input;
         let dto::CopySource::Bucket { bucket: src_bucket, key: src_key, version_id } = &input.copy_source else {
             return Err(not_implemented("copy sources other than bucket/key are not supported"));
         };
-        self.authorize(&caller, &input.bucket, input.expected_bucket_owner.as_ref(), "s3:PutObject", Some(&input.key)).await?;
+        let bucket =
+            self.authorize(&caller, &input.bucket, input.expected_bucket_owner.as_ref(), "s3:PutObject", Some(&input.key)).await?;
         let read = if version_id.is_some() { "s3:GetObjectVersion" } else { "s3:GetObject" };
         self.authorize(&caller, src_bucket, input.expected_source_bucket_owner.as_ref(), read, Some(src_key)).await?;
         validate_key(&input.key).map_err(to_s3)?;
         validate_key(src_key).map_err(to_s3)?;
-        if input.server_side_encryption.is_some() || input.tagging.is_some() || input.website_redirect_location.is_some() {
-            return Err(not_implemented("encryption, tagging and website redirects are not supported"));
+        if input.server_side_encryption.is_some() || input.website_redirect_location.is_some() {
+            return Err(not_implemented("encryption and website redirects are not supported"));
+        }
+        // The copy gets the source's tags (COPY), or those of x-amz-tagging (REPLACE).
+        let new_tags = match input.tagging_directive.as_ref().map(dto::TaggingDirective::as_str) {
+            None | Some("COPY") => None,
+            Some("REPLACE") => Some(tagging::from_header(input.tagging.as_deref())?),
+            Some(other) => return Err(invalid_argument(format!("Unknown tagging directive {other:?}"))),
+        };
+        if new_tags.as_ref().is_some_and(|t| !t.is_empty()) && !permits(&bucket, &caller, "s3:PutObjectTagging", Some(&input.key)) {
+            return Err(access_denied());
         }
         permissions::object_canned_acl(input.acl.as_ref())?;
         unsupported_storage_class(input.storage_class.as_ref())?;
@@ -1075,6 +1200,7 @@ impl<B: Backend> S3 for Gateway<B> {
             content_md5: None,
             length: Some(source.size),
             checksums: source.checksums.clone(),
+            tags: new_tags.unwrap_or_else(|| source.tags.clone()),
         };
         let (upload, report) = Upload::from_backend(stream, expected);
         let info = match self.backend.put_object(&input.bucket, &input.key, opts, upload.into_stream()).await {

@@ -75,13 +75,15 @@ impl<B: Backend> Gateway<B> {
     ) -> S3Result<S3Response<dto::CreateMultipartUploadOutput>> {
         let caller = requester(&req);
         let input = req.input;
-        self.authorize(&caller, &input.bucket, input.expected_bucket_owner.as_ref(), "s3:PutObject", Some(&input.key)).await?;
+        let bucket =
+            self.authorize(&caller, &input.bucket, input.expected_bucket_owner.as_ref(), "s3:PutObject", Some(&input.key)).await?;
         crate::s3::validate_key(&input.key).map_err(to_s3)?;
         if input.server_side_encryption.is_some() || input.sse_customer_algorithm.is_some() || input.ssekms_key_id.is_some() {
             return Err(not_implemented("server-side encryption is not supported"));
         }
-        if input.tagging.is_some() {
-            return Err(not_implemented("object tagging is not supported"));
+        let tags = super::tagging::from_header(input.tagging.as_deref())?;
+        if !tags.is_empty() && !super::permits(&bucket, &caller, "s3:PutObjectTagging", Some(&input.key)) {
+            return Err(super::errors::access_denied());
         }
         if input.object_lock_mode.is_some() || input.object_lock_legal_hold_status.is_some() {
             return Err(not_implemented("object lock is not supported"));
@@ -111,6 +113,7 @@ impl<B: Backend> Gateway<B> {
                 input.content_language,
                 input.expires.as_ref(),
             ),
+            tags,
             ..Default::default()
         };
         let upload = self.backend.create_upload(&caller.clone().unwrap_or_else(anonymous), &input.bucket, &input.key, opts).await.map_err(to_s3)?;
