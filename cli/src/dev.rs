@@ -312,6 +312,7 @@ pub async fn up(opts: &UpOptions) -> Result<ClusterFile> {
     }
     let initial_voters: BTreeMap<u64, SocketAddr> =
         nodes.iter().filter(|n| n.voter).map(|n| (n.id, n.rpc_addr)).collect();
+    let worker_threads = cpu_share(nodes.len());
     for n in &nodes {
         let config = serde_json::json!({
             "node_id": n.id,
@@ -334,6 +335,7 @@ pub async fn up(opts: &UpOptions) -> Result<ClusterFile> {
             "scrub_bytes_per_sec": opts.scrub_bytes_per_sec,
             "scrub_interval": humantime::format_duration(opts.scrub_interval).to_string(),
             "min_replicas": opts.min_replicas,
+            "worker_threads": worker_threads,
         });
         let mut config = config;
         if let (Some(bytes), Some(obj)) = (opts.journal_bytes, config.as_object_mut()) {
@@ -358,6 +360,15 @@ pub async fn up(opts: &UpOptions) -> Result<ClusterFile> {
     });
     cluster.save()?;
     Ok(cluster)
+}
+
+/// Async worker threads per node when `nodes` nodes share this machine: their share of its
+/// CPUs, at least one. One storaged per CPU-sized share keeps the runnable threads at the CPU
+/// count; each node taking every CPU (tokio's default) multiplies the threads, and every I/O
+/// then pays for waking and switching between them.
+fn cpu_share(nodes: usize) -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cpus / nodes.max(1)).max(1)
 }
 
 fn which(bin: &Path) -> Option<PathBuf> {

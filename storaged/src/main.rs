@@ -12,8 +12,7 @@ struct Args {
     config: std::path::PathBuf,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -22,6 +21,17 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let config = basalt_storaged::Config::load(&args.config)?;
+    // The runtime is sized by the configuration, so it is built here rather than by
+    // `#[tokio::main]`.
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Some(n) = config.file.worker_threads {
+        runtime.worker_threads(n);
+    }
+    runtime.build().context("starting the async runtime")?.block_on(serve(config))
+}
+
+async fn serve(config: basalt_storaged::Config) -> anyhow::Result<()> {
     let listeners = basalt_storaged::Listeners::bind(&config).await.context("binding listeners")?;
     let shutdown = CancellationToken::new();
     {
