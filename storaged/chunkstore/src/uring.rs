@@ -58,7 +58,28 @@ pub(crate) struct Uring {
     /// Set while the driver task runs; operations are refused (and callers fall back to the
     /// blocking pool) once it has stopped, for they would never complete.
     driving: AtomicBool,
+    /// Set while some caller has queued entries and will submit them (see `submit`).
+    flush_due: AtomicBool,
     stop: Notify,
+}
+
+/// Submits the queued entries when dropped: the submitting caller holds one across its
+/// yield, so entries are submitted even if that caller's future is dropped there.
+struct Flush<'a>(&'a Uring);
+
+impl Drop for Flush<'_> {
+    fn drop(&mut self) {
+        let st = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
+        // Cleared under the lock before submitting: an entry pushed after this submit finds
+        // the flag clear and submits it itself; one pushed before goes now.
+        self.0.flush_due.store(false, Ordering::Release);
+        if let Err(e) = st.ring.submit() {
+            // The entries stay queued and go with the next submission (`drain` also retries);
+            // the completions still come. Only log: no operation is lost.
+            tracing::warn!(error = %e, "io_uring submit failed; retried with the next one");
+        }
+        drop(st);
+    }
 }
 
 /// Errors of a ring operation that say "use the blocking path instead", as opposed to an I/O
@@ -89,6 +110,7 @@ impl Uring {
             eventfd,
             slots: Semaphore::new(ENTRIES as usize),
             driving: AtomicBool::new(true),
+            flush_due: AtomicBool::new(false),
             stop: Notify::new(),
         });
         tokio::spawn(drive(uring.clone()));
@@ -139,7 +161,7 @@ impl Uring {
     ) -> Result<(io::Result<usize>, Held), Unavailable> {
         let permit = self.slots.acquire().await.map_err(|_| Unavailable::Stopped)?;
         let (tx, rx) = oneshot::channel();
-        {
+        let busy = {
             let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
             if !self.driving.load(Ordering::Acquire) {
                 return Err(Unavailable::Stopped);
@@ -157,13 +179,21 @@ impl Uring {
                 return Err(Unavailable::Stopped);
             }
             st.pending.insert(id, Pending { held, _file: file, done: tx });
-            if let Err(e) = st.ring.submit() {
-                // The entry stays queued and goes with the next submission; the completion
-                // still comes. Only log: the operation itself is not lost.
-                tracing::warn!(error = %e, "io_uring submit failed; retried with the next one");
-            }
-        }
+            st.pending.len() > 1
+        };
         permit.forget();
+        // Submission is batched: each `io_uring_enter` costs a system call, and each batch
+        // reaches the device with one notification (a VM exit under a hypervisor) instead of
+        // one per operation. The first caller to queue an entry submits; when other
+        // operations are in flight it first yields, so the tasks already runnable queue
+        // theirs and go in the same call. Alone (queue depth 1) it submits at once.
+        if !self.flush_due.swap(true, Ordering::AcqRel) {
+            let flush = Flush(self);
+            if busy {
+                tokio::task::yield_now().await;
+            }
+            drop(flush);
+        }
         // The slot is given back when the completion is reaped (`drain`), whether or not we
         // are still here to receive it.
         let (res, held) = rx.await.map_err(|_| Unavailable::Stopped)?;
