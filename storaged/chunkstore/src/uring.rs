@@ -3,8 +3,8 @@
 //! Why: a 4 KiB read through the blocking pool costs two extra thread wake-ups (worker →
 //! blocking thread → worker) on top of the device read, which on a small machine is most of
 //! the software cost of a read. Here the async task submits the read itself (one
-//! `io_uring_enter`, no thread hand-off) and a driver task, woken through an eventfd the ring
-//! signals, completes it. `tokio-uring` needs its own single-threaded runtime and cannot serve
+//! `io_uring_enter`, no thread hand-off) and a driver task, woken when the ring's descriptor
+//! polls readable (completions are waiting), completes it. `tokio-uring` needs its own single-threaded runtime and cannot serve
 //! our multi-threaded one, so this uses the low-level `io-uring` crate and does the small
 //! amount of bookkeeping itself.
 //!
@@ -19,7 +19,7 @@ use bytes::Bytes;
 use io_uring::{opcode, types, IoUring};
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::io::unix::AsyncFd;
@@ -50,10 +50,21 @@ struct State {
     next_id: u64,
 }
 
+/// The ring's own descriptor, as the reactor watches it: it polls readable while
+/// completions wait in the queue. (Declared before the ring in `Uring`, so it is taken off
+/// the reactor before the ring closes it.)
+struct RingFd(RawFd);
+
+impl AsRawFd for RingFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
 /// One ring shared by every disk of a store.
 pub(crate) struct Uring {
+    ready: AsyncFd<RingFd>,
     state: Mutex<State>,
-    eventfd: AsyncFd<OwnedFd>,
     slots: Semaphore,
     /// Set while the driver task runs; operations are refused (and callers fall back to the
     /// blocking pool) once it has stopped, for they would never complete.
@@ -93,21 +104,15 @@ impl Uring {
     /// Sets up a ring and spawns its driver on the current tokio runtime.
     pub(crate) fn start() -> io::Result<Arc<Uring>> {
         let ring = IoUring::new(ENTRIES)?;
-        // SAFETY: eventfd has no memory-safety preconditions; the result is checked.
-        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `raw` is a fresh descriptor that nothing else owns.
-        let efd = unsafe { OwnedFd::from_raw_fd(raw) };
-        ring.submitter().register_eventfd(efd.as_raw_fd())?;
-        // SAFETY: an `OwnedFd` always returns the descriptor it owns, which stays open until
-        // the `AsyncFd` (its owner) is dropped.
-        let eventfd = unsafe { AsyncFd::register_with_interest(efd, tokio::io::Interest::READABLE) }
+        // The reactor watches the ring itself rather than an eventfd it signals: no eventfd
+        // read per wake-up (two system calls: the read and the EAGAIN that ends it).
+        // SAFETY: the descriptor is the ring's, which `Uring` owns beside the `AsyncFd` and
+        // drops after it (field order), so it stays open while registered.
+        let ready = unsafe { AsyncFd::register_with_interest(RingFd(ring.as_raw_fd()), tokio::io::Interest::READABLE) }
             .map_err(|e| io::Error::other(e.to_string()))?;
         let uring = Arc::new(Uring {
+            ready,
             state: Mutex::new(State { ring, pending: HashMap::new(), next_id: 0 }),
-            eventfd,
             slots: Semaphore::new(ENTRIES as usize),
             driving: AtomicBool::new(true),
             flush_due: AtomicBool::new(false),
@@ -244,7 +249,8 @@ impl Uring {
     }
 }
 
-/// Waits on the ring's eventfd and completes operations until the ring is stopped.
+/// Waits for the ring to have completions and answers their operations until the ring is
+/// stopped.
 async fn drive(uring: Arc<Uring>) {
     struct Stopped<'a>(&'a Uring);
     impl Drop for Stopped<'_> {
@@ -258,24 +264,16 @@ async fn drive(uring: Arc<Uring>) {
     let _stopped = Stopped(&uring);
     loop {
         let readable = tokio::select! {
-            r = uring.eventfd.readable() => r,
+            r = uring.ready.readable() => r,
             _ = uring.stop.notified() => break,
         };
         let Ok(mut guard) = readable else {
-            tracing::error!("io_uring eventfd failed; replica I/O falls back to the blocking pool");
+            tracing::error!("io_uring readiness failed; replica I/O falls back to the blocking pool");
             break;
         };
-        // Reset the counter before reaping: a completion posted after the reset signals again.
-        let _ = guard.try_io(|fd| {
-            let mut counter = [0u8; 8];
-            loop {
-                // SAFETY: reads 8 bytes into a local array of 8 bytes.
-                let n = unsafe { libc::read(fd.as_raw_fd(), counter.as_mut_ptr().cast(), counter.len()) };
-                if n < 0 {
-                    return Err::<(), _>(io::Error::last_os_error());
-                }
-            }
-        });
+        // Clear before reaping: a completion posted after the reap makes the ring readable
+        // again, and one posted before it is reaped now.
+        guard.clear_ready();
         uring.drain();
     }
     // No operation starts any more (`driving` is false once `_stopped` is dropped, and it is
