@@ -40,6 +40,8 @@ struct Block {
 
 // A pooled block is plain memory owned by whoever holds it.
 unsafe impl Send for Block {}
+// Shared references to a buffer only read its bytes (`AsRef`); writing takes `&mut`.
+unsafe impl Sync for Block {}
 
 static POOL: [Mutex<Vec<Block>>; CLASSES] = [const { Mutex::new(Vec::new()) }; CLASSES];
 

@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use basalt_iobuf::AlignedBuf;
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
@@ -609,8 +610,11 @@ struct Task {
     lun: u64,
     lun_raw: [u8; 8],
     cmd: Option<lu::ScsiCommand>,
-    /// Write buffer (pre-sized to the expected length) and bytes received so far.
-    buf: BytesMut,
+    /// Write buffer (pre-sized to the expected length) and bytes received so far. Page
+    /// aligned and from the pool: the replica writes it with `O_DIRECT` as it is (no aligned
+    /// copy) and it is not zeroed first, since the command starts only once every byte of it
+    /// has arrived (the Data-Out checks admit each offset once).
+    buf: AlignedBuf,
     received: u32,
     write_len: u32,
     unsolicited_end: u32,
@@ -1072,8 +1076,8 @@ impl Conn {
         } else {
             imm
         };
-        let mut buf = BytesMut::zeroed(write_len as usize);
-        buf[..imm as usize].copy_from_slice(&p.data);
+        let mut buf = AlignedBuf::filled_later(write_len as usize);
+        buf.as_mut()[..imm as usize].copy_from_slice(&p.data);
         let attr = match h.attr {
             0 => TaskAttr::Untagged,
             2 => TaskAttr::Ordered,
@@ -1202,7 +1206,7 @@ impl Conn {
             }
         }
         let (o, l) = (h.offset as usize, len as usize);
-        t.buf[o..o + l].copy_from_slice(&p.data);
+        t.buf.as_mut()[o..o + l].copy_from_slice(&p.data);
         t.received += len;
         let itt = h.itt;
         self.issue_r2ts(itt).await;
@@ -1219,7 +1223,7 @@ impl Conn {
             return;
         }
         let Some(mut cmd) = t.cmd.take() else { return };
-        cmd.data_out = std::mem::take(&mut t.buf).freeze();
+        cmd.data_out = std::mem::replace(&mut t.buf, AlignedBuf::filled_later(0)).into_bytes();
         let info = ResponseInfo {
             itt,
             lun_raw: t.lun_raw,
