@@ -2,8 +2,10 @@
 //! write and one fdatasync per batch, shared by every replica on the disk.
 //!
 //! A write updates its replica's `.sums` file through the page cache (so a killed process
-//! leaves it visible to the next one) and writes its data in place with `O_DIRECT`; then it
-//! hands the new sum entries to this journal and waits. The committer thread takes every record
+//! leaves it visible to the next one) and writes its data in place with `O_DIRECT`; it hands
+//! the new sum entries to this journal and waits. A ring write hands them over as it submits
+//! its data, so the commit's journal write runs beside the data write; the commit's fdatasync
+//! waits for that data write (`DataWrite`). The committer thread takes every record
 //! queued meanwhile, writes them as one *commit* with `O_DIRECT`, and fdatasyncs the journal.
 //! That fdatasync also flushes the device's write cache, which makes the `O_DIRECT` data writes
 //! that completed before it durable too. The `.sums` files themselves are fdatasynced only at
@@ -103,6 +105,39 @@ struct Pending {
     record: Record,
     files: Arc<Files>,
     done: Done,
+    /// The record's data write, when it runs alongside the commit's journal write.
+    data: Option<Arc<DataWrite>>,
+}
+
+/// A data write that a commit holding its record must see completed before its fdatasync,
+/// so that the fdatasync makes the data durable too. The journal write itself need not wait:
+/// a commit on the disk whose data write did not land leaves each block matching its previous
+/// slot, as a crash between a write's sums and its data does, and was never acknowledged.
+#[derive(Default)]
+pub(crate) struct DataWrite {
+    done: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl DataWrite {
+    fn wait(&self) {
+        let mut done = lock(&self.done);
+        while !*done {
+            done = self.cv.wait(done).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// Marks its data write over when dropped: it travels with the write's buffer, which the
+/// ring drops when the kernel is done with it (completed or failed), whether or not anyone
+/// still waits for the write.
+pub(crate) struct DataWritten(pub Arc<DataWrite>);
+
+impl Drop for DataWritten {
+    fn drop(&mut self) {
+        *lock(&self.0.done) = true;
+        self.0.cv.notify_all();
+    }
 }
 
 #[derive(Default)]
@@ -384,13 +419,31 @@ impl Journal {
     /// Queues `record` and sends the outcome to `done` once it is durable (or failed). Lets a
     /// blocking-pool task hand its record over without a trip back through the async worker.
     pub fn enqueue(&self, record: Record, files: Arc<Files>, done: Done) {
+        self.push(Pending { record, files, done, data: None });
+    }
+
+    /// Queues `record` now, while its data write (`data`) is still running: the journal write
+    /// goes alongside it, and the commit's fdatasync waits for it. The receiver gets the
+    /// commit's outcome.
+    pub fn enqueue_beside(
+        &self,
+        record: Record,
+        files: Arc<Files>,
+        data: Arc<DataWrite>,
+    ) -> tokio::sync::oneshot::Receiver<Result<()>> {
+        let (done, rx) = tokio::sync::oneshot::channel();
+        self.push(Pending { record, files, done, data: Some(data) });
+        rx
+    }
+
+    fn push(&self, p: Pending) {
         {
             let mut q = lock(&self.shared.queue);
             if let Some(f) = &q.failed {
-                let _ = done.send(Err(f.to_error()));
+                let _ = p.done.send(Err(f.to_error()));
                 return;
             }
-            q.pending.push(Pending { record, files, done });
+            q.pending.push(p);
         }
         self.shared.wake.notify_one();
     }
@@ -517,16 +570,6 @@ impl Committer {
         if !latency.is_zero() {
             std::thread::sleep(latency);
         }
-        // Data files on file systems without O_DIRECT are in the page cache: sync them first.
-        let mut synced: Vec<usize> = Vec::new();
-        for p in batch.iter().filter(|p| !p.files.direct) {
-            let key = Arc::as_ptr(&p.files) as usize;
-            if !synced.contains(&key) {
-                synced.push(key);
-                p.files.data.sync_data().map_err(|e| Failure::new(&p.files.data_path, &e))?;
-                self.shared.fdatasyncs.fetch_add(1, Ordering::Relaxed);
-            }
-        }
         let records: Vec<&Record> = batch.iter().map(|p| &p.record).collect();
         let mut lsn = self.head;
         let mut buf = encode_commit(KIND_RECORDS, lsn, &records);
@@ -547,6 +590,21 @@ impl Committer {
             buf = encode_commit(KIND_RECORDS, lsn, &records);
         }
         self.file.write_all_at(buf.as_ref(), AREA + lsn % self.ring).map_err(|e| self.fail(&e))?;
+        // The data writes that ran beside this journal write must be over before the
+        // fdatasync that makes them durable.
+        for d in batch.iter().filter_map(|p| p.data.as_ref()) {
+            d.wait();
+        }
+        // Data files on file systems without O_DIRECT are in the page cache: sync them.
+        let mut synced: Vec<usize> = Vec::new();
+        for p in batch.iter().filter(|p| !p.files.direct) {
+            let key = Arc::as_ptr(&p.files) as usize;
+            if !synced.contains(&key) {
+                synced.push(key);
+                p.files.data.sync_data().map_err(|e| Failure::new(&p.files.data_path, &e))?;
+                self.shared.fdatasyncs.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         self.file.sync_data().map_err(|e| self.fail(&e))?;
         self.shared.fdatasyncs.fetch_add(1, Ordering::Relaxed);
         self.head = lsn + len;

@@ -5,7 +5,7 @@
 use basalt_iobuf::AlignedBuf;
 use crate::disk::{fsync_dir, write_meta, Disk, ReplicaMeta};
 use crate::error::{Error, IoContext, Result};
-use crate::journal::{self, Journal, Record};
+use crate::journal::{self, DataWrite, DataWritten, Journal, Record};
 use crate::uring::Uring;
 use crate::replica::{
     blocks_of, classify, lock, set_entry, sum_at, BlockSet, BlockState, Files, InFlight, Replica, ReplicaState, BS, ENTRY,
@@ -337,7 +337,14 @@ impl ChunkStore {
         let at = record.first * BLOCK_SIZE;
         let len = data.len();
         let fd = Arc::new(DataFd(files.clone()));
-        match ring.write_at(fd, data, at, Box::new(guard)).await {
+        // The record goes to the journal now, so its journal write runs beside the data
+        // write; the commit's fdatasync waits for the data write (whose buffer carries the
+        // signal), so it is durable when the commit is.
+        let journal = self.inner.journal(disk)?;
+        let data_write = Arc::new(DataWrite::default());
+        let committed = journal.enqueue_beside(record, files.clone(), data_write.clone());
+        let keep = Box::new((guard, DataWritten(data_write)));
+        match ring.write_at(fd, data, at, keep).await {
             Ok(Ok(n)) if n == len => {}
             Ok(Ok(n)) => {
                 return Err(Error::io(
@@ -346,11 +353,12 @@ impl ChunkStore {
                 ))
             }
             Ok(Err(e)) => return Err(Error::io(&files.data_path, e)),
-            // The ring stopped (the store is going away): the sums are updated but not
-            // journalled, and the block still verifies against its previous sum.
+            // The ring stopped (the store is going away): the sums are updated (and their
+            // record may be committed) but the data is not written, and the block still
+            // verifies against its previous sum.
             Err(_) => return Err(Error::BadDisk("replica I/O ring stopped".into())),
         }
-        self.inner.journal(disk)?.commit(record, files).await
+        committed.await.unwrap_or_else(|_| Err(journal.stopped()))
     }
 
     /// The read through io_uring, without the replica lock: the sums are read under it, the
