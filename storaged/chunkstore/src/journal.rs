@@ -638,3 +638,28 @@ fn seal_wrap(w: &mut AlignedBuf) {
     let c = crc(b);
     b[24..28].copy_from_slice(&c.to_le_bytes());
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fdatasync that makes a commit durable must come after the data write that ran
+    /// beside it: the commit is not answered while that write is still running.
+    #[tokio::test]
+    async fn a_commit_waits_for_the_data_write_beside_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let opened = Opened::open(&dir.path().join("journal"), MIN_RING).expect("journal");
+        let journal = opened.start(Arc::new(AtomicU64::new(0))).expect("committer");
+        let files = Arc::new(Files::scratch(dir.path()));
+        let record = Record { volume: 1, index: 0, nonce: 7, first: 0, entries: vec![3u8; ENTRY] };
+        let data = Arc::new(DataWrite::default());
+        let mut committed = journal.enqueue_beside(record, files, data.clone());
+        // Unanswered while the data write runs (a commit takes milliseconds here; this waits
+        // far longer for one that must not come).
+        let early = tokio::time::timeout(Duration::from_millis(500), &mut committed).await;
+        assert!(early.is_err(), "the commit was answered before its data write was over: {early:?}");
+        drop(DataWritten(data));
+        let answer = tokio::time::timeout(Duration::from_secs(30), committed).await;
+        assert!(matches!(answer, Ok(Ok(Ok(())))), "the commit was not answered after its data write: {answer:?}");
+    }
+}

@@ -327,6 +327,19 @@ impl Replica {
 }
 
 impl Files {
+    /// Small scratch files (one block, page cache only) in `dir`, for journal tests.
+    #[cfg(test)]
+    pub fn scratch(dir: &std::path::Path) -> Files {
+        let (data_path, sums_path) = (dir.join("scratch.data"), dir.join("scratch.sums"));
+        let open = |p: &PathBuf, len: u64| {
+            let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(p).expect("scratch file");
+            f.set_len(len).expect("scratch size");
+            f
+        };
+        let (data, sums) = (open(&data_path, BLOCK_SIZE), open(&sums_path, ENTRY as u64));
+        Files { data, sums, sums_map: None, direct: false, data_path, sums_path }
+    }
+
     pub fn read_entries(&self, first: u64, count: u64) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; count as usize * ENTRY];
         let at = first * ENTRY as u64;
