@@ -4,9 +4,9 @@
 //! blocking thread → worker) on top of the device read, which on a small machine is most of
 //! the software cost of a read. Here the async task submits the read itself (one
 //! `io_uring_enter`, no thread hand-off) and a driver task, woken when the ring's descriptor
-//! polls readable (completions are waiting), completes it. `tokio-uring` needs its own single-threaded runtime and cannot serve
-//! our multi-threaded one, so this uses the low-level `io-uring` crate and does the small
-//! amount of bookkeeping itself.
+//! polls readable (completions are waiting), completes it. `tokio-uring` needs its own
+//! single-threaded runtime and cannot serve our multi-threaded one, so this uses the
+//! low-level `io-uring` crate and does the small amount of bookkeeping itself.
 //!
 //! Safety rule: the kernel owns an operation's buffer from submission to completion. Each
 //! operation's buffer (and the file it targets) is moved into the ring's table of pending
@@ -50,20 +50,12 @@ struct State {
     next_id: u64,
 }
 
-/// The ring's own descriptor, as the reactor watches it: it polls readable while
-/// completions wait in the queue. (Declared before the ring in `Uring`, so it is taken off
-/// the reactor before the ring closes it.)
-struct RingFd(RawFd);
-
-impl AsRawFd for RingFd {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0
-    }
-}
-
 /// One ring shared by every disk of a store.
 pub(crate) struct Uring {
-    ready: AsyncFd<RingFd>,
+    /// The ring's own descriptor, as the reactor watches it: it polls readable while
+    /// completions wait in the queue. Declared before `state` (which holds the ring), so it
+    /// is taken off the reactor before the ring closes the descriptor.
+    ready: AsyncFd<BorrowedRaw>,
     state: Mutex<State>,
     slots: Semaphore,
     /// Set while the driver task runs; operations are refused (and callers fall back to the
@@ -108,7 +100,7 @@ impl Uring {
         // read per wake-up (two system calls: the read and the EAGAIN that ends it).
         // SAFETY: the descriptor is the ring's, which `Uring` owns beside the `AsyncFd` and
         // drops after it (field order), so it stays open while registered.
-        let ready = unsafe { AsyncFd::register_with_interest(RingFd(ring.as_raw_fd()), tokio::io::Interest::READABLE) }
+        let ready = unsafe { AsyncFd::register_with_interest(BorrowedRaw(ring.as_raw_fd()), tokio::io::Interest::READABLE) }
             .map_err(|e| io::Error::other(e.to_string()))?;
         let uring = Arc::new(Uring {
             ready,
@@ -304,8 +296,8 @@ impl Drop for Uring {
     }
 }
 
-/// A raw descriptor wrapper for tests and callers that own the file elsewhere.
-#[allow(dead_code)]
+/// A raw descriptor wrapper for callers that own the file elsewhere (the ring's own
+/// descriptor, tests).
 pub(crate) struct BorrowedRaw(pub RawFd);
 
 impl AsRawFd for BorrowedRaw {
