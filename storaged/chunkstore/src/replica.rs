@@ -321,7 +321,7 @@ impl Replica {
                 nblocks * ENTRY as u64
             )));
         }
-        let sums_map = map_sums(&sums, &p.sums);
+        let sums_map = map_sums(&sums, sums_len, &p.sums);
         Ok(Files { data, sums, sums_map, direct, data_path: p.data.clone(), sums_path: p.sums.clone() })
     }
 }
@@ -450,12 +450,11 @@ impl BlockSet {
     }
 }
 
-/// Maps a sums file for [`Files::read_entries`] and [`Files::write_entries`], after
-/// allocating all its blocks. None (the file is used with `pread`/`pwrite`) where the file
-/// system cannot allocate ahead or map, or the file is empty.
-fn map_sums(sums: &File, path: &std::path::Path) -> Option<memmap2::MmapRaw> {
+/// Maps a sums file of `len` bytes for [`Files::read_entries`] and [`Files::write_entries`],
+/// after allocating all its blocks. None (the file is used with `pread`/`pwrite`) where the
+/// file system cannot allocate ahead or map, or the file is empty.
+fn map_sums(sums: &File, len: u64, path: &std::path::Path) -> Option<memmap2::MmapRaw> {
     use std::os::fd::AsRawFd;
-    let len = sums.metadata().ok()?.len();
     if len == 0 {
         return None;
     }
