@@ -6,9 +6,11 @@
 //! Sessions have exactly one connection (MaxConnections=1) and ErrorRecoveryLevel 0: any
 //! protocol or digest error ends the connection, and with it the session.
 //!
-//! Structure of a running connection: a reader task decodes PDUs, a writer task owns the
-//! socket's write half and stamps StatSN/ExpCmdSN/MaxCmdSN onto each PDU as it leaves (so
-//! the numbering follows the wire order), and the connection loop owns all task state.
+//! Structure of a running connection: the connection loop reads and decodes PDUs (a
+//! read-ahead buffer: one system call for a burst of small PDUs, data read straight into it)
+//! and owns all task state; a writer task owns the socket's write half, stamps
+//! StatSN/ExpCmdSN/MaxCmdSN onto each PDU as it leaves (so the numbering follows the wire
+//! order), and sends everything queued meanwhile in one vectored write.
 //! Each SCSI command runs in its own tokio task; aborting a command aborts that task, which
 //! drops the `ScsiTarget::execute` future.
 
@@ -28,7 +30,7 @@ use tracing::{debug, info, warn, Instrument};
 use crate::chap::{self, Challenge};
 use crate::lu::{self, Nexus, ScsiTarget, TargetAccess, TargetRegistry, TaskAttr, TaskManagement, TmfOutcome};
 use crate::pdu::{
-    self, reject, read_pdu, Ahs, DataIn, Digests, Error, Header, LoginResponse, Pdu, Result,
+    self, reject, Ahs, DataIn, Digests, Error, Header, LoginResponse, Pdu, Result,
     LOGIN_MAX_DATA, RESERVED_TAG,
 };
 use crate::text::{self, Negotiator, SessionParams, SessionType, TargetLimits};
@@ -166,7 +168,8 @@ pub async fn serve_connection<S>(stream: S, ctx: Context) -> Result<()>
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
-    let (mut rd, mut wr) = tokio::io::split(stream);
+    let (rd, mut wr) = tokio::io::split(stream);
+    let mut rd = pdu::PduReader::new(rd);
     let span = tracing::Span::current();
     let login = tokio::select! {
         r = tokio::time::timeout(ctx.config.login_timeout, login(&mut rd, &mut wr, &ctx)) => match r {
@@ -220,7 +223,7 @@ impl<E: std::fmt::Display> From<(u16, E)> for LoginFail {
 }
 
 /// Runs the login phase. `Ok(None)`: login refused (the refusal has been sent).
-async fn login<R, W>(rd: &mut R, wr: &mut W, ctx: &Context) -> Result<Option<LoggedIn>>
+async fn login<R, W>(rd: &mut pdu::PduReader<R>, wr: &mut W, ctx: &Context) -> Result<Option<LoggedIn>>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -234,7 +237,7 @@ where
     let mut statsn: u32 = rand::random();
     let mut first: Option<pdu::LoginRequest> = None;
     loop {
-        let Some(p) = read_pdu(rd, Digests::default(), LOGIN_MAX_DATA).await? else {
+        let Some(p) = rd.read(Digests::default(), LOGIN_MAX_DATA).await? else {
             return Err(Error::Closed);
         };
         let req = match p.header {
@@ -575,17 +578,26 @@ async fn writer<W: AsyncWrite + Unpin>(
     win: Arc<Window>,
     digests: Digests,
 ) -> Result<()> {
-    while let Some(o) = rx.recv().await {
-        match o {
-            Out::Pdu(mut p) => {
-                stamp(&mut p.header, &mut statsn, &win);
-                pdu::write_pdu(&mut wr, &p, digests).await?;
-            }
-            Out::Flush(done) => {
-                wr.flush().await?;
-                let _ = done.send(());
+    // Everything queued while the previous write ran goes out in one vectored write.
+    let mut queued = Vec::with_capacity(pdu::MAX_GATHER);
+    let mut frames = Vec::with_capacity(pdu::MAX_GATHER);
+    while rx.recv_many(&mut queued, pdu::MAX_GATHER).await > 0 {
+        for o in queued.drain(..) {
+            match o {
+                Out::Pdu(mut p) => {
+                    stamp(&mut p.header, &mut statsn, &win);
+                    frames.push(pdu::Frame::new(&p, digests)?);
+                }
+                Out::Flush(done) => {
+                    pdu::write_frames(&mut wr, &frames).await?;
+                    frames.clear();
+                    wr.flush().await?;
+                    let _ = done.send(());
+                }
             }
         }
+        pdu::write_frames(&mut wr, &frames).await?;
+        frames.clear();
     }
     wr.flush().await?;
     let _ = wr.shutdown().await;
@@ -662,7 +674,7 @@ enum End {
     Closed,
 }
 
-async fn full_feature<R, W>(mut rd: R, wr: W, s: LoggedIn, ctx: &Context) -> Result<()>
+async fn full_feature<R, W>(mut rd: pdu::PduReader<R>, wr: W, s: LoggedIn, ctx: &Context) -> Result<()>
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -677,19 +689,6 @@ where
     let (out_tx, out_rx) = mpsc::channel(256);
     let writer = tokio::spawn(writer(wr, out_rx, s.next_statsn, win.clone(), digests).in_current_span());
     let max_in = s.params.target_max_recv_dsl;
-    let (in_tx, mut in_rx) = mpsc::channel::<Result<Option<Pdu>>>(16);
-    let reader = tokio::spawn(
-        async move {
-            loop {
-                let r = read_pdu(&mut rd, digests, max_in).await;
-                let stop = !matches!(r, Ok(Some(_)));
-                if in_tx.send(r).await.is_err() || stop {
-                    break;
-                }
-            }
-        }
-        .in_current_span(),
-    );
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
     let mut limits = ctx.config.limits.clone();
     limits.max_recv_data_segment_length = s.params.target_max_recv_dsl;
@@ -723,8 +722,9 @@ where
             None => c.last_rx + c.config.nop_interval,
         };
         tokio::select! {
-            r = in_rx.recv() => match r {
-                Some(Ok(Some(p))) => {
+            // Cancel safe: a PDU leaves the reader's buffer only once it is whole.
+            r = rd.read(digests, max_in) => match r {
+                Ok(Some(p)) => {
                     // Any PDU shows the initiator alive.
                     c.last_rx = Instant::now();
                     c.ping = None;
@@ -734,8 +734,8 @@ where
                         Err(e) => break Err(e),
                     }
                 }
-                Some(Ok(None)) | None => break Ok(End::Closed),
-                Some(Err(e)) => break Err(e),
+                Ok(None) => break Ok(End::Closed),
+                Err(e) => break Err(e),
             },
             Some((itt, gen)) = done_rx.recv() => {
                 if c.tasks.get(&itt).is_some_and(|t| t.gen == gen) {
@@ -771,7 +771,6 @@ where
             a.abort();
         }
     }
-    reader.abort();
     if let Some((_, scsi)) = &c.target {
         scsi.nexus_gone(&c.nexus).await;
     }

@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::lu::{Chap, Portal};
-use crate::pdu::{DataOut, LoginRequest, NopOut, ScsiCommand, TaskMgmtRequest};
+use crate::pdu::{read_pdu, DataOut, LoginRequest, NopOut, ScsiCommand, TaskMgmtRequest};
 use std::sync::atomic::Ordering as O;
 use tokio::io::DuplexStream;
 

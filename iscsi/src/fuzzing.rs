@@ -53,7 +53,7 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
 /// Reads PDUs from arbitrary bytes until the stream ends or a PDU is refused; everything
 /// that decodes must encode again and decode to the same PDU (with and without digests).
 pub fn pdu(data: &[u8]) {
-    let Some((&sel, mut stream)) = data.split_first() else { return };
+    let Some((&sel, stream)) = data.split_first() else { return };
     let digests = Digests { header: sel & 1 != 0, data: sel & 2 != 0 };
     let max_data = if sel & 4 != 0 { LOGIN_MAX_DATA } else { 1 << 24 };
     if let Ok(bhs) = <&[u8; pdu::BHS_LEN]>::try_from(stream.get(..pdu::BHS_LEN).unwrap_or(&[])) {
@@ -62,11 +62,16 @@ pub fn pdu(data: &[u8]) {
     }
     let _ = pdu::decode_ahs(stream);
     block_on(async {
+        // Both readers: the connection's (reads ahead) and the exact one.
+        let total = stream.len();
+        let mut rd = if sel & 8 != 0 { pdu::PduReader::new(stream) } else { pdu::PduReader::exact(stream) };
+        let mut consumed = 0;
         loop {
-            let before = stream.len();
-            match pdu::read_pdu(&mut stream, digests, max_data).await {
+            match rd.read(digests, max_data).await {
                 Ok(Some(p)) => {
-                    assert!(stream.len() < before, "a PDU consumed no input");
+                    let now = total - rd.get_ref().len() - rd.buffered();
+                    assert!(now > consumed, "a PDU consumed no input");
+                    consumed = now;
                     assert!(p.data.len() <= max_data as usize, "data segment over the limit");
                     round_trip(&p).await;
                 }

@@ -7,6 +7,7 @@
 //! a Reject instead of losing framing.
 
 use bytes::{BufMut, Bytes, BytesMut};
+use std::io::IoSlice;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Size of the Basic Header Segment.
@@ -964,76 +965,196 @@ pub fn crc32c(parts: &[&[u8]]) -> u32 {
     parts.iter().fold(0, |crc, p| crc32c::crc32c_append(crc, p))
 }
 
-/// Serialises a PDU: BHS, AHS, header digest, data, padding, data digest.
-pub fn encode(pdu: &Pdu, digests: Digests) -> Result<BytesMut> {
-    let ahs = encode_ahs(&pdu.ahs)?;
-    let data_len = u32::try_from(pdu.data.len())
-        .map_err(|_| Error::DataTooLong { len: u32::MAX, max: 0x00ff_ffff })?;
-    let bhs = pdu.header.encode(Lengths { ahs: ahs.len(), data: data_len })?;
-    let pad = padded(pdu.data.len()) - pdu.data.len();
-    let mut out = BytesMut::with_capacity(BHS_LEN + ahs.len() + 8 + pdu.data.len() + pad);
-    out.put_slice(&bhs);
-    out.put_slice(&ahs);
-    if digests.header {
-        out.put_u32_le(crc32c(&[&bhs, &ahs]));
-    }
-    if !pdu.data.is_empty() {
-        out.put_slice(&pdu.data);
-        out.put_bytes(0, pad);
-        if digests.data {
-            out.put_u32_le(crc32c(&[&pdu.data, &[0u8; 3][..pad]]));
+/// A PDU laid out for the wire without copying its data segment: the header part (BHS, AHS,
+/// header digest), the data, and the trailer (padding, data digest).
+pub struct Frame {
+    head: Vec<u8>,
+    data: Bytes,
+    tail: [u8; 7],
+    tail_len: usize,
+}
+
+impl Frame {
+    /// Lays out `pdu`; the data segment is shared, not copied.
+    pub fn new(pdu: &Pdu, digests: Digests) -> Result<Frame> {
+        let ahs = encode_ahs(&pdu.ahs)?;
+        let data_len = u32::try_from(pdu.data.len())
+            .map_err(|_| Error::DataTooLong { len: u32::MAX, max: 0x00ff_ffff })?;
+        let bhs = pdu.header.encode(Lengths { ahs: ahs.len(), data: data_len })?;
+        let mut head = Vec::with_capacity(BHS_LEN + ahs.len() + 4);
+        head.extend_from_slice(&bhs);
+        head.extend_from_slice(&ahs);
+        if digests.header {
+            head.extend_from_slice(&crc32c(&[&bhs, &ahs]).to_le_bytes());
         }
+        let mut tail = [0u8; 7];
+        let mut tail_len = 0;
+        if !pdu.data.is_empty() {
+            // Padding bytes are zero; the data digest covers them.
+            tail_len = padded(pdu.data.len()) - pdu.data.len();
+            if digests.data {
+                let d = crc32c(&[&pdu.data, &tail[..tail_len]]);
+                tail[tail_len..tail_len + 4].copy_from_slice(&d.to_le_bytes());
+                tail_len += 4;
+            }
+        }
+        Ok(Frame { head, data: pdu.data.clone(), tail, tail_len })
+    }
+
+    /// Bytes on the wire.
+    pub fn len(&self) -> usize {
+        self.head.len() + self.data.len() + self.tail_len
+    }
+
+    /// A frame always has at least its 48-byte BHS.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    fn parts(&self) -> [&[u8]; 3] {
+        [&self.head, &self.data, &self.tail[..self.tail_len]]
+    }
+}
+
+/// Serialises a PDU into one buffer: BHS, AHS, header digest, data, padding, data digest.
+pub fn encode(pdu: &Pdu, digests: Digests) -> Result<BytesMut> {
+    let frame = Frame::new(pdu, digests)?;
+    let mut out = BytesMut::with_capacity(frame.len());
+    for part in frame.parts() {
+        out.put_slice(part);
     }
     Ok(out)
 }
 
-/// Reads one PDU. `Ok(None)` on end of stream at a PDU boundary. `max_data` is what we
-/// declared as MaxRecvDataSegmentLength (8 KiB during login).
+/// Most PDUs gathered into one `writev`.
+pub const MAX_GATHER: usize = 64;
+
+/// Writes whole frames, gathering up to [`MAX_GATHER`] of them into each vectored write, so a
+/// burst of responses costs one system call and no copy of their data.
+pub async fn write_frames<W: AsyncWrite + Unpin>(w: &mut W, frames: &[Frame]) -> Result<()> {
+    for group in frames.chunks(MAX_GATHER) {
+        let mut slices: Vec<IoSlice<'_>> =
+            group.iter().flat_map(|f| f.parts()).filter(|p| !p.is_empty()).map(IoSlice::new).collect();
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
+            let n = w.write_vectored(rest).await?;
+            if n == 0 {
+                return Err(Error::Io(std::io::ErrorKind::WriteZero.into()));
+            }
+            IoSlice::advance_slices(&mut rest, n);
+        }
+    }
+    Ok(())
+}
+
+/// Writes one PDU fully.
+pub async fn write_pdu<W: AsyncWrite + Unpin>(w: &mut W, pdu: &Pdu, digests: Digests) -> Result<()> {
+    write_frames(w, &[Frame::new(pdu, digests)?]).await
+}
+
+/// Bytes a connection's reader asks the socket for beyond the PDU it is completing.
+const READ_AHEAD: usize = 64 * 1024;
+
+/// Reads PDUs from a byte stream.
+///
+/// A connection's reader reads ahead: each read asks for up to 64 KiB beyond what the current
+/// PDU needs, so a burst of small PDUs costs one system call, and a data segment lands in its
+/// buffer straight from the socket. The PDU's data is a slice of that buffer: never zeroed
+/// first, never copied. An exact reader ([`PduReader::exact`]) never takes a byte past the PDU
+/// it returns, for streams that other code goes on reading.
+pub struct PduReader<R> {
+    r: R,
+    buf: BytesMut,
+    read_ahead: usize,
+}
+
+impl<R: AsyncRead + Unpin> PduReader<R> {
+    pub fn new(r: R) -> Self {
+        Self { r, buf: BytesMut::new(), read_ahead: READ_AHEAD }
+    }
+
+    pub fn exact(r: R) -> Self {
+        Self { r, buf: BytesMut::new(), read_ahead: 0 }
+    }
+
+    pub fn get_ref(&self) -> &R {
+        &self.r
+    }
+
+    /// Bytes received but not yet returned as part of a PDU.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Buffers at least `n` bytes. `Ok(false)`: the stream ended with nothing buffered.
+    async fn fill(&mut self, n: usize) -> std::io::Result<bool> {
+        while self.buf.len() < n {
+            let want = n - self.buf.len();
+            self.buf.reserve(want + self.read_ahead);
+            let got = if self.read_ahead == 0 {
+                (&mut self.r).take(want as u64).read_buf(&mut self.buf).await?
+            } else {
+                self.r.read_buf(&mut self.buf).await?
+            };
+            if got == 0 {
+                if self.buf.is_empty() {
+                    return Ok(false);
+                }
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        Ok(true)
+    }
+
+    /// Reads one PDU. `Ok(None)` on end of stream at a PDU boundary. `max_data` is what we
+    /// declared as MaxRecvDataSegmentLength (8 KiB during login); a longer data segment is
+    /// refused before any of it is read.
+    pub async fn read(&mut self, digests: Digests, max_data: u32) -> Result<Option<Pdu>> {
+        if !self.fill(BHS_LEN).await.map_err(eof_is_truncation)? {
+            return Ok(None);
+        }
+        let mut bhs = [0u8; BHS_LEN];
+        bhs.copy_from_slice(&self.buf[..BHS_LEN]);
+        let (header, lens) = Header::decode(&bhs)?;
+        let ahs_end = BHS_LEN + lens.ahs;
+        let head = ahs_end + if digests.header { 4 } else { 0 };
+        self.fill(head).await.map_err(eof_is_truncation)?;
+        if digests.header {
+            let got = u32::from_le_bytes([self.buf[ahs_end], self.buf[ahs_end + 1], self.buf[ahs_end + 2], self.buf[ahs_end + 3]]);
+            let want = crc32c(&[&self.buf[..ahs_end]]);
+            if got != want {
+                // The header cannot be trusted, so neither can its lengths: framing is lost.
+                return Err(Error::HeaderDigest { got, want });
+            }
+        }
+        let ahs = decode_ahs(&self.buf[BHS_LEN..ahs_end])?;
+        if lens.data > max_data {
+            return Err(Error::DataTooLong { len: lens.data, max: max_data });
+        }
+        let len = lens.data as usize;
+        let data_end = head + padded(len);
+        let total = data_end + if len > 0 && digests.data { 4 } else { 0 };
+        self.fill(total).await.map_err(eof_is_truncation)?;
+        if total > data_end {
+            let d = &self.buf[data_end..total];
+            let got = u32::from_le_bytes([d[0], d[1], d[2], d[3]]);
+            let want = crc32c(&[&self.buf[head..data_end]]);
+            if got != want {
+                return Err(Error::DataDigest { got, want });
+            }
+        }
+        let frame = self.buf.split_to(total).freeze();
+        Ok(Some(Pdu { header, ahs, data: frame.slice(head..head + len) }))
+    }
+}
+
+/// Reads one PDU, taking no byte past it. `Ok(None)` on end of stream at a PDU boundary.
 pub async fn read_pdu<R: AsyncRead + Unpin>(
     r: &mut R,
     digests: Digests,
     max_data: u32,
 ) -> Result<Option<Pdu>> {
-    let mut bhs = [0u8; BHS_LEN];
-    // Distinguish a clean close (no byte of a new PDU) from a truncated PDU.
-    let n = r.read(&mut bhs).await?;
-    if n == 0 {
-        return Ok(None);
-    }
-    if n < BHS_LEN {
-        r.read_exact(&mut bhs[n..]).await.map_err(eof_is_truncation)?;
-    }
-    let (header, lens) = Header::decode(&bhs)?;
-    let mut ahs_raw = vec![0u8; lens.ahs];
-    r.read_exact(&mut ahs_raw).await.map_err(eof_is_truncation)?;
-    if digests.header {
-        let mut d = [0u8; 4];
-        r.read_exact(&mut d).await.map_err(eof_is_truncation)?;
-        let got = u32::from_le_bytes(d);
-        let want = crc32c(&[&bhs, &ahs_raw]);
-        if got != want {
-            // The header cannot be trusted, so neither can its lengths: framing is lost.
-            return Err(Error::HeaderDigest { got, want });
-        }
-    }
-    let ahs = decode_ahs(&ahs_raw)?;
-    if lens.data > max_data {
-        return Err(Error::DataTooLong { len: lens.data, max: max_data });
-    }
-    let len = lens.data as usize;
-    let mut data = BytesMut::zeroed(padded(len));
-    r.read_exact(&mut data).await.map_err(eof_is_truncation)?;
-    if len > 0 && digests.data {
-        let mut d = [0u8; 4];
-        r.read_exact(&mut d).await.map_err(eof_is_truncation)?;
-        let got = u32::from_le_bytes(d);
-        let want = crc32c(&[&data]);
-        if got != want {
-            return Err(Error::DataDigest { got, want });
-        }
-    }
-    data.truncate(len);
-    Ok(Some(Pdu { header, ahs, data: data.freeze() }))
+    PduReader::exact(r).read(digests, max_data).await
 }
 
 fn eof_is_truncation(e: std::io::Error) -> Error {
@@ -1042,13 +1163,6 @@ fn eof_is_truncation(e: std::io::Error) -> Error {
     } else {
         Error::Io(e)
     }
-}
-
-/// Writes one PDU (not flushed by the caller's buffering: this writes it fully).
-pub async fn write_pdu<W: AsyncWrite + Unpin>(w: &mut W, pdu: &Pdu, digests: Digests) -> Result<()> {
-    let buf = encode(pdu, digests)?;
-    w.write_all(&buf).await?;
-    Ok(())
 }
 
 /// Decodes the 8-byte SAM LUN field into a LUN number (peripheral and flat addressing;

@@ -11,9 +11,10 @@
 //!
 //! What "1 replica" is. `basalt dev up --nodes 1` makes a cluster whose chunks have one
 //! replica (`min_replicas` 1). It is the full product path minus replication: the target
-//! hands each command to the storage client, which sends it over QUIC/TLS (loopback) to the
-//! node's own chunk service, which writes with `O_DIRECT` and commits the block sums to its
-//! journal with fdatasync before acknowledging. tgt does `pread`/`pwrite` on the file with
+//! hands each command to the storage client, which calls the node's own chunk service in
+//! process (a replica on the local node is never reached through the network stack); the
+//! chunk service checksums every block, writes with `O_DIRECT` and commits the block sums to
+//! its journal with fdatasync before acknowledging. tgt does `pread`/`pwrite` on the file with
 //! `O_DIRECT | O_SYNC`, so both acknowledge a write only once it is durable and both read
 //! from the disk. Every target's LUN is written once (untimed) before it is measured, so no
 //! read is answered from a hole.
