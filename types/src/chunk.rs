@@ -17,10 +17,8 @@ pub fn full_blocks(offset: u64, len: u64) -> u64 {
 /// `offset` (chunk-relative), in order. Partial blocks at either edge are left out: only the
 /// replica knows the rest of their bytes.
 pub fn full_block_sums(offset: u64, data: &[u8]) -> Vec<BlockSum> {
-    let bs = crate::BLOCK_SIZE as usize;
-    let skip = (offset.next_multiple_of(crate::BLOCK_SIZE) - offset) as usize;
-    let n = full_blocks(offset, data.len() as u64) as usize;
-    (0..n).map(|i| *blake3::hash(&data[skip + i * bs..skip + (i + 1) * bs]).as_bytes()).collect()
+    let skip = ((offset.next_multiple_of(crate::BLOCK_SIZE) - offset) as usize).min(data.len());
+    crate::blocksum::block_sums(&data[skip..])
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -58,12 +58,32 @@ pub(crate) enum BlockState {
 /// Judges one block. Returns the state and the sum that describes what a reader gets (zero for
 /// unwritten and corrupt blocks).
 pub(crate) fn classify(entries: &[u8], i: usize, data: &[u8]) -> (BlockState, BlockSum) {
+    judge(entries, i, data, || *blake3::hash(data).as_bytes())
+}
+
+/// [`classify`] with the block's blake3 already computed (many blocks at a time, with
+/// `basalt_types::block_sums`).
+pub(crate) fn classify_hashed(entries: &[u8], i: usize, data: &[u8], h: &BlockSum) -> (BlockState, BlockSum) {
+    judge(entries, i, data, || *h)
+}
+
+/// Multi-block reads verify every block, so hashing them all at once (SIMD across blocks) is
+/// cheaper than hashing only the written ones one by one.
+pub(crate) fn classify_all<'a>(entries: &'a [u8], data: &'a mut [u8]) -> impl Iterator<Item = (usize, BlockState, &'a mut [u8])> + 'a {
+    let sums = basalt_types::block_sums(data);
+    data.chunks_exact_mut(BS).zip(sums).enumerate().map(move |(i, (block, h))| {
+        let state = classify_hashed(entries, i, block, &h).0;
+        (i, state, block)
+    })
+}
+
+fn judge(entries: &[u8], i: usize, data: &[u8], hash: impl FnOnce() -> BlockSum) -> (BlockState, BlockSum) {
     let cur = sum_at(entries, i, 0);
     let prev = sum_at(entries, i, 1);
     if cur == ZERO_SUM && prev == ZERO_SUM {
         return (BlockState::Unwritten, ZERO_SUM);
     }
-    let h: BlockSum = *blake3::hash(data).as_bytes();
+    let h = hash();
     if cur != ZERO_SUM && h == cur {
         return (BlockState::Current, cur);
     }

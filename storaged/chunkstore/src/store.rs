@@ -8,7 +8,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::journal::{self, DataWrite, DataWritten, Journal, Record};
 use crate::uring::Uring;
 use crate::replica::{
-    blocks_of, classify, lock, set_entry, sum_at, BlockSet, BlockState, Files, InFlight, Replica, ReplicaState, BS, ENTRY,
+    blocks_of, classify, classify_all, lock, set_entry, sum_at, BlockSet, BlockState, Files, InFlight, Replica, ReplicaState, BS, ENTRY,
     ZERO_SUM,
 };
 use basalt_types::{BlockSum, ChunkId, ChunkVersion, DiskUsage, Epoch, VolumeId, BLOCK_SIZE};
@@ -404,8 +404,8 @@ impl ChunkStore {
             Err(e) => return Err(Error::io(&files.data_path, e)),
         }
         let verify = move |mut buf: AlignedBuf| {
-            for (i, block) in buf.as_mut().chunks_exact_mut(BS).enumerate() {
-                match classify(&entries, i, block).0 {
+            for (_, state, block) in classify_all(&entries, buf.as_mut()) {
+                match state {
                     BlockState::Unwritten => block.fill(0),
                     BlockState::Corrupt => return None,
                     BlockState::Current | BlockState::Previous => {}
@@ -1094,8 +1094,8 @@ impl Inner {
         drop(st);
         // Verify outside the lock: the sums and data read under it are consistent.
         let mut bad = Vec::new();
-        for (i, block) in buf.as_mut().chunks_exact_mut(BS).enumerate() {
-            match classify(&entries, i, block).0 {
+        for (i, state, block) in classify_all(&entries, buf.as_mut()) {
+            match state {
                 BlockState::Unwritten => block.fill(0),
                 BlockState::Corrupt => bad.push(first + i as u64),
                 BlockState::Current | BlockState::Previous => {}
