@@ -1002,13 +1002,8 @@ impl Frame {
     }
 
     /// Bytes on the wire.
-    pub fn len(&self) -> usize {
+    fn wire_len(&self) -> usize {
         self.head.len() + self.data.len() + self.tail_len
-    }
-
-    /// A frame always has at least its 48-byte BHS.
-    pub fn is_empty(&self) -> bool {
-        false
     }
 
     fn parts(&self) -> [&[u8]; 3] {
@@ -1019,7 +1014,7 @@ impl Frame {
 /// Serialises a PDU into one buffer: BHS, AHS, header digest, data, padding, data digest.
 pub fn encode(pdu: &Pdu, digests: Digests) -> Result<BytesMut> {
     let frame = Frame::new(pdu, digests)?;
-    let mut out = BytesMut::with_capacity(frame.len());
+    let mut out = BytesMut::with_capacity(frame.wire_len());
     for part in frame.parts() {
         out.put_slice(part);
     }

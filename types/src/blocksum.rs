@@ -86,16 +86,10 @@ mod tests {
     use super::*;
 
     fn data(len: usize, seed: u64) -> Vec<u8> {
-        // xorshift: every block different, no dependency needed.
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
+        use rand::{RngCore, SeedableRng};
+        let mut d = vec![0u8; len];
+        rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut d);
+        d
     }
 
     #[test]
