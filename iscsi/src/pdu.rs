@@ -372,6 +372,10 @@ fn u16_at(b: &[u8], o: usize) -> u16 {
 fn u32_at(b: &[u8], o: usize) -> u32 {
     u32::from_be_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
 }
+/// A digest: iSCSI sends CRC32C little-endian (see [`crc32c`]).
+fn le32_at(b: &[u8], o: usize) -> u32 {
+    u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
+}
 fn put16(b: &mut [u8], o: usize, v: u16) {
     b[o..o + 2].copy_from_slice(&v.to_be_bytes());
 }
@@ -1115,7 +1119,7 @@ impl<R: AsyncRead + Unpin> PduReader<R> {
         let head = ahs_end + if digests.header { 4 } else { 0 };
         self.fill(head).await.map_err(eof_is_truncation)?;
         if digests.header {
-            let got = u32::from_le_bytes([self.buf[ahs_end], self.buf[ahs_end + 1], self.buf[ahs_end + 2], self.buf[ahs_end + 3]]);
+            let got = le32_at(&self.buf, ahs_end);
             let want = crc32c(&[&self.buf[..ahs_end]]);
             if got != want {
                 // The header cannot be trusted, so neither can its lengths: framing is lost.
@@ -1131,8 +1135,7 @@ impl<R: AsyncRead + Unpin> PduReader<R> {
         let total = data_end + if len > 0 && digests.data { 4 } else { 0 };
         self.fill(total).await.map_err(eof_is_truncation)?;
         if total > data_end {
-            let d = &self.buf[data_end..total];
-            let got = u32::from_le_bytes([d[0], d[1], d[2], d[3]]);
+            let got = le32_at(&self.buf, data_end);
             let want = crc32c(&[&self.buf[head..data_end]]);
             if got != want {
                 return Err(Error::DataDigest { got, want });

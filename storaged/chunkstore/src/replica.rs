@@ -61,18 +61,13 @@ pub(crate) fn classify(entries: &[u8], i: usize, data: &[u8]) -> (BlockState, Bl
     judge(entries, i, data, || *blake3::hash(data).as_bytes())
 }
 
-/// [`classify`] with the block's blake3 already computed (many blocks at a time, with
-/// `basalt_types::block_sums`).
-pub(crate) fn classify_hashed(entries: &[u8], i: usize, data: &[u8], h: &BlockSum) -> (BlockState, BlockSum) {
-    judge(entries, i, data, || *h)
-}
-
-/// Multi-block reads verify every block, so hashing them all at once (SIMD across blocks) is
-/// cheaper than hashing only the written ones one by one.
+/// [`classify`] of every block of `data`. Multi-block reads verify every block, so hashing
+/// them all at once (`basalt_types::block_sums`, SIMD across blocks) is cheaper than hashing
+/// only the written ones one by one.
 pub(crate) fn classify_all<'a>(entries: &'a [u8], data: &'a mut [u8]) -> impl Iterator<Item = (usize, BlockState, &'a mut [u8])> + 'a {
     let sums = basalt_types::block_sums(data);
     data.chunks_exact_mut(BS).zip(sums).enumerate().map(move |(i, (block, h))| {
-        let state = classify_hashed(entries, i, block, &h).0;
+        let state = judge(entries, i, block, || h).0;
         (i, state, block)
     })
 }
