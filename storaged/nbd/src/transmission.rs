@@ -415,7 +415,8 @@ fn encode(ctx: &Ctx, req: &Request, outcome: std::result::Result<Done, Failure>)
 }
 
 /// Sole owner of the socket's write half: replies never interleave. Flushes whenever the queue
-/// runs dry, so pipelined replies share syscalls and a lone reply is not delayed.
+/// runs dry (after letting the other ready tasks run), so pipelined replies share syscalls and
+/// a lone reply is not delayed.
 async fn write_replies<W>(
     writer: W,
     mut rx: mpsc::UnboundedReceiver<Reply>,
@@ -433,7 +434,14 @@ where
             }
             drop(reply);
             if rx.is_empty() {
-                w.flush().await?;
+                // Requests completing together (one batch of disk completions) each wake this
+                // task first (tokio runs the task a task wakes next), so without this yield
+                // every reply went out in its own system call. Once the other ready tasks have
+                // run, their replies are queued and share one write.
+                tokio::task::yield_now().await;
+                if rx.is_empty() {
+                    w.flush().await?;
+                }
             }
         }
         w.flush().await?;
