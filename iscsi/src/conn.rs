@@ -582,6 +582,19 @@ async fn writer<W: AsyncWrite + Unpin>(
     let mut queued = Vec::with_capacity(pdu::MAX_GATHER);
     let mut frames = Vec::with_capacity(pdu::MAX_GATHER);
     while rx.recv_many(&mut queued, pdu::MAX_GATHER).await > 0 {
+        // Commands completing together (one batch of disk completions) each wake this task
+        // first (tokio runs the task a task wakes next), so the queue usually holds one PDU
+        // here; once the other ready tasks have run, their responses are queued too and go
+        // out in the same write.
+        if queued.len() < pdu::MAX_GATHER {
+            tokio::task::yield_now().await;
+            while queued.len() < pdu::MAX_GATHER {
+                match rx.try_recv() {
+                    Ok(o) => queued.push(o),
+                    Err(_) => break,
+                }
+            }
+        }
         for o in queued.drain(..) {
             match o {
                 Out::Pdu(mut p) => {
