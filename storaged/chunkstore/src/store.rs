@@ -63,6 +63,8 @@ pub struct Stats {
     /// io_uring reads redone under the replica lock (racing a write, corruption, or the ring
     /// stopped).
     pub ring_fallbacks: u64,
+    /// Journal commits written by a lone writer itself rather than the committer thread.
+    pub fast_commits: u64,
 }
 
 /// The replica store of one node. Cheap to clone; clones share everything.
@@ -221,6 +223,7 @@ impl ChunkStore {
             fdatasyncs: self.inner.fdatasyncs.load(Ordering::Relaxed),
             open_replicas: open as u64,
             ring_fallbacks: self.inner.ring_fallbacks.load(Ordering::Relaxed),
+            fast_commits: self.inner.journals.iter().map(|j| j.fast_commits()).sum(),
         }
     }
 
@@ -329,35 +332,50 @@ impl ChunkStore {
         self.blocking(move |inner| inner.read(disk, chunk, version, offset, len)).await
     }
 
-    /// The data write of [`plan_ring_write`](Inner::plan_ring_write) through the ring, then
+    /// The data write of [`plan_ring_write`](Inner::plan_ring_write) through the ring, and
     /// the journal commit that makes sums and data durable.
-    async fn ring_write(&self, ring: &Uring, disk: u32, plan: RingWrite, data: Bytes) -> Result<()> {
+    async fn ring_write(&self, ring: &Arc<Uring>, disk: u32, plan: RingWrite, data: Bytes) -> Result<()> {
         let RingWrite { files, record, guard } = plan;
         let data = if files.direct && !AlignedBuf::is_aligned(&data) { AlignedBuf::copy_of(&data).into_bytes() } else { data };
         let at = record.first * BLOCK_SIZE;
         let len = data.len();
         let fd = Arc::new(DataFd(files.clone()));
-        // The record goes to the journal now, so its journal write runs beside the data
-        // write; the commit's fdatasync waits for the data write (whose buffer carries the
-        // signal), so it is durable when the commit is.
         let journal = self.inner.journal(disk)?;
-        let data_write = Arc::new(DataWrite::default());
-        let committed = journal.enqueue_beside(record, files.clone(), data_write.clone());
-        let keep = Box::new((guard, DataWritten(data_write)));
-        match ring.write_at(fd, data, at, keep).await {
-            Ok(Ok(n)) if n == len => {}
-            Ok(Ok(n)) => {
-                return Err(Error::io(
-                    &files.data_path,
-                    std::io::Error::new(std::io::ErrorKind::WriteZero, format!("wrote {n} of {len} bytes")),
-                ))
-            }
-            Ok(Err(e)) => return Err(Error::io(&files.data_path, e)),
+        let check = |wrote: std::result::Result<std::io::Result<usize>, crate::uring::Unavailable>| match wrote {
+            Ok(Ok(n)) if n == len => Ok(()),
+            Ok(Ok(n)) => Err(Error::io(
+                &files.data_path,
+                std::io::Error::new(std::io::ErrorKind::WriteZero, format!("wrote {n} of {len} bytes")),
+            )),
+            Ok(Err(e)) => Err(Error::io(&files.data_path, e)),
             // The ring stopped (the store is going away): the sums are updated (and their
             // record may be committed) but the data is not written, and the block still
             // verifies against its previous sum.
-            Err(_) => return Err(Error::BadDisk("replica I/O ring stopped".into())),
+            Err(_) => Err(Error::BadDisk("replica I/O ring stopped".into())),
+        };
+        if let Some(fast) = journal.begin_fast(&record, &files)? {
+            // The journal is idle: this write writes its own commit, beside its data write,
+            // both with RWF_DSYNC, and nothing else has to wake up for it (see
+            // `Journal::begin_fast`). The commit runs in a task of its own so that it ends
+            // (and frees the journal) even if our caller stops waiting; it keeps the store
+            // open until then.
+            let (inner, commit_ring) = (self.inner.clone(), ring.clone());
+            let commit = tokio::spawn(async move {
+                let outcome = fast.run(&commit_ring).await;
+                drop(inner);
+                outcome
+            });
+            let wrote = check(ring.write_at_flags(fd, data, at, Box::new(guard), libc::RWF_DSYNC, true).await);
+            let committed = commit.await.unwrap_or_else(|e| Err(Error::BadDisk(format!("journal commit task failed: {e}"))));
+            return wrote.and(committed);
         }
+        // The record goes to the journal now, so its journal write runs beside the data
+        // write; the commit's fdatasync waits for the data write (whose buffer carries the
+        // signal), so it is durable when the commit is.
+        let data_write = Arc::new(DataWrite::default());
+        let committed = journal.enqueue_beside(record, files.clone(), data_write.clone());
+        let keep = Box::new((guard, DataWritten(data_write)));
+        check(ring.write_at(fd, data, at, keep).await)?;
         committed.await.unwrap_or_else(|_| Err(journal.stopped()))
     }
 

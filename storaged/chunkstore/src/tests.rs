@@ -590,6 +590,34 @@ async fn journal_restores_sums_lost_from_the_page_cache() {
     assert!(s.scrub_replica(0, c).await.expect("scrub").is_empty());
 }
 
+/// A lone overwrite commits its sums itself (no committer thread, no fdatasync) and that
+/// commit is what a power loss leaves: the journal still brings the sums back.
+#[tokio::test]
+async fn lone_overwrites_commit_themselves_and_replay() {
+    let dir = TempDir::new().expect("tempdir");
+    let c = chunk(33);
+    let mut model = vec![0u8; CS as usize];
+    {
+        let s = open(&dir, 1).await;
+        // The first write allocates the blocks (the blocking path and the thread's commit).
+        write_model(&s, &mut model, c, 0, pattern(1, 8 * B as usize)).await;
+        let before = s.stats();
+        for i in 0..8u64 {
+            write_model(&s, &mut model, c, (i * 5 % 8) * B, pattern(10 + i, B as usize)).await;
+        }
+        let after = s.stats();
+        assert_eq!(after.fast_commits - before.fast_commits, 8, "lone overwrites did not commit themselves");
+        assert_eq!(after.fdatasyncs, before.fdatasyncs, "a self-committed overwrite fdatasynced");
+    }
+    let sums = sums_file(&dir, 0, c);
+    let len = std::fs::metadata(&sums).expect("stat").len();
+    std::fs::write(&sums, vec![0u8; len as usize]).expect("wipe sums");
+    let s = open(&dir, 1).await;
+    let got = s.read(0, c, 1, 0, 8 * B).await.expect("read after replay");
+    assert!(got[..] == model[..8 * B as usize]);
+    assert!(s.scrub_replica(0, c).await.expect("scrub").is_empty());
+}
+
 /// Many commits through a small ring: it wraps and checkpoints, and a reopen still finds
 /// every write (replaying only what came after the last checkpoint).
 #[tokio::test]

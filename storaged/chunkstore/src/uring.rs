@@ -128,7 +128,7 @@ impl Uring {
     ) -> Result<(io::Result<usize>, AlignedBuf), Unavailable> {
         let len = u32::try_from(buf.len()).map_err(|_| Unavailable::Stopped)?;
         let entry = opcode::Read::new(types::Fd(file.as_raw_fd()), buf.as_mut().as_mut_ptr(), len).offset(offset);
-        let (res, held) = self.submit(entry.build(), Held::Read(buf), file).await?;
+        let (res, held) = self.submit(entry.build(), Held::Read(buf), file, false).await?;
         match held {
             Held::Read(buf) => Ok((res, buf)),
             Held::Write(..) => Err(Unavailable::Stopped),
@@ -144,9 +144,24 @@ impl Uring {
         offset: u64,
         keep: Box<dyn Send + Sync>,
     ) -> Result<io::Result<usize>, Unavailable> {
+        self.write_at_flags(file, data, offset, keep, 0, false).await
+    }
+
+    /// [`write_at`](Self::write_at) with `pwritev2` flags (`RWF_DSYNC`: the write is durable
+    /// when it completes). `followed`: the caller has just started another operation (in a
+    /// task it spawned), which should go to the kernel in the same submission.
+    pub(crate) async fn write_at_flags(
+        &self,
+        file: Arc<dyn AsRawFd + Send + Sync>,
+        data: Bytes,
+        offset: u64,
+        keep: Box<dyn Send + Sync>,
+        flags: i32,
+        followed: bool,
+    ) -> Result<io::Result<usize>, Unavailable> {
         let len = u32::try_from(data.len()).map_err(|_| Unavailable::Stopped)?;
-        let entry = opcode::Write::new(types::Fd(file.as_raw_fd()), data.as_ptr(), len).offset(offset);
-        let (res, _) = self.submit(entry.build(), Held::Write(data, keep), file).await?;
+        let entry = opcode::Write::new(types::Fd(file.as_raw_fd()), data.as_ptr(), len).offset(offset).rw_flags(flags);
+        let (res, _) = self.submit(entry.build(), Held::Write(data, keep), file, followed).await?;
         Ok(res)
     }
 
@@ -155,6 +170,7 @@ impl Uring {
         entry: io_uring::squeue::Entry,
         held: Held,
         file: Arc<dyn AsRawFd + Send + Sync>,
+        followed: bool,
     ) -> Result<(io::Result<usize>, Held), Unavailable> {
         let permit = self.slots.acquire().await.map_err(|_| Unavailable::Stopped)?;
         let (tx, rx) = oneshot::channel();
@@ -182,11 +198,12 @@ impl Uring {
         // Submission is batched: each `io_uring_enter` costs a system call, and each batch
         // reaches the device with one notification (a VM exit under a hypervisor) instead of
         // one per operation. The first caller to queue an entry submits; when other
-        // operations are in flight it first yields, so the tasks already runnable queue
-        // theirs and go in the same call. Alone (queue depth 1) it submits at once.
+        // operations are in flight (or one is known to follow) it first yields, so the tasks
+        // already runnable queue theirs and go in the same call. Alone (queue depth 1) it
+        // submits at once.
         if !self.flush_due.swap(true, Ordering::AcqRel) {
             let flush = Flush(self);
-            if busy {
+            if busy || followed {
                 tokio::task::yield_now().await;
             }
             drop(flush);
