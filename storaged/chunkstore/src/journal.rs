@@ -675,11 +675,10 @@ impl Committer {
                     let _ = p.done.send(Err(f.to_error()));
                 }
             }
-            for p in batch {
-                if result.is_ok() {
+            if result.is_ok() {
+                for p in &batch {
                     self.dirty.entry(Arc::as_ptr(&p.files) as usize).or_insert_with(|| p.files.clone());
                 }
-                let _ = p.done.send(result.clone().map_err(|f| f.to_error()));
             }
             if result.is_ok() && self.head - self.tail > self.ring / 2 {
                 if let Err(f) = self.checkpoint() {
@@ -687,12 +686,19 @@ impl Committer {
                     lock(&self.shared.queue).failed = Some(f);
                 }
             }
-            let mut q = lock(&self.shared.queue);
-            q.head = self.head;
-            q.tail = self.tail;
-            q.dirty = std::mem::take(&mut self.dirty);
-            q.lone = lone;
-            q.busy = false;
+            {
+                let mut q = lock(&self.shared.queue);
+                q.head = self.head;
+                q.tail = self.tail;
+                q.dirty = std::mem::take(&mut self.dirty);
+                q.lone = lone;
+                q.busy = false;
+            }
+            // Answered once the token is back, so a writer answered here and writing again
+            // at once finds the journal idle.
+            for p in batch {
+                let _ = p.done.send(result.clone().map_err(|f| f.to_error()));
+            }
         }
     }
 
