@@ -8,7 +8,8 @@
 //! waits for that data write (`DataWrite`). The committer thread takes every record
 //! queued meanwhile, writes them as one *commit* with `O_DIRECT`, and fdatasyncs the journal.
 //! That fdatasync also flushes the device's write cache, which makes the `O_DIRECT` data writes
-//! that completed before it durable too. The `.sums` files themselves are fdatasynced only at
+//! that completed before it durable too. A lone ring write on an idle journal skips the thread
+//! and writes its own commit (see [`Journal::begin_fast`]). The `.sums` files themselves are fdatasynced only at
 //! a *checkpoint*, when half of the ring is in use: after it, their records are no longer needed.
 //!
 //! # File layout (`journal` in the disk's directory)

@@ -35,7 +35,9 @@
 //! old → previous* into the `.sums` file (page cache), then writes the data in place with
 //! `O_DIRECT`. After the lock is released it hands the entries to the disk's journal and
 //! returns once that commit is durable: the commit's fdatasync flushes the device's write
-//! cache, which also makes the data (written before it) durable. A write into blocks whose
+//! cache, which also makes the data (written before it) durable. (A lone overwrite on an
+//! idle journal writes its one-record commit itself, and both its writes use `RWF_DSYNC`:
+//! each is durable when it completes.) A write into blocks whose
 //! allocation in the data file is not known to be durable fdatasyncs the data file first (see
 //! `replica::Allocated`).
 //!
