@@ -469,8 +469,7 @@ impl Journal {
     /// Starts a commit of `record` alone, to be written by the caller's task through the
     /// ring ([`FastCommit::run`]), if the journal is idle: the last commit held one record,
     /// nothing is queued for the committer thread, no commit is being written, no checkpoint
-    /// is due and no wrap needed. `None` means
-    /// "queue it for the thread instead".
+    /// is due and no wrap needed. `None` means "queue it for the thread instead".
     ///
     /// Why: handing a record to the committer thread and its answer back costs two thread
     /// wake-ups, each on the path of a lone write (tens of microseconds apiece on a small
@@ -641,8 +640,9 @@ impl Committer {
                     if !q.busy && (!q.pending.is_empty() || due) {
                         break;
                     }
-                    // Nothing is left to commit. (A fast commit cannot be in flight here once
-                    // the store is dropping us: it holds the store until it is over.)
+                    // Stopping with nothing left to commit. (A fast commit cannot be in
+                    // flight once the store is dropping us: it holds the store until it is
+                    // over.)
                     if q.stop && q.pending.is_empty() {
                         return;
                     }
