@@ -51,6 +51,8 @@ const SUPER_MAGIC: &[u8; 8] = b"BSLTJRN1";
 const COMMIT_MAGIC: u32 = 0x4a43_4231; // "1BCJ"
 const KIND_RECORDS: u32 = 1;
 const KIND_WRAP: u32 = 2;
+/// A commit of one record followed by its blocks' data (see [`MAX_DATA_BLOCKS`]).
+const KIND_DATA: u32 = 3;
 const HEADER: usize = 32;
 const RECORD_HEADER: usize = 40;
 const ENTRY: usize = crate::replica::ENTRY;
@@ -62,6 +64,11 @@ pub const MIN_RING: u64 = 8 << 20;
 pub const MAX_RING: u64 = 1 << 30;
 /// Default ring size per disk.
 pub const DEFAULT_RING: u64 = 128 << 20;
+/// A lone write of at most this many blocks carries its data in its own commit, so its in-place
+/// data write needs no flush of its own: one durable write instead of two. (Measured on the
+/// development VM's disk: two concurrent `RWF_DSYNC` 4 KiB writes take ~185 µs, one ~130 µs.)
+/// Larger writes would fill the ring with data for little gain.
+pub const MAX_DATA_BLOCKS: u64 = 16;
 
 /// The new sum entries of a run of blocks of one replica.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -71,6 +78,9 @@ pub(crate) struct Record {
     pub nonce: u64,
     pub first: u64,
     pub entries: Vec<u8>,
+    /// The blocks' new contents, in a data commit read back at replay (never set on the
+    /// write path: the data travels beside the record there).
+    pub data: Option<bytes::Bytes>,
 }
 
 impl Record {
@@ -312,7 +322,7 @@ impl Opened {
                 self.head = lsn + len;
                 continue;
             }
-            if kind != KIND_RECORDS {
+            if kind != KIND_RECORDS && kind != KIND_DATA {
                 return Ok(());
             }
             let mut body = AlignedBuf::zeroed(len as usize);
@@ -323,7 +333,11 @@ impl Opened {
                 tracing::info!(path = %self.path.display(), lsn, "journal ends with a torn commit (never acknowledged)");
                 return Ok(());
             }
-            match decode_records(&body.as_ref()[HEADER..], count) {
+            let decoded = match kind {
+                KIND_DATA => decode_data_commit(body.as_ref(), count),
+                _ => decode_records(&body.as_ref()[HEADER..], count),
+            };
+            match decoded {
                 Some(records) => self.records.extend(records),
                 None => {
                     return Err(Error::BadDisk(format!(
@@ -405,15 +419,41 @@ fn decode_records(mut b: &[u8], count: u32) -> Option<Vec<Record>> {
             nonce: u64_at(b, 16),
             first: u64_at(b, 24),
             entries: b[RECORD_HEADER..len].to_vec(),
+            data: None,
         });
         b = &b[len..];
     }
     Some(out)
 }
 
+/// A data commit: its one record, then the record's blocks from the next 4 KiB boundary on,
+/// filling the rest of the commit exactly.
+fn decode_data_commit(body: &[u8], count: u32) -> Option<Vec<Record>> {
+    let mut records = decode_records(&body[HEADER..], count)?;
+    let [record] = &mut records[..] else { return None };
+    let at = data_offset(record);
+    let len = (record.entries.len() / ENTRY).checked_mul(ALIGN)?;
+    if at.checked_add(len)? != body.len() {
+        return None;
+    }
+    record.data = Some(bytes::Bytes::copy_from_slice(&body[at..]));
+    Some(records)
+}
+
+/// Where a data commit's blocks start: after its header and record, at a 4 KiB boundary.
+fn data_offset(record: &Record) -> usize {
+    (HEADER + record.encoded_len()).next_multiple_of(ALIGN)
+}
+
 fn encode_commit(kind: u32, lsn: u64, records: &[&Record]) -> AlignedBuf {
+    encode(kind, lsn, records, &[])
+}
+
+/// A commit of `records`, then `data` (whole blocks) from the next 4 KiB boundary when given.
+fn encode(kind: u32, lsn: u64, records: &[&Record], data: &[u8]) -> AlignedBuf {
     let body: usize = records.iter().map(|r| r.encoded_len()).sum();
-    let len = (HEADER + body).next_multiple_of(ALIGN);
+    let data_at = (HEADER + body).next_multiple_of(ALIGN);
+    let len = if data.is_empty() { data_at } else { data_at + data.len().next_multiple_of(ALIGN) };
     let mut buf = AlignedBuf::zeroed(len);
     let b = buf.as_mut();
     b[0..4].copy_from_slice(&COMMIT_MAGIC.to_le_bytes());
@@ -432,6 +472,7 @@ fn encode_commit(kind: u32, lsn: u64, records: &[&Record]) -> AlignedBuf {
         b[at..at + r.entries.len()].copy_from_slice(&r.entries);
         at += r.entries.len();
     }
+    b[data_at..data_at + data.len()].copy_from_slice(data);
     let c = crc(b);
     b[24..28].copy_from_slice(&c.to_le_bytes());
     buf
@@ -477,12 +518,16 @@ impl Journal {
     /// better writing its commit itself, beside its data write. The thread stays for
     /// everything that blocks or batches: group commits under load, checkpoints, wraps,
     /// data files without `O_DIRECT`.
-    pub fn begin_fast(&self, record: &Record, files: &Arc<Files>) -> Result<Option<FastCommit>> {
+    pub fn begin_fast(&self, record: &Record, files: &Arc<Files>, data: &[u8]) -> Result<Option<FastCommit>> {
         if !files.direct {
             return Ok(None);
         }
         let ring = self.shared.ring;
-        let len = (HEADER + record.encoded_len()).next_multiple_of(ALIGN) as u64;
+        let blocks = (record.entries.len() / ENTRY) as u64;
+        let with_data = blocks <= MAX_DATA_BLOCKS
+            && data.len() as u64 == blocks * ALIGN as u64
+            && HEADER + record.encoded_len() <= ALIGN;
+        let len = if with_data { (ALIGN + data.len()) as u64 } else { data_offset(record) as u64 };
         let lsn = {
             let mut q = lock(&self.shared.queue);
             if let Some(f) = &q.failed {
@@ -495,8 +540,9 @@ impl Journal {
             q.busy = true;
             q.head
         };
-        let buf = encode_commit(KIND_RECORDS, lsn, &[record]);
-        Ok(Some(FastCommit { shared: self.shared.clone(), files: files.clone(), lsn, buf }))
+        let buf = if with_data { encode(KIND_DATA, lsn, &[record], data) } else { encode_commit(KIND_RECORDS, lsn, &[record]) };
+        debug_assert_eq!(buf.len() as u64, len);
+        Ok(Some(FastCommit { shared: self.shared.clone(), files: files.clone(), lsn, buf, with_data }))
     }
 
     /// Commits written by writers themselves, for the store's statistics.
@@ -549,21 +595,40 @@ impl Drop for Journal {
 /// (`Queue::busy`) from [`Journal::begin_fast`] until [`run`](Self::run) is over.
 ///
 /// The commit is written with `RWF_DSYNC`: it is durable when it completes, with no
-/// fdatasync. That does not make other writes durable (on a device with FUA it is one FUA
-/// write), so a fast commit's data write must be a `RWF_DSYNC` write of its own, which the
-/// writer awaits too.
+/// fdatasync. When it carries the write's data (`with_data`, small writes), the in-place data
+/// write beside it needs no durability of its own: replay writes the data again, and the
+/// tail only moves past the commit at a checkpoint, whose flush comes after the in-place
+/// write completed (the token is held until then). Otherwise the in-place write is a
+/// `RWF_DSYNC` write of its own (on a device with FUA, the commit's write flushes nothing else).
 pub(crate) struct FastCommit {
     shared: Arc<Shared>,
     files: Arc<Files>,
     lsn: u64,
     buf: AlignedBuf,
+    with_data: bool,
+}
+
+/// The in-place data write of a fast commit.
+pub(crate) struct InPlace {
+    pub fd: Arc<dyn std::os::fd::AsRawFd + Send + Sync>,
+    pub data: bytes::Bytes,
+    pub at: u64,
+    /// Dropped when the kernel is done with the write.
+    pub keep: Box<dyn Send + Sync>,
+}
+
+/// What became of a fast commit's two writes.
+pub(crate) struct FastOutcome {
+    pub committed: Result<()>,
+    pub wrote: std::result::Result<io::Result<usize>, crate::uring::Unavailable>,
 }
 
 impl FastCommit {
-    /// Writes the commit and gives the token back. Run it to the end (in a task of its own):
-    /// dropping it half-way would leave the journal busy for ever.
-    pub async fn run(self, ring: &crate::uring::Uring) -> Result<()> {
-        let FastCommit { shared, files, lsn, buf } = self;
+    /// Writes the commit and the data in place (one submission), and gives the token back
+    /// once both are over. Run it to the end (in a task of its own): dropping it half-way
+    /// would leave the journal busy for ever.
+    pub async fn run(self, ring: &crate::uring::Uring, in_place: InPlace) -> FastOutcome {
+        let FastCommit { shared, files, lsn, buf, with_data } = self;
         let latency = *lock(&shared.latency);
         if !latency.is_zero() {
             tokio::time::sleep(latency).await;
@@ -571,7 +636,13 @@ impl FastCommit {
         let len = buf.len() as u64;
         let file: Arc<dyn std::os::fd::AsRawFd + Send + Sync> = shared.file.clone();
         let at = AREA + lsn % shared.ring;
-        let outcome = match ring.write_at_flags(file, buf.into_bytes(), at, Box::new(()), libc::RWF_DSYNC, false).await {
+        let data_flags = if with_data { 0 } else { libc::RWF_DSYNC };
+        // The first write waits for the second to be queued, so both go in one submission.
+        let (journal, wrote) = tokio::join!(
+            ring.write_at_flags(file, buf.into_bytes(), at, Box::new(()), libc::RWF_DSYNC, true),
+            ring.write_at_flags(in_place.fd, in_place.data, in_place.at, in_place.keep, data_flags, false),
+        );
+        let outcome = match journal {
             Ok(Ok(n)) if n as u64 == len => Ok(()),
             Ok(Ok(n)) => Err(io::Error::new(io::ErrorKind::WriteZero, format!("wrote {n} of {len} bytes"))),
             Ok(Err(e)) => Err(e),
@@ -581,7 +652,7 @@ impl FastCommit {
         };
         let mut q = lock(&shared.queue);
         q.busy = false;
-        let outcome = match outcome {
+        let committed = match outcome {
             Ok(()) => {
                 q.head = lsn + len;
                 q.dirty.entry(Arc::as_ptr(&files) as usize).or_insert(files);
@@ -605,7 +676,7 @@ impl FastCommit {
         if wake {
             shared.wake.notify_one();
         }
-        outcome
+        FastOutcome { committed, wrote }
     }
 }
 
@@ -809,7 +880,7 @@ mod tests {
         let opened = Opened::open(&dir.path().join("journal"), MIN_RING).expect("journal");
         let journal = opened.start(Arc::new(AtomicU64::new(0))).expect("committer");
         let files = Arc::new(Files::scratch(dir.path()));
-        let record = Record { volume: 1, index: 0, nonce: 7, first: 0, entries: vec![3u8; ENTRY] };
+        let record = Record { volume: 1, index: 0, nonce: 7, first: 0, entries: vec![3u8; ENTRY], data: None };
         let data = Arc::new(DataWrite::default());
         let mut committed = journal.enqueue_beside(record, files, data.clone());
         // Unanswered while the data write runs (a commit takes milliseconds here; this waits

@@ -5,7 +5,7 @@
 use basalt_iobuf::AlignedBuf;
 use crate::disk::{fsync_dir, write_meta, Disk, ReplicaMeta};
 use crate::error::{Error, IoContext, Result};
-use crate::journal::{self, DataWrite, DataWritten, Journal, Record};
+use crate::journal::{self, DataWrite, DataWritten, FastOutcome, InPlace, Journal, Record};
 use crate::uring::Uring;
 use crate::replica::{
     blocks_of, classify, classify_all, lock, set_entry, sum_at, BlockSet, BlockState, Files, InFlight, Replica, ReplicaState, BS, ENTRY,
@@ -13,7 +13,7 @@ use crate::replica::{
 };
 use basalt_types::{BlockSum, ChunkId, ChunkVersion, DiskUsage, Epoch, VolumeId, BLOCK_SIZE};
 use bytes::Bytes;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
@@ -353,21 +353,22 @@ impl ChunkStore {
             // verifies against its previous sum.
             Err(_) => Err(Error::BadDisk("replica I/O ring stopped".into())),
         };
-        if let Some(fast) = journal.begin_fast(&record, &files)? {
-            // The journal is idle: this write writes its own commit, beside its data write,
-            // both with RWF_DSYNC, and nothing else has to wake up for it (see
-            // `Journal::begin_fast`). The commit runs in a task of its own so that it ends
-            // (and frees the journal) even if our caller stops waiting; it keeps the store
-            // open until then.
+        if let Some(fast) = journal.begin_fast(&record, &files, &data)? {
+            // The journal is idle: this write writes its own commit beside its data write,
+            // in one submission, and nothing else has to wake up for it (see
+            // `Journal::begin_fast`). Both run in a task of their own so that they end (and
+            // free the journal) even if our caller stops waiting; it keeps the store open
+            // until then.
             let (inner, commit_ring) = (self.inner.clone(), ring.clone());
+            let in_place = InPlace { fd, data, at, keep: Box::new(guard) };
             let commit = tokio::spawn(async move {
-                let outcome = fast.run(&commit_ring).await;
+                let outcome = fast.run(&commit_ring, in_place).await;
                 drop(inner);
                 outcome
             });
-            let wrote = check(ring.write_at_flags(fd, data, at, Box::new(guard), libc::RWF_DSYNC, true).await);
-            let committed = commit.await.unwrap_or_else(|e| Err(Error::BadDisk(format!("journal commit task failed: {e}"))));
-            return wrote.and(committed);
+            let FastOutcome { committed, wrote } =
+                commit.await.map_err(|e| Error::BadDisk(format!("journal commit task failed: {e}")))?;
+            return check(wrote).and(committed);
         }
         // The record goes to the journal now, so its journal write runs beside the data
         // write; the commit's fdatasync waits for the data write (whose buffer carries the
@@ -928,7 +929,7 @@ impl Inner {
         let Some(entries) = entries else { return Ok(None) };
         let (first, n) = block_span(offset, len);
         rep.sync_allocation(&files, &[(first, n)], &self.fdatasyncs)?;
-        Ok(Some((files, Record { volume: chunk.volume, index: chunk.index, nonce: rep.nonce, first, entries })))
+        Ok(Some((files, Record { volume: chunk.volume, index: chunk.index, nonce: rep.nonce, first, entries, data: None })))
     }
 
     /// Reads block `b` (entry `i` of `entries`) for a read-modify-write: its verified contents
@@ -1058,7 +1059,7 @@ impl Inner {
         self.mark_client_write(disk, chunk, first, n);
         rep.in_flight.fetch_add(1, Ordering::AcqRel);
         drop(st);
-        let record = Record { volume: chunk.volume, index: chunk.index, nonce: rep.nonce, first, entries };
+        let record = Record { volume: chunk.volume, index: chunk.index, nonce: rep.nonce, first, entries, data: None };
         Ok(Some(RingWrite { files, record, guard: InFlight(rep) }))
     }
 
@@ -1239,7 +1240,7 @@ impl Inner {
         })?;
         let Some((written, entries, runs)) = done else { return Ok((0, None)) };
         rep.sync_allocation(&files, &runs, &self.fdatasyncs)?;
-        let rec = Record { volume: chunk.volume, index: chunk.index, nonce: rep.nonce, first, entries };
+        let rec = Record { volume: chunk.volume, index: chunk.index, nonce: rep.nonce, first, entries, data: None };
         Ok((written, Some((files, rec))))
     }
 
@@ -1314,7 +1315,7 @@ impl Inner {
         drop(st);
         let runs: Vec<(u64, u64)> = edges.iter().map(|(b, _)| (*b, 1)).collect();
         rep.sync_allocation(&files, &runs, &self.fdatasyncs)?;
-        Ok(Some((files, Record { volume: chunk.volume, index: chunk.index, nonce: rep.nonce, first, entries })))
+        Ok(Some((files, Record { volume: chunk.volume, index: chunk.index, nonce: rep.nonce, first, entries, data: None })))
     }
 
     fn delete(&self, disk: u32, chunk: ChunkId) -> Result<()> {
@@ -1344,37 +1345,64 @@ impl Inner {
     }
 }
 
-/// Re-applies journal records to the sums files of the replicas they belong to, and makes
-/// those files durable, before the journal's tail moves past the records.
+/// Re-applies journal records to the sums files of the replicas they belong to (and the data
+/// that data commits carry to their data files), and makes those files durable, before the
+/// journal's tail moves past the records.
 fn replay(d: &Disk, records: &[Record], replicas: &HashMap<(u32, ChunkId), Arc<Replica>>) -> Result<()> {
     if records.is_empty() {
         return Ok(());
     }
-    let mut touched: HashMap<PathBuf, File> = HashMap::new();
-    let mut applied = 0usize;
-    for r in records {
+    // The replica a record applies to, if it still exists (same nonce) and the record fits it.
+    let target = |r: &Record| -> Option<&Arc<Replica>> {
         let chunk = ChunkId { volume: r.volume, index: r.index };
-        let Some(rep) = replicas.get(&(d.index, chunk)) else { continue };
-        if rep.nonce != r.nonce {
-            continue;
-        }
+        let rep = replicas.get(&(d.index, chunk)).filter(|rep| rep.nonce == r.nonce)?;
         let nblocks = blocks_of(rep.read_state().chunk_size);
         let count = (r.entries.len() / ENTRY) as u64;
         if r.first.checked_add(count).is_none_or(|end| end > nblocks) {
             tracing::warn!(disk = d.index, %chunk, first = r.first, count, "journal record past the end of its replica; ignored");
-            continue;
+            return None;
         }
+        Some(rep)
+    };
+    let mut touched: HashMap<PathBuf, File> = HashMap::new();
+    let mut open = |path: &PathBuf| -> Result<File> {
+        match touched.entry(path.clone()) {
+            std::collections::hash_map::Entry::Occupied(e) => e.get().try_clone().at(path),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                Ok(e.insert(OpenOptions::new().write(true).open(path).at(path)?).try_clone().at(path)?)
+            }
+        }
+    };
+    let mut applied = 0usize;
+    for r in records {
+        let Some(rep) = target(r) else { continue };
         let path = rep.paths.sums.clone();
-        let file = match touched.entry(path.clone()) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => e.insert(OpenOptions::new().write(true).open(&path).at(&path)?),
-        };
-        file.write_all_at(&r.entries, r.first * ENTRY as u64).at(&path)?;
+        open(&path)?.write_all_at(&r.entries, r.first * ENTRY as u64).at(&path)?;
         applied += 1;
+    }
+    // Data is written newest first, each block only by the last record that touched it: an
+    // older record's data must not land on top of a later write, whose data is already in
+    // place (its record carries sums only) or comes with its own, newer, record.
+    let mut claimed: HashSet<(VolumeId, u64, u64, u64)> = HashSet::new();
+    for r in records.iter().rev() {
+        let Some(rep) = target(r) else { continue };
+        let count = (r.entries.len() / ENTRY) as u64;
+        if let Some(data) = &r.data {
+            let path = rep.paths.data.clone();
+            let file = open(&path)?;
+            for i in 0..count {
+                let b = r.first + i;
+                if !claimed.contains(&(r.volume, r.index, r.nonce, b)) {
+                    let block = &data[(i * BLOCK_SIZE) as usize..((i + 1) * BLOCK_SIZE) as usize];
+                    file.write_all_at(block, b * BLOCK_SIZE).at(&path)?;
+                }
+            }
+        }
+        claimed.extend((r.first..r.first + count).map(|b| (r.volume, r.index, r.nonce, b)));
     }
     for (path, file) in &touched {
         file.sync_data().at(path)?;
     }
-    tracing::info!(disk = d.index, records = records.len(), applied, replicas = touched.len(), "journal replayed");
+    tracing::info!(disk = d.index, records = records.len(), applied, files = touched.len(), "journal replayed");
     Ok(())
 }
