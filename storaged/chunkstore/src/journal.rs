@@ -23,7 +23,10 @@
 //! padded commit with the CRC field zero), then its records. A commit that would cross the end
 //! of the ring is preceded by a *wrap* commit (header only) that skips to the ring's start.
 //! Record: volume, chunk index, replica nonce, first block, entry count, then the entries
-//! (64 bytes per block: current sum, previous sum).
+//! (64 bytes per block: current sum, previous sum). A *data* commit (written by a small lone
+//! write, see [`MAX_DATA_BLOCKS`]) holds one record and, from the next 4 KiB boundary, the new
+//! contents of its blocks; the CRC covers them too. (Journals holding data commits cannot be
+//! replayed by builds from before them: such a build stops at the first one.)
 //!
 //! # Replay
 //!
@@ -31,7 +34,9 @@
 //! matches); the first invalid one is the end (a commit from an older lap has another LSN; a
 //! torn one fails its CRC; it was never acknowledged). Records are re-applied to the `.sums`
 //! files of replicas that still exist with the same nonce (a replica deleted and created again
-//! gets a new one), those files are fdatasynced, and the tail moves to the end.
+//! gets a new one), and data commits' blocks to their data files, newest first, each block only
+//! from the last record that touched it (a later write's data is already in place); those files
+//! are fdatasynced, and the tail moves to the end.
 
 use basalt_iobuf::{AlignedBuf, ALIGN};
 use crate::error::{Error, IoContext, Result};

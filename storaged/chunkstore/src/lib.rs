@@ -36,8 +36,8 @@
 //! `O_DIRECT`. After the lock is released it hands the entries to the disk's journal and
 //! returns once that commit is durable: the commit's fdatasync flushes the device's write
 //! cache, which also makes the data (written before it) durable. (A lone overwrite on an
-//! idle journal writes its one-record commit itself, and both its writes use `RWF_DSYNC`:
-//! each is durable when it completes.) A write into blocks whose
+//! idle journal writes its one-record commit itself with `RWF_DSYNC`; a small one puts its
+//! data in that commit, a larger one writes its data with `RWF_DSYNC` too.) A write into blocks whose
 //! allocation in the data file is not known to be durable fdatasyncs the data file first (see
 //! `replica::Allocated`).
 //!
