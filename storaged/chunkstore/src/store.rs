@@ -1364,20 +1364,19 @@ fn replay(d: &Disk, records: &[Record], replicas: &HashMap<(u32, ChunkId), Arc<R
         }
         Some(rep)
     };
+    // Files written so far, each opened once and synced at the end.
     let mut touched: HashMap<PathBuf, File> = HashMap::new();
-    let mut open = |path: &PathBuf| -> Result<File> {
-        match touched.entry(path.clone()) {
-            std::collections::hash_map::Entry::Occupied(e) => e.get().try_clone().at(path),
-            std::collections::hash_map::Entry::Vacant(e) => {
-                Ok(e.insert(OpenOptions::new().write(true).open(path).at(path)?).try_clone().at(path)?)
-            }
-        }
-    };
+    fn open<'a>(touched: &'a mut HashMap<PathBuf, File>, path: &PathBuf) -> Result<&'a File> {
+        Ok(match touched.entry(path.clone()) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(OpenOptions::new().write(true).open(path).at(path)?),
+        })
+    }
     let mut applied = 0usize;
     for r in records {
         let Some(rep) = target(r) else { continue };
-        let path = rep.paths.sums.clone();
-        open(&path)?.write_all_at(&r.entries, r.first * ENTRY as u64).at(&path)?;
+        let path = &rep.paths.sums;
+        open(&mut touched, path)?.write_all_at(&r.entries, r.first * ENTRY as u64).at(path)?;
         applied += 1;
     }
     // Data is written newest first, each block only by the last record that touched it: an
@@ -1388,13 +1387,13 @@ fn replay(d: &Disk, records: &[Record], replicas: &HashMap<(u32, ChunkId), Arc<R
         let Some(rep) = target(r) else { continue };
         let count = (r.entries.len() / ENTRY) as u64;
         if let Some(data) = &r.data {
-            let path = rep.paths.data.clone();
-            let file = open(&path)?;
+            let path = &rep.paths.data;
+            let file = open(&mut touched, path)?;
             for i in 0..count {
                 let b = r.first + i;
                 if !claimed.contains(&(r.volume, r.index, r.nonce, b)) {
                     let block = &data[(i * BLOCK_SIZE) as usize..((i + 1) * BLOCK_SIZE) as usize];
-                    file.write_all_at(block, b * BLOCK_SIZE).at(&path)?;
+                    file.write_all_at(block, b * BLOCK_SIZE).at(path)?;
                 }
             }
         }

@@ -148,8 +148,9 @@ impl Uring {
     }
 
     /// [`write_at`](Self::write_at) with `pwritev2` flags (`RWF_DSYNC`: the write is durable
-    /// when it completes). `followed`: the caller has just started another operation (in a
-    /// task it spawned), which should go to the kernel in the same submission.
+    /// when it completes). `followed`: another operation is queued right after this one (by
+    /// the next future of a `join!`, or a task already runnable); both should go to the
+    /// kernel in one submission.
     pub(crate) async fn write_at_flags(
         &self,
         file: Arc<dyn AsRawFd + Send + Sync>,
