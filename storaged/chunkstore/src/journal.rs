@@ -360,7 +360,6 @@ impl Opened {
     pub fn start(self, fdatasyncs: Arc<AtomicU64>) -> Result<Journal> {
         write_super(&self.file, &self.path, self.ring, self.head)?;
         self.file.sync_data().at(&self.path)?;
-        let file = Arc::new(self.file);
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue {
                 pending: Vec::new(),
@@ -374,7 +373,7 @@ impl Opened {
             }),
             wake: Condvar::new(),
             path: self.path.clone(),
-            file: file.clone(),
+            file: Arc::new(self.file),
             ring: self.ring,
             fdatasyncs,
             fast_commits: AtomicU64::new(0),
@@ -382,8 +381,6 @@ impl Opened {
         });
         let committer = Committer {
             shared: shared.clone(),
-            file,
-            ring: self.ring,
             head: 0,
             tail: 0,
             dirty: HashMap::new(),
@@ -687,8 +684,6 @@ impl FastCommit {
 
 struct Committer {
     shared: Arc<Shared>,
-    file: Arc<File>,
-    ring: u64,
     head: u64,
     tail: u64,
     /// Files whose sums were journalled since the last checkpoint, by address.
@@ -712,7 +707,7 @@ impl Committer {
                         self.drain_failed();
                         return;
                     }
-                    let due = q.head - q.tail > self.ring / 2;
+                    let due = q.head - q.tail > self.shared.ring / 2;
                     if !q.busy && (!q.pending.is_empty() || due) {
                         break;
                     }
@@ -730,7 +725,7 @@ impl Committer {
                 self.head = q.head;
                 self.tail = q.tail;
                 self.dirty = std::mem::take(&mut q.dirty);
-                let limit = max_commit(self.ring);
+                let limit = max_commit(self.shared.ring);
                 let mut size = 0usize;
                 let mut n = 0;
                 for p in &q.pending {
@@ -757,7 +752,7 @@ impl Committer {
                     self.dirty.entry(Arc::as_ptr(&p.files) as usize).or_insert_with(|| p.files.clone());
                 }
             }
-            if result.is_ok() && self.head - self.tail > self.ring / 2 {
+            if result.is_ok() && self.head - self.tail > self.shared.ring / 2 {
                 if let Err(f) = self.checkpoint() {
                     tracing::error!(path = %f.path.display(), error = %f.message, "journal checkpoint failed; the disk refuses further writes");
                     lock(&self.shared.queue).failed = Some(f);
@@ -808,22 +803,22 @@ impl Committer {
         let mut lsn = self.head;
         let mut buf = encode_commit(KIND_RECORDS, lsn, &records);
         let len = buf.as_ref().len() as u64;
-        let wrap = lsn % self.ring + len > self.ring;
-        let end = if wrap { lsn.next_multiple_of(self.ring) + len } else { lsn + len };
-        if end - self.tail > self.ring {
+        let wrap = lsn % self.shared.ring + len > self.shared.ring;
+        let end = if wrap { lsn.next_multiple_of(self.shared.ring) + len } else { lsn + len };
+        if end - self.tail > self.shared.ring {
             self.checkpoint()?;
         }
         if wrap {
-            let skip = self.ring - lsn % self.ring;
+            let skip = self.shared.ring - lsn % self.shared.ring;
             let mut w = encode_commit(KIND_WRAP, lsn, &[]);
             // The wrap header says how far to skip; its CRC covers only its own 4 KiB.
             w.as_mut()[16..20].copy_from_slice(&(skip as u32).to_le_bytes());
             seal_wrap(&mut w);
-            self.file.write_all_at(w.as_ref(), AREA + lsn % self.ring).map_err(|e| self.fail(&e))?;
+            self.shared.file.write_all_at(w.as_ref(), AREA + lsn % self.shared.ring).map_err(|e| self.fail(&e))?;
             lsn += skip;
             buf = encode_commit(KIND_RECORDS, lsn, &records);
         }
-        self.file.write_all_at(buf.as_ref(), AREA + lsn % self.ring).map_err(|e| self.fail(&e))?;
+        self.shared.file.write_all_at(buf.as_ref(), AREA + lsn % self.shared.ring).map_err(|e| self.fail(&e))?;
         // The data writes that ran beside this journal write must be over before the
         // fdatasync that makes them durable.
         for d in batch.iter().filter_map(|p| p.data.as_ref()) {
@@ -839,7 +834,7 @@ impl Committer {
                 self.shared.fdatasyncs.fetch_add(1, Ordering::Relaxed);
             }
         }
-        self.file.sync_data().map_err(|e| self.fail(&e))?;
+        self.shared.file.sync_data().map_err(|e| self.fail(&e))?;
         self.shared.fdatasyncs.fetch_add(1, Ordering::Relaxed);
         self.head = lsn + len;
         Ok(())
@@ -851,12 +846,12 @@ impl Committer {
             f.sums.sync_data().map_err(|e| Failure::new(&f.sums_path, &e))?;
             self.shared.fdatasyncs.fetch_add(1, Ordering::Relaxed);
         }
-        write_super(&self.file, &self.shared.path, self.ring, self.head).map_err(|e| Failure {
+        write_super(&self.shared.file, &self.shared.path, self.shared.ring, self.head).map_err(|e| Failure {
             path: self.shared.path.clone(),
             kind: io::ErrorKind::Other,
             message: e.to_string(),
         })?;
-        self.file.sync_data().map_err(|e| self.fail(&e))?;
+        self.shared.file.sync_data().map_err(|e| self.fail(&e))?;
         self.shared.fdatasyncs.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(path = %self.shared.path.display(), from = self.tail, to = self.head, "journal checkpoint");
         self.tail = self.head;

@@ -1372,9 +1372,10 @@ fn replay(d: &Disk, records: &[Record], replicas: &HashMap<(u32, ChunkId), Arc<R
             std::collections::hash_map::Entry::Vacant(e) => e.insert(OpenOptions::new().write(true).open(path).at(path)?),
         })
     }
+    let targets: Vec<Option<&Arc<Replica>>> = records.iter().map(target).collect();
     let mut applied = 0usize;
-    for r in records {
-        let Some(rep) = target(r) else { continue };
+    for (r, rep) in records.iter().zip(&targets) {
+        let Some(rep) = rep else { continue };
         let path = &rep.paths.sums;
         open(&mut touched, path)?.write_all_at(&r.entries, r.first * ENTRY as u64).at(path)?;
         applied += 1;
@@ -1383,8 +1384,8 @@ fn replay(d: &Disk, records: &[Record], replicas: &HashMap<(u32, ChunkId), Arc<R
     // older record's data must not land on top of a later write, whose data is already in
     // place (its record carries sums only) or comes with its own, newer, record.
     let mut claimed: HashSet<(VolumeId, u64, u64, u64)> = HashSet::new();
-    for r in records.iter().rev() {
-        let Some(rep) = target(r) else { continue };
+    for (r, rep) in records.iter().zip(&targets).rev() {
+        let Some(rep) = rep else { continue };
         let count = (r.entries.len() / ENTRY) as u64;
         if let Some(data) = &r.data {
             let path = &rep.paths.data;
