@@ -6,11 +6,12 @@
 
 use crate::error::{code, Result, RpcError};
 use crate::frame;
+use crate::link;
 use crate::tls::{self, Identity, SERVER_NAME};
 use async_trait::async_trait;
 use bytes::Bytes;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use quinn::{Connection, RecvStream, SendStream, VarInt};
+use quinn::{Connection, RecvStream, Runtime, SendStream, VarInt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::collections::HashMap;
@@ -34,15 +35,9 @@ const KEEP_ALIVE: Duration = Duration::from_secs(1);
 const IDLE_TIMEOUT_MS: u32 = 5_000;
 /// UDP socket buffers wanted for bulk transfers; the kernel may cap them (net.core.rmem_max).
 const SOCKET_BUFFER: usize = 8 << 20;
-/// Largest UDP payload we accept and that MTU discovery probes for. quinn's default stops at
-/// 1452 (plain Ethernet), and most of a bulk write's CPU is per packet (framing, one AEAD
-/// call, loss-recovery tracking, ACK processing), so on jumbo-frame networks and on loopback
-/// larger packets cut that cost several times over. The bound is what fits a GSO batch: quinn
-/// sends up to 10 datagrams per `sendmsg`, and the kernel refuses a batch over 64 KiB (IP
-/// length field), which quinn would count as loss and answer by falling back to 1200 bytes.
-/// Discovery only raises the size once a probe of that size got through (the socket never
-/// fragments), so a 1500 byte path keeps working as before.
-pub(crate) const MAX_UDP_PAYLOAD: u16 = (u16::MAX - 48) / 10;
+/// Largest UDP payload we accept: any datagram (quinn's limit), so a peer's packet size is
+/// bounded by its own link (see [`crate::link`]), not by ours.
+const MAX_RECEIVED_PAYLOAD: u16 = 65527;
 
 /// The serving side of the protocol: one call per stream.
 #[async_trait]
@@ -97,7 +92,9 @@ impl RpcEndpoint {
     }
 
     fn build(socket: UdpSocket, identity: &Identity, serves: bool) -> Result<Arc<RpcEndpoint>> {
-        let transport = Arc::new(transport_config());
+        let shape = link::shape_for(socket.local_addr()?);
+        debug!(payload = shape.payload, segments = shape.segments, "QUIC packet size for this link");
+        let transport = Arc::new(transport_config(shape.payload));
         let client_crypto = QuicClientConfig::try_from(identity.client_config()?)
             .map_err(|e| RpcError::Tls(format!("client config: {e}")))?;
         let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
@@ -112,13 +109,14 @@ impl RpcEndpoint {
             None
         };
         let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(identity.reset_key()?));
-        endpoint_config.max_udp_payload_size(MAX_UDP_PAYLOAD).map_err(|e| {
+        endpoint_config.max_udp_payload_size(MAX_RECEIVED_PAYLOAD).map_err(|e| {
             std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("max UDP payload: {e}"))
         })?;
         tune_socket(&socket);
         socket.set_nonblocking(true)?;
-        let mut endpoint =
-            quinn::Endpoint::new(endpoint_config, server, socket, Arc::new(quinn::TokioRuntime))?;
+        let runtime = Arc::new(quinn::TokioRuntime);
+        let socket = Arc::new(link::Segmented::new(runtime.wrap_udp_socket(socket)?, shape.segments));
+        let mut endpoint = quinn::Endpoint::new_with_abstract_socket(endpoint_config, server, socket, runtime)?;
         endpoint.set_default_client_config(client);
         Ok(Arc::new(RpcEndpoint { endpoint, serves, connections: Mutex::new(HashMap::new()) }))
     }
@@ -433,10 +431,10 @@ fn peer_name(conn: &Connection) -> Option<String> {
     chain.first().and_then(|cert| tls::common_name(cert))
 }
 
-fn transport_config() -> quinn::TransportConfig {
+fn transport_config(max_payload: u16) -> quinn::TransportConfig {
     let mut transport = quinn::TransportConfig::default();
     let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(MAX_UDP_PAYLOAD);
+    mtu.upper_bound(max_payload);
     transport.mtu_discovery_config(Some(mtu));
     transport
         .stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW))

@@ -8,6 +8,7 @@
 
 mod endpoint;
 mod error;
+mod link;
 pub mod frame;
 pub mod tls;
 

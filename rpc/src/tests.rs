@@ -155,28 +155,40 @@ async fn round_trip_carries_the_header_and_one_mib_of_data() -> TestResult {
     server.stop().await
 }
 
-/// Loopback allows any packet size, so MTU discovery must reach our upper bound; a bound whose
-/// GSO batches the kernel refuses shows up as losses and a fall back to 1200 byte packets.
+/// Loopback allows any packet size, so MTU discovery must reach the bound of the sender's
+/// link; a bound whose GSO batches the kernel refuses shows up as losses and a fall back to
+/// 1200 byte packets. A client on a wildcard address (link unknown) uses the default shape;
+/// one bound to a loopback address sends the largest datagrams loopback carries.
 #[tokio::test]
 async fn bulk_calls_over_loopback_settle_on_large_packets() -> TestResult {
     init_tracing();
     let ca = ClusterCa::generate("test")?;
     let server = Server::start(&ca.issue("node-1")?)?;
-    let client = RpcEndpoint::client_only(&ca.issue("client")?)?;
-    let data = pattern(4 << 20, 9);
-    let deadline = Instant::now() + TIMEOUT;
-    let mtu = loop {
-        let (_, back) = echo(&client, server.addr, 1, data.clone()).await?;
-        assert_eq!(back, data);
+    let wildcard = RpcEndpoint::client_only(&ca.issue("client")?)?;
+    let on_loopback = RpcEndpoint::new(UdpSocket::bind("127.0.0.1:0")?, &ca.issue("node-2")?)?;
+    let loopback = crate::link::shape_for(on_loopback.local_addr()?);
+    assert!(loopback.payload > crate::link::UNKNOWN_LINK.payload, "{loopback:?}");
+    for (client, want) in [(&wildcard, crate::link::UNKNOWN_LINK.payload), (&on_loopback, loopback.payload)] {
+        let data = pattern(4 << 20, 9);
+        let deadline = Instant::now() + TIMEOUT;
+        let mtu = loop {
+            let (_, back) = echo(client, server.addr, 1, data.clone()).await?;
+            assert_eq!(back, data);
+            let (conn, _) = client.connection(server.addr).await?;
+            let mtu = conn.stats().path.current_mtu;
+            if mtu == want || Instant::now() >= deadline {
+                break mtu;
+            }
+        };
+        assert_eq!(mtu, want, "MTU discovery stopped short");
         let (conn, _) = client.connection(server.addr).await?;
-        let mtu = conn.stats().path.current_mtu;
-        if mtu == crate::endpoint::MAX_UDP_PAYLOAD || Instant::now() >= deadline {
-            break mtu;
-        }
-    };
-    assert_eq!(mtu, crate::endpoint::MAX_UDP_PAYLOAD, "MTU discovery stopped short");
-    let (conn, _) = client.connection(server.addr).await?;
-    assert_eq!(conn.stats().path.black_holes_detected, 0);
+        assert_eq!(conn.stats().path.black_holes_detected, 0);
+        // The server's packets to us grow to its own link's bound (loopback for both).
+        let data = pattern(4 << 20, 3);
+        let (_, back) = echo(client, server.addr, 2, data.clone()).await?;
+        assert_eq!(back, data);
+    }
+    on_loopback.close();
     server.stop().await
 }
 
