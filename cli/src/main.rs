@@ -77,6 +77,10 @@ enum BenchCmd {
         /// Directory for the local-file baseline (default: the cluster's directory, same disk).
         #[arg(long)]
         local_dir: Option<PathBuf>,
+        /// How fio reaches the NBD export: the node's unix socket (as a VM on that node
+        /// attaches) or its TCP port (as a client on another host does).
+        #[arg(long, value_enum, default_value = "unix")]
+        nbd: bench::block::NbdTransport,
         #[arg(long)]
         json: bool,
     },
@@ -262,7 +266,7 @@ async fn run(cli: Cli) -> Result<()> {
 
 async fn bench_cmd(dir: &std::path::Path, cmd: BenchCmd) -> Result<()> {
     match cmd {
-        BenchCmd::Block { cluster, size, runtime, local_dir, json } => {
+        BenchCmd::Block { cluster, size, runtime, local_dir, nbd, json } => {
             if cluster.is_none() && dir.join(dev::CLUSTER_FILE).exists() {
                 eprintln!(
                     "note: benchmarking a fresh cluster; to use the one in {} pass --cluster {0}",
@@ -272,6 +276,7 @@ async fn bench_cmd(dir: &std::path::Path, cmd: BenchCmd) -> Result<()> {
             let mut opts = bench::block::BlockOptions::new(parse_size(&size)?, parse_duration(&runtime)?);
             opts.cluster_dir = cluster;
             opts.local_dir = local_dir;
+            opts.transport = nbd;
             let report = bench::block::run_block(&opts).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);

@@ -135,6 +135,17 @@ pub struct BlockOptions {
     /// Directory for the local baseline file; None = the cluster's directory (same disk).
     pub local_dir: Option<PathBuf>,
     pub storaged_bin: PathBuf,
+    pub transport: NbdTransport,
+}
+
+/// How fio reaches the node's NBD export.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum NbdTransport {
+    /// The node's unix socket: how a client on the node itself (a local VM's QEMU) attaches,
+    /// and the fair match for a local-file baseline on the same machine.
+    Unix,
+    /// The node's TCP port (loopback here): how a client on another host attaches.
+    Tcp,
 }
 
 impl BlockOptions {
@@ -148,6 +159,7 @@ impl BlockOptions {
             ramp: DEFAULT_RAMP,
             local_dir: None,
             storaged_bin: dev::default_storaged_bin(),
+            transport: NbdTransport::Unix,
         }
     }
 }
@@ -195,7 +207,10 @@ async fn bench_cluster(cluster: &ClusterFile, opts: &BlockOptions) -> Result<Blo
         .create_volume(&volume, opts.size, Some(opts.chunk_size))
         .await
         .with_context(|| format!("creating volume {volume}"))?;
-    let uri = format!("{}/{}", node.nbd_uri, volume);
+    let uri = match opts.transport {
+        NbdTransport::Tcp => format!("{}/{}", node.nbd_uri, volume),
+        NbdTransport::Unix => unix_uri(&node.nbd_socket, &volume),
+    };
     let result = bench_volume(opts, &uri, &probe, scratch.path(), replicas).await;
     // A benchmark volume left behind would hold 3x its size of disk; remove it even after
     // a failure (a fresh cluster goes away as a whole anyway).
@@ -220,6 +235,12 @@ async fn bench_cluster(cluster: &ClusterFile, opts: &BlockOptions) -> Result<Blo
 }
 
 const LOCAL_FILE: &str = "local.dat";
+
+/// An NBD URI for `export` on a unix socket (the `nbd+unix` scheme of the NBD URI spec, which
+/// libnbd, QEMU and fio's nbd engine read).
+fn unix_uri(socket: &Path, export: &str) -> String {
+    format!("nbd+unix:///{export}?socket={}", socket.display())
+}
 
 async fn bench_volume(
     opts: &BlockOptions,
@@ -651,6 +672,14 @@ mod tests {
         assert!(table.contains("(steal) during the Basalt jobs: up to 2.0%."), "{table}");
         assert!(!table.contains("host was busy"), "2% steal is below the warning: {table}");
         assert_eq!(json["rows"][0]["cluster_cpu"]["steal_percent"], 2.0);
+    }
+
+    #[test]
+    fn unix_socket_uris_follow_the_nbd_uri_scheme() {
+        assert_eq!(
+            unix_uri(Path::new("/var/tmp/c/node1/nbd.sock"), "bench-1"),
+            "nbd+unix:///bench-1?socket=/var/tmp/c/node1/nbd.sock"
+        );
     }
 
     #[test]
