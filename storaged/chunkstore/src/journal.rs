@@ -173,6 +173,9 @@ struct Queue {
     /// write its own commit. Under load the thread's group commits share one flush among
     /// many writes, where fast commits would cost two each.
     lone: bool,
+    /// The committer thread sleeps on `wake` for records: writers notify only then (a
+    /// notification is a system call even when nobody waits).
+    sleeping: bool,
 }
 
 struct Shared {
@@ -370,6 +373,7 @@ impl Opened {
                 tail: self.head,
                 dirty: HashMap::new(),
                 lone: true,
+                sleeping: false,
             }),
             wake: Condvar::new(),
             path: self.path.clone(),
@@ -553,15 +557,18 @@ impl Journal {
     }
 
     fn push(&self, p: Pending) {
-        {
+        let notify = {
             let mut q = lock(&self.shared.queue);
             if let Some(f) = &q.failed {
                 let _ = p.done.send(Err(f.to_error()));
                 return;
             }
             q.pending.push(p);
+            q.sleeping
+        };
+        if notify {
+            self.shared.wake.notify_one();
         }
-        self.shared.wake.notify_one();
     }
 
     /// The error for a commit whose committer went away.
@@ -717,7 +724,9 @@ impl Committer {
                     if q.stop && q.pending.is_empty() {
                         return;
                     }
+                    q.sleeping = true;
                     q = self.shared.wake.wait(q).unwrap_or_else(|p| p.into_inner());
+                    q.sleeping = false;
                 }
                 // Take the token and the log position with it, and as much as one commit
                 // holds, oldest first.
