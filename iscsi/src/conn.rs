@@ -585,8 +585,9 @@ async fn writer<W: AsyncWrite + Unpin>(
         // Commands completing together (one batch of disk completions) each wake this task
         // first (tokio runs the task a task wakes next), so the queue usually holds one PDU
         // here; once the other ready tasks have run, their responses are queued too and go
-        // out in the same write.
-        if queued.len() < pdu::MAX_GATHER {
+        // out in the same write. With no other command running, no other response can join
+        // (a command's task queues all of its PDUs before this task runs): write at once.
+        if queued.len() < pdu::MAX_GATHER && win.running.load(Ordering::Acquire) > 0 {
             tokio::task::yield_now().await;
             while queued.len() < pdu::MAX_GATHER {
                 match rx.try_recv() {

@@ -31,6 +31,9 @@ struct Reply {
     payload: Bytes,
     /// Held until the reply is on its way, so queued replies count against the limits.
     _permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
+    /// No other request was in flight when this one completed: no other reply can join it
+    /// in one write, so it goes out without waiting for the other ready tasks.
+    alone: bool,
 }
 
 /// Per-connection context shared by request tasks.
@@ -207,11 +210,15 @@ where
 
         let ctx = Arc::clone(ctx);
         let tx = tx.clone();
+        let in_flight = Arc::clone(&in_flight);
+        let max_in_flight = config.max_in_flight;
         tracker.spawn(
             async move {
                 let (header, body) = respond(&ctx, req, payload).await;
+                // Our own permit is still held: all others free means nobody else is in flight.
+                let alone = in_flight.available_permits() + 1 >= max_in_flight;
                 // A send error means the writer is gone (socket dead): nothing to tell anyone.
-                let _ = tx.send(Reply { header, payload: body, _permits: (permit, bytes_permit) });
+                let _ = tx.send(Reply { header, payload: body, _permits: (permit, bytes_permit), alone });
             }
             .in_current_span(),
         );
@@ -432,8 +439,11 @@ where
             if !reply.payload.is_empty() {
                 w.write_all(&reply.payload).await?;
             }
+            let alone = reply.alone;
             drop(reply);
-            if rx.is_empty() {
+            if rx.is_empty() && alone {
+                w.flush().await?;
+            } else if rx.is_empty() {
                 // Requests completing together (one batch of disk completions) each wake this
                 // task first (tokio runs the task a task wakes next), so without this yield
                 // every reply went out in its own system call. Once the other ready tasks have
