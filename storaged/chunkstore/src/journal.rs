@@ -41,6 +41,7 @@
 use basalt_iobuf::{AlignedBuf, ALIGN};
 use crate::error::{Error, IoContext, Result};
 use crate::replica::{lock, Files};
+use crate::uring::WriteOp;
 use basalt_types::VolumeId;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -646,18 +647,24 @@ impl FastCommit {
         let file: Arc<dyn std::os::fd::AsRawFd + Send + Sync> = shared.file.clone();
         let at = AREA + lsn % shared.ring;
         let data_flags = if with_data { 0 } else { libc::RWF_DSYNC };
-        // The first write waits for the second to be queued, so both go in one submission.
-        let (journal, wrote) = tokio::join!(
-            ring.write_at_flags(file, buf.into_bytes(), at, Box::new(()), libc::RWF_DSYNC, true),
-            ring.write_at_flags(in_place.fd, in_place.data, in_place.at, in_place.keep, data_flags, false),
-        );
+        // Both writes go to the kernel in one submission.
+        let written = ring
+            .write_two(
+                WriteOp { file, data: buf.into_bytes(), offset: at, keep: Box::new(()), flags: libc::RWF_DSYNC },
+                WriteOp { file: in_place.fd, data: in_place.data, offset: in_place.at, keep: in_place.keep, flags: data_flags },
+            )
+            .await;
+        let (journal, wrote) = match written {
+            Ok((journal, wrote)) => (Ok(journal), Ok(wrote)),
+            Err(u) => (Err(()), Err(u)),
+        };
         let outcome = match journal {
             Ok(Ok(n)) if n as u64 == len => Ok(()),
             Ok(Ok(n)) => Err(io::Error::new(io::ErrorKind::WriteZero, format!("wrote {n} of {len} bytes"))),
             Ok(Err(e)) => Err(e),
             // The ring stopped under us (the runtime is going away): the write's fate is
             // unknown, so nothing may be committed after it.
-            Err(_) => Err(io::Error::other("replica I/O ring stopped")),
+            Err(()) => Err(io::Error::other("replica I/O ring stopped")),
         };
         let mut q = lock(&shared.queue);
         q.busy = false;

@@ -92,6 +92,28 @@ pub(crate) enum Unavailable {
     Stopped,
 }
 
+/// One write of [`Uring::write_two`].
+pub(crate) struct WriteOp {
+    pub(crate) file: Arc<dyn AsRawFd + Send + Sync>,
+    pub(crate) data: Bytes,
+    pub(crate) offset: u64,
+    /// Dropped when the kernel is done with the write (not when the caller stops waiting).
+    pub(crate) keep: Box<dyn Send + Sync>,
+    /// `pwritev2` flags.
+    pub(crate) flags: i32,
+}
+
+impl WriteOp {
+    fn entry(self) -> Result<(io_uring::squeue::Entry, Held, Arc<dyn AsRawFd + Send + Sync>), Unavailable> {
+        let len = u32::try_from(self.data.len()).map_err(|_| Unavailable::Stopped)?;
+        let entry = opcode::Write::new(types::Fd(self.file.as_raw_fd()), self.data.as_ptr(), len)
+            .offset(self.offset)
+            .rw_flags(self.flags)
+            .build();
+        Ok((entry, Held::Write(self.data, self.keep), self.file))
+    }
+}
+
 impl Uring {
     /// Sets up a ring and spawns its driver on the current tokio runtime.
     pub(crate) fn start() -> io::Result<Arc<Uring>> {
@@ -128,7 +150,7 @@ impl Uring {
     ) -> Result<(io::Result<usize>, AlignedBuf), Unavailable> {
         let len = u32::try_from(buf.len()).map_err(|_| Unavailable::Stopped)?;
         let entry = opcode::Read::new(types::Fd(file.as_raw_fd()), buf.as_mut().as_mut_ptr(), len).offset(offset);
-        let (res, held) = self.submit(entry.build(), Held::Read(buf), file, false).await?;
+        let (res, held) = self.submit(entry.build(), Held::Read(buf), file).await?;
         match held {
             Held::Read(buf) => Ok((res, buf)),
             Held::Write(..) => Err(Unavailable::Stopped),
@@ -144,26 +166,30 @@ impl Uring {
         offset: u64,
         keep: Box<dyn Send + Sync>,
     ) -> Result<io::Result<usize>, Unavailable> {
-        self.write_at_flags(file, data, offset, keep, 0, false).await
+        let op = WriteOp { file, data, offset, keep, flags: 0 };
+        let [rx] = self.queue([op.entry()?]).await?;
+        Ok(Self::outcome(rx).await?.0)
     }
 
-    /// [`write_at`](Self::write_at) with `pwritev2` flags (`RWF_DSYNC`: the write is durable
-    /// when it completes). `followed`: another operation is queued right after this one (by
-    /// the next future of a `join!`, or a task already runnable); both should go to the
-    /// kernel in one submission.
-    pub(crate) async fn write_at_flags(
+    /// Two writes (with their `pwritev2` flags, e.g. `RWF_DSYNC`: durable when it completes)
+    /// handed to the kernel in one submission, answered when both are over.
+    pub(crate) async fn write_two(
         &self,
-        file: Arc<dyn AsRawFd + Send + Sync>,
-        data: Bytes,
-        offset: u64,
-        keep: Box<dyn Send + Sync>,
-        flags: i32,
-        followed: bool,
-    ) -> Result<io::Result<usize>, Unavailable> {
-        let len = u32::try_from(data.len()).map_err(|_| Unavailable::Stopped)?;
-        let entry = opcode::Write::new(types::Fd(file.as_raw_fd()), data.as_ptr(), len).offset(offset).rw_flags(flags);
-        let (res, _) = self.submit(entry.build(), Held::Write(data, keep), file, followed).await?;
-        Ok(res)
+        a: WriteOp,
+        b: WriteOp,
+    ) -> Result<(io::Result<usize>, io::Result<usize>), Unavailable> {
+        let (ea, eb) = (a.entry()?, b.entry()?);
+        let [ra, rb] = self.queue([ea, eb]).await?;
+        let (a, b) = tokio::join!(Self::outcome(ra), Self::outcome(rb));
+        Ok((a?.0, b?.0))
+    }
+
+    async fn outcome(rx: oneshot::Receiver<(i32, Held)>) -> Result<(io::Result<usize>, Held), Unavailable> {
+        // The slot is given back when the completion is reaped (`drain`), whether or not we
+        // are still here to receive it.
+        let (res, held) = rx.await.map_err(|_| Unavailable::Stopped)?;
+        let res = if res < 0 { Err(io::Error::from_raw_os_error(-res)) } else { Ok(res as usize) };
+        Ok((res, held))
     }
 
     async fn submit(
@@ -171,49 +197,62 @@ impl Uring {
         entry: io_uring::squeue::Entry,
         held: Held,
         file: Arc<dyn AsRawFd + Send + Sync>,
-        followed: bool,
     ) -> Result<(io::Result<usize>, Held), Unavailable> {
-        let permit = self.slots.acquire().await.map_err(|_| Unavailable::Stopped)?;
-        let (tx, rx) = oneshot::channel();
-        let busy = {
+        let [rx] = self.queue([(entry, held, file)]).await?;
+        Self::outcome(rx).await
+    }
+
+    /// Queues `N` operations together and sees them submitted; returns where each one's
+    /// completion arrives.
+    async fn queue<const N: usize>(
+        &self,
+        ops: [(io_uring::squeue::Entry, Held, Arc<dyn AsRawFd + Send + Sync>); N],
+    ) -> Result<[oneshot::Receiver<(i32, Held)>; N], Unavailable> {
+        let permit = self.slots.acquire_many(N as u32).await.map_err(|_| Unavailable::Stopped)?;
+        let (rxs, busy) = {
             let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
             if !self.driving.load(Ordering::Acquire) {
                 return Err(Unavailable::Stopped);
             }
-            let id = st.next_id;
-            st.next_id = st.next_id.wrapping_add(1);
-            let entry = entry.user_data(id);
-            // SAFETY: the buffer `entry` points into and the descriptor it names are moved
-            // into `pending` right below and stay there until the completion for `id` is
-            // reaped (`drain`), or until `Drop` has waited for it.
-            let pushed = unsafe { st.ring.submission().push(&entry) };
-            if pushed.is_err() {
-                // Cannot happen while the semaphore bounds the operations in flight; refuse
-                // rather than risk it.
+            // Cannot fail while the semaphore bounds the operations in flight; refuse rather
+            // than risk it (nothing is pushed unless all fit).
+            let room = {
+                let sq = st.ring.submission();
+                sq.capacity() - sq.len()
+            };
+            if room < N {
                 return Err(Unavailable::Stopped);
             }
-            st.pending.insert(id, Pending { held, _file: file, done: tx });
-            st.pending.len() > 1
+            let rxs = ops.map(|(entry, held, file)| {
+                let (tx, rx) = oneshot::channel();
+                let id = st.next_id;
+                st.next_id = st.next_id.wrapping_add(1);
+                let entry = entry.user_data(id);
+                // SAFETY: the buffer `entry` points into and the descriptor it names are moved
+                // into `pending` right below and stay there until the completion for `id` is
+                // reaped (`drain`), or until `Drop` has waited for it. There is room (checked
+                // above, under the same lock).
+                let pushed = unsafe { st.ring.submission().push(&entry) };
+                debug_assert!(pushed.is_ok());
+                st.pending.insert(id, Pending { held, _file: file, done: tx });
+                rx
+            });
+            (rxs, st.pending.len() > N)
         };
         permit.forget();
         // Submission is batched: each `io_uring_enter` costs a system call, and each batch
         // reaches the device with one notification (a VM exit under a hypervisor) instead of
         // one per operation. The first caller to queue an entry submits; when other
-        // operations are in flight (or one is known to follow) it first yields, so the tasks
-        // already runnable queue theirs and go in the same call. Alone (queue depth 1) it
-        // submits at once.
+        // operations are in flight it first yields, so the tasks already runnable queue
+        // theirs and go in the same call. Alone (queue depth 1) it submits at once.
         if !self.flush_due.swap(true, Ordering::AcqRel) {
             let flush = Flush(self);
-            if busy || followed {
+            if busy {
                 tokio::task::yield_now().await;
             }
             drop(flush);
         }
-        // The slot is given back when the completion is reaped (`drain`), whether or not we
-        // are still here to receive it.
-        let (res, held) = rx.await.map_err(|_| Unavailable::Stopped)?;
-        let res = if res < 0 { Err(io::Error::from_raw_os_error(-res)) } else { Ok(res as usize) };
-        Ok((res, held))
+        Ok(rxs)
     }
 
     /// Waits (blocking) for every pending operation and answers it.
