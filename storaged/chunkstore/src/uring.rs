@@ -166,9 +166,8 @@ impl Uring {
         offset: u64,
         keep: Box<dyn Send + Sync>,
     ) -> Result<io::Result<usize>, Unavailable> {
-        let op = WriteOp { file, data, offset, keep, flags: 0 };
-        let [rx] = self.queue([op.entry()?]).await?;
-        Ok(Self::outcome(rx).await?.0)
+        let (entry, held, file) = WriteOp { file, data, offset, keep, flags: 0 }.entry()?;
+        Ok(self.submit(entry, held, file).await?.0)
     }
 
     /// Two writes (with their `pwritev2` flags, e.g. `RWF_DSYNC`: durable when it completes)
