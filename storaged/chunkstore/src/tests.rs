@@ -567,6 +567,22 @@ fn sums_file(dir: &TempDir, disk: usize, c: ChunkId) -> PathBuf {
     dir.path().join(format!("disk{disk}/chunks/{}/{}.sums", c.volume, c.index))
 }
 
+/// What a power loss can leave: the replica's sums file never written back (all zeros).
+fn lose_sums(dir: &TempDir, c: ChunkId) {
+    let sums = sums_file(dir, 0, c);
+    let len = std::fs::metadata(&sums).expect("stat").len();
+    std::fs::write(&sums, vec![0u8; len as usize]).expect("wipe sums");
+}
+
+/// Reopens the store (replaying its journal) and checks that the replica's first `blocks`
+/// blocks read back as `model` and that a scrub finds nothing wrong.
+async fn reopen_and_check(dir: &TempDir, c: ChunkId, model: &[u8], blocks: u64, what: &str) {
+    let s = open(dir, 1).await;
+    let got = s.read(0, c, 1, 0, blocks * B).await.expect("read after replay");
+    assert!(got[..] == model[..(blocks * B) as usize], "{what}");
+    assert!(s.scrub_replica(0, c).await.expect("scrub").is_empty());
+}
+
 /// Power loss before the kernel wrote the sums file back: the journal brings the sums back.
 #[tokio::test]
 async fn journal_restores_sums_lost_from_the_page_cache() {
@@ -580,14 +596,9 @@ async fn journal_restores_sums_lost_from_the_page_cache() {
         s.trim(0, c, 1, 1, 2 * B, B).await.expect("trim");
         model[2 * B as usize..3 * B as usize].fill(0);
     }
-    // What a power loss can leave: the data in place, the sums file never written back.
-    let sums = sums_file(&dir, 0, c);
-    let len = std::fs::metadata(&sums).expect("stat").len();
-    std::fs::write(&sums, vec![0u8; len as usize]).expect("wipe sums");
-    let s = open(&dir, 1).await;
-    let got = s.read(0, c, 1, 0, 4 * B).await.expect("read after replay");
-    assert!(got[..] == model[..4 * B as usize]);
-    assert!(s.scrub_replica(0, c).await.expect("scrub").is_empty());
+    // The data in place, the sums file never written back.
+    lose_sums(&dir, c);
+    reopen_and_check(&dir, c, &model, 4, "replay did not restore the sums").await;
 }
 
 /// A lone overwrite commits its sums itself (no committer thread, no fdatasync) and that
@@ -609,13 +620,8 @@ async fn lone_overwrites_commit_themselves_and_replay() {
         assert_eq!(after.fast_commits - before.fast_commits, 8, "lone overwrites did not commit themselves");
         assert_eq!(after.fdatasyncs, before.fdatasyncs, "a self-committed overwrite fdatasynced");
     }
-    let sums = sums_file(&dir, 0, c);
-    let len = std::fs::metadata(&sums).expect("stat").len();
-    std::fs::write(&sums, vec![0u8; len as usize]).expect("wipe sums");
-    let s = open(&dir, 1).await;
-    let got = s.read(0, c, 1, 0, 8 * B).await.expect("read after replay");
-    assert!(got[..] == model[..8 * B as usize]);
-    assert!(s.scrub_replica(0, c).await.expect("scrub").is_empty());
+    lose_sums(&dir, c);
+    reopen_and_check(&dir, c, &model, 8, "replay did not restore the fast commits' sums").await;
 }
 
 /// A small lone overwrite carries its data in its commit: after a power loss that kept neither
@@ -638,13 +644,8 @@ async fn small_lone_overwrites_carry_their_data_and_replay_it() {
     // The in-place writes never reached the disk, nor the sums file.
     let f = std::fs::OpenOptions::new().write(true).open(data_file(&dir, 0, c)).expect("open data");
     f.write_all_at(&pattern(1, 8 * B as usize), 0).expect("old data back");
-    let sums = sums_file(&dir, 0, c);
-    let len = std::fs::metadata(&sums).expect("stat").len();
-    std::fs::write(&sums, vec![0u8; len as usize]).expect("wipe sums");
-    let s = open(&dir, 1).await;
-    let got = s.read(0, c, 1, 0, 8 * B).await.expect("read after replay");
-    assert!(got[..] == model[..8 * B as usize], "replay did not restore the journalled data");
-    assert!(s.scrub_replica(0, c).await.expect("scrub").is_empty());
+    lose_sums(&dir, c);
+    reopen_and_check(&dir, c, &model, 8, "replay did not restore the journalled data").await;
 }
 
 /// Replay never puts a data commit's blocks over a later write of the same blocks (here a
@@ -662,10 +663,7 @@ async fn replayed_data_does_not_overwrite_a_later_write() {
         assert_eq!(s.stats().fast_commits - before, 1);
         write_model(&s, &mut model, c, B + 100, pattern(3, 300)).await;
     }
-    let s = open(&dir, 1).await;
-    let got = s.read(0, c, 1, 0, 4 * B).await.expect("read after replay");
-    assert!(got[..] == model[..4 * B as usize], "replay put older data over a later write");
-    assert!(s.scrub_replica(0, c).await.expect("scrub").is_empty());
+    reopen_and_check(&dir, c, &model, 4, "replay put older data over a later write").await;
 }
 
 /// Many commits through a small ring: it wraps and checkpoints, and a reopen still finds
