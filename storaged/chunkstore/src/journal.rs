@@ -618,15 +618,6 @@ pub(crate) struct FastCommit {
     with_data: bool,
 }
 
-/// The in-place data write of a fast commit.
-pub(crate) struct InPlace {
-    pub fd: Arc<dyn std::os::fd::AsRawFd + Send + Sync>,
-    pub data: bytes::Bytes,
-    pub at: u64,
-    /// Dropped when the kernel is done with the write.
-    pub keep: Box<dyn Send + Sync>,
-}
-
 /// What became of a fast commit's two writes.
 pub(crate) struct FastOutcome {
     pub committed: Result<()>,
@@ -635,9 +626,10 @@ pub(crate) struct FastOutcome {
 
 impl FastCommit {
     /// Writes the commit and the data in place (one submission), and gives the token back
-    /// once both are over. Run it to the end (in a task of its own): dropping it half-way
-    /// would leave the journal busy for ever.
-    pub async fn run(self, ring: &crate::uring::Uring, in_place: InPlace) -> FastOutcome {
+    /// once both are over. `in_place`'s flags are set here (whether it must be durable by
+    /// itself depends on the commit). Run it to the end (in a task of its own): dropping it
+    /// half-way would leave the journal busy for ever.
+    pub async fn run(self, ring: &crate::uring::Uring, mut in_place: WriteOp) -> FastOutcome {
         let FastCommit { shared, files, lsn, buf, with_data } = self;
         let latency = *lock(&shared.latency);
         if !latency.is_zero() {
@@ -646,12 +638,12 @@ impl FastCommit {
         let len = buf.len() as u64;
         let file: Arc<dyn std::os::fd::AsRawFd + Send + Sync> = shared.file.clone();
         let at = AREA + lsn % shared.ring;
-        let data_flags = if with_data { 0 } else { libc::RWF_DSYNC };
+        in_place.flags = if with_data { 0 } else { libc::RWF_DSYNC };
         // Both writes go to the kernel in one submission.
         let written = ring
             .write_two(
                 WriteOp { file, data: buf.into_bytes(), offset: at, keep: Box::new(()), flags: libc::RWF_DSYNC },
-                WriteOp { file: in_place.fd, data: in_place.data, offset: in_place.at, keep: in_place.keep, flags: data_flags },
+                in_place,
             )
             .await;
         let (journal, wrote) = match written {

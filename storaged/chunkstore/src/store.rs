@@ -5,8 +5,8 @@
 use basalt_iobuf::AlignedBuf;
 use crate::disk::{fsync_dir, write_meta, Disk, ReplicaMeta};
 use crate::error::{Error, IoContext, Result};
-use crate::journal::{self, DataWrite, DataWritten, FastOutcome, InPlace, Journal, Record};
-use crate::uring::Uring;
+use crate::journal::{self, DataWrite, DataWritten, FastOutcome, Journal, Record};
+use crate::uring::{Uring, WriteOp};
 use crate::replica::{
     blocks_of, classify, classify_all, lock, set_entry, sum_at, BlockSet, BlockState, Files, InFlight, Replica, ReplicaState, BS, ENTRY,
     ZERO_SUM,
@@ -360,7 +360,7 @@ impl ChunkStore {
             // free the journal) even if our caller stops waiting; it keeps the store open
             // until then.
             let (inner, commit_ring) = (self.inner.clone(), ring.clone());
-            let in_place = InPlace { fd, data, at, keep: Box::new(guard) };
+            let in_place = WriteOp { file: fd, data, offset: at, keep: Box::new(guard), flags: 0 };
             let commit = tokio::spawn(async move {
                 let outcome = fast.run(&commit_ring, in_place).await;
                 drop(inner);
