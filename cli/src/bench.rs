@@ -15,6 +15,7 @@ pub mod garage;
 pub mod initiator;
 pub mod iscsi;
 pub mod s3;
+mod qemu_nbd;
 mod tgt;
 
 use crate::dev::{self, ClusterFile, UpOptions};

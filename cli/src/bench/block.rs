@@ -23,6 +23,7 @@ use super::{
     scratch_dir, table_row, verdict, CpuProbe, CpuWindow, MachineCpu, Direction, FreshCluster, JobResult,
     ProcessCpu, Verdict, Workload, DEFAULT_CHUNK_SIZE, DEFAULT_RAMP, WORKLOADS,
 };
+use super::qemu_nbd::QemuNbd;
 use crate::dev::{self, ClusterFile};
 use crate::sizes::human;
 use anyhow::{anyhow, bail, Context, Result};
@@ -105,6 +106,22 @@ pub struct Row {
     pub limit: f64,
     pub ratio: Option<f64>,
     pub verdict: Verdict,
+    /// The job through qemu-nbd serving the local file; None when qemu-nbd is not installed.
+    pub nbd_reference: Option<NbdReference>,
+}
+
+/// A job through fio's NBD engine against `qemu-nbd` serving the local file with the same
+/// durability as our export and no replication: what QEMU's own NBD server keeps of the disk here (see
+/// [`super::qemu_nbd`]).
+#[derive(Clone, Debug, Serialize)]
+pub struct NbdReference {
+    pub result: JobResult,
+    /// qemu-nbd's own CPU.
+    pub cpu: ProcessCpu,
+    /// Its rate over the local file's.
+    pub of_local: Option<f64>,
+    /// Basalt's rate over its own, writes divided by the replica count as for the local file.
+    pub basalt_ratio: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -119,6 +136,8 @@ pub struct BlockReport {
     pub runtime_s: f64,
     pub ramp_s: f64,
     pub rows: Vec<Row>,
+    /// How the NBD reference was served, or why there is none.
+    pub nbd_reference: String,
 }
 
 #[derive(Clone, Debug)]
@@ -219,7 +238,7 @@ async fn bench_cluster(cluster: &ClusterFile, opts: &BlockOptions) -> Result<Blo
             warn!(volume = %volume, error = %e, "could not delete the benchmark volume");
         }
     }
-    let rows = result?;
+    let (rows, nbd_reference) = result?;
     Ok(BlockReport {
         volume,
         size: info.size,
@@ -231,6 +250,7 @@ async fn bench_cluster(cluster: &ClusterFile, opts: &BlockOptions) -> Result<Blo
         runtime_s: opts.runtime.as_secs_f64(),
         ramp_s: opts.ramp.as_secs_f64(),
         rows,
+        nbd_reference,
     })
 }
 
@@ -238,7 +258,7 @@ const LOCAL_FILE: &str = "local.dat";
 
 /// An NBD URI for `export` on a unix socket (the `nbd+unix` scheme of the NBD URI spec, which
 /// libnbd, QEMU and fio's nbd engine read).
-fn unix_uri(socket: &Path, export: &str) -> String {
+pub(crate) fn unix_uri(socket: &Path, export: &str) -> String {
     format!("nbd+unix:///{export}?socket={}", socket.display())
 }
 
@@ -248,7 +268,7 @@ async fn bench_volume(
     probe: &CpuProbe,
     scratch: &Path,
     replicas: usize,
-) -> Result<Vec<Row>> {
+) -> Result<(Vec<Row>, String)> {
     let nbd = Target::Nbd { uri: uri.to_string() };
     let local_path = scratch.join(LOCAL_FILE);
     let local = |durable| Target::Local { path: local_path.clone(), size: opts.size, durable };
@@ -269,18 +289,58 @@ async fn bench_volume(
         basalt.push((r, cpu));
     }
 
+    let qemu = QemuNbd::start(&local_path, scratch).await.context("starting qemu-nbd for the NBD reference")?;
+    let described = match &qemu {
+        Some(q) => format!("qemu-nbd --cache=directsync --aio=native serving the local file ({})", q.uri()),
+        None => "none: qemu-nbd is not installed (apt-get install qemu-utils)".to_string(),
+    };
+    let rows = local_rows(opts, basalt, &local_path, qemu.as_ref(), &timing, scratch, replicas).await;
+    if let Some(q) = qemu {
+        q.stop().await;
+    }
+    Ok((rows?, described))
+}
+
+/// The local file's jobs (and the NBD reference's), paired with Basalt's.
+async fn local_rows(
+    opts: &BlockOptions,
+    basalt: Vec<(JobResult, ProcessCpu)>,
+    local_path: &Path,
+    qemu: Option<&QemuNbd>,
+    timing: &Timing,
+    scratch: &Path,
+    replicas: usize,
+) -> Result<Vec<Row>> {
+    let local = |durable| Target::Local { path: local_path.to_path_buf(), size: opts.size, durable };
     let mut rows = Vec::new();
     for (w, (b, cpu)) in WORKLOADS.iter().zip(basalt) {
         progress(&format!("local file: {}", w.label));
-        let local_r = run_job(w, &local(true), &timing, scratch).await?;
+        let local_r = run_job(w, &local(true), timing, scratch).await?;
         let local_no_sync = match w.direction {
             Direction::Write => {
                 progress(&format!("local file without O_DSYNC: {}", w.label));
-                Some(run_job(w, &local(false), &timing, scratch).await?)
+                Some(run_job(w, &local(false), timing, scratch).await?)
             }
             Direction::Read => None,
         };
         let local_rate = local_r.rate(w.metric);
+        let nbd_reference = match qemu {
+            Some(q) => {
+                progress(&format!("local file through qemu-nbd: {}", w.label));
+                let probe = CpuProbe::new("qemu-nbd", vec![q.pid()])?;
+                let target = Target::Nbd { uri: q.uri() };
+                let (json, window) = run_fio_measured(&job_args(w, &target, timing, scratch), &probe, opts.ramp).await?;
+                let result = parse_fio(&json, w.direction).with_context(|| format!("qemu-nbd {}", w.label))?;
+                let rate = result.rate(w.metric);
+                Some(NbdReference {
+                    cpu: window.per_io(result.ios),
+                    of_local: (local_rate > 0.0).then(|| rate / local_rate),
+                    basalt_ratio: ratio(w.direction, b.rate(w.metric), rate, replicas),
+                    result,
+                })
+            }
+            None => None,
+        };
         let ratio = ratio(w.direction, b.rate(w.metric), local_rate, replicas);
         rows.push(Row {
             workload: *w,
@@ -291,6 +351,7 @@ async fn bench_volume(
             cluster_cpu: cpu,
             local: local_r,
             local_no_sync,
+            nbd_reference,
         });
     }
     Ok(rows)
@@ -539,6 +600,7 @@ pub fn render_table(r: &BlockReport) -> String {
         &mut out,
         "Basalt CPU/IO = user+system time of all storaged processes per I/O; local CPU/IO = fio's own.".to_string(),
     );
+    render_reference(&mut out, r);
     if let Some(worst) = r.rows.iter().filter_map(|x| x.cluster_cpu.steal_percent).reduce(f64::max) {
         let warn = if worst > STEAL_WARN_PERCENT {
             " — the host was busy: these figures understate the software and vary from run to run"
@@ -553,6 +615,42 @@ pub fn render_table(r: &BlockReport) -> String {
             .to_string(),
     );
     out
+}
+
+/// The NBD reference's table: what the same NBD client gets from a local file with no
+/// replication, and Basalt against it.
+fn render_reference(out: &mut String, r: &BlockReport) {
+    out.push('\n');
+    push_line(out, &format!("NBD reference (same fio NBD engine, no replication): {}", r.nbd_reference));
+    if r.rows.iter().all(|x| x.nbd_reference.is_none()) {
+        return;
+    }
+    let widths = [20, 12, 9, 9, 9, 9, 12];
+    let row = |cells: [String; 7]| table_row(&cells, &widths, |i| i == 0);
+    push_line(out, &row(["workload", "rate", "p50", "p99", "CPU/IO", "of local", "Basalt vs it"].map(String::from)));
+    for x in &r.rows {
+        let Some(n) = &x.nbd_reference else { continue };
+        let w = &x.workload;
+        push_line(
+            out,
+            &row([
+                w.label.to_string(),
+                fmt_rate(w.metric, &n.result),
+                fmt_latency(n.result.p50_us),
+                fmt_latency(n.result.p99_us),
+                format!("{:.0} µs", n.cpu.cpu_us_per_io),
+                fmt_ratio(n.of_local),
+                fmt_ratio(n.basalt_ratio),
+            ]),
+        );
+    }
+    push_line(
+        out,
+        &format!(
+            "of local = its rate / the local file's (what NBD through this client keeps of the disk); Basalt vs it: writes against its rate / {}.",
+            r.replicas
+        ),
+    );
 }
 
 #[cfg(test)]
@@ -632,8 +730,15 @@ mod tests {
 
     #[test]
     fn table_shows_ratios_goals_and_verdicts() {
-        let row = |w: Workload, basalt: f64, local: f64| {
+        let row = |w: Workload, basalt: f64, local: f64, reference: f64| {
             let ratio = ratio(w.direction, basalt, local, 3);
+            let cpu = ProcessCpu { cpu_seconds: 1.0, wall_seconds: 5.0, cpu_us_per_io: 7.0, steal_percent: None };
+            let nbd_reference = Some(NbdReference {
+                result: result(reference, w.block_size),
+                cpu,
+                of_local: Some(reference / local),
+                basalt_ratio: super::ratio(w.direction, basalt, reference, 3),
+            });
             Row {
                 workload: w,
                 basalt: result(basalt, w.block_size),
@@ -643,6 +748,7 @@ mod tests {
                 limit: limit(w.direction, local, 3),
                 ratio,
                 verdict: verdict(w.goal, ratio),
+                nbd_reference,
             }
         };
         let report = BlockReport {
@@ -656,7 +762,8 @@ mod tests {
             runtime_s: 5.0,
             ramp_s: 2.0,
             // QD32 write at 0.6 of local/3: met; seq read at 0.25 of local: not met.
-            rows: vec![row(WORKLOADS[1], 600.0, 3000.0), row(WORKLOADS[5], 100.0, 400.0)],
+            rows: vec![row(WORKLOADS[1], 600.0, 3000.0, 2400.0), row(WORKLOADS[5], 100.0, 400.0, 200.0)],
+            nbd_reference: "qemu-nbd serving the local file".into(),
         };
         let table = render_table(&report);
         let line = |label: &str| table.lines().find(|l| l.starts_with(label)).expect(label).to_string();
@@ -672,6 +779,15 @@ mod tests {
         assert!(table.contains("(steal) during the Basalt jobs: up to 2.0%."), "{table}");
         assert!(!table.contains("host was busy"), "2% steal is below the warning: {table}");
         assert_eq!(json["rows"][0]["cluster_cpu"]["steal_percent"], 2.0);
+        // The NBD reference: its rate, its share of the local file, Basalt against it
+        // (writes against its rate / 3).
+        let reference = table.split("NBD reference").nth(1).expect("reference table");
+        let line = |label: &str| reference.lines().find(|l| l.starts_with(label)).expect(label).to_string();
+        let qd32 = line("rand write 4K QD32");
+        assert!(qd32.contains("2400 IOPS") && qd32.contains("0.80x") && qd32.contains("0.75x"), "{qd32}");
+        let seq = line("seq read 1M QD8");
+        assert!(seq.contains("200.0 MiB/s") && seq.contains("0.50x"), "{seq}");
+        assert_eq!(json["rows"][1]["nbd_reference"]["basalt_ratio"], 0.5);
     }
 
     #[test]

@@ -1,0 +1,139 @@
+//! QEMU's `qemu-nbd` serving the local baseline file: the NBD reference of `bench block`.
+//!
+//! fio's NBD engine (libnbd) adds a socket round trip and its own work to every I/O, on both
+//! sides of the socket, whoever the server is. A local file served by `qemu-nbd` with the same
+//! durability contract as our export (`--cache=directsync`: `O_DIRECT | O_DSYNC`, each write
+//! durable when it completes) and no replication measures what NBD itself costs on this
+//! machine, as reached by a mature single-node server, against which a goal stated relative
+//! to the local file can be judged. (Its writes are no ceiling: at queue depth 32 it
+//! reaches about a fifth of the local file's durable write rate here.)
+
+use anyhow::{anyhow, bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::process::{Child, Command};
+
+/// The export name qemu-nbd serves the file under.
+const EXPORT: &str = "local";
+/// How long qemu-nbd may take to listen.
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A running `qemu-nbd`; killed when dropped.
+pub struct QemuNbd {
+    child: Child,
+    socket: PathBuf,
+    pid: u32,
+}
+
+impl QemuNbd {
+    /// Serves `file` on a unix socket in `scratch`. `Ok(None)` when qemu-nbd is not
+    /// installed (the report then has no NBD reference).
+    pub async fn start(file: &Path, scratch: &Path) -> Result<Option<QemuNbd>> {
+        let socket = scratch.join("qemu-nbd.sock");
+        let _ = std::fs::remove_file(&socket);
+        let spawned = Command::new("qemu-nbd")
+            .arg("--persistent")
+            .arg("--shared=8")
+            .arg("--format=raw")
+            .arg("--cache=directsync")
+            .arg("--aio=native")
+            .arg(format!("--export-name={EXPORT}"))
+            .arg(format!("--socket={}", socket.display()))
+            .arg(file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn();
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(anyhow!("starting qemu-nbd: {e}")),
+        };
+        let pid = child.id().ok_or_else(|| anyhow!("qemu-nbd exited at once"))?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if tokio::net::UnixStream::connect(&socket).await.is_ok() {
+                break;
+            }
+            if let Some(status) = child.try_wait().context("waiting for qemu-nbd")? {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = tokio::io::AsyncReadExt::read_to_string(&mut e, &mut err).await;
+                }
+                bail!("qemu-nbd exited ({status}) before listening: {}", err.trim());
+            }
+            if Instant::now() >= deadline {
+                bail!("qemu-nbd did not listen on {} within {START_TIMEOUT:?}", socket.display());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Some(QemuNbd { child, socket, pid }))
+    }
+
+    /// The NBD URI fio connects to.
+    pub fn uri(&self) -> String {
+        super::block::unix_uri(&self.socket, EXPORT)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Stops qemu-nbd and removes its socket.
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Against the real qemu-nbd when installed: it serves the file's bytes under our export
+    /// name, and stopping it removes the socket.
+    #[tokio::test]
+    async fn serves_the_file_under_its_export_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        let mut data = vec![0u8; 1 << 20];
+        data[4096..4100].copy_from_slice(b"abcd");
+        std::fs::write(&file, &data).unwrap();
+        let Some(q) = QemuNbd::start(&file, dir.path()).await.unwrap() else {
+            eprintln!("SKIPPED: qemu-nbd is not installed (scripts/install-deps.sh installs qemu-utils)");
+            return;
+        };
+        let uri = q.uri();
+        assert!(uri.starts_with("nbd+unix:///local?socket="), "{uri}");
+        // qemu-io comes in the same package as qemu-nbd.
+        let read = |pattern: &str| {
+            let out = std::process::Command::new("qemu-io")
+                .args(["-r", "-f", "raw", "-c", &format!("read -P {pattern} 4096 4"), &uri])
+                .output()
+                .expect("qemu-io (installed with qemu-nbd)");
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            out.status.success() && !text.contains("Pattern verification failed")
+        };
+        assert!(!read("0x00"), "the test must be able to fail");
+        let out = std::process::Command::new("qemu-io")
+            .args(["-r", "-f", "raw", "-c", "read -v 4096 4", &uri])
+            .output()
+            .expect("qemu-io");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("61 62 63 64"), "{}", String::from_utf8_lossy(&out.stdout));
+        let socket = q.socket.clone();
+        q.stop().await;
+        assert!(!socket.exists());
+    }
+
+    #[tokio::test]
+    async fn a_missing_file_is_an_error_not_a_hang() {
+        let dir = tempfile::tempdir().unwrap();
+        match QemuNbd::start(&dir.path().join("absent"), dir.path()).await {
+            Ok(None) => eprintln!("SKIPPED: qemu-nbd is not installed"),
+            Ok(Some(_)) => panic!("qemu-nbd served a file that does not exist"),
+            Err(e) => assert!(e.to_string().contains("qemu-nbd exited"), "{e}"),
+        }
+    }
+}
