@@ -132,15 +132,26 @@ struct Pending {
 /// slot, as a crash between a write's sums and its data does, and was never acknowledged.
 #[derive(Default)]
 pub(crate) struct DataWrite {
-    done: Mutex<bool>,
+    state: Mutex<DataState>,
     cv: Condvar,
+}
+
+#[derive(Default)]
+struct DataState {
+    done: bool,
+    /// Someone sleeps on `cv`. Completion notifies only then: std's condvar makes a
+    /// futex system call on every notify, waiter or not, and most data writes are over
+    /// long before their commit looks (strace at QD32: one such call per write, the bulk
+    /// of a storage node's futex calls).
+    waiting: bool,
 }
 
 impl DataWrite {
     fn wait(&self) {
-        let mut done = lock(&self.done);
-        while !*done {
-            done = self.cv.wait(done).unwrap_or_else(|p| p.into_inner());
+        let mut st = lock(&self.state);
+        while !st.done {
+            st.waiting = true;
+            st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
         }
     }
 }
@@ -152,8 +163,14 @@ pub(crate) struct DataWritten(pub Arc<DataWrite>);
 
 impl Drop for DataWritten {
     fn drop(&mut self) {
-        *lock(&self.0.done) = true;
-        self.0.cv.notify_all();
+        let waiting = {
+            let mut st = lock(&self.0.state);
+            st.done = true;
+            std::mem::take(&mut st.waiting)
+        };
+        if waiting {
+            self.0.cv.notify_all();
+        }
     }
 }
 
@@ -170,9 +187,10 @@ struct Queue {
     tail: u64,
     /// Files whose sums were journalled since the last checkpoint, by address.
     dirty: HashMap<usize, Arc<Files>>,
-    /// The last commit held one record: writers are not overlapping, and a lone writer may
-    /// write its own commit. Under load the thread's group commits share one flush among
-    /// many writes, where fast commits would cost two each.
+    /// The last commit held one record and nothing arrived while it was written: writers
+    /// are not overlapping, and a lone writer may write its own commit. Under load the
+    /// thread's group commits share one flush among many writes, where fast commits would
+    /// cost two each (and hold the token the next group commit waits for).
     lone: bool,
     /// The committer thread sleeps on `wake` for records: writers notify only then (a
     /// notification is a system call even when nobody waits).
@@ -565,7 +583,9 @@ impl Journal {
                 return;
             }
             q.pending.push(p);
-            q.sleeping
+            // While a fast commit holds the token the thread could not commit anyway: the
+            // fast commit wakes it when it gives the token back with records queued.
+            q.sleeping && !q.busy
         };
         if notify {
             self.shared.wake.notify_one();
@@ -583,6 +603,12 @@ impl Journal {
             Some(f) => Err(f.to_error()),
             None => Ok(()),
         }
+    }
+
+    /// A commit (the thread's or a fast one) holds the token.
+    #[cfg(test)]
+    pub fn busy(&self) -> bool {
+        lock(&self.shared.queue).busy
     }
 
     #[cfg(test)]
@@ -771,7 +797,9 @@ impl Committer {
                 q.head = self.head;
                 q.tail = self.tail;
                 q.dirty = std::mem::take(&mut self.dirty);
-                q.lone = lone;
+                // Records that arrived during this commit mean writers overlap, whatever
+                // this batch held: fast commits would then hold up the next group commit.
+                q.lone = lone && q.pending.is_empty();
                 q.busy = false;
             }
             // Answered once the token is back, so a writer answered here and writing again

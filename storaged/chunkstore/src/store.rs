@@ -697,6 +697,12 @@ impl ChunkStore {
         &self.inner
     }
 
+    /// Whether a commit holds the first disk's journal token.
+    #[cfg(test)]
+    pub(crate) fn journal_busy(&self) -> bool {
+        self.inner.journals.first().is_some_and(Journal::busy)
+    }
+
     /// Makes every journal commit take `latency` longer, standing in for a slow disk.
     #[cfg(test)]
     pub(crate) fn set_sync_latency(&self, latency: Duration) {

@@ -624,6 +624,35 @@ async fn lone_overwrites_commit_themselves_and_replay() {
     reopen_and_check(&dir, c, &model, 8, "replay did not restore the fast commits' sums").await;
 }
 
+/// A write queued while a lone writer's own commit holds the journal does not wake the
+/// committer thread (it could not commit yet); it is committed once that commit is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_queued_behind_a_fast_commit_is_committed_after_it() {
+    let dir = TempDir::new().expect("tempdir");
+    let c = chunk(36);
+    let s = Arc::new(open(&dir, 1).await);
+    s.write(0, c, CS, 1, 1, 0, Bytes::from(pattern(1, 4 * B as usize))).await.expect("allocating write");
+    let before = s.stats().fast_commits;
+    s.set_sync_latency(Duration::from_millis(300));
+    let first = {
+        let s = s.clone();
+        tokio::spawn(async move { s.write(0, c, CS, 1, 1, B, Bytes::from(pattern(2, B as usize))).await })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !s.journal_busy() {
+        assert!(tokio::time::Instant::now() < deadline, "the lone overwrite never took the journal");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let second = s.write(0, c, CS, 1, 1, 2 * B, Bytes::from(pattern(3, B as usize)));
+    let second = tokio::time::timeout(Duration::from_secs(20), second).await;
+    assert!(matches!(second, Ok(Ok(()))), "the queued write was not committed: {second:?}");
+    first.await.expect("task").expect("first write");
+    assert_eq!(s.stats().fast_commits - before, 1, "only the first write should have committed itself");
+    let got = s.read(0, c, 1, B, 2 * B).await.expect("read");
+    assert_eq!(&got[..B as usize], &pattern(2, B as usize)[..]);
+    assert_eq!(&got[B as usize..], &pattern(3, B as usize)[..]);
+}
+
 /// A small lone overwrite carries its data in its commit: after a power loss that kept neither
 /// its in-place data nor its sums, replay writes both back.
 #[tokio::test]
