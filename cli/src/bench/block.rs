@@ -271,20 +271,18 @@ async fn bench_volume(
 ) -> Result<(Vec<Row>, String)> {
     let nbd = Target::Nbd { uri: uri.to_string() };
     let local_path = scratch.join(LOCAL_FILE);
-    let local = |durable| Target::Local { path: local_path.clone(), size: opts.size, durable };
     let timing = Timing { runtime: opts.runtime, ramp: opts.ramp };
 
     progress(&format!("pre-filling {uri} ({}), untimed", human(opts.size)));
     run_fio(&prefill_args(&nbd, scratch)).await.context("pre-filling the volume")?;
     progress(&format!("pre-filling the local file {} ({}), untimed", local_path.display(), human(opts.size)));
-    run_fio(&prefill_args(&local(true), scratch)).await.context("pre-filling the local file")?;
+    let local = Target::Local { path: local_path.clone(), size: opts.size, durable: true };
+    run_fio(&prefill_args(&local, scratch)).await.context("pre-filling the local file")?;
 
     let mut basalt = Vec::new();
     for w in &WORKLOADS {
         progress(&format!("Basalt: {} for {}", w.label, humantime::format_duration(opts.runtime)));
-        let (json, cpu) = run_fio_measured(&job_args(w, &nbd, &timing, scratch), probe, opts.ramp).await?;
-        let r = parse_fio(&json, w.direction).with_context(|| format!("Basalt {}", w.label))?;
-        let cpu = cpu.per_io(r.ios);
+        let (r, cpu) = run_measured_job(w, &nbd, probe, &timing, scratch, "Basalt").await?;
         info!(workload = w.id, iops = r.iops, cpu_us_per_io = cpu.cpu_us_per_io, "cluster job done");
         basalt.push((r, cpu));
     }
@@ -329,11 +327,10 @@ async fn local_rows(
                 progress(&format!("local file through qemu-nbd: {}", w.label));
                 let probe = CpuProbe::new("qemu-nbd", vec![q.pid()])?;
                 let target = Target::Nbd { uri: q.uri() };
-                let (json, window) = run_fio_measured(&job_args(w, &target, timing, scratch), &probe, opts.ramp).await?;
-                let result = parse_fio(&json, w.direction).with_context(|| format!("qemu-nbd {}", w.label))?;
+                let (result, cpu) = run_measured_job(w, &target, &probe, timing, scratch, "qemu-nbd").await?;
                 let rate = result.rate(w.metric);
                 Some(NbdReference {
-                    cpu: window.per_io(result.ios),
+                    cpu,
                     of_local: (local_rate > 0.0).then(|| rate / local_rate),
                     basalt_ratio: ratio(w.direction, b.rate(w.metric), rate, replicas),
                     result,
@@ -473,6 +470,22 @@ async fn run_fio(args: &[String]) -> Result<String> {
 async fn run_job(w: &Workload, target: &Target, t: &Timing, scratch: &Path) -> Result<JobResult> {
     let json = run_fio(&job_args(w, target, t, scratch)).await?;
     parse_fio(&json, w.direction).with_context(|| format!("local {}", w.label))
+}
+
+/// One workload's job against `target`, with the CPU of `probe`'s processes per I/O;
+/// `what` names the target in errors.
+async fn run_measured_job(
+    w: &Workload,
+    target: &Target,
+    probe: &CpuProbe,
+    timing: &Timing,
+    scratch: &Path,
+    what: &str,
+) -> Result<(JobResult, ProcessCpu)> {
+    let (json, window) = run_fio_measured(&job_args(w, target, timing, scratch), probe, timing.ramp).await?;
+    let r = parse_fio(&json, w.direction).with_context(|| format!("{what} {}", w.label))?;
+    let cpu = window.per_io(r.ios);
+    Ok((r, cpu))
 }
 
 /// Run fio and measure the cluster's CPU from the end of the ramp (when fio starts counting)
