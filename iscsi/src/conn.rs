@@ -680,6 +680,8 @@ struct Conn {
     ping: Option<(u32, Instant)>,
     last_rx: Instant,
     config: Arc<Config>,
+    /// The SCSI layer was told the nexus is gone (at logout, before its response).
+    nexus_released: bool,
 }
 
 /// Why the full feature phase ended.
@@ -727,6 +729,7 @@ where
         neg,
         ping: None,
         last_rx: Instant::now(),
+        nexus_released: false,
         config: ctx.config.clone(),
     };
     let session_cancel = s.cancel;
@@ -785,7 +788,7 @@ where
             a.abort();
         }
     }
-    if let Some((_, scsi)) = &c.target {
+    if let (Some((_, scsi)), false) = (&c.target, c.nexus_released) {
         scsi.nexus_gone(&c.nexus).await;
     }
     let (flush_tx, flush_rx) = oneshot::channel();
@@ -945,6 +948,12 @@ impl Conn {
                 if let Some(a) = t.abort {
                     a.abort();
                 }
+            }
+            // What goes with the nexus (an SPC-2 reservation) is gone before the initiator
+            // hears the logout succeeded: it may tell another path to take over at once.
+            if let Some((_, scsi)) = &self.target {
+                scsi.nexus_gone(&self.nexus).await;
+                self.nexus_released = true;
             }
         }
         let r = pdu::LogoutResponse {

@@ -182,6 +182,18 @@ pub struct Reservations {
     pub holder: Option<Reservation>,
     /// Activate Persist Through Power Loss, as last set by REGISTER.
     pub aptpl: bool,
+    /// The SPC-2 reservation (RESERVE(6)/(10)) of the whole unit: the I_T nexus holding it.
+    /// Kept beside the persistent ones so every node serving the unit sees it too; records
+    /// written before it existed read as unreserved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reserved_by: Option<ReservedBy>,
+}
+
+/// The I_T nexus holding an SPC-2 reservation (initiator port + relative target port).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReservedBy {
+    pub initiator_port: String,
+    pub relative_port: u16,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

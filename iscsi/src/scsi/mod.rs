@@ -5,7 +5,8 @@
 //! CDB against the opcode table ([`opcodes`]), reports pending unit attentions, applies the
 //! persistent reservation conflict rules and the port's ALUA state, then runs the handler:
 //! [`inquiry`] (INQUIRY, VPD), [`rw`] (block I/O, UNMAP, WRITE SAME, COMPARE AND WRITE,
-//! capacity), [`mode`] (MODE SENSE/SELECT), [`pr`] (persistent reservations) and [`maint`]
+//! ORWRITE, PRE-FETCH, capacity, defect data), [`mode`] (MODE SENSE/SELECT), [`pr`]
+//! (persistent reservations), [`reserve`] (SPC-2 RESERVE/RELEASE) and [`maint`]
 //! (REPORT LUNS, REPORT TARGET PORT GROUPS, REPORT SUPPORTED OPERATION CODES/TMFs).
 //!
 //! State a unit keeps in this process: pending unit attentions per I_T nexus, the capacity
@@ -20,6 +21,7 @@ mod maint;
 mod mode;
 pub mod opcodes;
 mod pr;
+mod reserve;
 mod rw;
 pub mod sense;
 #[cfg(test)]
@@ -108,8 +110,8 @@ impl Identity {
 fn data_out_len(cdb: Cdb<'_>) -> Option<u32> {
     let blocks = |n: u64| u32::try_from(n * BLOCK_SIZE).unwrap_or(u32::MAX);
     match cdb.op() {
-        // WRITE (6/10/12/16), WRITE AND VERIFY (10/12/16).
-        0x0A | 0x2A | 0xAA | 0x8A | 0x2E | 0xAE | 0x8E => {
+        // WRITE (6/10/12/16), WRITE AND VERIFY (10/12/16), ORWRITE (16).
+        0x0A | 0x2A | 0xAA | 0x8A | 0x2E | 0xAE | 0x8E | 0x8B => {
             Some(blocks(cdb::block_range(cdb, true).blocks))
         }
         // WRITE SAME (10/16): one block, none with NDOB.
@@ -294,7 +296,7 @@ impl LogicalUnit {
                 return Err(ua.into());
             }
         }
-        self.check_reservation(info, cdb, &cmd.nexus).await?;
+        self.check_reservation(info, cdb, &cmd.nexus, &key).await?;
         if info.medium {
             self.check_alua(cmd.nexus.relative_port).await?;
         }
@@ -302,8 +304,21 @@ impl LogicalUnit {
         self.dispatch(info, &ctx).await
     }
 
-    /// RESERVATION CONFLICT for a command another nexus's reservation excludes.
-    async fn check_reservation(&self, info: &OpInfo, cdb: Cdb<'_>, nexus: &Nexus) -> CmdResult<()> {
+    /// RESERVATION CONFLICT for a command another nexus's reservation excludes (SPC-2
+    /// reservations first, see [`reserve`]; then the persistent ones).
+    async fn check_reservation(&self, info: &OpInfo, cdb: Cdb<'_>, nexus: &Nexus, key: &NexusKey) -> CmdResult<()> {
+        // No reservation of either kind affects these.
+        if matches!(info.cmd, Cmd::Inquiry | Cmd::RequestSense | Cmd::ReportLuns) {
+            return Ok(());
+        }
+        let (state, _) = self
+            .reservations
+            .load()
+            .await
+            .map_err(|e| sense::device_error(&e, sense::Io::Read))?;
+        if reserve::conflicts(&state, info.cmd, key) {
+            return Err(Failure::Conflict);
+        }
         let access = match info.access {
             Access::Always | Access::PrOut => return Ok(()),
             Access::Read => pr::Want::Read,
@@ -315,11 +330,6 @@ impl LogicalUnit {
         } else {
             access
         };
-        let (state, _) = self
-            .reservations
-            .load()
-            .await
-            .map_err(|e| sense::device_error(&e, sense::Io::Read))?;
         if pr::conflicts(&state, nexus, access) {
             return Err(Failure::Conflict);
         }
@@ -369,6 +379,11 @@ impl LogicalUnit {
             // Not removable (RMB = 0): there is nothing to lock, and SBC-3 lets a device
             // server without a removal mechanism accept the command.
             Cmd::PreventAllowMediumRemoval => Ok(Bytes::new()),
+            Cmd::PreFetch => self.pre_fetch(ctx),
+            Cmd::ReadDefectData => self.read_defect_data(ctx),
+            Cmd::OrWrite => self.or_write(ctx).await,
+            Cmd::Reserve => self.reserve(ctx).await,
+            Cmd::Release => self.release(ctx).await,
         }
     }
 
@@ -467,19 +482,21 @@ impl ScsiTarget for Target {
             | TaskManagement::AbortTaskSet
             | TaskManagement::ClearTaskSet
             | TaskManagement::ClearAca => TmfOutcome::Complete,
+            // Persistent reservations survive resets (SPC-4 5.12.1); SPC-2 reservations
+            // do not (SPC-2 5.5.1). The unit attention is established.
             TaskManagement::LogicalUnitReset => match self.luns.get(&lun) {
                 Some(unit) => {
                     unit.reset(&key);
+                    unit.drop_reserved(None).await;
                     unit.announce_reset().await;
                     TmfOutcome::Complete
                 }
                 None => TmfOutcome::NoSuchLun,
             },
-            // Persistent reservations survive resets (SPC-4 5.12.1); only the unit
-            // attention is established.
             TaskManagement::TargetWarmReset | TaskManagement::TargetColdReset => {
                 for unit in self.luns.values() {
                     unit.reset(&key);
+                    unit.drop_reserved(None).await;
                     unit.announce_reset().await;
                 }
                 TmfOutcome::Complete
@@ -488,10 +505,14 @@ impl ScsiTarget for Target {
     }
 
     async fn nexus_gone(&self, nexus: &Nexus) {
-        // Registrations and reservations persist (they are the point of *persistent*
-        // reservations); only the bookkeeping of a nexus with nothing pending is dropped,
-        // so the attention map does not grow with every session ever seen.
+        // Registrations and persistent reservations persist (they are the point of
+        // *persistent* reservations); an SPC-2 reservation goes with its nexus. Otherwise
+        // only the bookkeeping of a nexus with nothing pending is dropped, so the attention
+        // map does not grow with every session ever seen.
         let key = nexus_key(nexus);
+        for unit in self.luns.values() {
+            unit.drop_reserved(Some(&key)).await;
+        }
         for unit in self.luns.values() {
             let mut map = unit.attentions();
             if map.get(&key).is_some_and(|q| q.is_empty()) {

@@ -30,6 +30,11 @@ pub enum Cmd {
     ReportTargetPortGroups,
     ReportSupportedOpcodes,
     ReportSupportedTmfs,
+    PreFetch,
+    ReadDefectData,
+    OrWrite,
+    Reserve,
+    Release,
 }
 
 /// How a command fares when another I_T nexus holds a persistent reservation (SPC-4
@@ -85,6 +90,8 @@ pub static OPS: &[OpInfo] = &[
     op(0x0A, None, Cmd::Write, Write, true, &[0x0A, 0x1F, FF, FF, FF, C]),
     op(0x12, None, Cmd::Inquiry, Always, false, &[0x12, 0x01, FF, FF, FF, C]),
     op(0x15, None, Cmd::ModeSelect, Write, false, &[0x15, 0x11, 0, 0, FF, C]),
+    op(0x16, None, Cmd::Reserve, Always, false, &[0x16, 0x11, 0, 0, 0, C]),
+    op(0x17, None, Cmd::Release, Always, false, &[0x17, 0x11, 0, 0, 0, C]),
     op(0x1A, None, Cmd::ModeSense, Read, false, &[0x1A, 0x08, FF, FF, FF, C]),
     op(0x1B, None, Cmd::StartStopUnit, Always, false, &[0x1B, 0x01, 0, 0x0F, 0xF7, C]),
     op(0x1E, None, Cmd::PreventAllowMediumRemoval, Always, false, &[0x1E, 0, 0, 0, 0x03, C]),
@@ -93,10 +100,14 @@ pub static OPS: &[OpInfo] = &[
     op(0x2A, None, Cmd::Write, Write, true, &[0x2A, 0xF8, FF, FF, FF, FF, 0, FF, FF, C]),
     op(0x2E, None, Cmd::WriteAndVerify, Write, true, &[0x2E, 0xF6, FF, FF, FF, FF, 0, FF, FF, C]),
     op(0x2F, None, Cmd::Verify, Read, true, &[0x2F, 0xF6, FF, FF, FF, FF, 0, FF, FF, C]),
+    op(0x34, None, Cmd::PreFetch, Read, true, &[0x34, 0x02, FF, FF, FF, FF, 0, FF, FF, C]),
     op(0x35, None, Cmd::SynchronizeCache, Write, true, &[0x35, 0x02, FF, FF, FF, FF, 0, FF, FF, C]),
+    op(0x37, None, Cmd::ReadDefectData, Read, true, &[0x37, 0, 0x1F, 0, 0, 0, 0, FF, FF, C]),
     op(0x41, None, Cmd::WriteSame, Write, true, &[0x41, 0xF8, FF, FF, FF, FF, 0, FF, FF, C]),
     op(0x42, None, Cmd::Unmap, Write, true, &[0x42, 0x01, 0, 0, 0, 0, 0, FF, FF, C]),
     op(0x55, None, Cmd::ModeSelect, Write, false, &[0x55, 0x11, 0, 0, 0, 0, 0, FF, FF, C]),
+    op(0x56, None, Cmd::Reserve, Always, false, &[0x56, 0x13, 0, 0, 0, 0, 0, 0, 0, C]),
+    op(0x57, None, Cmd::Release, Always, false, &[0x57, 0x13, 0, 0, 0, 0, 0, 0, 0, C]),
     op(0x5A, None, Cmd::ModeSense, Read, false, &[0x5A, 0x18, FF, FF, 0, 0, 0, FF, FF, C]),
     op(0x5E, Some(0x00), Cmd::PersistentReserveIn, Always, false, &[0x5E, 0x00, 0, 0, 0, 0, 0, FF, FF, C]),
     op(0x5E, Some(0x01), Cmd::PersistentReserveIn, Always, false, &[0x5E, 0x01, 0, 0, 0, 0, 0, FF, FF, C]),
@@ -112,8 +123,10 @@ pub static OPS: &[OpInfo] = &[
     op(0x88, None, Cmd::Read, Read, true, &[0x88, 0xF8, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, C]),
     op(0x89, None, Cmd::CompareAndWrite, Write, true, &[0x89, 0xF8, FF, FF, FF, FF, FF, FF, FF, FF, 0, 0, 0, FF, 0, C]),
     op(0x8A, None, Cmd::Write, Write, true, &[0x8A, 0xF8, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, C]),
+    op(0x8B, None, Cmd::OrWrite, Write, true, &[0x8B, 0xF8, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, C]),
     op(0x8E, None, Cmd::WriteAndVerify, Write, true, &[0x8E, 0xF6, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, C]),
     op(0x8F, None, Cmd::Verify, Read, true, &[0x8F, 0xF6, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, C]),
+    op(0x90, None, Cmd::PreFetch, Read, true, &[0x90, 0x02, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, C]),
     op(0x91, None, Cmd::SynchronizeCache, Write, true, &[0x91, 0x02, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, C]),
     op(0x93, None, Cmd::WriteSame, Write, true, &[0x93, 0xF9, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, C]),
     op(0x9E, Some(0x10), Cmd::ReadCapacity16, Always, false, &[0x9E, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, FF, FF, FF, FF, 0, C]),
@@ -124,6 +137,9 @@ pub static OPS: &[OpInfo] = &[
     op(0xA3, Some(0x0D), Cmd::ReportSupportedTmfs, Always, false, &[0xA3, 0x0D, 0x80, 0, 0, 0, FF, FF, FF, FF, 0, C]),
     op(0xA8, None, Cmd::Read, Read, true, &[0xA8, 0xF8, FF, FF, FF, FF, FF, FF, FF, FF, 0, C]),
     op(0xAA, None, Cmd::Write, Write, true, &[0xAA, 0xF8, FF, FF, FF, FF, FF, FF, FF, FF, 0, C]),
+    op(0xAE, None, Cmd::WriteAndVerify, Write, true, &[0xAE, 0xF6, FF, FF, FF, FF, FF, FF, FF, FF, 0, C]),
+    op(0xAF, None, Cmd::Verify, Read, true, &[0xAF, 0xF6, FF, FF, FF, FF, FF, FF, FF, FF, 0, C]),
+    op(0xB7, None, Cmd::ReadDefectData, Read, true, &[0xB7, 0x1F, FF, FF, FF, FF, FF, FF, FF, FF, 0, C]),
 ];
 
 /// Whether `op` is an opcode whose commands are told apart by a service action.

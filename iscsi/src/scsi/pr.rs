@@ -4,7 +4,7 @@
 //! race), so nodes serving the same unit never overwrite each other's changes.
 //!
 //! Not supported: SPEC_I_PT, ALL_TG_PT (both refused, and REPORT CAPABILITIES says so),
-//! REGISTER AND MOVE (invalid service action), SPC-2 RESERVE/RELEASE (invalid opcode).
+//! REGISTER AND MOVE (invalid service action). SPC-2 RESERVE/RELEASE are in `reserve`.
 
 use bytes::Bytes;
 

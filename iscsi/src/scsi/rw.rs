@@ -1,8 +1,9 @@
 //! Block commands (SBC-3): READ, WRITE, WRITE AND VERIFY, VERIFY, SYNCHRONIZE CACHE,
-//! WRITE SAME, UNMAP, COMPARE AND WRITE, READ CAPACITY and GET LBA STATUS.
+//! PRE-FETCH, WRITE SAME, UNMAP, COMPARE AND WRITE, ORWRITE, READ CAPACITY, GET LBA STATUS
+//! and READ DEFECT DATA.
 //!
-//! Every write path holds the unit's `atomic` lock shared, COMPARE AND WRITE holds it
-//! exclusively; reads do not take it (a read racing a write may see either, as on a disk).
+//! Every write path holds the unit's `atomic` lock shared, COMPARE AND WRITE and ORWRITE
+//! hold it exclusively; reads do not take it (a read racing a write may see either, as on a disk).
 
 use bytes::{Bytes, BytesMut};
 
@@ -83,7 +84,7 @@ impl LogicalUnit {
         self.read_blocks(r.lba, r.blocks).await
     }
 
-    /// WRITE(6/10/12/16) and WRITE AND VERIFY(10/16). FUA is implied (no volatile cache);
+    /// WRITE(6/10/12/16) and WRITE AND VERIFY(10/12/16). FUA is implied (no volatile cache);
     /// the verify step of WRITE AND VERIFY is the device's: a write it acknowledged is
     /// durable on every replica.
     ///
@@ -112,7 +113,7 @@ impl LogicalUnit {
         Ok(Bytes::new())
     }
 
-    /// VERIFY(10/16): BYTCHK 00b checks the blocks are readable, 01b compares them with the
+    /// VERIFY(10/12/16): BYTCHK 00b checks the blocks are readable, 01b compares them with the
     /// Data-Out, 11b compares each with the one block sent.
     pub(super) async fn verify(&self, ctx: &Ctx<'_>) -> CmdResult {
         let r = block_range(ctx.cdb, false);
@@ -163,6 +164,31 @@ impl LogicalUnit {
         check_range(r.lba, r.blocks, self.blocks())?;
         self.device.flush().await.map_err(|e| device_error(&e, Io::Write))?;
         Ok(Bytes::new())
+    }
+
+    /// PRE-FETCH(10/16): there is no cache to load (every read comes from the replicas), so
+    /// after the range check this is GOOD, which SBC-3 5.11 gives when the blocks will not
+    /// be held in a cache (CONDITION MET would promise they are). IMMED changes nothing.
+    pub(super) fn pre_fetch(&self, ctx: &Ctx<'_>) -> CmdResult {
+        let r = block_range(ctx.cdb, false);
+        check_range(r.lba, r.blocks, self.blocks())?;
+        Ok(Bytes::new())
+    }
+
+    /// READ DEFECT DATA(10/12): a volume has no defects to list (bad replica blocks are
+    /// repaired from the others, never remapped), so the answer is the header of an empty
+    /// list in the format asked for, marked valid for the lists asked for. The 12-byte
+    /// form's header adds a generation code (0: not supported) and a 4-byte length.
+    pub(super) fn read_defect_data(&self, ctx: &Ctx<'_>) -> CmdResult {
+        let cdb = ctx.cdb;
+        let (flags, alloc, mut d) = if cdb.op() == 0x37 {
+            (cdb.u8(2), usize::from(cdb.u16(7)), vec![0u8; 4])
+        } else {
+            (cdb.u8(1), cdb.u32(6) as usize, vec![0u8; 8])
+        };
+        // PLISTV and GLISTV echo REQ_PLIST and REQ_GLIST; the format echoes the request.
+        d[1] = flags & 0x1F;
+        Ok(truncate(d, alloc))
     }
 
     /// WRITE SAME(10/16): replicate one block, or deallocate when UNMAP is set, whatever
@@ -302,6 +328,27 @@ impl LogicalUnit {
             return Err(Sense::miscompare(i as u64).into());
         }
         self.write_blocks(lba, new).await?;
+        Ok(Bytes::new())
+    }
+
+    /// ORWRITE(16): each block becomes the bitwise OR of what it holds and the Data-Out
+    /// (SBC-3 5.10), read and written under the exclusive lock, as COMPARE AND WRITE, so no
+    /// other write lands between the two.
+    pub(super) async fn or_write(&self, ctx: &Ctx<'_>) -> CmdResult {
+        let r = block_range(ctx.cdb, false);
+        no_protection(&r)?;
+        self.check_transfer(ctx, r.lba, r.blocks)?;
+        if r.blocks == 0 {
+            return Ok(Bytes::new());
+        }
+        let operand = data_out(ctx, r.blocks * BLOCK_SIZE)?;
+        let _exclusive = self.atomic.write().await;
+        let current = self.read_blocks(r.lba, r.blocks).await?;
+        let mut merged = BytesMut::from(&current[..]);
+        for (m, o) in merged.iter_mut().zip(operand.iter()) {
+            *m |= *o;
+        }
+        self.write_blocks(r.lba, merged.freeze()).await?;
         Ok(Bytes::new())
     }
 

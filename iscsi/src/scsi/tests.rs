@@ -306,8 +306,8 @@ async fn report_luns_from_any_lun_with_select_report() {
 async fn unknown_opcode_bad_service_action_and_naca() {
     let f = fixture();
     assert_eq!(check(&f.run(&[0xC7, 0, 0, 0, 0, 0], &[]).await), (key::ILLEGAL_REQUEST, 0x20, 0));
-    // SPC-2 RESERVE(6) is not supported.
-    assert_eq!(check(&f.run(&[0x16, 0, 0, 0, 0, 0], &[]).await), (key::ILLEGAL_REQUEST, 0x20, 0));
+    // FORMAT UNIT is not supported.
+    assert_eq!(check(&f.run(&[0x04, 0, 0, 0, 0, 0], &[]).await), (key::ILLEGAL_REQUEST, 0x20, 0));
     let mut c = vec![0u8; 16];
     c[0] = 0x9E;
     c[1] = 0x05;
@@ -535,6 +535,77 @@ async fn verify_checks_readability_and_compares_with_miscompare_offset() {
     c[1] = 0x06;
     good(&f.run(&c, &one).await);
     assert_eq!(check(&f.run(&rw10(0x2F, BLOCKS as u32, 1), &[]).await), LBA_RANGE);
+}
+
+#[tokio::test]
+async fn twelve_byte_write_and_verify_and_verify() {
+    let f = fixture();
+    let data = pattern(3, 5);
+    good(&f.run(&rw12(0xAE, 40, 3), &data).await); // WRITE AND VERIFY(12)
+    assert_eq!(f.block(40, 3).await, data);
+    good(&f.run(&rw12(0xAF, 40, 3), &[]).await); // VERIFY(12), BYTCHK 0
+    let mut c = rw12(0xAF, 40, 3);
+    c[1] = 0x02; // BYTCHK 01b
+    good(&f.run(&c, &data).await);
+    let mut other = data.clone();
+    other[1025] ^= 1;
+    let r = f.run(&c, &other).await;
+    assert_eq!(check(&r), (key::MISCOMPARE, 0x1D, 0));
+    assert_eq!(&r.sense.as_ref().expect("sense")[3..7], &1025u32.to_be_bytes());
+    assert_eq!(check(&f.run(&rw12(0xAF, BLOCKS as u32 - 1, 2), &[]).await), LBA_RANGE);
+    assert_eq!(check(&f.run(&rw12(0xAE, BLOCKS as u32, 1), &pattern(1, 0)).await), LBA_RANGE);
+    let mut c = rw12(0xAE, 0, 1);
+    c[1] = 0x20; // WRPROTECT
+    assert_eq!(check(&f.run(&c, &pattern(1, 0)).await), INVALID_FIELD);
+}
+
+#[tokio::test]
+async fn pre_fetch_checks_the_range_and_is_good() {
+    let f = fixture();
+    good(&f.run(&rw10(0x34, 0, 256), &[]).await);
+    good(&f.run(&rw16(0x90, BLOCKS - 1, 1), &[]).await);
+    good(&f.run(&rw10(0x34, BLOCKS as u32, 0), &[]).await);
+    let mut c = rw10(0x34, 0, 1);
+    c[1] = 0x02; // IMMED
+    good(&f.run(&c, &[]).await);
+    assert_eq!(check(&f.run(&rw10(0x34, BLOCKS as u32 + 1, 0), &[]).await), LBA_RANGE);
+    assert_eq!(check(&f.run(&rw10(0x34, BLOCKS as u32 - 1, 2), &[]).await), LBA_RANGE);
+    assert_eq!(check(&f.run(&rw16(0x90, u64::MAX, 1), &[]).await), LBA_RANGE);
+}
+
+#[tokio::test]
+async fn read_defect_data_is_an_empty_list_in_the_format_asked_for() {
+    let f = fixture();
+    // (10): REQ_PLIST | REQ_GLIST, format 5 (physical sector), allocation 32.
+    let d = good(&f.run(&[0x37, 0, 0x18 | 0x05, 0, 0, 0, 0, 0, 32, 0], &[]).await).to_vec();
+    assert_eq!(d, vec![0, 0x1D, 0, 0]);
+    // (12): the request in byte 1, an 8-byte header.
+    let mut c = vec![0u8; 12];
+    c[0] = 0xB7;
+    c[1] = 0x08 | 0x04;
+    c[9] = 32;
+    assert_eq!(good(&f.run(&c, &[]).await), &[0, 0x0C, 0, 0, 0, 0, 0, 0]);
+    // The allocation length truncates.
+    assert_eq!(good(&f.run(&[0x37, 0, 0x10, 0, 0, 0, 0, 0, 2, 0], &[]).await), &[0, 0x10]);
+}
+
+#[tokio::test]
+async fn orwrite_ors_the_data_out_into_the_blocks() {
+    let f = fixture();
+    good(&f.run(&rw10(0x2A, 50, 2), &vec![0x0F; 2 * BS]).await);
+    good(&f.run(&rw16(0x8B, 50, 2), &vec![0xA0; 2 * BS]).await);
+    assert_eq!(f.block(50, 2).await, vec![0xAF; 2 * BS]);
+    // The block after the range is untouched.
+    assert_eq!(f.block(52, 1).await, vec![0; BS]);
+    good(&f.run(&rw16(0x8B, 0, 0), &[]).await);
+    assert_eq!(check(&f.run(&rw16(0x8B, BLOCKS + 1, 0), &[]).await), LBA_RANGE);
+    assert_eq!(check(&f.run(&rw16(0x8B, BLOCKS - 1, 2), &vec![1; 2 * BS]).await), LBA_RANGE);
+    let mut c = rw16(0x8B, 0, 1);
+    c[1] = 0x40; // ORPROTECT
+    assert_eq!(check(&f.run(&c, &vec![1; BS]).await), INVALID_FIELD);
+    // Too little Data-Out changes nothing.
+    assert_ne!(f.run(&rw16(0x8B, 50, 2), &vec![0xFF; BS]).await.status, status::GOOD);
+    assert_eq!(f.block(50, 2).await, vec![0xAF; 2 * BS]);
 }
 
 #[tokio::test]
@@ -1184,6 +1255,88 @@ async fn registrations_survive_nexus_loss_and_resets() {
     // b gets the reset attention first (TEST UNIT READY is allowed under the reservation).
     assert_eq!(check(&f.run_as(&nexus("b", 1), &[0, 0, 0, 0, 0, 0], &[]).await).0, key::UNIT_ATTENTION);
     assert_eq!(f.run_as(&nexus("b", 1), &rw10(0x28, 0, 1), &[]).await.status, status::RESERVATION_CONFLICT);
+}
+
+// ---- SPC-2 RESERVE / RELEASE ----------------------------------------------------------
+
+const RESERVE6: [u8; 6] = [0x16, 0, 0, 0, 0, 0];
+const RELEASE6: [u8; 6] = [0x17, 0, 0, 0, 0, 0];
+const RESERVE10: [u8; 10] = [0x56, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+const RELEASE10: [u8; 10] = [0x57, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+const TUR: [u8; 6] = [0, 0, 0, 0, 0, 0];
+
+#[tokio::test]
+async fn spc2_reservation_excludes_other_nexuses_until_released() {
+    let f = fixture();
+    let (a, b) = (nexus("a", 1), nexus("b", 2));
+    good(&f.run_as(&a, &RESERVE6, &[]).await);
+    good(&f.run_as(&a, &RESERVE6, &[]).await); // again: GOOD
+    good(&f.run_as(&a, &rw10(0x2A, 0, 1), &pattern(1, 1)).await);
+    for cdb in [&RESERVE6[..], &RESERVE10, &TUR, &rw10(0x28, 0, 1), &[0x1A, 0, 0x3F, 0, 255, 0], &read_capacity16()] {
+        assert_eq!(f.run_as(&b, cdb, &[]).await.status, status::RESERVATION_CONFLICT, "{cdb:02x?}");
+    }
+    // What a reservation never blocks; RELEASE from a non-holder is GOOD and changes nothing.
+    good(&f.run_as(&b, &inquiry(false, 0, 36), &[]).await);
+    good(&f.run_as(&b, &[0x03, 0, 0, 0, 18, 0], &[]).await);
+    good(&f.run_as(&b, &RELEASE6, &[]).await);
+    assert_eq!(f.run_as(&b, &TUR, &[]).await.status, status::RESERVATION_CONFLICT);
+    good(&f.run_as(&a, &RELEASE10, &[]).await);
+    good(&f.run_as(&b, &RESERVE10, &[]).await);
+    assert_eq!(f.run_as(&a, &TUR, &[]).await.status, status::RESERVATION_CONFLICT);
+    good(&f.run_as(&b, &RELEASE6, &[]).await);
+    good(&f.run_as(&a, &TUR, &[]).await);
+}
+
+#[tokio::test]
+async fn spc2_reservation_goes_with_its_nexus_and_with_resets() {
+    let f = fixture();
+    let (a, b) = (nexus("a", 1), nexus("b", 2));
+    good(&f.run_as(&a, &RESERVE6, &[]).await);
+    f.target.nexus_gone(&b).await; // someone else leaving changes nothing
+    assert_eq!(f.run_as(&b, &RESERVE6, &[]).await.status, status::RESERVATION_CONFLICT);
+    f.target.nexus_gone(&a).await;
+    good(&f.run_as(&b, &RESERVE6, &[]).await);
+    // A LUN reset from anyone releases it (b first gets the reset's unit attention).
+    f.target.task_management(TaskManagement::LogicalUnitReset, 0, &a).await;
+    assert_eq!(check(&f.run_as(&a, &RESERVE6, &[]).await).0, key::UNIT_ATTENTION);
+    good(&f.run_as(&a, &RESERVE6, &[]).await);
+    f.target.task_management(TaskManagement::TargetWarmReset, 0, &b).await;
+    assert_eq!(check(&f.run_as(&b, &RESERVE6, &[]).await).0, key::UNIT_ATTENTION);
+    good(&f.run_as(&b, &RESERVE6, &[]).await);
+}
+
+#[tokio::test]
+async fn spc2_and_persistent_reservations_exclude_each_other() {
+    let f = fixture();
+    let (a, b) = (nexus("a", 1), nexus("b", 2));
+    // Reserved: PR commands conflict for every nexus, the holder included.
+    good(&f.run_as(&a, &RESERVE6, &[]).await);
+    assert_eq!(f.pr(&a, REGISTER, 0, 0, 0xA).await.status, status::RESERVATION_CONFLICT);
+    assert_eq!(f.run_as(&b, &prin(0, 64), &[]).await.status, status::RESERVATION_CONFLICT);
+    good(&f.run_as(&a, &RELEASE6, &[]).await);
+    // Registered: RESERVE and RELEASE conflict for every nexus, the registrant included.
+    good(&f.pr(&a, REGISTER, 0, 0, 0xA).await);
+    assert_eq!(f.run_as(&a, &RESERVE6, &[]).await.status, status::RESERVATION_CONFLICT);
+    assert_eq!(f.run_as(&b, &RELEASE10, &[]).await.status, status::RESERVATION_CONFLICT);
+    good(&f.pr(&a, REGISTER, 0, 0xA, 0).await);
+    good(&f.run_as(&b, &RESERVE10, &[]).await);
+}
+
+#[tokio::test]
+async fn reserve_and_release_refuse_third_party_and_extents() {
+    let f = fixture();
+    for (cdb, field) in [
+        (vec![0x16, 0x10, 0, 0, 0, 0], 4), // 3RDPTY
+        (vec![0x16, 0x01, 0, 0, 0, 0], 0), // EXTENT
+        (vec![0x57, 0x02, 0, 0, 0, 0, 0, 0, 0, 0], 1), // LONGID
+    ] {
+        let r = f.run(&cdb, &[]).await;
+        assert_eq!(check(&r), INVALID_FIELD, "{cdb:02x?}");
+        let s = r.sense.as_ref().expect("sense");
+        assert_eq!((s[15], s[16], s[17]), (0xC8 | field, 0, 1), "field pointer of {cdb:02x?}");
+    }
+    // Nothing was reserved by the refused commands.
+    good(&f.run_as(&nexus("b", 2), &RESERVE6, &[]).await);
 }
 
 /// A store that loses the first compare-and-swap, as when another node wrote in between.
