@@ -246,7 +246,10 @@ fn parse_cunit(out: &str) -> BTreeMap<String, &'static str> {
     let mut current: Option<(String, String)> = None;
     let finish = |cur: Option<(String, String)>, results: &mut BTreeMap<String, &'static str>| {
         if let Some((name, body)) = cur {
-            let outcome = if body.contains("FAILED") {
+            // CUnit's verdict is a bare FAILED (after the "..." or on a line of its own);
+            // libiscsi's own log lines say "[FAILED] ...", also about commands of the next
+            // suite's set-up that it prints before that suite's name.
+            let outcome = if body.replace("[FAILED]", "").contains("FAILED") {
                 "failed"
             } else if body.contains("[SKIPPED]") {
                 "skipped"
@@ -339,13 +342,17 @@ async fn libiscsi_conformance_suite_passes_outside_a_short_justified_list() -> R
 #[test]
 fn cunit_output_is_parsed_into_passed_failed_and_skipped() {
     let out = "Suite: Inquiry\n  Test: Standard ...passed\n  Test: EVPD ...    [SKIPPED] not here\npassed\n\
-               Suite: Write10\n  Test: Simple ...FAILED\n    1. test.c:10 - x\n  Test: Flags ...passed\n\nRun Summary: x\n";
+               Suite: Write10\n  Test: Simple ...FAILED\n    1. test.c:10 - x\n  Test: Flags ...passed\n\
+               Suite: Reserve6\n  Test: LUNReset ...passed    [FAILED] PRIN command: failed with sense.\n\
+               Test: Logout ...    [FAILED] RESERVE6 command: x\nFAILED\n    1. test.c:70 - y\n\nRun Summary: x\n";
     let r = parse_cunit(out);
     assert_eq!(r.get("Inquiry.Standard"), Some(&"passed"));
     assert_eq!(r.get("Inquiry.EVPD"), Some(&"skipped"));
     assert_eq!(r.get("Write10.Simple"), Some(&"failed"));
     assert_eq!(r.get("Write10.Flags"), Some(&"passed"));
-    assert_eq!(r.len(), 4);
+    assert_eq!(r.get("Reserve6.LUNReset"), Some(&"passed"));
+    assert_eq!(r.get("Reserve6.Logout"), Some(&"failed"));
+    assert_eq!(r.len(), 6);
 }
 
 /// `basalt bench iscsi` end to end, tiny (a 16 MiB LUN, 0.3 s per job): tgt is installed if
