@@ -414,15 +414,16 @@ impl LogicalUnit {
             .find(|u| u.identity.naa[..] == c.designator[..])
     }
 
-    /// The reservation and ALUA checks the dispatcher makes for a command, made for a copy
-    /// target on behalf of the nexus that sent the EXTENDED COPY.
+    /// The reservation and ALUA checks the dispatcher makes for a READ(16) (a copy source)
+    /// or a WRITE(16) (a destination) from the nexus that sent the EXTENDED COPY: the copy
+    /// manager may do to a unit only what the nexus itself could.
     async fn check_copy_access(&self, nexus: &Nexus, writes: bool) -> CmdResult<()> {
-        let want = if writes { pr::Want::Write } else { pr::Want::Read };
-        let (state, _) =
-            self.reservations.load().await.map_err(|e| device_error(&e, Io::Read))?;
-        if pr::conflicts(&state, nexus, want) {
+        let op = if writes { 0x8A } else { 0x88 };
+        let opcodes::Lookup::Found(info) = opcodes::lookup(op, 0) else {
+            // The table always has READ(16) and WRITE(16); fail closed all the same.
             return Err(Failure::Conflict);
-        }
+        };
+        self.check_reservation(info, Cdb(&[op]), nexus).await?;
         self.check_alua(nexus.relative_port).await
     }
 

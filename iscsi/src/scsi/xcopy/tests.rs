@@ -390,7 +390,7 @@ async fn a_reservation_on_the_destination_conflicts_and_nothing_is_written() {
         generation: 1,
         registrations: vec![Registration { initiator_port: port.clone(), relative_port: 1, key: 9 }],
         holder: Some(Reservation { initiator_port: port, relative_port: 1, key: 9, kind: 1 }),
-        aptpl: false,
+        ..Default::default()
     };
     assert!(f.b_res.store(&state, 0).await.expect("store"));
     let to_b = list(0, NO_LIST_ID, &[cscd(VOL_A), cscd(VOL_B)], &[b2b(0, 1, 4, 0, 0)]);
