@@ -5,7 +5,7 @@ use super::sense::{CmdResult, Sense};
 use super::*;
 
 /// VPD pages we serve, in ascending order as page 0x00 must list them.
-const PAGES: [u8; 6] = [0x00, 0x80, 0x83, 0xB0, 0xB1, 0xB2];
+const PAGES: [u8; 7] = [0x00, 0x80, 0x83, 0x8F, 0xB0, 0xB1, 0xB2];
 
 /// Version descriptors: SAM-5, iSCSI (RFC 7143), SPC-4, SBC-3.
 const VERSION_DESCRIPTORS: [u16; 4] = [0x00A0, 0x0960, 0x0460, 0x04C0];
@@ -92,6 +92,7 @@ impl LogicalUnit {
             0x00 => PAGES.to_vec(),
             0x80 => padded(&self.identity.serial, self.identity.serial.len().min(252)),
             0x83 => self.device_identification(ctx).await,
+            0x8F => super::xcopy::third_party_copy_page(),
             0xB0 => self.block_limits(),
             0xB1 => {
                 let mut p = vec![0u8; 0x3C];

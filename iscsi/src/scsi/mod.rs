@@ -26,6 +26,7 @@ mod rw;
 pub mod sense;
 #[cfg(test)]
 mod tests;
+mod xcopy;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -120,6 +121,7 @@ fn data_out_len(cdb: Cdb<'_>) -> Option<u32> {
         0x89 => Some(blocks(2 * u64::from(cdb.u8(13)))), // COMPARE AND WRITE
         0x42 => Some(u32::from(cdb.u16(7))),             // UNMAP
         0x5F => Some(cdb.u32(5)),                        // PERSISTENT RESERVE OUT
+        0x83 => Some(cdb.u32(10)),                       // EXTENDED COPY
         _ => None,
     }
 }
@@ -156,6 +158,8 @@ pub struct LogicalUnit {
     /// Who else must hear of resets and reservation changes (the other nodes serving the
     /// unit), if anyone.
     events: Option<Arc<dyn UnitEvents>>,
+    /// Status of the EXTENDED COPY commands each nexus sent with a list identifier.
+    copies: xcopy::CopyRecords,
 }
 
 impl LogicalUnit {
@@ -174,6 +178,7 @@ impl LogicalUnit {
             atomic: tokio::sync::RwLock::new(()),
             attentions: Mutex::new(HashMap::new()),
             events: None,
+            copies: xcopy::CopyRecords::default(),
         }
     }
 
@@ -264,14 +269,30 @@ impl LogicalUnit {
 
     /// Executes one command on this unit.
     pub async fn execute(&self, cmd: &ScsiCommand, target_name: &str) -> ScsiResponse {
-        let resp = match self.run(cmd, target_name).await {
+        self.execute_among(cmd, target_name, &NO_PEERS).await
+    }
+
+    /// Executes one command on this unit, which `peers` (the units of its target) may serve
+    /// as copy sources and destinations of EXTENDED COPY.
+    pub async fn execute_among(
+        &self,
+        cmd: &ScsiCommand,
+        target_name: &str,
+        peers: &BTreeMap<u64, Arc<LogicalUnit>>,
+    ) -> ScsiResponse {
+        let resp = match self.run(cmd, target_name, peers).await {
             Ok(data_in) => ScsiResponse { status: status::GOOD, data_in, ..Default::default() },
             Err(f) => f.into_response(),
         };
         ScsiResponse { data_out_len: data_out_len(Cdb(&cmd.cdb)), ..resp }
     }
 
-    async fn run(&self, cmd: &ScsiCommand, target_name: &str) -> CmdResult {
+    async fn run(
+        &self,
+        cmd: &ScsiCommand,
+        target_name: &str,
+        peers: &BTreeMap<u64, Arc<LogicalUnit>>,
+    ) -> CmdResult {
         let cdb = Cdb(&cmd.cdb);
         let info = match opcodes::lookup(cdb.op(), cdb.service_action()) {
             Lookup::Found(info) => info,
@@ -300,7 +321,7 @@ impl LogicalUnit {
         if info.medium {
             self.check_alua(cmd.nexus.relative_port).await?;
         }
-        let ctx = Ctx { cdb, cmd, target_name, key: &key };
+        let ctx = Ctx { cdb, cmd, target_name, key: &key, peers };
         self.dispatch(info, &ctx).await
     }
 
@@ -384,6 +405,8 @@ impl LogicalUnit {
             Cmd::OrWrite => self.or_write(ctx).await,
             Cmd::Reserve => self.reserve(ctx).await,
             Cmd::Release => self.release(ctx).await,
+            Cmd::ExtendedCopy => self.extended_copy(ctx).await,
+            Cmd::ReceiveCopyResults => self.receive_copy_results(ctx),
         }
     }
 
@@ -413,7 +436,12 @@ pub(crate) struct Ctx<'a> {
     /// iSCSI target name, for the SCSI name string of the target port (VPD 0x83).
     pub target_name: &'a str,
     key: &'a NexusKey,
+    /// The other units of the target, reachable as EXTENDED COPY sources and destinations.
+    peers: &'a BTreeMap<u64, Arc<LogicalUnit>>,
 }
+
+/// The peers of a unit executed outside a [`Target`].
+static NO_PEERS: BTreeMap<u64, Arc<LogicalUnit>> = BTreeMap::new();
 
 /// The logical units of one iSCSI target.
 pub struct Target {
@@ -446,7 +474,7 @@ impl Target {
             };
         }
         if let Some(unit) = self.luns.get(&cmd.lun) {
-            return unit.execute(cmd, &self.name).await;
+            return unit.execute_among(cmd, &self.name, &self.luns).await;
         }
         match op {
             0x12 => match inquiry::absent_lun(Cdb(&cmd.cdb)) {
@@ -518,6 +546,8 @@ impl ScsiTarget for Target {
             if map.get(&key).is_some_and(|q| q.is_empty()) {
                 map.remove(&key);
             }
+            drop(map);
+            unit.copies.forget(&key);
         }
     }
 }

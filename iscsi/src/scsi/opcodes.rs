@@ -35,6 +35,8 @@ pub enum Cmd {
     OrWrite,
     Reserve,
     Release,
+    ExtendedCopy,
+    ReceiveCopyResults,
 }
 
 /// How a command fares when another I_T nexus holds a persistent reservation (SPC-4
@@ -120,6 +122,13 @@ pub static OPS: &[OpInfo] = &[
     op(0x5F, Some(0x04), Cmd::PersistentReserveOut, PrOut, false, &[0x5F, 0x04, FF, 0, 0, FF, FF, FF, FF, C]),
     op(0x5F, Some(0x05), Cmd::PersistentReserveOut, PrOut, false, &[0x5F, 0x05, FF, 0, 0, FF, FF, FF, FF, C]),
     op(0x5F, Some(0x06), Cmd::PersistentReserveOut, PrOut, false, &[0x5F, 0x06, FF, 0, 0, FF, FF, FF, FF, C]),
+    // EXTENDED COPY (LID1): a write as far as reservations go on the unit it is sent to;
+    // `xcopy` checks every copy source (read) and destination (write) the same way.
+    op(0x83, Some(0x00), Cmd::ExtendedCopy, Write, true, &[0x83, 0x00, 0, 0, 0, 0, 0, 0, 0, 0, FF, FF, FF, FF, 0, C]),
+    // RECEIVE COPY RESULTS: reports only the copy manager's limits and the nexus's own
+    // copies, never medium data.
+    op(0x84, Some(0x00), Cmd::ReceiveCopyResults, Always, false, &[0x84, 0x00, FF, 0, 0, 0, 0, 0, 0, 0, FF, FF, FF, FF, 0, C]),
+    op(0x84, Some(0x03), Cmd::ReceiveCopyResults, Always, false, &[0x84, 0x03, 0, 0, 0, 0, 0, 0, 0, 0, FF, FF, FF, FF, 0, C]),
     op(0x88, None, Cmd::Read, Read, true, &[0x88, 0xF8, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, C]),
     op(0x89, None, Cmd::CompareAndWrite, Write, true, &[0x89, 0xF8, FF, FF, FF, FF, FF, FF, FF, FF, 0, 0, 0, FF, 0, C]),
     op(0x8A, None, Cmd::Write, Write, true, &[0x8A, 0xF8, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, C]),

@@ -177,7 +177,7 @@ async fn inquiry_page_code_without_evpd_points_at_byte_2() {
 async fn vpd_supported_pages_and_serial() {
     let f = fixture();
     let r = f.run(&inquiry(true, 0, 255), &[]).await;
-    assert_eq!(good(&r), &[0, 0, 0, 6, 0x00, 0x80, 0x83, 0xB0, 0xB1, 0xB2]);
+    assert_eq!(good(&r), &[0, 0, 0, 7, 0x00, 0x80, 0x83, 0x8F, 0xB0, 0xB1, 0xB2]);
     let r = f.run(&inquiry(true, 0x80, 255), &[]).await;
     let d = good(&r);
     assert_eq!(d[1], 0x80);
