@@ -332,11 +332,12 @@ impl LogicalUnit {
         if matches!(info.cmd, Cmd::Inquiry | Cmd::RequestSense | Cmd::ReportLuns) {
             return Ok(());
         }
-        let (state, _) = self
+        let (mut state, _) = self
             .reservations
             .load()
             .await
             .map_err(|e| sense::device_error(&e, sense::Io::Read))?;
+        self.forget_departed_holder(&mut state).await;
         if reserve::conflicts(&state, info.cmd, key) {
             return Err(Failure::Conflict);
         }

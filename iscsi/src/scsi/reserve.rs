@@ -12,9 +12,14 @@
 //! REPORT CAPABILITIES): while any nexus is registered, RESERVE and RELEASE conflict; while
 //! the unit is reserved, PERSISTENT RESERVE IN and OUT conflict, for every nexus.
 //!
-//! Not supported: third-party reservations (3RDPTY, LONGID) and extents (obsolete), refused
-//! with INVALID FIELD IN CDB. A reservation whose holder's node dies stays until a LOGICAL
+//! A node that leaves the cluster takes its sessions with it: a reservation held through a
+//! target port no longer among the unit's port groups (ALUA lists the live nodes' ports) is
+//! void, and the first command to see that drops it. A node that restarts before it is
+//! declared dead keeps its port, so a reservation held through it stays until a LOGICAL
 //! UNIT RESET or target reset from any path, the usual way to break one.
+//!
+//! Not supported: third-party reservations (3RDPTY, LONGID) and extents (obsolete), refused
+//! with INVALID FIELD IN CDB.
 
 use bytes::Bytes;
 
@@ -62,6 +67,7 @@ impl LogicalUnit {
     pub(super) async fn reserve(&self, ctx: &Ctx<'_>) -> CmdResult {
         check_cdb(ctx.cdb)?;
         let me = ctx.key;
+        // (A holder that left was dropped by the conflict check before this ran.)
         self.change_reserved(|st| {
             if !st.registrations.is_empty() {
                 return Err(Failure::Conflict);
@@ -100,6 +106,21 @@ impl LogicalUnit {
         if let Err(e) = outcome {
             tracing::warn!(naa = ?self.identity.naa, error = ?e, "could not drop the SPC-2 reservation");
         }
+    }
+
+    /// Drops (in `st` and in the store) an SPC-2 reservation held through a target port that
+    /// is not among the unit's port groups any more: its node left, and the nexus with it.
+    /// An empty list means the groups are unknown right now, not that every port left.
+    pub(super) async fn forget_departed_holder(&self, st: &mut Reservations) {
+        let Some(h) = &st.reserved_by else { return };
+        let groups = self.alua.port_groups().await;
+        if groups.is_empty() || groups.iter().any(|g| g.ports.contains(&h.relative_port)) {
+            return;
+        }
+        let who: NexusKey = (h.initiator_port.clone(), h.relative_port);
+        tracing::info!(naa = ?self.identity.naa, holder = %who.0, port = who.1, "dropping the SPC-2 reservation of a nexus whose target port left");
+        self.drop_reserved(Some(&who)).await;
+        st.reserved_by = None;
     }
 
     /// Load, change, store (compare-and-swap, redone on a lost race); `change` returns

@@ -1268,7 +1268,7 @@ const TUR: [u8; 6] = [0, 0, 0, 0, 0, 0];
 #[tokio::test]
 async fn spc2_reservation_excludes_other_nexuses_until_released() {
     let f = fixture();
-    let (a, b) = (nexus("a", 1), nexus("b", 2));
+    let (a, b) = (nexus("a", 1), nexus("b", 1));
     good(&f.run_as(&a, &RESERVE6, &[]).await);
     good(&f.run_as(&a, &RESERVE6, &[]).await); // again: GOOD
     good(&f.run_as(&a, &rw10(0x2A, 0, 1), &pattern(1, 1)).await);
@@ -1290,7 +1290,7 @@ async fn spc2_reservation_excludes_other_nexuses_until_released() {
 #[tokio::test]
 async fn spc2_reservation_goes_with_its_nexus_and_with_resets() {
     let f = fixture();
-    let (a, b) = (nexus("a", 1), nexus("b", 2));
+    let (a, b) = (nexus("a", 1), nexus("b", 1));
     good(&f.run_as(&a, &RESERVE6, &[]).await);
     f.target.nexus_gone(&b).await; // someone else leaving changes nothing
     assert_eq!(f.run_as(&b, &RESERVE6, &[]).await.status, status::RESERVATION_CONFLICT);
@@ -1308,7 +1308,7 @@ async fn spc2_reservation_goes_with_its_nexus_and_with_resets() {
 #[tokio::test]
 async fn spc2_and_persistent_reservations_exclude_each_other() {
     let f = fixture();
-    let (a, b) = (nexus("a", 1), nexus("b", 2));
+    let (a, b) = (nexus("a", 1), nexus("b", 1));
     // Reserved: PR commands conflict for every nexus, the holder included.
     good(&f.run_as(&a, &RESERVE6, &[]).await);
     assert_eq!(f.pr(&a, REGISTER, 0, 0, 0xA).await.status, status::RESERVATION_CONFLICT);
@@ -1336,7 +1336,36 @@ async fn reserve_and_release_refuse_third_party_and_extents() {
         assert_eq!((s[15], s[16], s[17]), (0xC8 | field, 0, 1), "field pointer of {cdb:02x?}");
     }
     // Nothing was reserved by the refused commands.
-    good(&f.run_as(&nexus("b", 2), &RESERVE6, &[]).await);
+    good(&f.run_as(&nexus("b", 1), &RESERVE6, &[]).await);
+}
+
+/// Port groups that can lose a port, as when a node leaves the cluster.
+struct LivePorts(std::sync::Mutex<Vec<u16>>);
+
+#[async_trait]
+impl AluaStates for LivePorts {
+    async fn port_groups(&self) -> Vec<PortGroup> {
+        let ports = self.0.lock().expect("ports").clone();
+        ports.into_iter().map(|p| PortGroup { id: p, state: AccessState::ActiveOptimized, ports: vec![p] }).collect()
+    }
+}
+
+#[tokio::test]
+async fn spc2_reservation_through_a_port_that_left_is_void() {
+    let ports = Arc::new(LivePorts(std::sync::Mutex::new(vec![1, 2])));
+    let f = fixture_with(ports.clone());
+    let (a, b) = (nexus("a", 1), nexus("b", 2));
+    good(&f.run_as(&b, &RESERVE6, &[]).await);
+    assert_eq!(f.run_as(&a, &TUR, &[]).await.status, status::RESERVATION_CONFLICT);
+    // No port groups known (a metadata hiccup) is not "every port left".
+    ports.0.lock().expect("ports").clear();
+    assert_eq!(f.run_as(&a, &TUR, &[]).await.status, status::RESERVATION_CONFLICT);
+    // b's node leaves: its nexus is gone, and the reservation with it, for good.
+    *ports.0.lock().expect("ports") = vec![1];
+    good(&f.run_as(&a, &TUR, &[]).await);
+    *ports.0.lock().expect("ports") = vec![1, 2];
+    good(&f.run_as(&a, &RESERVE6, &[]).await);
+    assert_eq!(f.run_as(&b, &TUR, &[]).await.status, status::RESERVATION_CONFLICT);
 }
 
 /// A store that loses the first compare-and-swap, as when another node wrote in between.
