@@ -50,7 +50,8 @@ fn fixture_with(alua: Arc<dyn AluaStates>) -> Fixture {
     Fixture { target: Target::new("iqn.2024-01.basalt:vol").with_lun(0, lu), dev }
 }
 
-async fn exec_lun(t: &Target, lun: u64, n: &Nexus, cdb: &[u8], data: &[u8]) -> ScsiResponse {
+/// One command through the target, the CDB padded to 16 bytes (also used by `xcopy`'s tests).
+pub(super) async fn exec_lun(t: &Target, lun: u64, n: &Nexus, cdb: &[u8], data: &[u8]) -> ScsiResponse {
     let mut c = cdb.to_vec();
     c.resize(16.max(cdb.len()), 0);
     t.execute(ScsiCommand {

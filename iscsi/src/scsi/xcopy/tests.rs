@@ -10,8 +10,7 @@ use super::super::sense::key;
 use super::*;
 use crate::lu::memory::{MemoryDevice, MemoryReservations, SinglePath};
 use crate::lu::{
-    AccessState, DeviceError, PortGroup, Registration, Reservation, Reservations, ScsiCommand, ScsiResponse,
-    ScsiTarget, TaskAttr,
+    AccessState, DeviceError, PortGroup, Registration, Reservation, Reservations, ScsiResponse, ScsiTarget,
 };
 
 const BS: usize = 512;
@@ -65,18 +64,7 @@ fn nexus(name: &str) -> Nexus {
 
 impl Fixture {
     async fn exec(&self, n: &Nexus, lun: u64, cdb: &[u8], data: &[u8]) -> ScsiResponse {
-        let mut c = cdb.to_vec();
-        c.resize(16, 0);
-        self.target
-            .execute(ScsiCommand {
-                lun,
-                cdb: Bytes::from(c),
-                data_out: Bytes::copy_from_slice(data),
-                expected_in: 1 << 20,
-                attr: TaskAttr::Simple,
-                nexus: n.clone(),
-            })
-            .await
+        crate::scsi::tests::exec_lun(&self.target, lun, n, cdb, data).await
     }
     async fn run(&self, cdb: &[u8], data: &[u8]) -> ScsiResponse {
         self.exec(&nexus("a"), 0, cdb, data).await
