@@ -89,8 +89,8 @@ impl Changes {
     }
 }
 
-/// How often a PR OUT is redone after losing the compare-and-swap before we give up with a
-/// retryable NOT READY.
+/// How often a reservation change is redone after losing the compare-and-swap before we
+/// give up with a retryable NOT READY.
 const MAX_CAS_ATTEMPTS: usize = 64;
 
 /// Removes `me`'s registration (key 0 in REGISTER), releasing what it held.
@@ -425,23 +425,38 @@ impl LogicalUnit {
             sa_key: be64(list, 8),
             aptpl: list[20] & 0x01 != 0,
         };
+        let stored = self
+            .update_reservations(|st| {
+                let ch = apply(st, &req, ctx.key)?;
+                Ok(ch.changed.then_some(ch.attentions))
+            })
+            .await?;
+        if let Some(attentions) = stored {
+            self.tell_changed_reservations(attentions, ctx.key).await;
+        }
+        Ok(Bytes::new())
+    }
+
+    /// Load, change, store as a compare-and-swap, redone on a lost race: `change` returns
+    /// `None` when it changed nothing, else the unit attentions the change raises, which
+    /// are returned once the new state is stored (telling anyone is the caller's job).
+    pub(super) async fn update_reservations<A>(
+        &self,
+        mut change: impl FnMut(&mut Reservations) -> CmdResult<Option<A>>,
+    ) -> CmdResult<Option<A>> {
         for _ in 0..MAX_CAS_ATTEMPTS {
             let (mut st, version) = self.load_reservations().await?;
-            let ch = apply(&mut st, &req, ctx.key)?;
-            if !ch.changed {
-                return Ok(Bytes::new());
-            }
+            let Some(raised) = change(&mut st)? else { return Ok(None) };
             let stored = self
                 .reservations
                 .store(&st, version)
                 .await
                 .map_err(|e| device_error(&e, Io::Write))?;
             if stored {
-                self.tell_changed_reservations(ch.attentions, ctx.key).await;
-                return Ok(Bytes::new());
+                return Ok(Some(raised));
             }
         }
-        tracing::warn!("persistent reservation update kept losing the race; asking for a retry");
+        tracing::warn!("reservation update kept losing the race; asking for a retry");
         Err(Sense::becoming_ready().into())
     }
 }

@@ -23,12 +23,9 @@
 
 use bytes::Bytes;
 
-use super::sense::{device_error, CmdResult, Failure, Io, Sense};
+use super::sense::{CmdResult, Failure, Sense};
 use super::*;
 use crate::lu::{ReservedBy, Reservations};
-
-/// How often a change is redone after losing the compare-and-swap.
-const MAX_CAS_ATTEMPTS: usize = 64;
 
 fn is(holder: &ReservedBy, me: &NexusKey) -> bool {
     holder.initiator_port == me.0 && holder.relative_port == me.1
@@ -123,27 +120,14 @@ impl LogicalUnit {
         st.reserved_by = None;
     }
 
-    /// Load, change, store (compare-and-swap, redone on a lost race); `change` returns
-    /// whether it changed anything. The other nodes serving the unit are told to reload.
-    async fn change_reserved(
-        &self,
-        mut change: impl FnMut(&mut Reservations) -> CmdResult<bool>,
-    ) -> CmdResult<()> {
-        for _ in 0..MAX_CAS_ATTEMPTS {
-            let (mut st, version) = self.reservations.load().await.map_err(|e| device_error(&e, Io::Read))?;
-            if !change(&mut st)? {
-                return Ok(());
-            }
-            let stored = self.reservations.store(&st, version).await.map_err(|e| device_error(&e, Io::Write))?;
-            if stored {
-                if let Some(events) = &self.events {
-                    events.reservations_changed(&[]).await;
-                }
-                return Ok(());
-            }
+    /// Changes the stored state (`change` returns whether it changed anything); the other
+    /// nodes serving the unit are told to reload. SPC-2 changes raise no unit attention.
+    async fn change_reserved(&self, mut change: impl FnMut(&mut Reservations) -> CmdResult<bool>) -> CmdResult<()> {
+        let stored = self.update_reservations(|st| Ok(change(st)?.then_some(()))).await?;
+        if let (Some(()), Some(events)) = (stored, &self.events) {
+            events.reservations_changed(&[]).await;
         }
-        tracing::warn!("SPC-2 reservation update kept losing the race; asking for a retry");
-        Err(Sense::becoming_ready().into())
+        Ok(())
     }
 }
 
