@@ -4,8 +4,11 @@
 //! `tgt` serving a plain file on the same disk. Goal: the unreplicated path at least as fast
 //! as tgt; the report gives the ratio and each target's CPU per I/O.
 //!
-//! This module owns the run (tgt, then each cluster, each alone on the machine so no idle
-//! target competes for the 2 cores), the export of a volume as a LUN, and the iSCSI report.
+//! This module owns the run, the export of a volume as a LUN, and the iSCSI report. All
+//! three targets are up for the whole run and take turns workload by workload, so the
+//! figures a row compares are taken within a minute of each other (this machine drifts by
+//! 10-20% over the minutes a target's whole series takes; an idle 3-node cluster uses about
+//! 0.5% of one CPU, measured, so the idle targets hardly disturb the one at work).
 //! The load comes from [`super::initiator`] — the same initiator, negotiating the same
 //! limits, for every target (its module doc says why it is not libiscsi behind qemu-nbd).
 //!
@@ -31,7 +34,7 @@ use super::{
     scratch_dir, table_row, verdict, CpuProbe, FreshCluster, Goal, JobResult, ProcessCpu, Verdict, Workload,
     DEFAULT_CHUNK_SIZE, DEFAULT_RAMP, FRESH_CLUSTER_PARENT, WORKLOADS,
 };
-use crate::dev::{self, ClusterFile};
+use crate::dev;
 use crate::sizes::human;
 use anyhow::{anyhow, bail, Context, Result};
 use basalt_iscsi::cluster::{update_target, LunDef};
@@ -168,11 +171,15 @@ pub async fn run_iscsi(opts: &IscsiOptions) -> Result<IscsiReport> {
     tgt::ensure_installed().await?;
     let scratch = scratch_dir(&opts.work_dir)?;
 
+    // Every target is up for the whole run and the workloads take turns (tgt, then Basalt
+    // with 1 replica, then replicated, for each workload), so the figures compared in a row
+    // are taken within a minute of each other: this machine's disk and CPUs drift by
+    // 10-20% over the minutes one target's whole series would take.
     progress(&format!("starting tgtd with a {} file in {}", human(opts.size), scratch.path().display()));
-    let tgt_run = {
-        let tgt = interruptible(Tgt::start(scratch.path(), opts.size, &tgt_params(&opts.proposal))).await?;
-        let probe = CpuProbe::new("tgtd", vec![tgt.pid()])?;
-        let run = TargetSpec {
+    // `tgt` stops tgtd on drop, the clusters stop on drop, also after an error or Ctrl-C.
+    let tgt = interruptible(Tgt::start(scratch.path(), opts.size, &tgt_params(&opts.proposal))).await?;
+    let tgt_target = Target {
+        spec: TargetSpec {
             id: "tgt",
             description: format!("Debian tgt, plain file, {}", tgt::BSOFLAGS),
             portal: tgt.portal,
@@ -180,12 +187,27 @@ pub async fn run_iscsi(opts: &IscsiOptions) -> Result<IscsiReport> {
             lun: TGT_LUN,
             process: "tgtd",
             replicas: 1,
-        };
-        // `tgt` stops tgtd on drop, also after an error or Ctrl-C.
-        interruptible(bench_target(&run, 1, &probe, opts)).await?
+        },
+        processes: 1,
+        probe: CpuProbe::new("tgtd", vec![tgt.pid()])?,
     };
-    let basalt = bench_fresh_cluster(1, opts).await?;
-    let replicated = bench_fresh_cluster(opts.replicated_nodes, opts).await?;
+    let one = FreshCluster::new_in(&opts.work_dir)?;
+    let one_target = interruptible(start_cluster(&one, 1, opts)).await?;
+    let many = FreshCluster::new_in(&opts.work_dir)?;
+    let many_target = interruptible(start_cluster(&many, opts.replicated_nodes, opts)).await?;
+    let targets = [&tgt_target, &one_target, &many_target];
+    let mut runs = Vec::new();
+    for t in targets {
+        runs.push(interruptible(prefill(t, opts)).await?);
+    }
+    for w in workloads() {
+        for (t, run) in targets.iter().zip(runs.iter_mut()) {
+            run.jobs.push(interruptible(run_workload(t, w, opts)).await?);
+        }
+    }
+    drop((tgt, one, many));
+    let [tgt_run, basalt, replicated]: [TargetRun; 3] =
+        runs.try_into().map_err(|_| anyhow!("expected three targets"))?;
 
     let rows = rows(&tgt_run, &basalt, &replicated)?;
     Ok(IscsiReport {
@@ -236,21 +258,21 @@ struct TargetSpec<'a> {
     replicas: usize,
 }
 
-/// Starts a fresh cluster of `nodes`, exports a volume as a LUN and benchmarks it through
-/// node 1's portal; the cluster is stopped and deleted afterwards (also on errors/Ctrl-C).
-async fn bench_fresh_cluster(nodes: usize, opts: &IscsiOptions) -> Result<TargetRun> {
-    let fresh = FreshCluster::new_in(&opts.work_dir)?;
-    progress(&format!("starting a {nodes}-node cluster in {}", fresh.dir().display()));
-    let cluster = interruptible(fresh.start(nodes, &opts.storaged_bin)).await?;
-    let result = interruptible(bench_cluster(&cluster, nodes, opts)).await;
-    drop(fresh);
-    result
+/// A target being benchmarked: where it is and whose CPU counts.
+struct Target<'a> {
+    spec: TargetSpec<'a>,
+    processes: usize,
+    probe: CpuProbe,
 }
 
-async fn bench_cluster(cluster: &ClusterFile, nodes: usize, opts: &IscsiOptions) -> Result<TargetRun> {
+/// Starts `fresh` as a cluster of `nodes` and exports a volume as a LUN, benchmarked through
+/// node 1's portal.
+async fn start_cluster(fresh: &FreshCluster, nodes: usize, opts: &IscsiOptions) -> Result<Target<'static>> {
+    progress(&format!("starting a {nodes}-node cluster in {}", fresh.dir().display()));
+    let cluster = fresh.start(nodes, &opts.storaged_bin).await?;
     let node = cluster.nodes.first().ok_or_else(|| anyhow!("the cluster has no node"))?;
     let portal = node.iscsi_addr.ok_or_else(|| anyhow!("{} serves no iSCSI portal", node.name))?;
-    let pids = running_pids(cluster);
+    let pids = running_pids(&cluster);
     if pids.len() != nodes {
         bail!("{} of {nodes} nodes are running", pids.len());
     }
@@ -278,18 +300,20 @@ async fn bench_cluster(cluster: &ClusterFile, nodes: usize, opts: &IscsiOptions)
         process: "storaged",
         replicas,
     };
-    bench_target(&spec, nodes, &probe, opts).await
+    Ok(Target { spec, processes: nodes, probe })
 }
 
-/// Pre-fills the LUN, then runs every workload, each in a session of its own.
-async fn bench_target(t: &TargetSpec<'_>, processes: usize, probe: &CpuProbe, opts: &IscsiOptions) -> Result<TargetRun> {
-    let login = || async {
-        Session::login(t.portal, t.iqn, t.lun, &opts.proposal)
-            .await
-            .with_context(|| format!("{} at {}", t.description, t.portal))
-    };
+async fn login(t: &TargetSpec<'_>, opts: &IscsiOptions) -> Result<Session> {
+    Session::login(t.portal, t.iqn, t.lun, &opts.proposal)
+        .await
+        .with_context(|| format!("{} at {}", t.description, t.portal))
+}
+
+/// Pre-fills the LUN (untimed); the run it returns has no jobs yet.
+async fn prefill(target: &Target<'_>, opts: &IscsiOptions) -> Result<TargetRun> {
+    let t = &target.spec;
     progress(&format!("{}: pre-filling {} (untimed)", t.id, human(opts.size)));
-    let mut s = login().await?;
+    let mut s = login(t, opts).await?;
     let (block_len, capacity, negotiated) = (s.block_len, s.capacity, s.negotiated.clone());
     if capacity < opts.size {
         bail!("{}: the LUN has {capacity} bytes, fewer than {}", t.id, opts.size);
@@ -302,25 +326,8 @@ async fn bench_target(t: &TargetSpec<'_>, processes: usize, probe: &CpuProbe, op
         span: opts.size,
         limit: JobLimit::OnePass,
     };
-    s.run(&prefill, probe).await.with_context(|| format!("{}: pre-filling", t.id))?;
+    s.run(&prefill, &target.probe).await.with_context(|| format!("{}: pre-filling", t.id))?;
     s.logout().await?;
-    let mut jobs = Vec::new();
-    for w in workloads() {
-        progress(&format!("{}: {} for {}", t.id, w.label, humantime::format_duration(opts.runtime)));
-        let job = Job {
-            direction: w.direction,
-            random: w.random(),
-            block_size: w.block_size as u32,
-            iodepth: w.iodepth,
-            span: opts.size,
-            limit: JobLimit::Timed { ramp: opts.ramp, runtime: opts.runtime },
-        };
-        let mut s = login().await?;
-        let Measured { result, target_cpu } = s.run(&job, probe).await.with_context(|| format!("{}: {}", t.id, w.label))?;
-        s.logout().await?;
-        tracing::info!(target = t.id, workload = w.id, iops = result.iops, cpu_us_per_io = target_cpu.cpu_us_per_io, "job done");
-        jobs.push(JobRun { workload: w.id, result, target_cpu });
-    }
     Ok(TargetRun {
         id: t.id.to_string(),
         description: t.description.clone(),
@@ -328,13 +335,33 @@ async fn bench_target(t: &TargetSpec<'_>, processes: usize, probe: &CpuProbe, op
         iqn: t.iqn.to_string(),
         lun: t.lun,
         process: t.process.to_string(),
-        processes,
+        processes: target.processes,
         replicas: t.replicas,
         block_len,
         capacity,
         negotiated,
-        jobs,
+        jobs: Vec::new(),
     })
+}
+
+/// One workload on one target, in a session of its own.
+async fn run_workload(target: &Target<'_>, w: Workload, opts: &IscsiOptions) -> Result<JobRun> {
+    let t = &target.spec;
+    progress(&format!("{}: {} for {}", t.id, w.label, humantime::format_duration(opts.runtime)));
+    let job = Job {
+        direction: w.direction,
+        random: w.random(),
+        block_size: w.block_size as u32,
+        iodepth: w.iodepth,
+        span: opts.size,
+        limit: JobLimit::Timed { ramp: opts.ramp, runtime: opts.runtime },
+    };
+    let mut s = login(t, opts).await?;
+    let Measured { result, target_cpu } =
+        s.run(&job, &target.probe).await.with_context(|| format!("{}: {}", t.id, w.label))?;
+    s.logout().await?;
+    tracing::info!(target = t.id, workload = w.id, iops = result.iops, cpu_us_per_io = target_cpu.cpu_us_per_io, "job done");
+    Ok(JobRun { workload: w.id, result, target_cpu })
 }
 
 // ---- report -------------------------------------------------------------------------------
