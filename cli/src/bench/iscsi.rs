@@ -171,10 +171,7 @@ pub async fn run_iscsi(opts: &IscsiOptions) -> Result<IscsiReport> {
     tgt::ensure_installed().await?;
     let scratch = scratch_dir(&opts.work_dir)?;
 
-    // Every target is up for the whole run and the workloads take turns (tgt, then Basalt
-    // with 1 replica, then replicated, for each workload), so the figures compared in a row
-    // are taken within a minute of each other: this machine's disk and CPUs drift by
-    // 10-20% over the minutes one target's whole series would take.
+    // Every target stays up and the workloads take turns (see the module doc).
     progress(&format!("starting tgtd with a {} file in {}", human(opts.size), scratch.path().display()));
     // `tgt` stops tgtd on drop, the clusters stop on drop, also after an error or Ctrl-C.
     let tgt = interruptible(Tgt::start(scratch.path(), opts.size, &tgt_params(&opts.proposal))).await?;
