@@ -54,9 +54,15 @@ const SEG_BLOCK_TO_BLOCK_OFFSETS: u8 = 0x0A;
 
 // ---- sense data ---------------------------------------------------------------------
 
-fn illegal(asc: u8, ascq: u8, at: usize) -> Failure {
+/// Sense pointing at byte `at` of the parameter list (for COPY ABORTED, the segment
+/// pointer with SD = 0, which has the same layout).
+fn at_param(sense_key: u8, asc: u8, ascq: u8, at: usize) -> Failure {
     let field = FieldPointer { in_cdb: false, byte: at.min(usize::from(u16::MAX)) as u16, bit: None };
-    Failure::Check(Sense { field: Some(field), ..Sense::new(key::ILLEGAL_REQUEST, asc, ascq) })
+    Failure::Check(Sense { field: Some(field), ..Sense::new(sense_key, asc, ascq) })
+}
+
+fn illegal(asc: u8, ascq: u8, at: usize) -> Failure {
+    at_param(key::ILLEGAL_REQUEST, asc, ascq, at)
 }
 
 fn too_many_cscds(at: usize) -> Failure {
@@ -82,11 +88,9 @@ fn operation_in_progress() -> Failure {
     Failure::Check(Sense::new(key::ILLEGAL_REQUEST, 0x00, 0x16))
 }
 
-/// COPY ABORTED with a segment pointer (SD = 0: a byte of the parameter list, which has
-/// the same layout as the parameter list field pointer).
+/// COPY ABORTED with a segment pointer to byte `at` of the parameter list.
 fn copy_aborted(asc: u8, ascq: u8, at: usize) -> Failure {
-    let field = FieldPointer { in_cdb: false, byte: at.min(usize::from(u16::MAX)) as u16, bit: None };
-    Failure::Check(Sense { field: Some(field), ..Sense::new(key::COPY_ABORTED, asc, ascq) })
+    at_param(key::COPY_ABORTED, asc, ascq, at)
 }
 /// COPY TARGET DEVICE NOT REACHABLE: no such CSCD descriptor, or no unit we can reach
 /// has its designator.
