@@ -39,3 +39,28 @@ fn login_keys_corpus_negotiates_without_breaking_invariants() {
 fn scsi_cdb_corpus_executes_with_bounded_data_and_valid_sense() {
     replay("scsi_cdb", basalt_iscsi::fuzzing::scsi_cdb);
 }
+
+/// Every opcode the unit supports, sent with its CDB usage map as the CDB (every bit we
+/// evaluate set, so allocation lengths are at their largest) and the NACA bit cleared:
+/// the fuzz target's data-in limits must know each command that returns data, or a new
+/// command would only be caught by a nightly fuzz run.
+#[test]
+fn every_supported_opcode_respects_the_fuzz_targets_data_in_limits() {
+    let commands: Vec<Vec<u8>> = basalt_iscsi::scsi::opcodes::OPS
+        .iter()
+        .map(|o| {
+            let mut cdb = o.usage.to_vec();
+            if let Some(control) = cdb.last_mut() {
+                *control = 0;
+            }
+            let mut c = vec![0, u8::try_from(cdb.len()).expect("CDB length")]; // LUN 0
+            c.extend_from_slice(&cdb);
+            c.extend_from_slice(&[0, 0]); // no Data-Out
+            c
+        })
+        .collect();
+    // The entry point runs at most 32 commands per input.
+    for batch in commands.chunks(32) {
+        basalt_iscsi::fuzzing::scsi_cdb(&batch.concat());
+    }
+}
