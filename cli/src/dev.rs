@@ -336,6 +336,9 @@ pub async fn up(opts: &UpOptions) -> Result<ClusterFile> {
             "scrub_interval": humantime::format_duration(opts.scrub_interval).to_string(),
             "min_replicas": opts.min_replicas,
             "worker_threads": worker_threads,
+            // Nodes of one machine share its CPUs: their wake-ups should not preempt each
+            // other (see storaged's `sched_batch`).
+            "sched_batch": nodes.len() > 1,
         });
         let mut config = config;
         if let (Some(bytes), Some(obj)) = (opts.journal_bytes, config.as_object_mut()) {

@@ -7,6 +7,7 @@
 use crate::error::{code, Result, RpcError};
 use crate::frame;
 use crate::link;
+use crate::outbox::{InFlight, Outbox, OutboxHandle, MAX_QUEUED_DATA};
 use crate::tls::{self, Identity, SERVER_NAME};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -60,7 +61,14 @@ pub struct PeerInfo {
 }
 
 /// A connection being made or made; concurrent callers to one address share it.
-type Slot = Arc<OnceCell<Connection>>;
+type Slot = Arc<OnceCell<Peer>>;
+
+/// A connection to a peer and the outbox of its small request frames.
+#[derive(Clone)]
+struct Peer {
+    conn: Connection,
+    outbox: Arc<OutboxHandle>,
+}
 
 pub struct RpcEndpoint {
     endpoint: quinn::Endpoint,
@@ -139,8 +147,11 @@ impl RpcEndpoint {
     }
 
     /// Serves `service` until `shutdown` is cancelled or the endpoint is closed. On shutdown,
-    /// new connections and calls are refused, calls in progress are answered, then each
-    /// connection is closed; returns when that is done.
+    /// new connections and calls are refused, calls in progress run to their end and their
+    /// responses are handed to the connection, then each connection is closed; returns when
+    /// that is done. The close does not wait for the peer to acknowledge the last responses:
+    /// a response still unsent then is lost, and its caller sees the connection closed
+    /// (`SHUTTING_DOWN`), as when a node goes away.
     pub async fn serve<S: Service>(&self, service: Arc<S>, shutdown: CancellationToken) {
         if !self.serves {
             error!("serve called on a client-only endpoint");
@@ -222,51 +233,70 @@ impl RpcEndpoint {
         header: Bytes,
         data: Bytes,
     ) -> Result<(Resp, Bytes)> {
-        let (send, recv) = self.open_stream(addr).await?;
-        let mut streams = CallStreams { send, recv, sent: false, received: false };
-        frame::write(&mut streams.send, addr, header, data).await?;
-        streams.sent = true;
+        let (outbox, send, recv) = self.open_stream(addr).await?;
+        let _in_flight = outbox.call_started();
+        let mut streams = CallStreams { send: Some(send), recv, received: false };
+        if data.len() <= MAX_QUEUED_DATA && !outbox.alone() {
+            if let Some(send) = streams.send.take() {
+                outbox.push(send, header, data);
+            }
+        } else if let Some(send) = streams.send.as_mut() {
+            frame::write(send, addr, header, data).await?;
+            streams.send = None;
+        }
         let response = frame::read(&mut streams.recv, addr).await?;
         streams.received = true;
         Ok(response)
     }
 
-    async fn open_stream(&self, addr: SocketAddr) -> Result<(SendStream, RecvStream)> {
-        let (conn, fresh) = self.connection(addr).await?;
-        match conn.open_bi().await {
-            Ok(streams) => Ok(streams),
+    async fn open_stream(&self, addr: SocketAddr) -> Result<(Arc<OutboxHandle>, SendStream, RecvStream)> {
+        let (peer, fresh) = self.peer(addr).await?;
+        match peer.conn.open_bi().await {
+            Ok((send, recv)) => Ok((peer.outbox, send, recv)),
             // The cached connection died after we picked it. Nothing was sent on it for
-            // this call, so a new connection is safe; `connection` replaces the dead one.
+            // this call, so a new connection is safe; `peer` replaces the dead one.
             Err(e) if !fresh => {
                 debug!(peer = %addr, error = %e, "cached connection is gone, reconnecting");
-                let (conn, _) = self.connection(addr).await?;
-                conn.open_bi().await.map_err(|e| RpcError::from_connection(addr, e, false))
+                let (peer, _) = self.peer(addr).await?;
+                let (send, recv) = peer.conn.open_bi().await.map_err(|e| RpcError::from_connection(addr, e, false))?;
+                Ok((peer.outbox, send, recv))
             }
             Err(e) => Err(RpcError::from_connection(addr, e, false)),
         }
     }
 
-    /// The connection to `addr`, made if needed, and whether this call made it. Only
-    /// callers to the same address wait for a handshake in progress.
+    /// The connection to `addr` (see [`RpcEndpoint::peer`]).
+    #[cfg(test)]
     pub(crate) async fn connection(&self, addr: SocketAddr) -> Result<(Connection, bool)> {
+        self.peer(addr).await.map(|(peer, fresh)| (peer.conn, fresh))
+    }
+
+    /// The connection to `addr` with its outbox, made if needed, and whether this call made
+    /// it. Only callers to the same address wait for a handshake in progress.
+    async fn peer(&self, addr: SocketAddr) -> Result<(Peer, bool)> {
         let slot = {
             let mut connections = self.lock_connections();
             let slot = connections.entry(addr).or_default();
             match slot.get() {
-                Some(conn) if conn.close_reason().is_none() => return Ok((conn.clone(), false)),
+                Some(peer) if peer.conn.close_reason().is_none() => return Ok((peer.clone(), false)),
                 Some(_) => *slot = Slot::default(),
                 None => {}
             }
             slot.clone()
         };
         let mut fresh = false;
-        let conn = slot
+        let peer = slot
             .get_or_try_init(|| {
                 fresh = true;
-                self.connect(addr)
+                async move {
+                    let conn = self.connect(addr).await?;
+                    // The writer ends with the connection or the last handle.
+                    let (outbox, _writer) = Outbox::start(conn.clone(), addr);
+                    Ok::<_, RpcError>(Peer { conn, outbox: Arc::new(outbox) })
+                }
             })
             .await?;
-        Ok((conn.clone(), fresh))
+        Ok((peer.clone(), fresh))
     }
 
     async fn connect(&self, addr: SocketAddr) -> Result<Connection> {
@@ -293,18 +323,19 @@ impl RpcEndpoint {
 /// The two halves of a call's stream. quinn finishes a send stream that is dropped, which
 /// the server would read as a truncated request; a call abandoned half-way (timeout,
 /// dropped future, error) resets it instead, and stops the response it no longer wants.
+/// `send` is None once the request is written or handed to the outbox (which sends a
+/// request whole even if its caller has given up, as a request already sent is answered).
 struct CallStreams {
-    send: SendStream,
+    send: Option<SendStream>,
     recv: RecvStream,
-    sent: bool,
     received: bool,
 }
 
 impl Drop for CallStreams {
     fn drop(&mut self) {
         let cancelled = VarInt::from_u32(code::CANCELLED);
-        if !self.sent {
-            let _ = self.send.reset(cancelled);
+        if let Some(send) = self.send.as_mut() {
+            let _ = send.reset(cancelled);
         }
         if !self.received {
             let _ = self.recv.stop(cancelled);
@@ -314,23 +345,20 @@ impl Drop for CallStreams {
 
 /// The send half of a served stream: reset with `INTERNAL` if no response gets sent (the
 /// service panicked), rather than finished, which the caller would read as truncated.
-struct ResponseStream {
-    send: SendStream,
-    done: bool,
-}
+/// None once the response is written or queued.
+struct ResponseStream(Option<SendStream>);
 
 impl ResponseStream {
     fn reset(&mut self, code: u32) {
-        self.done = true;
-        let _ = self.send.reset(VarInt::from_u32(code));
+        if let Some(mut send) = self.0.take() {
+            let _ = send.reset(VarInt::from_u32(code));
+        }
     }
 }
 
 impl Drop for ResponseStream {
     fn drop(&mut self) {
-        if !self.done {
-            let _ = self.send.reset(VarInt::from_u32(code::INTERNAL));
-        }
+        self.reset(code::INTERNAL);
     }
 }
 
@@ -359,6 +387,8 @@ async fn serve_connection<S: Service>(
     let peer = PeerInfo { addr, name: peer_name(&conn) };
     debug!(peer = %addr, peer_name = ?peer.name, "accepted connection");
     let streams = TaskTracker::new();
+    let (outbox, writer) = Outbox::start(conn.clone(), addr);
+    let outbox = Arc::new(outbox);
     loop {
         let (send, recv) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -370,10 +400,14 @@ async fn serve_connection<S: Service>(
                 }
             },
         };
-        streams.spawn(serve_stream(service.clone(), peer.clone(), send, recv));
+        let in_flight = outbox.call_started();
+        streams.spawn(serve_stream(service.clone(), peer.clone(), outbox.clone(), in_flight, send, recv));
     }
     streams.close();
     streams.wait().await;
+    // The last responses may still be queued: the writer writes them once its handle goes.
+    drop(outbox);
+    let _ = writer.await;
     if shutdown.is_cancelled() {
         conn.close(VarInt::from_u32(code::SHUTTING_DOWN), b"shutting down");
     }
@@ -382,10 +416,12 @@ async fn serve_connection<S: Service>(
 async fn serve_stream<S: Service>(
     service: Arc<S>,
     peer: PeerInfo,
+    outbox: Arc<OutboxHandle>,
+    in_flight: InFlight,
     send: SendStream,
     mut recv: RecvStream,
 ) {
-    let mut response = ResponseStream { send, done: false };
+    let mut response = ResponseStream(Some(send));
     let (req, data) = match frame::read::<S::Request>(&mut recv, peer.addr).await {
         Ok(request) => request,
         Err(e) => {
@@ -415,12 +451,13 @@ async fn serve_stream<S: Service>(
             return;
         }
     };
-    match frame::write(&mut response.send, addr, header, data).await {
-        Ok(()) => response.done = true,
-        Err(e) => {
-            debug!(peer = %addr, error = %e, "response not delivered");
-            response.done = true;
-        }
+    let Some(mut send) = response.0.take() else { return };
+    if data.len() <= MAX_QUEUED_DATA && !outbox.alone() {
+        outbox.push(send, header, data);
+        // Counted until queued, so the writer waits for this round's other responses.
+        drop(in_flight);
+    } else if let Err(e) = frame::write(&mut send, addr, header, data).await {
+        debug!(peer = %addr, error = %e, "response not delivered");
     }
 }
 

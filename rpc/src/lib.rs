@@ -9,6 +9,8 @@
 mod endpoint;
 mod error;
 mod link;
+mod outbox;
+
 pub mod frame;
 pub mod tls;
 

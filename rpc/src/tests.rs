@@ -432,3 +432,39 @@ async fn call_str_parses_and_resolves_addresses() -> TestResult {
     }
     server.stop().await
 }
+
+/// Small frames of concurrent calls go through the connection's outbox and share packets:
+/// 64 requests of 512 bytes take a handful of datagrams (72 without the outbox). On the
+/// multi-threaded runtime, as a node runs: there a task woken by another runs right after
+/// it, so quinn's driver would send each call's frame as soon as it is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn concurrent_small_calls_share_packets() -> TestResult {
+    init_tracing();
+    let ca = ClusterCa::generate("test")?;
+    let server = Server::start(&ca.issue("node-1")?)?;
+    let client = RpcEndpoint::new(UdpSocket::bind("127.0.0.1:0")?, &ca.issue("node-2")?)?;
+    echo(&client, server.addr, 0, Bytes::new()).await?;
+    let (conn, _) = client.connection(server.addr).await?;
+    let before = conn.stats().udp_tx.datagrams;
+    const CALLS: u64 = 64;
+    let mut calls = tokio::task::JoinSet::new();
+    for id in 1..=CALLS {
+        let client = client.clone();
+        let addr = server.addr;
+        calls.spawn(async move {
+            let data = pattern(512, id);
+            let (resp, back) = echo(&client, addr, id, data.clone()).await?;
+            assert_eq!((resp.id, back), (id, data));
+            Ok::<_, RpcError>(())
+        });
+    }
+    while let Some(joined) = calls.join_next().await {
+        joined??;
+    }
+    // Acknowledgements of the responses are in the count too.
+    let sent = conn.stats().udp_tx.datagrams - before;
+    assert!(sent < CALLS / 3, "{sent} datagrams for {CALLS} requests");
+    client.close();
+    server.stop().await
+}
+

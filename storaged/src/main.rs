@@ -27,6 +27,10 @@ fn main() -> anyhow::Result<()> {
         )
         .init();
     let config = basalt_storaged::Config::load(&args.config)?;
+    if config.file.sched_batch {
+        // Before the runtime exists: every thread created from here on inherits the policy.
+        batch_scheduling().context("sched_batch: setting SCHED_BATCH")?;
+    }
     // The runtime is sized by the configuration, so it is built here rather than by
     // `#[tokio::main]`.
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
@@ -35,6 +39,19 @@ fn main() -> anyhow::Result<()> {
         runtime.worker_threads(n);
     }
     runtime.build().context("starting the async runtime")?.block_on(serve(config))
+}
+
+/// Puts the calling thread under `SCHED_BATCH` (nice level unchanged).
+fn batch_scheduling() -> std::io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 is the calling thread and `param` is a valid sched_param for the call.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 async fn serve(config: basalt_storaged::Config) -> anyhow::Result<()> {
