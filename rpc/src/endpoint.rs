@@ -63,7 +63,7 @@ pub struct PeerInfo {
 /// A connection being made or made; concurrent callers to one address share it.
 type Slot = Arc<OnceCell<Peer>>;
 
-/// A connection to a peer and the outbox of its small request frames.
+/// A connection to a peer and the outbox of its small frames.
 #[derive(Clone)]
 struct Peer {
     conn: Connection,

@@ -1,4 +1,4 @@
-//! [`Outbox`]: the small request frames of one connection, written together.
+//! [`Outbox`]: the small frames (requests or responses) of one connection, written together.
 //!
 //! quinn builds and sends packets in its connection driver, a task that every stream write
 //! wakes. Calls are separate tasks, and the runtime runs a task just woken right after the
@@ -93,8 +93,9 @@ impl Outbox {
         InFlight(self.clone())
     }
 
-    /// Whether the calling call is the only one in flight on the connection: then it writes
-    /// its frame itself, sooner than a hop through the writer task would.
+    /// Whether at most one call is in flight on the connection: a lone call writes its frame
+    /// itself, sooner than a hop through the writer task would, and the writer does not
+    /// wait for other calls' frames.
     pub(crate) fn alone(&self) -> bool {
         self.in_flight.load(Ordering::Relaxed) <= 1
     }
@@ -119,7 +120,7 @@ async fn write_loop(outbox: Arc<Outbox>, conn: Connection, peer: SocketAddr) {
             _ = conn.closed() => break,
             _ = outbox.ready.notified() => {}
         }
-        if outbox.in_flight.load(Ordering::Relaxed) > 1 {
+        if !outbox.alone() {
             tokio::task::yield_now().await;
         }
         let batch = std::mem::take(&mut *outbox.lock());
