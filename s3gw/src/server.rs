@@ -111,7 +111,7 @@ pub async fn serve<B: Backend>(
 }
 
 async fn handle(
-    service: s3s::service::S3Service,
+    service: crate::s3::payload::Service,
     domains: Arc<Domains>,
     peer: SocketAddr,
     req: hyper::Request<Incoming>,
@@ -131,7 +131,7 @@ async fn handle(
     async move {
         let started = Instant::now();
         let head = req.method() == http::Method::HEAD;
-        let mut result = hyper::service::Service::call(&service, req).await;
+        let mut result = service.call(req.map(s3s::Body::from)).await;
         // S3 answers a ranged HEAD with 206, which `s3s` cannot express.
         if let Ok(res) = &mut result {
             if head && res.status() == http::StatusCode::OK && res.headers().contains_key(http::header::CONTENT_RANGE) {

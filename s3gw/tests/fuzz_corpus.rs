@@ -82,6 +82,11 @@ fn request_seeds_reach_past_authentication() {
         ("get-part-number", 400),
         ("get-part-number-one", 200),
         ("get-part-number-beyond", 400),
+        // Bodies s3s reads whole, checked against the signed hash and Content-Length by the
+        // gateway (s3s answered 500).
+        ("delete-objects-sha256-mismatch", 400),
+        ("put-tagging-sha256-mismatch", 400),
+        ("regress-delete-objects-shorter-than-content-length", 400),
         ("put-tagging", 200),
         ("put-tagging-duplicate-key", 400),
         // `%ZZ` stays as it is and `b` is a key with an empty value, as URL forms go.

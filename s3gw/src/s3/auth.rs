@@ -106,6 +106,12 @@ impl<B: Backend> S3Access for KeyAuth<B> {
     /// request gets only what a bucket policy grants to everyone.
     async fn check(&self, cx: &mut S3AccessContext<'_>) -> S3Result<()> {
         check_streaming_payload(cx)?;
+        // `s3s` reads the body of every operation but these whole, right after this check.
+        if !STREAMING_OPERATIONS.contains(&cx.s3_op().name()) && cx.s3_op().name() != "PostObject" {
+            if let Some(watch) = cx.extensions_mut().get::<super::payload::Watch>() {
+                watch.arm();
+            }
+        }
         let Some(credentials) = cx.credentials() else {
             cx.extensions_mut().insert(Caller(None));
             return Ok(());

@@ -35,6 +35,7 @@ pub mod host;
 pub mod lifecycle;
 pub mod multipart;
 pub mod names;
+pub mod payload;
 pub mod permissions;
 pub mod policy;
 pub mod tagging;
@@ -72,8 +73,9 @@ pub struct Gateway<B> {
 }
 
 /// The `s3s` service for `backend`: requests signed with its access keys, buckets named by
-/// path or, under one of `domains`, by host.
-pub fn service<B: Backend>(backend: Arc<B>, region: &str, domains: &[String]) -> s3s::service::S3Service {
+/// path or, under one of `domains`, by host; signed payloads of the bodies `s3s` reads whole
+/// checked by [`payload::Service`].
+pub fn service<B: Backend>(backend: Arc<B>, region: &str, domains: &[String]) -> payload::Service {
     let auth = KeyAuth::new(Arc::clone(&backend));
     let mut builder = s3s::service::S3ServiceBuilder::new(Gateway::new(backend, region));
     builder.set_auth(auth.clone());
@@ -82,7 +84,7 @@ pub fn service<B: Backend>(backend: Arc<B>, region: &str, domains: &[String]) ->
     if !domains.is_empty() {
         builder.set_host(host::Domains::new(domains));
     }
-    builder.build()
+    payload::Service::new(builder.build())
 }
 
 impl<B: Backend> Gateway<B> {
