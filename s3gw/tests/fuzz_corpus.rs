@@ -87,6 +87,7 @@ fn request_seeds_reach_past_authentication() {
         ("delete-objects-sha256-mismatch", 400),
         ("put-tagging-sha256-mismatch", 400),
         ("regress-delete-objects-shorter-than-content-length", 400),
+        ("regress-put-tagging-empty-body-sha256-mismatch", 400),
         ("put-tagging", 200),
         ("put-tagging-duplicate-key", 400),
         // `%ZZ` stays as it is and `b` is a key with an empty value, as URL forms go.

@@ -48,7 +48,11 @@ impl Service {
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        let watch = Watch::default();
+        // `s3s` checks the hash of an empty body without reading it: judge that one here.
+        let empty = length == Some(0) || (length.is_none() && req.body().remaining_length().exact() == Some(0));
+        let empty_failure =
+            (empty && s3s::crypto::Sha256::checksum(b"").as_ref() != expected.as_slice()).then_some(BodyFailure::ContentSha256Mismatch);
+        let watch = Watch::new(empty_failure);
         req.extensions_mut().insert(watch.clone());
         let req = req.map(|body| {
             let stream: DynByteStream = Box::pin(Watched {
@@ -97,9 +101,15 @@ pub struct Watch(Arc<WatchState>);
 struct WatchState {
     armed: AtomicBool,
     failure: Mutex<Option<BodyFailure>>,
+    /// What is wrong with the request's body when it is empty (known before it is read).
+    empty_failure: Option<BodyFailure>,
 }
 
 impl Watch {
+    fn new(empty_failure: Option<BodyFailure>) -> Self {
+        Watch(Arc::new(WatchState { empty_failure, ..WatchState::default() }))
+    }
+
     /// The operation reads the body whole: check it (called by the access check).
     pub fn arm(&self) {
         self.0.armed.store(true, Ordering::Release);
@@ -115,8 +125,10 @@ impl Watch {
         err
     }
 
+    /// Why the body was refused, once the watch was armed.
     fn failure(&self) -> Option<BodyFailure> {
-        self.0.failure.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        let recorded = self.0.failure.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        recorded.or_else(|| if self.armed() { self.0.empty_failure.clone() } else { None })
     }
 }
 
@@ -277,6 +289,14 @@ mod tests {
         let (w, watch) = watched(b"", sha256(b""), Some(5), true);
         assert!(drain(w).await.is_err());
         assert_eq!(watch.failure(), Some(BodyFailure::Incomplete));
+    }
+
+    #[test]
+    fn an_empty_body_is_judged_before_it_is_read_once_armed() {
+        let watch = Watch::new(Some(BodyFailure::ContentSha256Mismatch));
+        assert_eq!(watch.failure(), None);
+        watch.arm();
+        assert_eq!(watch.failure(), Some(BodyFailure::ContentSha256Mismatch));
     }
 
     #[tokio::test]
