@@ -100,6 +100,10 @@ enum BenchCmd {
         /// Where the clusters and tgt's file live: one disk-backed directory for all.
         #[arg(long, default_value = basalt_cli::bench::FRESH_CLUSTER_PARENT)]
         work_dir: PathBuf,
+        /// Only these workloads, comma-separated ids (randwrite-4k-qd1, randwrite-4k-qd32,
+        /// randread-4k-qd1, randread-4k-qd32, write-1m-qd8, read-1m-qd8); all by default.
+        #[arg(long)]
+        workloads: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -285,10 +289,13 @@ async fn bench_cmd(dir: &std::path::Path, cmd: BenchCmd) -> Result<()> {
             }
             Ok(())
         }
-        BenchCmd::Iscsi { size, runtime, ramp, work_dir, json } => {
+        BenchCmd::Iscsi { size, runtime, ramp, work_dir, workloads, json } => {
             let mut opts = bench::iscsi::IscsiOptions::new(parse_size(&size)?, parse_duration(&runtime)?);
             opts.ramp = parse_duration(&ramp)?;
             opts.work_dir = work_dir;
+            if let Some(ids) = workloads {
+                opts.workloads = bench::iscsi::select_workloads(&ids)?;
+            }
             let report = bench::iscsi::run_iscsi(&opts).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);

@@ -56,6 +56,20 @@ pub fn workloads() -> Vec<Workload> {
     WORKLOADS.iter().map(|w| w.with_goal(Some(GOAL))).collect()
 }
 
+/// The workloads named in `ids` (comma-separated workload ids, in the benchmark's order).
+pub fn select_workloads(ids: &str) -> Result<Vec<Workload>> {
+    let all = workloads();
+    let wanted: Vec<&str> = ids.split(',').map(str::trim).filter(|id| !id.is_empty()).collect();
+    if wanted.is_empty() {
+        bail!("no workload named");
+    }
+    if let Some(unknown) = wanted.iter().find(|id| !all.iter().any(|w| w.id == **id)) {
+        let known: Vec<&str> = all.iter().map(|w| w.id).collect();
+        bail!("no workload {unknown:?}; the workloads are {}", known.join(", "));
+    }
+    Ok(all.into_iter().filter(|w| wanted.contains(&w.id)).collect())
+}
+
 #[derive(Clone, Debug)]
 pub struct IscsiOptions {
     /// Where the clusters and tgt's file live (one disk for all; never tmpfs).
@@ -69,6 +83,8 @@ pub struct IscsiOptions {
     pub replicated_nodes: usize,
     pub storaged_bin: PathBuf,
     pub proposal: Proposal,
+    /// What to measure (all of [`workloads`] by default).
+    pub workloads: Vec<Workload>,
 }
 
 impl IscsiOptions {
@@ -82,6 +98,7 @@ impl IscsiOptions {
             replicated_nodes: 3,
             storaged_bin: dev::default_storaged_bin(),
             proposal: Proposal::default(),
+            workloads: workloads(),
         }
     }
 }
@@ -197,7 +214,10 @@ pub async fn run_iscsi(opts: &IscsiOptions) -> Result<IscsiReport> {
     for t in targets {
         runs.push(interruptible(prefill(t, opts)).await?);
     }
-    for w in workloads() {
+    if opts.workloads.is_empty() {
+        bail!("no workload to measure");
+    }
+    for &w in &opts.workloads {
         for (t, run) in targets.iter().zip(runs.iter_mut()) {
             run.jobs.push(interruptible(run_workload(t, w, opts)).await?);
         }
@@ -206,7 +226,7 @@ pub async fn run_iscsi(opts: &IscsiOptions) -> Result<IscsiReport> {
     let [tgt_run, basalt, replicated]: [TargetRun; 3] =
         runs.try_into().map_err(|_| anyhow!("expected three targets"))?;
 
-    let rows = rows(&tgt_run, &basalt, &replicated)?;
+    let rows = rows(&opts.workloads, &tgt_run, &basalt, &replicated)?;
     Ok(IscsiReport {
         size: opts.size,
         chunk_size: opts.chunk_size,
@@ -221,9 +241,10 @@ pub async fn run_iscsi(opts: &IscsiOptions) -> Result<IscsiReport> {
 }
 
 /// Pairs the three targets' jobs by workload.
-fn rows(tgt: &TargetRun, basalt: &TargetRun, replicated: &TargetRun) -> Result<Vec<Row>> {
-    workloads()
-        .into_iter()
+fn rows(workloads: &[Workload], tgt: &TargetRun, basalt: &TargetRun, replicated: &TargetRun) -> Result<Vec<Row>> {
+    workloads
+        .iter()
+        .copied()
         .enumerate()
         .map(|(i, w)| {
             let job = |t: &TargetRun| t.jobs.get(i).cloned().ok_or_else(|| anyhow!("{} has no {} job", t.id, w.id));
@@ -556,12 +577,22 @@ mod tests {
     }
 
     #[test]
+    fn workloads_are_selected_by_id_in_the_benchmarks_order() {
+        let ids = |ws: Vec<Workload>| ws.iter().map(|w| w.id).collect::<Vec<_>>();
+        assert_eq!(ids(select_workloads("randread-4k-qd1, randwrite-4k-qd1").expect("known")), ["randwrite-4k-qd1", "randread-4k-qd1"]);
+        assert!(select_workloads("randwrite-4k-qd1").expect("known").iter().all(|w| w.goal == Some(GOAL)));
+        let err = select_workloads("randwrite-4k-qd1,qd64").expect_err("unknown").to_string();
+        assert!(err.contains("\"qd64\"") && err.contains("read-1m-qd8"), "{err}");
+        assert!(select_workloads(" , ").is_err());
+    }
+
+    #[test]
     fn rows_pair_the_targets_and_missed_goals_are_reported_not_errors() {
         // tgt 1000 IOPS on every job; Basalt faster on the first job, slower on the others.
         let tgt_run = target("tgt", "tgtd", 1, &[1000.0; 6], 30.0);
         let basalt = target("basalt-1", "storaged", 1, &[1500.0, 900.0, 1000.0, 500.0, 800.0, 1200.0], 55.0);
         let replicated = target("basalt-3", "storaged", 3, &[500.0; 6], 140.0);
-        let rows = rows(&tgt_run, &basalt, &replicated).expect("rows");
+        let rows = rows(&workloads(), &tgt_run, &basalt, &replicated).expect("rows");
         assert_eq!(rows.len(), 6);
         assert_eq!(rows[0].ratio, Some(1.5));
         assert_eq!(rows[0].verdict, Verdict::Met);
@@ -604,6 +635,6 @@ mod tests {
     fn a_target_missing_a_job_is_an_error() {
         let tgt_run = target("tgt", "tgtd", 1, &[1000.0; 5], 30.0);
         let b = target("basalt-1", "storaged", 1, &[1000.0; 6], 30.0);
-        assert!(rows(&tgt_run, &b, &b).is_err());
+        assert!(rows(&workloads(), &tgt_run, &b, &b).is_err());
     }
 }
