@@ -745,6 +745,15 @@ where
                     // Any PDU shows the initiator alive.
                     c.last_rx = Instant::now();
                     c.ping = None;
+                    // Forget the commands that finished since the last PDU. This is done
+                    // here rather than by waiting on the channel: every use of `tasks`
+                    // follows a PDU, and a command's end then wakes only the writer (two
+                    // wake-ups at once make tokio wake a second worker thread for one).
+                    while let Ok((itt, gen)) = done_rx.try_recv() {
+                        if c.tasks.get(&itt).is_some_and(|t| t.gen == gen) {
+                            c.tasks.remove(&itt);
+                        }
+                    }
                     match c.on_pdu(p).await {
                         Ok(None) => {}
                         Ok(Some(end)) => break Ok(end),
@@ -754,11 +763,6 @@ where
                 Ok(None) => break Ok(End::Closed),
                 Err(e) => break Err(e),
             },
-            Some((itt, gen)) = done_rx.recv() => {
-                if c.tasks.get(&itt).is_some_and(|t| t.gen == gen) {
-                    c.tasks.remove(&itt);
-                }
-            }
             _ = tokio::time::sleep_until(nop_at) => {
                 if c.ping.is_some() {
                     break Err(Error::Timeout("initiator did not answer our NOP-In"));
