@@ -725,6 +725,56 @@ impl ClusterTargets {
         }
     }
 
+    /// Drops every SPC-2 reservation held through this node's target port. Called when the
+    /// node starts, before its portal serves anyone: no nexus through that port survived
+    /// the restart, so such a reservation is void (SPC-2: released at I_T nexus loss and
+    /// power on). A node that comes back before the cluster declares it dead keeps its port
+    /// among the units' port groups, so nothing else would drop it. Persistent reservations
+    /// stay, as they should. Returns how many were dropped; failures are logged.
+    pub async fn forget_own_reservations(&self) -> usize {
+        let port = port_of(self.node);
+        let records = match self.client.list_records(PR_PREFIX).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list reservations to drop those held through this node");
+                return 0;
+            }
+        };
+        let mut dropped = 0;
+        for record in records {
+            let Some(volume) = record.key.strip_prefix(PR_PREFIX).and_then(|v| v.parse::<VolumeId>().ok()) else {
+                continue;
+            };
+            let store = RecordReservations::new(self.client.clone(), volume);
+            // Compare-and-swap against the nodes serving the unit meanwhile; a few rounds.
+            for _ in 0..8 {
+                let (mut st, version) = match store.load().await {
+                    Ok(loaded) => loaded,
+                    Err(e) => {
+                        tracing::warn!(volume, error = %e, "cannot read the reservations");
+                        break;
+                    }
+                };
+                let Some(holder) = st.reserved_by.take_if(|h| h.relative_port == port) else { break };
+                match store.store(&st, version).await {
+                    Ok(true) => {
+                        tracing::info!(volume, holder = %holder.initiator_port, port, "dropped the SPC-2 reservation of a nexus this node had before it restarted");
+                        let notice = basalt_types::Notice::ReservationsChanged { volume, attentions: Vec::new() };
+                        self.client.broadcast_notice(notice, Some(self.node), NOTICE_TIMEOUT).await;
+                        dropped += 1;
+                        break;
+                    }
+                    Ok(false) => continue,
+                    Err(e) => {
+                        tracing::warn!(volume, error = %e, "cannot drop the SPC-2 reservation");
+                        break;
+                    }
+                }
+            }
+        }
+        dropped
+    }
+
     /// The logical unit of `volume`, if this node serves it now.
     async fn served_unit(&self, volume: VolumeId) -> Option<Arc<crate::scsi::LogicalUnit>> {
         self.units.lock().await.get(&volume).and_then(std::sync::Weak::upgrade)

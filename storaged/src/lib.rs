@@ -233,6 +233,8 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
                 warn!(error = %e, "could not publish the iSCSI portal; discovery will not list it yet");
             }
             let targets = basalt_iscsi::cluster::ClusterTargets::new(client.clone(), node, &f.name);
+            // Before the portal serves anyone, as `release_own_leases` for volume leases.
+            targets.forget_own_reservations().await;
             let _ = iscsi_slot.set(targets.clone());
             info!(%addr, "iSCSI target listening");
             tasks.spawn(basalt_iscsi::portal::serve(iscsi, targets, shutdown.clone()).in_current_span());

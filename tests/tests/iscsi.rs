@@ -181,6 +181,7 @@ async fn last_lba(s: &mut Session) -> Result<u64> {
 
 const TEST_UNIT_READY: [u8; 6] = [0; 6];
 const CHECK_CONDITION: u8 = 0x02;
+const RESERVATION_CONFLICT: u8 = 0x18;
 const REGISTRATIONS_PREEMPTED: (u8, u8, u8) = (0x6, 0x2A, 0x05);
 const CAPACITY_DATA_HAS_CHANGED: (u8, u8, u8) = (0x6, 0x2A, 0x09);
 const LBA_OUT_OF_RANGE: (u8, u8, u8) = (0x5, 0x21, 0x00);
@@ -188,10 +189,11 @@ const LBA_OUT_OF_RANGE: (u8, u8, u8) = (0x5, 0x21, 0x00);
 /// Unit attentions reach an initiator whatever node its session is on: a registrant logged
 /// in through node2 learns that an initiator on node1 preempted its registration, and after
 /// `basalt volume resize` the sessions on both nodes are told the capacity changed, see the
-/// new size and can use it (and nothing past the end of a shrunk volume).
+/// new size and can use it (and nothing past the end of a shrunk volume). An SPC-2
+/// reservation held through node2 goes when node2 restarts before it is declared dead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reservation_and_capacity_attentions_reach_sessions_on_other_nodes() -> Result<()> {
-    let c = cluster_with_lun(16 * MIB).await?;
+    let mut c = cluster_with_lun(16 * MIB).await?;
     let client = c.client()?;
     let mut a = Session::login(portal(&c, "node1")?, IQN, "iqn.2026-11.io.basalt:host-a", [0x80, 0, 0, 0, 0, 0xA]).await?;
     let mut b = Session::login(portal(&c, "node2")?, IQN, "iqn.2026-11.io.basalt:host-b", [0x80, 0, 0, 0, 0, 0xB]).await?;
@@ -234,8 +236,29 @@ async fn reservation_and_capacity_attentions_reach_sessions_on_other_nodes() -> 
         assert_eq!((r.status, r.sense), (CHECK_CONDITION, Some(LBA_OUT_OF_RANGE)), "{name}");
         assert_eq!(last_lba(s).await?, 16 * MIB / 512 - 1, "{name}");
     }
+
+    // SPC-2: b reserves the unit through node2 (once the registrations are cleared: the two
+    // kinds do not mix), so a on node1 is refused. node2 restarts well within the dead
+    // timeout, so it keeps its port; the nexus that held the reservation is gone with it,
+    // and so must the reservation be.
+    let (cdb, params) = prout(0x03, 0, 0xA, 0);
+    a.command(0, &cdb, &params, 0).await?.good("CLEAR through node1")?;
+    b.command(0, &[0x16, 0, 0, 0, 0, 0], &[], 0).await?.good("RESERVE (6) through node2")?;
+    let r = a.command(0, &TEST_UNIT_READY, &[], 0).await?;
+    assert_eq!(r.status, RESERVATION_CONFLICT, "a on node1 while b holds the unit");
+    c.kill("node2")?;
+    c.start_node("node2")?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = a.command(0, &TEST_UNIT_READY, &[], 0).await?;
+        if r.status == 0 {
+            break;
+        }
+        assert_eq!(r.status, RESERVATION_CONFLICT, "a on node1 while node2 restarts");
+        assert!(std::time::Instant::now() < deadline, "the reservation of node2's old nexus is still there after 60 s");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     a.logout().await?;
-    b.logout().await?;
     c.passed()
 }
 

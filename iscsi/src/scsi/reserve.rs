@@ -15,8 +15,8 @@
 //! A node that leaves the cluster takes its sessions with it: a reservation held through a
 //! target port no longer among the unit's port groups (ALUA lists the live nodes' ports) is
 //! void, and the first command to see that drops it. A node that restarts before it is
-//! declared dead keeps its port, so a reservation held through it stays until a LOGICAL
-//! UNIT RESET or target reset from any path, the usual way to break one.
+//! declared dead keeps its port, and drops the reservations held through it when it starts
+//! (`ClusterTargets::forget_own_reservations`, before its portal serves anyone).
 //!
 //! Not supported: third-party reservations (3RDPTY, LONGID) and extents (obsolete), refused
 //! with INVALID FIELD IN CDB.
