@@ -55,16 +55,7 @@ impl Service {
         let watch = Watch::new(empty_failure);
         req.extensions_mut().insert(watch.clone());
         let req = req.map(|body| {
-            let stream: DynByteStream = Box::pin(Watched {
-                inner: body,
-                watch: watch.clone(),
-                expected,
-                length,
-                seen: 0,
-                hasher: None,
-                unhashed: false,
-                done: false,
-            });
+            let stream: DynByteStream = Box::pin(Watched::new(body, watch.clone(), expected, length));
             Body::from(stream)
         });
         let res = self.inner.call(req).await?;
@@ -149,6 +140,10 @@ struct Watched {
 }
 
 impl Watched {
+    fn new(inner: Body, watch: Watch, expected: [u8; 32], length: Option<u64>) -> Self {
+        Watched { inner, watch, expected, length, seen: 0, hasher: None, unhashed: false, done: false }
+    }
+
     /// At the end of the body: the announced length, then the signed hash.
     fn finish(&mut self) -> Result<(), BodyFailure> {
         if self.length.is_some_and(|l| l != self.seen) {
@@ -234,17 +229,7 @@ mod tests {
         if armed {
             watch.arm();
         }
-        let w = Watched {
-            inner: Body::from(Bytes::from_static(body)),
-            watch: watch.clone(),
-            expected,
-            length,
-            seen: 0,
-            hasher: None,
-            unhashed: false,
-            done: false,
-        };
-        (w, watch)
+        (Watched::new(Body::from(Bytes::from_static(body)), watch.clone(), expected, length), watch)
     }
 
     async fn drain(mut w: Watched) -> Result<Vec<u8>, s3s::StdError> {
