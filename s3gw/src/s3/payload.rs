@@ -29,7 +29,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-/// The `s3s` service with the payload check around it; built by [`super::service`].
+/// The `s3s` service with what the gateway adds around it: the payload check, and answers
+/// that have no content (304, 204) sent without any; built by [`super::service`].
 #[derive(Clone)]
 pub struct Service {
     inner: s3s::service::S3Service,
@@ -41,8 +42,26 @@ impl Service {
     }
 
     /// Answers one request.
-    pub async fn call(&self, mut req: http::Request<Body>) -> Result<http::Response<Body>, HttpError> {
-        let Some(expected) = signed_sha256(req.headers()) else { return self.inner.call(req).await };
+    pub async fn call(&self, req: http::Request<Body>) -> Result<http::Response<Body>, HttpError> {
+        let mut res = match signed_sha256(req.headers()) {
+            Some(expected) => self.call_watched(req, expected).await?,
+            None => self.inner.call(req).await?,
+        };
+        // `s3s` answers a failed If-None-Match / If-Modified-Since with its error XML in a
+        // 304, which has no content (RFC 9110 15.4.5). hyper would not send it; the answer
+        // itself should not carry it either.
+        if matches!(res.status(), http::StatusCode::NOT_MODIFIED | http::StatusCode::NO_CONTENT) {
+            *res.body_mut() = Body::empty();
+            res.headers_mut().remove(http::header::CONTENT_LENGTH);
+        }
+        Ok(res)
+    }
+
+    async fn call_watched(
+        &self,
+        mut req: http::Request<Body>,
+        expected: [u8; 32],
+    ) -> Result<http::Response<Body>, HttpError> {
         let length = req
             .headers()
             .get(http::header::CONTENT_LENGTH)
