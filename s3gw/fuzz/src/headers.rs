@@ -9,8 +9,9 @@
 //! are ignored: `s3s` takes these as `&str`), given to every parser:
 //! - `Range` (`s3s::dto::Range::parse`): a parsed range prints back to itself, and every
 //!   satisfiable span of it lies inside the object and is not empty unless the object is;
-//! - `x-amz-copy-source` (`s3s::dto::CopySource::parse`): a parsed source prints back to
-//!   itself, with a non-empty bucket (the key may be empty);
+//! - `x-amz-copy-source` (`s3s::dto::CopySource::parse`): a parsed bucket/key source prints
+//!   back to itself, with a non-empty bucket (the key may be empty); an access point or
+//!   Outposts ARN (refused by the gateway) only parses without panicking;
 //! - the request path, path-style (`s3s::path::parse_path_style_with_validation` with our
 //!   bucket-name rules): a bucket it names passes `validate_bucket_name`, a key is not
 //!   empty;
@@ -58,8 +59,13 @@ fn copy_source(s: &str) {
     let Ok(source) = CopySource::parse(s) else { return };
     // The key may be empty (`bucket/`): s3s leaves that to the operation, which refuses
     // it (the `request` corpus has this case).
-    if let CopySource::Bucket { bucket, .. } = &source {
-        assert!(!bucket.is_empty(), "{s:?} parsed as {source:?}");
+    match &source {
+        CopySource::Bucket { bucket, .. } => assert!(!bucket.is_empty(), "{s:?} parsed as {source:?}"),
+        // Access point and Outposts ARNs are refused by the gateway (NotImplemented), so
+        // only parsing them must be safe. s3s 0.14 percent-decodes the whole ARN but
+        // re-encodes only the key when printing, so one with `%` in its region does not
+        // print back to itself.
+        CopySource::AccessPoint { .. } | CopySource::Outpost { .. } => return,
     }
     let printed = source.format_to_string();
     assert_eq!(CopySource::parse(&printed).ok(), Some(source), "{s:?} printed as {printed:?}");
