@@ -730,17 +730,16 @@ impl ClusterTargets {
     /// the restart, so such a reservation is void (SPC-2: released at I_T nexus loss and
     /// power on). A node that comes back before the cluster declares it dead keeps its port
     /// among the units' port groups, so nothing else would drop it. Persistent reservations
-    /// stay, as they should. Returns how many were dropped; failures are logged.
-    pub async fn forget_own_reservations(&self) -> usize {
+    /// stay, as they should. Failures are logged.
+    pub async fn forget_own_reservations(&self) {
         let port = port_of(self.node);
         let records = match self.client.list_records(PR_PREFIX).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list reservations to drop those held through this node");
-                return 0;
+                return;
             }
         };
-        let mut dropped = 0;
         for record in records {
             let Some(volume) = record.key.strip_prefix(PR_PREFIX).and_then(|v| v.parse::<VolumeId>().ok()) else {
                 continue;
@@ -761,7 +760,6 @@ impl ClusterTargets {
                         tracing::info!(volume, holder = %holder.initiator_port, port, "dropped the SPC-2 reservation of a nexus this node had before it restarted");
                         let notice = basalt_types::Notice::ReservationsChanged { volume, attentions: Vec::new() };
                         self.client.broadcast_notice(notice, Some(self.node), NOTICE_TIMEOUT).await;
-                        dropped += 1;
                         break;
                     }
                     Ok(false) => continue,
@@ -772,7 +770,6 @@ impl ClusterTargets {
                 }
             }
         }
-        dropped
     }
 
     /// The logical unit of `volume`, if this node serves it now.
