@@ -7,7 +7,7 @@
 use crate::error::{code, Result, RpcError};
 use crate::frame;
 use crate::link;
-use crate::outbox::{InFlight, Outbox, OutboxHandle, MAX_QUEUED_DATA};
+use crate::outbox::{self, InFlight, Outbox, OutboxHandle, MAX_QUEUED_DATA};
 use crate::tls::{self, Identity, SERVER_NAME};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -148,10 +148,9 @@ impl RpcEndpoint {
 
     /// Serves `service` until `shutdown` is cancelled or the endpoint is closed. On shutdown,
     /// new connections and calls are refused, calls in progress run to their end and their
-    /// responses are handed to the connection, then each connection is closed; returns when
-    /// that is done. The close does not wait for the peer to acknowledge the last responses:
-    /// a response still unsent then is lost, and its caller sees the connection closed
-    /// (`SHUTTING_DOWN`), as when a node goes away.
+    /// responses are sent, and each connection is closed once the peer has acknowledged
+    /// them (or after a short bound, for a peer that has gone silent); returns when that is
+    /// done. Callers then see `SHUTTING_DOWN` only for calls the server did not take.
     pub async fn serve<S: Service>(&self, service: Arc<S>, shutdown: CancellationToken) {
         if !self.serves {
             error!("serve called on a client-only endpoint");
@@ -290,8 +289,9 @@ impl RpcEndpoint {
                 fresh = true;
                 async move {
                     let conn = self.connect(addr).await?;
-                    // The writer ends with the connection or the last handle.
-                    let (outbox, _writer) = Outbox::start(conn.clone(), addr);
+                    // The writer ends with the connection or the last handle. A caller's
+                    // requests have no shutdown to wait through: its token never fires.
+                    let (outbox, _writer) = Outbox::start(conn.clone(), addr, CancellationToken::new());
                     Ok::<_, RpcError>(Peer { conn, outbox: Arc::new(outbox) })
                 }
             })
@@ -387,7 +387,7 @@ async fn serve_connection<S: Service>(
     let peer = PeerInfo { addr, name: peer_name(&conn) };
     debug!(peer = %addr, peer_name = ?peer.name, "accepted connection");
     let streams = TaskTracker::new();
-    let (outbox, writer) = Outbox::start(conn.clone(), addr);
+    let (outbox, writer) = Outbox::start(conn.clone(), addr, shutdown.clone());
     let outbox = Arc::new(outbox);
     loop {
         let (send, recv) = tokio::select! {
@@ -401,7 +401,8 @@ async fn serve_connection<S: Service>(
             },
         };
         let in_flight = outbox.call_started();
-        streams.spawn(serve_stream(service.clone(), peer.clone(), outbox.clone(), in_flight, send, recv));
+        let shutdown = shutdown.clone();
+        streams.spawn(serve_stream(service.clone(), peer.clone(), outbox.clone(), in_flight, shutdown, send, recv));
     }
     streams.close();
     streams.wait().await;
@@ -418,6 +419,7 @@ async fn serve_stream<S: Service>(
     peer: PeerInfo,
     outbox: Arc<OutboxHandle>,
     in_flight: InFlight,
+    shutdown: CancellationToken,
     send: SendStream,
     mut recv: RecvStream,
 ) {
@@ -458,6 +460,8 @@ async fn serve_stream<S: Service>(
         drop(in_flight);
     } else if let Err(e) = frame::write(&mut send, addr, header, data).await {
         debug!(peer = %addr, error = %e, "response not delivered");
+    } else if shutdown.is_cancelled() {
+        outbox::acknowledged([outbox::stopped(&send)], addr).await;
     }
 }
 

@@ -14,16 +14,52 @@
 //! sends it all in as few packets as fit. The writer first yields when other calls on the
 //! connection are in flight, which lets the other calls of this round queue theirs. A lone
 //! call, and a frame too large to share packets, is written by its own task.
+//!
+//! Closing a connection discards the stream data quinn has not sent yet. So a response
+//! written once the server is shutting down is followed until the peer acknowledges it
+//! ([`acknowledged`]), and the connection is closed only after that.
 
 use crate::frame;
 use bytes::Bytes;
 use quinn::{Connection, SendStream, VarInt};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use tracing::debug;
+
+/// How long a shutting-down server waits for the peer to acknowledge the responses it has
+/// just written. A peer that has gone silent must not hold up the shutdown.
+const ACKNOWLEDGE_WAIT: Duration = Duration::from_secs(2);
+
+/// A finished stream's `stopped` future, whatever its outcome.
+pub(crate) type Stopped = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The [`Stopped`] future of `send`.
+pub(crate) fn stopped(send: &SendStream) -> Stopped {
+    let stopped = send.stopped();
+    Box::pin(async move {
+        let _ = stopped.await;
+    })
+}
+
+/// Waits until the peer has acknowledged every byte of the given finished streams (or
+/// stopped them, or the connection is lost); at most [`ACKNOWLEDGE_WAIT`].
+pub(crate) async fn acknowledged(stopped: impl IntoIterator<Item = Stopped>, peer: SocketAddr) {
+    let all = async {
+        for s in stopped {
+            s.await;
+        }
+    };
+    if tokio::time::timeout(ACKNOWLEDGE_WAIT, all).await.is_err() {
+        debug!(peer = %peer, "responses not acknowledged before the shutdown");
+    }
+}
 
 /// Frames up to this many data bytes go through the outbox; larger ones fill packets on
 /// their own and are written by their call's task.
@@ -77,14 +113,20 @@ impl Drop for InFlight {
 impl Outbox {
     /// An outbox for `conn`, and its writer task, which ends when the connection closes or
     /// after the handle is dropped.
-    pub(crate) fn start(conn: Connection, peer: SocketAddr) -> (OutboxHandle, JoinHandle<()>) {
+    /// Once `shutdown` is cancelled, the writer waits for the peer to acknowledge the frames
+    /// it writes before it ends.
+    pub(crate) fn start(
+        conn: Connection,
+        peer: SocketAddr,
+        shutdown: CancellationToken,
+    ) -> (OutboxHandle, JoinHandle<()>) {
         let outbox = Arc::new(Outbox {
             queue: Mutex::new(Vec::new()),
             ready: Notify::new(),
             in_flight: AtomicUsize::new(0),
             finishing: AtomicBool::new(false),
         });
-        let writer = tokio::spawn(write_loop(outbox.clone(), conn, peer));
+        let writer = tokio::spawn(write_loop(outbox.clone(), conn, peer, shutdown));
         (OutboxHandle(outbox), writer)
     }
 
@@ -114,7 +156,8 @@ impl Outbox {
     }
 }
 
-async fn write_loop(outbox: Arc<Outbox>, conn: Connection, peer: SocketAddr) {
+async fn write_loop(outbox: Arc<Outbox>, conn: Connection, peer: SocketAddr, shutdown: CancellationToken) {
+    let mut unacknowledged = Vec::new();
     loop {
         tokio::select! {
             _ = conn.closed() => break,
@@ -130,10 +173,13 @@ async fn write_loop(outbox: Arc<Outbox>, conn: Connection, peer: SocketAddr) {
             if let Err(e) = frame::write(&mut q.send, peer, q.header, q.data).await {
                 debug!(peer = %peer, error = %e, "queued frame not sent");
                 let _ = q.send.reset(VarInt::from_u32(crate::error::code::CANCELLED));
+            } else if shutdown.is_cancelled() {
+                unacknowledged.push(stopped(&q.send));
             }
         }
         if outbox.finishing.load(Ordering::Acquire) && outbox.lock().is_empty() {
             break;
         }
     }
+    acknowledged(unacknowledged, peer).await;
 }

@@ -468,3 +468,81 @@ async fn concurrent_small_calls_share_packets() -> TestResult {
     server.stop().await
 }
 
+
+/// Holds every call until released, counting the calls it holds.
+struct GatedService {
+    started: tokio::sync::Semaphore,
+    release: tokio::sync::Notify,
+    released: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait]
+impl Service for GatedService {
+    type Request = TestRequest;
+    type Response = TestResponse;
+
+    async fn call(&self, peer: PeerInfo, req: TestRequest, data: Bytes) -> (TestResponse, Bytes) {
+        self.started.add_permits(1);
+        loop {
+            let released = self.release.notified();
+            if self.released.load(std::sync::atomic::Ordering::Acquire) {
+                break;
+            }
+            released.await;
+        }
+        EchoService.call(peer, req, data).await
+    }
+}
+
+/// A call in progress when the server is told to shut down gets its response: the server
+/// waits for the peer to acknowledge it before closing the connection. Both ways a
+/// response leaves are covered: a lone call writes its own, concurrent calls go through
+/// the connection's outbox, and a large one is written by its call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_in_progress_at_shutdown_get_their_responses() -> TestResult {
+    init_tracing();
+    let ca = ClusterCa::generate("test")?;
+    for (calls, len) in [(1u64, 16usize), (16, 512), (4, 2 << 20)] {
+        let endpoint = RpcEndpoint::new(UdpSocket::bind("127.0.0.1:0")?, &ca.issue("node-1")?)?;
+        let addr = endpoint.local_addr()?;
+        let service = Arc::new(GatedService {
+            started: tokio::sync::Semaphore::new(0),
+            release: tokio::sync::Notify::new(),
+            released: std::sync::atomic::AtomicBool::new(false),
+        });
+        let shutdown = CancellationToken::new();
+        let serving = tokio::spawn({
+            let (endpoint, service, shutdown) =
+                (endpoint.clone(), service.clone(), shutdown.clone());
+            async move { endpoint.serve(service, shutdown).await }
+        });
+        let client = RpcEndpoint::client_only(&ca.issue("client")?)?;
+        let mut pending = tokio::task::JoinSet::new();
+        for id in 0..calls {
+            let client = client.clone();
+            pending.spawn(async move {
+                let data = pattern(len, id);
+                let (resp, back) = echo(&client, addr, id, data.clone()).await?;
+                assert_eq!((resp.id, back), (id, data));
+                Ok::<_, RpcError>(())
+            });
+        }
+        // Every call has reached the service before the shutdown.
+        let held = u32::try_from(calls)?;
+        let _ = tokio::time::timeout(TIMEOUT, service.started.acquire_many(held)).await??;
+        shutdown.cancel();
+        service
+            .released
+            .store(true, std::sync::atomic::Ordering::Release);
+        service.release.notify_waiters();
+        while let Some(joined) = pending.join_next().await {
+            joined
+                .map_err(|e| format!("{calls} calls of {len} bytes: {e}"))?
+                .map_err(|e| format!("{calls} calls of {len} bytes: {e}"))?;
+        }
+        tokio::time::timeout(TIMEOUT, serving).await??;
+        endpoint.close();
+        client.close();
+    }
+    Ok(())
+}
