@@ -138,6 +138,17 @@ pub struct BlockReport {
     pub rows: Vec<Row>,
     /// How the NBD reference was served, or why there is none.
     pub nbd_reference: String,
+    /// The NBD client's own round trip (see [`NbdFloor`]); None without qemu-nbd or tmpfs.
+    pub nbd_floor: Option<NbdFloor>,
+}
+
+/// A 4 KiB QD1 random read through fio's NBD engine from `qemu-nbd` serving a file held in
+/// memory: the client's and the socket's share of every QD1 figure, with no disk behind it.
+#[derive(Clone, Debug, Serialize)]
+pub struct NbdFloor {
+    pub result: JobResult,
+    /// Where the in-memory file was.
+    pub file: PathBuf,
 }
 
 #[derive(Clone, Debug)]
@@ -238,7 +249,7 @@ async fn bench_cluster(cluster: &ClusterFile, opts: &BlockOptions) -> Result<Blo
             warn!(volume = %volume, error = %e, "could not delete the benchmark volume");
         }
     }
-    let (rows, nbd_reference) = result?;
+    let (rows, nbd_reference, nbd_floor) = result?;
     Ok(BlockReport {
         volume,
         size: info.size,
@@ -251,6 +262,7 @@ async fn bench_cluster(cluster: &ClusterFile, opts: &BlockOptions) -> Result<Blo
         ramp_s: opts.ramp.as_secs_f64(),
         rows,
         nbd_reference,
+        nbd_floor,
     })
 }
 
@@ -268,7 +280,7 @@ async fn bench_volume(
     probe: &CpuProbe,
     scratch: &Path,
     replicas: usize,
-) -> Result<(Vec<Row>, String)> {
+) -> Result<(Vec<Row>, String, Option<NbdFloor>)> {
     let nbd = Target::Nbd { uri: uri.to_string() };
     let local_path = scratch.join(LOCAL_FILE);
     let timing = Timing { runtime: opts.runtime, ramp: opts.ramp };
@@ -293,10 +305,40 @@ async fn bench_volume(
         None => "none: qemu-nbd is not installed (apt-get install qemu-utils)".to_string(),
     };
     let rows = local_rows(opts, basalt, &local_path, qemu.as_ref(), &timing, scratch, replicas).await;
+    let installed = qemu.is_some();
     if let Some(q) = qemu {
         q.stop().await;
     }
-    Ok((rows?, described))
+    let rows = rows?;
+    let floor = if installed { nbd_floor(&timing, scratch).await? } else { None };
+    Ok((rows, described, floor))
+}
+
+/// Size of the in-memory file of [`nbd_floor`]: reads of it never reach a disk.
+const FLOOR_FILE_SIZE: usize = 64 << 20;
+/// Where that file goes: tmpfs on Debian.
+const MEMORY_DIR: &str = "/dev/shm";
+
+/// Measures [`NbdFloor`]; None (with a note on stderr) when there is no tmpfs at
+/// [`MEMORY_DIR`].
+async fn nbd_floor(timing: &Timing, scratch: &Path) -> Result<Option<NbdFloor>> {
+    let Some(w) = WORKLOADS.iter().find(|w| w.id == "randread-4k-qd1") else { return Ok(None) };
+    let dir = Path::new(MEMORY_DIR);
+    if !dir.is_dir() {
+        progress(&format!("no {MEMORY_DIR}: the NBD client's round trip is not measured"));
+        return Ok(None);
+    }
+    let file = tempfile::Builder::new().prefix("basalt-bench-floor-").tempfile_in(dir).context("creating the in-memory file")?;
+    // Data, not a hole: qemu-nbd answers holes with a short reply that skips the copy.
+    let data: Vec<u8> = (0..FLOOR_FILE_SIZE).map(|i| (i % 251) as u8 | 1).collect();
+    std::fs::write(file.path(), &data).with_context(|| format!("filling {}", file.path().display()))?;
+    let Some(q) = QemuNbd::start_in_memory(file.path(), scratch).await.context("starting qemu-nbd from memory")? else {
+        return Ok(None);
+    };
+    progress(&format!("NBD client round trip (qemu-nbd from memory): {}", w.label));
+    let result = run_job(w, &Target::Nbd { uri: q.uri() }, timing, scratch).await;
+    q.stop().await;
+    Ok(Some(NbdFloor { result: result?, file: file.path().to_path_buf() }))
 }
 
 /// The local file's jobs (and the NBD reference's), paired with Basalt's.
@@ -614,6 +656,7 @@ pub fn render_table(r: &BlockReport) -> String {
         "Basalt CPU/IO = user+system time of all storaged processes per I/O; local CPU/IO = fio's own.".to_string(),
     );
     render_reference(&mut out, r);
+    render_floor(&mut out, r);
     if let Some(worst) = r.rows.iter().filter_map(|x| x.cluster_cpu.steal_percent).reduce(f64::max) {
         let warn = if worst > STEAL_WARN_PERCENT {
             " — the host was busy: these figures understate the software and vary from run to run"
@@ -628,6 +671,38 @@ pub fn render_table(r: &BlockReport) -> String {
             .to_string(),
     );
     out
+}
+
+/// The NBD client's round trip, and what it leaves of the QD1 read goal: the client's p50
+/// plus the local file's is the least a QD1 read through this client can take here.
+fn render_floor(out: &mut String, r: &BlockReport) {
+    let Some(f) = &r.nbd_floor else { return };
+    push_line(
+        out,
+        &format!(
+            "NBD client round trip (qemu-nbd answering rand read 4K QD1 from memory, {}): {:.0} IOPS, p50 {}.",
+            f.file.display(),
+            f.result.iops,
+            fmt_latency(f.result.p50_us)
+        ),
+    );
+    let Some(x) = r.rows.iter().find(|x| x.workload.id == "randread-4k-qd1") else { return };
+    let least = f.result.p50_us + x.local.p50_us;
+    if least <= 0.0 || x.local.iops <= 0.0 {
+        return;
+    }
+    push_line(
+        out,
+        &format!(
+            "With the local file's p50 ({}) that is {} per QD1 read before any server work: at most about {:.0} IOPS, {:.2}x of the local file. Basalt's p50 ({}) is {} above it.",
+            fmt_latency(x.local.p50_us),
+            fmt_latency(least),
+            1e6 / least,
+            1e6 / least / x.local.iops,
+            fmt_latency(x.basalt.p50_us),
+            fmt_latency(x.basalt.p50_us - least),
+        ),
+    );
 }
 
 /// The NBD reference's table: what the same NBD client gets from a local file with no
@@ -764,6 +839,9 @@ mod tests {
                 nbd_reference,
             }
         };
+        let mut qd1_read = row(WORKLOADS[2], 8000.0, 19000.0, 8500.0);
+        qd1_read.local.p50_us = 60.0;
+        qd1_read.basalt.p50_us = 150.0;
         let report = BlockReport {
             volume: "bench-1".into(),
             size: 256 << 20,
@@ -775,8 +853,9 @@ mod tests {
             runtime_s: 5.0,
             ramp_s: 2.0,
             // QD32 write at 0.6 of local/3: met; seq read at 0.25 of local: not met.
-            rows: vec![row(WORKLOADS[1], 600.0, 3000.0, 2400.0), row(WORKLOADS[5], 100.0, 400.0, 200.0)],
+            rows: vec![row(WORKLOADS[1], 600.0, 3000.0, 2400.0), row(WORKLOADS[5], 100.0, 400.0, 200.0), qd1_read],
             nbd_reference: "qemu-nbd serving the local file".into(),
+            nbd_floor: Some(NbdFloor { result: JobResult { p50_us: 40.0, ..result(20000.0, 4096) }, file: "/dev/shm/f".into() }),
         };
         let table = render_table(&report);
         let line = |label: &str| table.lines().find(|l| l.starts_with(label)).expect(label).to_string();
@@ -791,6 +870,11 @@ mod tests {
         assert_eq!(json["rows"][0]["workload"]["id"], "randwrite-4k-qd32");
         assert!(table.contains("(steal) during the Basalt jobs: up to 2.0%."), "{table}");
         assert!(!table.contains("host was busy"), "2% steal is below the warning: {table}");
+        // The client's round trip (40 µs) plus the local read (60 µs): 100 µs, 10000 IOPS,
+        // 0.53x of the local 19000; Basalt's 150 µs is 50 µs above.
+        assert!(table.contains("from memory, /dev/shm/f): 20000 IOPS, p50 40 µs."), "{table}");
+        assert!(table.contains("that is 100 µs per QD1 read before any server work: at most about 10000 IOPS, 0.53x"), "{table}");
+        assert!(table.contains("Basalt's p50 (150 µs) is 50 µs above it."), "{table}");
         assert_eq!(json["rows"][0]["cluster_cpu"]["steal_percent"], 2.0);
         // The NBD reference: its rate, its share of the local file, Basalt against it
         // (writes against its rate / 3).

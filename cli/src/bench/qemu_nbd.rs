@@ -7,6 +7,10 @@
 //! machine, as reached by a mature single-node server, against which a goal stated relative
 //! to the local file can be judged. (Its writes are no ceiling: at queue depth 32 it
 //! reaches about a fifth of the local file's durable write rate here.)
+//!
+//! Served from memory instead ([`QemuNbd::start_in_memory`]: a file in tmpfs, through the
+//! page cache), a QD1 read measures the NBD client's own round trip with no disk behind it:
+//! the part of every QD1 figure through this client that no server can remove.
 
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -30,14 +34,23 @@ impl QemuNbd {
     /// Serves `file` on a unix socket in `scratch`. `Ok(None)` when qemu-nbd is not
     /// installed (the report then has no NBD reference).
     pub async fn start(file: &Path, scratch: &Path) -> Result<Option<QemuNbd>> {
-        let socket = scratch.join("qemu-nbd.sock");
+        Self::spawn(file, &scratch.join("qemu-nbd.sock"), &["--cache=directsync", "--aio=native"]).await
+    }
+
+    /// Serves `file`, which lives in memory (tmpfs), through the page cache, on a unix
+    /// socket in `scratch`. `Ok(None)` when qemu-nbd is not installed.
+    pub async fn start_in_memory(file: &Path, scratch: &Path) -> Result<Option<QemuNbd>> {
+        Self::spawn(file, &scratch.join("qemu-nbd-memory.sock"), &["--cache=writeback"]).await
+    }
+
+    async fn spawn(file: &Path, socket: &Path, cache: &[&str]) -> Result<Option<QemuNbd>> {
+        let socket = socket.to_path_buf();
         let _ = std::fs::remove_file(&socket);
         let spawned = Command::new("qemu-nbd")
             .arg("--persistent")
             .arg("--shared=8")
             .arg("--format=raw")
-            .arg("--cache=directsync")
-            .arg("--aio=native")
+            .args(cache)
             .arg(format!("--export-name={EXPORT}"))
             .arg(format!("--socket={}", socket.display()))
             .arg(file)
