@@ -150,7 +150,8 @@ impl RpcEndpoint {
     /// new connections and calls are refused, calls in progress run to their end and their
     /// responses are sent, and each connection is closed once the peer has acknowledged
     /// them (or after a short bound, for a peer that has gone silent); returns when that is
-    /// done. Callers then see `SHUTTING_DOWN` only for calls the server did not take.
+    /// done. (A response written just before the shutdown began is not followed: quinn has
+    /// normally sent it long before the calls still running end and the connection closes.)
     pub async fn serve<S: Service>(&self, service: Arc<S>, shutdown: CancellationToken) {
         if !self.serves {
             error!("serve called on a client-only endpoint");
