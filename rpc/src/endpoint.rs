@@ -462,7 +462,7 @@ async fn serve_stream<S: Service>(
     } else if let Err(e) = frame::write(&mut send, addr, header, data).await {
         debug!(peer = %addr, error = %e, "response not delivered");
     } else if shutdown.is_cancelled() {
-        outbox::acknowledged([outbox::stopped(&send)], addr).await;
+        outbox::acknowledged([send.stopped()], addr).await;
     }
 }
 

@@ -24,7 +24,6 @@ use bytes::Bytes;
 use quinn::{Connection, SendStream, VarInt};
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -37,23 +36,13 @@ use tracing::debug;
 /// just written. A peer that has gone silent must not hold up the shutdown.
 const ACKNOWLEDGE_WAIT: Duration = Duration::from_secs(2);
 
-/// A finished stream's `stopped` future, whatever its outcome.
-pub(crate) type Stopped = Pin<Box<dyn Future<Output = ()> + Send>>;
-
-/// The [`Stopped`] future of `send`.
-pub(crate) fn stopped(send: &SendStream) -> Stopped {
-    let stopped = send.stopped();
-    Box::pin(async move {
-        let _ = stopped.await;
-    })
-}
-
-/// Waits until the peer has acknowledged every byte of the given finished streams (or
-/// stopped them, or the connection is lost); at most [`ACKNOWLEDGE_WAIT`].
-pub(crate) async fn acknowledged(stopped: impl IntoIterator<Item = Stopped>, peer: SocketAddr) {
+/// Waits until the peer has acknowledged every byte of the finished streams whose
+/// `SendStream::stopped` futures are given (or stopped them, or the connection is lost);
+/// at most [`ACKNOWLEDGE_WAIT`].
+pub(crate) async fn acknowledged<F: Future>(stopped: impl IntoIterator<Item = F>, peer: SocketAddr) {
     let all = async {
         for s in stopped {
-            s.await;
+            let _ = s.await;
         }
     };
     if tokio::time::timeout(ACKNOWLEDGE_WAIT, all).await.is_err() {
@@ -174,7 +163,7 @@ async fn write_loop(outbox: Arc<Outbox>, conn: Connection, peer: SocketAddr, shu
                 debug!(peer = %peer, error = %e, "queued frame not sent");
                 let _ = q.send.reset(VarInt::from_u32(crate::error::code::CANCELLED));
             } else if shutdown.is_cancelled() {
-                unacknowledged.push(stopped(&q.send));
+                unacknowledged.push(q.send.stopped());
             }
         }
         if outbox.finishing.load(Ordering::Acquire) && outbox.lock().is_empty() {
