@@ -93,7 +93,7 @@ enum BenchCmd {
         #[arg(long, default_value = "1G")]
         size: String,
         /// Measured time per job (after the ramp).
-        #[arg(long, default_value = "15s")]
+        #[arg(long, default_value = "5s")]
         runtime: String,
         #[arg(long, default_value = "2s")]
         ramp: String,
@@ -104,6 +104,9 @@ enum BenchCmd {
         /// randread-4k-qd1, randread-4k-qd32, write-1m-qd8, read-1m-qd8); all by default.
         #[arg(long)]
         workloads: Option<String>,
+        /// Times the whole series runs; each row reports the median round.
+        #[arg(long, default_value_t = bench::iscsi::DEFAULT_ROUNDS)]
+        rounds: usize,
         #[arg(long)]
         json: bool,
     },
@@ -289,9 +292,10 @@ async fn bench_cmd(dir: &std::path::Path, cmd: BenchCmd) -> Result<()> {
             }
             Ok(())
         }
-        BenchCmd::Iscsi { size, runtime, ramp, work_dir, workloads, json } => {
+        BenchCmd::Iscsi { size, runtime, ramp, work_dir, workloads, rounds, json } => {
             let mut opts = bench::iscsi::IscsiOptions::new(parse_size(&size)?, parse_duration(&runtime)?);
             opts.ramp = parse_duration(&ramp)?;
+            opts.rounds = rounds;
             opts.work_dir = work_dir;
             if let Some(ids) = workloads {
                 opts.workloads = bench::iscsi::select_workloads(&ids)?;

@@ -378,7 +378,7 @@ fn cunit_output_is_parsed_into_passed_failed_and_skipped() {
     assert_eq!(r.len(), 6);
 }
 
-/// `basalt bench iscsi` end to end, tiny (a 16 MiB LUN, 0.3 s per job): tgt is installed if
+/// `basalt bench iscsi` end to end, tiny (a 16 MiB LUN, 0.3 s per job, 2 rounds): tgt is installed if
 /// needed, started, configured and stopped, both clusters come and go, and every target
 /// answers every workload with the same negotiated limits. Figures are not judged here.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -390,6 +390,7 @@ async fn bench_iscsi_measures_tgt_and_both_clusters_with_the_same_initiator() ->
     opts.ramp = Duration::from_millis(100);
     opts.chunk_size = 8 * MIB;
     opts.work_dir = work.path().to_path_buf();
+    opts.rounds = 2;
     let report = run_iscsi(&opts).await?;
     let ids: Vec<&str> = report.targets.iter().map(|t| t.id.as_str()).collect();
     assert_eq!(ids, ["tgt", "basalt-1", "basalt-3"]);
@@ -405,6 +406,10 @@ async fn bench_iscsi_measures_tgt_and_both_clusters_with_the_same_initiator() ->
             assert!(j.result.ios > 0 && j.result.iops > 0.0, "{}: {:?}", row.workload.id, j.result);
         }
         assert!(row.ratio.is_some_and(|r| r > 0.0), "{}", row.workload.id);
+        assert_eq!(row.round_ratios.len(), 2, "{}", row.workload.id);
+    }
+    for t in &report.targets {
+        assert_eq!(t.jobs.len(), 12, "{}: one job per workload and round", t.id);
     }
     let table = render_table(&report);
     assert!(table.contains("rand write 4K QD32") && table.contains("storaged 3x"), "{table}");

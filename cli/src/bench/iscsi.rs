@@ -8,7 +8,10 @@
 //! three targets are up for the whole run and take turns workload by workload, so the
 //! figures a row compares are taken within a minute of each other (this machine drifts by
 //! 10-20% over the minutes a target's whole series takes; an idle 3-node cluster uses about
-//! 0.5% of one CPU, measured, so the idle targets hardly disturb the one at work).
+//! 0.5% of one CPU, measured, so the idle targets hardly disturb the one at work). Even so,
+//! two consecutive jobs on one target differ by up to 10% at QD1, enough to flip a verdict
+//! near parity, so the whole series runs in several rounds (3 by default) and a row reports
+//! the median of the rounds' ratios, each taken from jobs run side by side, with the spread.
 //! The load comes from [`super::initiator`] — the same initiator, negotiating the same
 //! limits, for every target (its module doc says why it is not libiscsi behind qemu-nbd).
 //!
@@ -50,6 +53,8 @@ const BASALT_LUN: u64 = 0;
 /// The untimed pre-fill: sequential 1 MiB writes, 8 in flight.
 const PREFILL_BLOCK: u32 = 1 << 20;
 const PREFILL_IODEPTH: u32 = 8;
+/// Rounds of the whole series (see the module doc).
+pub const DEFAULT_ROUNDS: usize = 3;
 
 /// The workloads of this benchmark: the shared shapes, each judged against tgt.
 pub fn workloads() -> Vec<Workload> {
@@ -85,6 +90,8 @@ pub struct IscsiOptions {
     pub proposal: Proposal,
     /// What to measure (all of [`workloads`] by default).
     pub workloads: Vec<Workload>,
+    /// How many times the whole series runs (see the module doc).
+    pub rounds: usize,
 }
 
 impl IscsiOptions {
@@ -99,6 +106,7 @@ impl IscsiOptions {
             storaged_bin: dev::default_storaged_bin(),
             proposal: Proposal::default(),
             workloads: workloads(),
+            rounds: DEFAULT_ROUNDS,
         }
     }
 }
@@ -119,7 +127,7 @@ pub struct TargetRun {
     pub block_len: u32,
     pub capacity: u64,
     pub negotiated: Negotiated,
-    /// One per workload, in [`workloads`] order.
+    /// One per workload and round, round after round (each round in [`workloads`] order).
     pub jobs: Vec<JobRun>,
 }
 
@@ -133,10 +141,13 @@ pub struct JobRun {
 #[derive(Clone, Debug, Serialize)]
 pub struct Row {
     pub workload: Workload,
+    /// Each target's median round (by rate).
     pub tgt: JobRun,
     pub basalt: JobRun,
     pub replicated: JobRun,
-    /// Basalt (1 replica) / tgt, in the workload's metric: judged against the goal.
+    /// Basalt (1 replica) / tgt of each round, in run order.
+    pub round_ratios: Vec<Option<f64>>,
+    /// The median of `round_ratios`: judged against the goal.
     pub ratio: Option<f64>,
     /// Basalt (replicated) / tgt, for information.
     pub replicated_ratio: Option<f64>,
@@ -149,6 +160,7 @@ pub struct IscsiReport {
     pub chunk_size: u64,
     pub runtime_s: f64,
     pub ramp_s: f64,
+    pub rounds: usize,
     pub tgt_file: PathBuf,
     pub tgt_bsoflags: &'static str,
     pub proposal: Proposal,
@@ -178,6 +190,9 @@ pub async fn run_iscsi(opts: &IscsiOptions) -> Result<IscsiReport> {
     }
     if opts.runtime < Duration::from_millis(100) {
         bail!("the runtime must be at least 100ms");
+    }
+    if opts.rounds == 0 {
+        bail!("at least one round is needed");
     }
     if opts.replicated_nodes < 2 {
         bail!("the replicated cluster needs at least 2 nodes");
@@ -217,21 +232,25 @@ pub async fn run_iscsi(opts: &IscsiOptions) -> Result<IscsiReport> {
     if opts.workloads.is_empty() {
         bail!("no workload to measure");
     }
-    for &w in &opts.workloads {
-        for (t, run) in targets.iter().zip(runs.iter_mut()) {
-            run.jobs.push(interruptible(run_workload(t, w, opts)).await?);
+    for round in 1..=opts.rounds {
+        progress(&format!("round {round} of {}", opts.rounds));
+        for &w in &opts.workloads {
+            for (t, run) in targets.iter().zip(runs.iter_mut()) {
+                run.jobs.push(interruptible(run_workload(t, w, opts)).await?);
+            }
         }
     }
     drop((tgt, one, many));
     let [tgt_run, basalt, replicated]: [TargetRun; 3] =
         runs.try_into().map_err(|_| anyhow!("expected three targets"))?;
 
-    let rows = rows(&opts.workloads, &tgt_run, &basalt, &replicated)?;
+    let rows = rows(&opts.workloads, opts.rounds, &tgt_run, &basalt, &replicated)?;
     Ok(IscsiReport {
         size: opts.size,
         chunk_size: opts.chunk_size,
         runtime_s: opts.runtime.as_secs_f64(),
         ramp_s: opts.ramp.as_secs_f64(),
+        rounds: opts.rounds,
         tgt_file: scratch.path().join("tgt-lun1.dat"),
         tgt_bsoflags: tgt::BSOFLAGS,
         proposal: opts.proposal.clone(),
@@ -240,21 +259,48 @@ pub async fn run_iscsi(opts: &IscsiOptions) -> Result<IscsiReport> {
     })
 }
 
-/// Pairs the three targets' jobs by workload.
-fn rows(workloads: &[Workload], tgt: &TargetRun, basalt: &TargetRun, replicated: &TargetRun) -> Result<Vec<Row>> {
+/// Pairs the three targets' jobs by workload and round: a round's ratio compares jobs run
+/// side by side; a row gives the median of the rounds' ratios and each target's median job.
+fn rows(
+    workloads: &[Workload],
+    rounds: usize,
+    tgt: &TargetRun,
+    basalt: &TargetRun,
+    replicated: &TargetRun,
+) -> Result<Vec<Row>> {
+    for t in [tgt, basalt, replicated] {
+        if t.jobs.len() != workloads.len() * rounds {
+            bail!("{} ran {} jobs, not {} workloads x {rounds} rounds", t.id, t.jobs.len(), workloads.len());
+        }
+    }
     workloads
         .iter()
         .copied()
         .enumerate()
         .map(|(i, w)| {
-            let job = |t: &TargetRun| t.jobs.get(i).cloned().ok_or_else(|| anyhow!("{} has no {} job", t.id, w.id));
-            let (t, b, r) = (job(tgt)?, job(basalt)?, job(replicated)?);
             let rate = |j: &JobRun| j.result.rate(w.metric);
+            let series = |t: &TargetRun| -> Vec<JobRun> {
+                (0..rounds).map(|r| t.jobs[r * workloads.len() + i].clone()).collect()
+            };
+            let (t, b, r) = (series(tgt), series(basalt), series(replicated));
+            for (run, jobs) in [(tgt, &t), (basalt, &b), (replicated, &r)] {
+                if let Some(j) = jobs.iter().find(|j| j.workload != w.id) {
+                    bail!("{}: a {} job where {} was expected", run.id, j.workload, w.id);
+                }
+            }
             // One replica on each side: the ratio is Basalt's rate over tgt's.
-            let ratio = ratio(w.direction, rate(&b), rate(&t), 1);
+            let round_ratios: Vec<Option<f64>> =
+                t.iter().zip(&b).map(|(t, b)| ratio(w.direction, rate(b), rate(t), 1)).collect();
+            let ratio = round_ratios.iter().copied().collect::<Option<Vec<f64>>>().and_then(median);
+            let typical = |jobs: Vec<JobRun>| -> JobRun {
+                let m = median(jobs.iter().map(rate).collect());
+                jobs.iter().find(|j| Some(rate(j)) == m).cloned().unwrap_or_else(|| jobs[0].clone())
+            };
+            let (t, b, r) = (typical(t), typical(b), typical(r));
             Ok(Row {
                 workload: w,
                 verdict: verdict(w.goal, ratio),
+                round_ratios,
                 ratio,
                 replicated_ratio: super::ratio(w.direction, rate(&r), rate(&t), 1),
                 tgt: t,
@@ -263,6 +309,12 @@ fn rows(workloads: &[Workload], tgt: &TargetRun, basalt: &TargetRun, replicated:
             })
         })
         .collect()
+}
+
+/// The middle value (the lower of the two middle ones for an even count).
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len().saturating_sub(1) / 2).copied()
 }
 
 /// What to benchmark at one portal.
@@ -409,10 +461,15 @@ pub fn render_table(r: &IscsiReport) -> String {
         &mut out,
         &format!(
             "Basalt iSCSI benchmark: one initiator session per job (`basalt bench` load generator, the same for every \
-             target), {} LUN written once before measuring, {}s per job after a {}s ramp.",
+             target), {} LUN written once before measuring, {}s per job after a {}s ramp, {}.",
             human(r.size),
             r.runtime_s,
-            r.ramp_s
+            r.ramp_s,
+            if r.rounds == 1 {
+                "one round".to_string()
+            } else {
+                format!("{} rounds (a row shows each target's median round and the median of the rounds' ratios)", r.rounds)
+            }
         ),
     );
     for t in &r.targets {
@@ -483,6 +540,14 @@ pub fn render_table(r: &IscsiReport) -> String {
         line(&mut out, &table_row(&cells, &lat_w, |i| i == 0));
     }
     out.push('\n');
+    if r.rounds > 1 {
+        line(&mut out, "ratio of each round (Basalt 1x / tgt, jobs run side by side), in run order");
+        for x in &r.rows {
+            let each: Vec<String> = x.round_ratios.iter().map(|q| fmt_ratio(*q)).collect();
+            line(&mut out, &format!("{:<20}  {}", x.workload.label, each.join("  ")));
+        }
+        out.push('\n');
+    }
     let met = r.rows.iter().filter(|x| x.verdict == Verdict::Met).count();
     line(
         &mut out,
@@ -592,7 +657,7 @@ mod tests {
         let tgt_run = target("tgt", "tgtd", 1, &[1000.0; 6], 30.0);
         let basalt = target("basalt-1", "storaged", 1, &[1500.0, 900.0, 1000.0, 500.0, 800.0, 1200.0], 55.0);
         let replicated = target("basalt-3", "storaged", 3, &[500.0; 6], 140.0);
-        let rows = rows(&workloads(), &tgt_run, &basalt, &replicated).expect("rows");
+        let rows = rows(&workloads(), 1, &tgt_run, &basalt, &replicated).expect("rows");
         assert_eq!(rows.len(), 6);
         assert_eq!(rows[0].ratio, Some(1.5));
         assert_eq!(rows[0].verdict, Verdict::Met);
@@ -604,6 +669,7 @@ mod tests {
             chunk_size: 64 << 20,
             runtime_s: 5.0,
             ramp_s: 1.0,
+            rounds: 1,
             tgt_file: "/var/tmp/b/tgt-lun1.dat".into(),
             tgt_bsoflags: tgt::BSOFLAGS,
             proposal: Proposal::default(),
@@ -632,9 +698,54 @@ mod tests {
     }
 
     #[test]
+    fn rounds_are_paired_side_by_side_and_the_median_ratio_is_judged() {
+        let w = workloads();
+        // Three rounds: (tgt, Basalt) per round. The first workload's ratios are 0.9, 1.2,
+        // 1.05 (median 1.05, met) though Basalt's median rate over tgt's would be 1.0; the
+        // second's are 0.8, 0.95, 1.1 (median 0.95, not met).
+        let series = |rates: [[f64; 2]; 3]| -> [Vec<f64>; 3] { rates.map(|r| vec![r[0], r[1], 1000.0, 1000.0, 1000.0, 1000.0]) };
+        let tgt_rates = series([[1000.0, 1000.0], [800.0, 1000.0], [1200.0, 1000.0]]);
+        let basalt_rates = series([[900.0, 800.0], [960.0, 950.0], [1260.0, 1100.0]]);
+        let flat = |id: &str, process: &str, rounds: &[Vec<f64>; 3]| {
+            let mut t = target(id, process, 1, &[], 30.0);
+            t.jobs = rounds.iter().flat_map(|r| w.iter().zip(r).map(|(w, r)| job(w, *r, 30.0))).collect();
+            t
+        };
+        let (t, b, r) = (flat("tgt", "tgtd", &tgt_rates), flat("basalt-1", "storaged", &basalt_rates), flat("basalt-3", "storaged", &tgt_rates));
+        let rows = rows(&w, 3, &t, &b, &r).expect("rows");
+        let close = |a: Option<f64>, b: f64| a.is_some_and(|a| (a - b).abs() < 1e-9);
+        assert!(rows[0].round_ratios.iter().zip([0.9, 1.2, 1.05]).all(|(a, b)| close(*a, b)), "{:?}", rows[0].round_ratios);
+        assert!(close(rows[0].ratio, 1.05), "{:?}", rows[0].ratio);
+        assert_eq!(rows[0].verdict, Verdict::Met);
+        assert!(close(rows[1].ratio, 0.95), "{:?}", rows[1].ratio);
+        assert_eq!(rows[1].verdict, Verdict::NotMet);
+        // Each target's shown job is its median round.
+        assert_eq!(rows[0].tgt.result.iops, 1000.0);
+        assert_eq!(rows[0].basalt.result.iops, 960.0);
+        let report = IscsiReport {
+            size: 1 << 30,
+            chunk_size: 64 << 20,
+            runtime_s: 5.0,
+            ramp_s: 1.0,
+            rounds: 3,
+            tgt_file: "/var/tmp/b/tgt-lun1.dat".into(),
+            tgt_bsoflags: tgt::BSOFLAGS,
+            proposal: Proposal::default(),
+            targets: vec![t, b, r],
+            rows,
+        };
+        let table = render_table(&report);
+        assert!(table.contains("3 rounds"), "{table}");
+        let each = table.lines().rfind(|l| l.starts_with("rand write 4K QD1")).expect("per-round line").to_string();
+        assert!(each.ends_with("0.90x  1.20x  1.05x"), "{each}");
+    }
+
+    #[test]
     fn a_target_missing_a_job_is_an_error() {
         let tgt_run = target("tgt", "tgtd", 1, &[1000.0; 5], 30.0);
         let b = target("basalt-1", "storaged", 1, &[1000.0; 6], 30.0);
-        assert!(rows(&workloads(), &tgt_run, &b, &b).is_err());
+        assert!(rows(&workloads(), 1, &tgt_run, &b, &b).is_err());
+        // Two rounds need two jobs per workload.
+        assert!(rows(&workloads(), 2, &b, &b, &b).is_err());
     }
 }
