@@ -615,6 +615,21 @@ mod tests {
         }
     }
 
+    fn report(rounds: usize, targets: Vec<TargetRun>, rows: Vec<Row>) -> IscsiReport {
+        IscsiReport {
+            size: 1 << 30,
+            chunk_size: 64 << 20,
+            runtime_s: 5.0,
+            ramp_s: 1.0,
+            rounds,
+            tgt_file: "/var/tmp/b/tgt-lun1.dat".into(),
+            tgt_bsoflags: tgt::BSOFLAGS,
+            proposal: Proposal::default(),
+            targets,
+            rows,
+        }
+    }
+
     #[test]
     fn every_workload_is_judged_against_tgt_at_ratio_one() {
         let w = workloads();
@@ -664,18 +679,7 @@ mod tests {
         assert_eq!(rows[1].verdict, Verdict::NotMet);
         assert_eq!(rows[2].verdict, Verdict::Met, "equal to tgt meets 'at least as fast'");
         assert_eq!(rows[3].replicated_ratio, Some(0.5));
-        let report = IscsiReport {
-            size: 1 << 30,
-            chunk_size: 64 << 20,
-            runtime_s: 5.0,
-            ramp_s: 1.0,
-            rounds: 1,
-            tgt_file: "/var/tmp/b/tgt-lun1.dat".into(),
-            tgt_bsoflags: tgt::BSOFLAGS,
-            proposal: Proposal::default(),
-            targets: vec![tgt_run, basalt, replicated],
-            rows,
-        };
+        let report = report(1, vec![tgt_run, basalt, replicated], rows);
         let table = render_table(&report);
         let line = |label: &str| table.lines().find(|l| l.starts_with(label)).expect(label).to_string();
         let qd1 = line("rand write 4K QD1");
@@ -722,18 +726,7 @@ mod tests {
         // Each target's shown job is its median round.
         assert_eq!(rows[0].tgt.result.iops, 1000.0);
         assert_eq!(rows[0].basalt.result.iops, 960.0);
-        let report = IscsiReport {
-            size: 1 << 30,
-            chunk_size: 64 << 20,
-            runtime_s: 5.0,
-            ramp_s: 1.0,
-            rounds: 3,
-            tgt_file: "/var/tmp/b/tgt-lun1.dat".into(),
-            tgt_bsoflags: tgt::BSOFLAGS,
-            proposal: Proposal::default(),
-            targets: vec![t, b, r],
-            rows,
-        };
+        let report = report(3, vec![t, b, r], rows);
         let table = render_table(&report);
         assert!(table.contains("3 rounds"), "{table}");
         let each = table.lines().rfind(|l| l.starts_with("rand write 4K QD1")).expect("per-round line").to_string();
