@@ -291,12 +291,9 @@ fn rows(
             // One replica on each side: the ratio is Basalt's rate over tgt's.
             let round_ratios: Vec<Option<f64>> =
                 t.iter().zip(&b).map(|(t, b)| ratio(w.direction, rate(b), rate(t), 1)).collect();
-            let ratio = round_ratios.iter().copied().collect::<Option<Vec<f64>>>().and_then(median);
-            let typical = |jobs: Vec<JobRun>| -> JobRun {
-                let m = median(jobs.iter().map(rate).collect());
-                jobs.iter().find(|j| Some(rate(j)) == m).cloned().unwrap_or_else(|| jobs[0].clone())
-            };
-            let (t, b, r) = (typical(t), typical(b), typical(r));
+            let ratio = round_ratios.iter().copied().collect::<Option<Vec<f64>>>().and_then(|v| median_by(v, |x| *x));
+            let typical = |jobs: Vec<JobRun>| median_by(jobs, rate).ok_or_else(|| anyhow!("no round of {}", w.id));
+            let (t, b, r) = (typical(t)?, typical(b)?, typical(r)?);
             Ok(Row {
                 workload: w,
                 verdict: verdict(w.goal, ratio),
@@ -311,10 +308,11 @@ fn rows(
         .collect()
 }
 
-/// The middle value (the lower of the two middle ones for an even count).
-fn median(mut values: Vec<f64>) -> Option<f64> {
-    values.sort_by(f64::total_cmp);
-    values.get(values.len().saturating_sub(1) / 2).copied()
+/// The item with the middle key (the lower of the two middle ones for an even count).
+fn median_by<T>(mut items: Vec<T>, key: impl Fn(&T) -> f64) -> Option<T> {
+    items.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    let middle = items.len().checked_sub(1)? / 2;
+    Some(items.swap_remove(middle))
 }
 
 /// What to benchmark at one portal.
