@@ -436,36 +436,6 @@ pub(crate) fn push_line(out: &mut String, s: &str) {
 
 #[cfg(test)]
 mod tests {
-
-    /// SIGTERM ends the work like Ctrl-C: its future (and the guards it holds, which stop
-    /// tgtd and the clusters) is dropped. Without the handler the signal kills this process.
-    #[tokio::test]
-    async fn sigterm_stops_the_work_and_drops_its_guards() {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        use std::sync::Arc;
-        struct Guard(Arc<AtomicBool>);
-        impl Drop for Guard {
-            fn drop(&mut self) {
-                self.0.store(true, Ordering::SeqCst);
-            }
-        }
-        let dropped = Arc::new(AtomicBool::new(false));
-        let guard = Guard(dropped.clone());
-        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
-        let work = async move {
-            let _guard = guard;
-            let _ = started_tx.send(());
-            std::future::pending::<Result<()>>().await
-        };
-        let task = tokio::spawn(interruptible(work));
-        // The work is first polled after the handler is installed.
-        started_rx.await.expect("the work started");
-        nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGTERM).expect("kill");
-        let outcome = tokio::time::timeout(Duration::from_secs(30), task).await.expect("stopped in time").expect("task");
-        let err = outcome.expect_err("the work cannot finish").to_string();
-        assert!(err.contains("SIGTERM"), "{err}");
-        assert!(dropped.load(Ordering::SeqCst), "the work's guards were not dropped");
-    }
     use super::*;
 
     #[test]
@@ -525,5 +495,35 @@ mod tests {
     fn table_rows_pad_and_align_their_cells() {
         let cells = ["a".to_string(), "1".into(), "x".into()];
         assert_eq!(table_row(&cells, &[3, 4, 2], |i| i != 1), "a       1  x");
+    }
+
+    /// SIGTERM ends the work like Ctrl-C: its future (and the guards it holds, which stop
+    /// tgtd and the clusters) is dropped. Without the handler the signal kills this process.
+    #[tokio::test]
+    async fn sigterm_stops_the_work_and_drops_its_guards() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        struct Guard(Arc<AtomicBool>);
+        impl Drop for Guard {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let dropped = Arc::new(AtomicBool::new(false));
+        let guard = Guard(dropped.clone());
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        let work = async move {
+            let _guard = guard;
+            let _ = started_tx.send(());
+            std::future::pending::<Result<()>>().await
+        };
+        let task = tokio::spawn(interruptible(work));
+        // The work is first polled after the handler is installed.
+        started_rx.await.expect("the work started");
+        nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGTERM).expect("kill");
+        let outcome = tokio::time::timeout(Duration::from_secs(30), task).await.expect("stopped in time").expect("task");
+        let err = outcome.expect_err("the work cannot finish").to_string();
+        assert!(err.contains("SIGTERM"), "{err}");
+        assert!(dropped.load(Ordering::SeqCst), "the work's guards were not dropped");
     }
 }
