@@ -44,9 +44,13 @@ impl QemuNbd {
     }
 
     async fn spawn(file: &Path, socket: &Path, cache: &[&str]) -> Result<Option<QemuNbd>> {
+        Self::spawn_program("qemu-nbd", file, socket, cache).await
+    }
+
+    async fn spawn_program(program: &str, file: &Path, socket: &Path, cache: &[&str]) -> Result<Option<QemuNbd>> {
         let socket = socket.to_path_buf();
         let _ = std::fs::remove_file(&socket);
-        let spawned = Command::new("qemu-nbd")
+        let spawned = Command::new(program)
             .arg("--persistent")
             .arg("--shared=8")
             .arg("--format=raw")
@@ -67,8 +71,18 @@ impl QemuNbd {
         let pid = child.id().ok_or_else(|| anyhow!("qemu-nbd exited at once"))?;
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            if tokio::net::UnixStream::connect(&socket).await.is_ok() {
-                break;
+            // qemu-nbd listens before it opens the file, and exits if it cannot: a connection
+            // alone proves nothing. The greeting is sent only once the export is open.
+            if let Ok(mut conn) = tokio::net::UnixStream::connect(&socket).await {
+                let mut magic = [0u8; 8];
+                let left = deadline.saturating_duration_since(Instant::now());
+                match tokio::time::timeout(left, tokio::io::AsyncReadExt::read_exact(&mut conn, &mut magic)).await {
+                    Ok(Ok(_)) if &magic == b"NBDMAGIC" => break,
+                    Ok(Ok(_)) => bail!("qemu-nbd on {} greeted with {magic:?}, not NBDMAGIC", socket.display()),
+                    // Closed without a greeting: it is exiting (seen below, or on a later turn).
+                    Ok(Err(_)) => {}
+                    Err(_) => bail!("qemu-nbd accepted on {} but sent no greeting within {START_TIMEOUT:?}", socket.display()),
+                }
             }
             if let Some(status) = child.try_wait().context("waiting for qemu-nbd")? {
                 let mut err = String::new();
@@ -134,6 +148,34 @@ mod tests {
         let socket = q.socket.clone();
         q.stop().await;
         assert!(!socket.exists());
+    }
+
+    /// qemu-nbd listens before it opens its file and exits when it cannot: a server that
+    /// accepts a connection and then goes away is an error, not a server (this used to pass
+    /// the start-up check whenever the connection won the race, failing the test below now
+    /// and then). A stand-in does the same, slowly enough to lose no race.
+    #[tokio::test]
+    async fn a_server_that_listens_then_exits_is_not_taken_for_serving() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let fake = dir.path().join("fake-qemu-nbd");
+        let script = "#!/usr/bin/env python3\n\
+import socket, sys, time\n\
+path = [a for a in sys.argv if a.startswith('--socket=')][0].split('=', 1)[1]\n\
+s = socket.socket(socket.AF_UNIX); s.bind(path); s.listen(8)\n\
+time.sleep(0.5)\n\
+sys.stderr.write('fake: could not open the file\\n'); sys.exit(1)\n";
+        std::fs::write(&fake, script).expect("script");
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+        if std::process::Command::new("python3").arg("-c").arg("pass").status().map_or(true, |s| !s.success()) {
+            eprintln!("SKIPPED: python3 is needed for the stand-in server");
+            return;
+        }
+        let socket = dir.path().join("s.sock");
+        let started = QemuNbd::spawn_program(fake.to_str().expect("utf-8 path"), &dir.path().join("f"), &socket, &[]).await;
+        match started {
+            Ok(_) => panic!("a server that exited without serving was taken for running"),
+            Err(e) => assert!(e.to_string().contains("could not open the file"), "{e}"),
+        }
     }
 
     #[tokio::test]
