@@ -11,6 +11,7 @@
 //! is not a test: a missed goal is reported, never an error.
 
 pub mod block;
+pub mod disk;
 pub mod garage;
 pub mod initiator;
 pub mod iscsi;

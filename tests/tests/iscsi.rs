@@ -413,6 +413,22 @@ async fn bench_iscsi_measures_tgt_and_both_clusters_with_the_same_initiator() ->
     }
     let table = render_table(&report);
     assert!(table.contains("rand write 4K QD32") && table.contains("storaged 3x"), "{table}");
+    // The disk's traffic is each job's. On a disk where durability costs a cache flush, every
+    // write acknowledged at queue depth 1 was flushed: tgt's (O_SYNC) and both clusters'.
+    match report.disk.as_deref() {
+        None => eprintln!("NOTE: {} is on no block device: no disk traffic to check", work.path().display()),
+        Some(disk) => {
+            let qd1 = report.rows.iter().find(|r| r.workload.id == "randwrite-4k-qd1").expect("QD1 write row");
+            for j in [&qd1.tgt, &qd1.basalt, &qd1.replicated] {
+                let d = j.device.as_ref().expect("device figures where the disk is known");
+                assert!(d.writes_per_io >= 0.9 && d.kib_written_per_io >= 3.5, "{disk}: {d:?}");
+                if basalt_cli::bench::disk::flushes_each_durable_write(disk) == Some(true) {
+                    assert!(d.flushes_per_io.is_some_and(|f| f >= 0.9), "{disk}: a QD1 write not flushed: {d:?}");
+                }
+            }
+            assert!(table.contains(&format!("{disk} requests per I/O")), "{table}");
+        }
+    }
     // Nothing is left behind: tgtd stopped, clusters stopped and deleted.
     let left: Vec<_> = std::fs::read_dir(work.path())?.collect();
     assert!(left.is_empty(), "left in the work directory: {left:?}");

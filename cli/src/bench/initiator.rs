@@ -16,6 +16,7 @@
 //! does not do is what no benchmark needs: digests, CHAP, several connections, error
 //! recovery, data verification.
 
+use super::disk::{DeviceIo, DiskCounters, DiskProbe};
 use super::{CpuProbe, Direction, JobResult, ProcessCpu};
 use anyhow::{anyhow, bail, Context, Result};
 use basalt_iscsi::pdu::{
@@ -272,11 +273,13 @@ pub enum JobLimit {
     OnePass,
 }
 
-/// What a measured job yields: the load generator's figures and the target's CPU.
+/// What a measured job yields: the load generator's figures, the target's CPU and, where
+/// the disk was given, its traffic.
 #[derive(Clone, Debug)]
 pub struct Measured {
     pub result: JobResult,
     pub target_cpu: ProcessCpu,
+    pub device: Option<DeviceIo>,
 }
 
 /// A command in flight.
@@ -639,9 +642,9 @@ impl Session {
         self.queue_data_out(r.itt, r.ttt, &data, &plan)
     }
 
-    /// Runs one job. `target` is sampled at the start and end of the measured window, as is
-    /// this process (the load generator's own CPU).
-    pub async fn run(&mut self, job: &Job, target: &CpuProbe) -> Result<Measured> {
+    /// Runs one job. `target` is sampled at the start and end of the measured window, as are
+    /// this process (the load generator's own CPU) and `disk`.
+    pub async fn run(&mut self, job: &Job, target: &CpuProbe, disk: Option<&DiskProbe>) -> Result<Measured> {
         let bs = job.block_size;
         if bs == 0 || bs % self.block_len != 0 {
             bail!("block size {bs} is not a multiple of the LUN's {}-byte blocks", self.block_len);
@@ -667,16 +670,19 @@ impl Session {
         let mut issued = 0u64;
         let mut tasks: HashMap<u32, Task> = HashMap::new();
         let mut latencies: Vec<u64> = Vec::new();
-        // (target CPU, own CPU, instant) at each edge of the measured window.
-        let mut start: Option<(f64, f64, Instant)> = None;
-        let mut end: Option<(f64, f64, Instant)> = None;
+        // (target CPU, own CPU, disk, instant) at each edge of the measured window.
+        let edge = |now: Instant| -> Result<(f64, f64, Option<DiskCounters>, Instant)> {
+            Ok((target.sample()?, me.sample()?, disk.map(DiskProbe::sample).transpose()?, now))
+        };
+        let mut start = None;
+        let mut end = None;
         loop {
             let now = Instant::now();
             if start.is_none() && now >= window_start {
-                start = Some((target.sample()?, me.sample()?, now));
+                start = Some(edge(now)?);
             }
             if end.is_none() && window_end.is_some_and(|e| now >= e) {
-                end = Some((target.sample()?, me.sample()?, now));
+                end = Some(edge(now)?);
             }
             let issuing = end.is_none() && !(one_pass && issued >= slots);
             while issuing && tasks.len() < job.iodepth as usize && self.window_open() {
@@ -743,10 +749,13 @@ impl Session {
             }
         }
         let now = Instant::now();
-        let (c0, m0, i0) = start.unwrap_or((target.sample()?, me.sample()?, t0));
-        let (c1, m1, i1) = match end {
+        let (c0, m0, d0, i0) = match start {
+            Some(s) => s,
+            None => edge(t0)?,
+        };
+        let (c1, m1, d1, i1) = match end {
             Some(e) => e,
-            None => (target.sample()?, me.sample()?, now),
+            None => edge(now)?,
         };
         let secs = i1.duration_since(i0).as_secs_f64().max(1e-9);
         let ios = latencies.len() as u64;
@@ -768,6 +777,7 @@ impl Session {
                 cpu_us_per_io: per_io(c1 - c0),
                 steal_percent: None,
             },
+            device: disk.zip(d0.zip(d1)).map(|(p, (a, b))| p.per_io(&a, &b, ios)),
         })
     }
 

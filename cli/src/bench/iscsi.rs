@@ -30,6 +30,7 @@
 //! storage client, chunk service and metadata in one process); all three storaged of the
 //! replicated cluster.
 
+use super::disk::{DeviceIo, DiskProbe};
 use super::initiator::{Job, JobLimit, Measured, Negotiated, Proposal, Session};
 use super::tgt::{self, Tgt, TGT_IQN, TGT_LUN};
 use super::{
@@ -136,6 +137,9 @@ pub struct JobRun {
     pub workload: &'static str,
     pub result: JobResult,
     pub target_cpu: ProcessCpu,
+    /// The disk's traffic per I/O (where the work directory is on a disk).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<DeviceIo>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -163,6 +167,9 @@ pub struct IscsiReport {
     pub rounds: usize,
     pub tgt_file: PathBuf,
     pub tgt_bsoflags: &'static str,
+    /// The disk under the work directory, whose traffic each job reports (none off disks).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk: Option<String>,
     pub proposal: Proposal,
     pub targets: Vec<TargetRun>,
     pub rows: Vec<Row>,
@@ -202,6 +209,8 @@ pub async fn run_iscsi(opts: &IscsiOptions) -> Result<IscsiReport> {
     }
     tgt::ensure_installed().await?;
     let scratch = scratch_dir(&opts.work_dir)?;
+    // tgt's file and both clusters live on this one disk.
+    let disk = DiskProbe::for_dir(&opts.work_dir)?;
 
     // Every target stays up and the workloads take turns (see the module doc).
     progress(&format!("starting tgtd with a {} file in {}", human(opts.size), scratch.path().display()));
@@ -236,7 +245,7 @@ pub async fn run_iscsi(opts: &IscsiOptions) -> Result<IscsiReport> {
         progress(&format!("round {round} of {}", opts.rounds));
         for &w in &opts.workloads {
             for (t, run) in targets.iter().zip(runs.iter_mut()) {
-                run.jobs.push(interruptible(run_workload(t, w, opts)).await?);
+                run.jobs.push(interruptible(run_workload(t, w, opts, disk.as_ref())).await?);
             }
         }
     }
@@ -253,6 +262,7 @@ pub async fn run_iscsi(opts: &IscsiOptions) -> Result<IscsiReport> {
         rounds: opts.rounds,
         tgt_file: scratch.path().join("tgt-lun1.dat"),
         tgt_bsoflags: tgt::BSOFLAGS,
+        disk: disk.map(|d| d.disk().to_string()),
         proposal: opts.proposal.clone(),
         targets: vec![tgt_run, basalt, replicated],
         rows,
@@ -394,7 +404,7 @@ async fn prefill(target: &Target<'_>, opts: &IscsiOptions) -> Result<TargetRun> 
         span: opts.size,
         limit: JobLimit::OnePass,
     };
-    s.run(&prefill, &target.probe).await.with_context(|| format!("{}: pre-filling", t.id))?;
+    s.run(&prefill, &target.probe, None).await.with_context(|| format!("{}: pre-filling", t.id))?;
     s.logout().await?;
     Ok(TargetRun {
         id: t.id.to_string(),
@@ -413,7 +423,7 @@ async fn prefill(target: &Target<'_>, opts: &IscsiOptions) -> Result<TargetRun> 
 }
 
 /// One workload on one target, in a session of its own.
-async fn run_workload(target: &Target<'_>, w: Workload, opts: &IscsiOptions) -> Result<JobRun> {
+async fn run_workload(target: &Target<'_>, w: Workload, opts: &IscsiOptions, disk: Option<&DiskProbe>) -> Result<JobRun> {
     let t = &target.spec;
     progress(&format!("{}: {} for {}", t.id, w.label, humantime::format_duration(opts.runtime)));
     let job = Job {
@@ -425,11 +435,11 @@ async fn run_workload(target: &Target<'_>, w: Workload, opts: &IscsiOptions) -> 
         limit: JobLimit::Timed { ramp: opts.ramp, runtime: opts.runtime },
     };
     let mut s = login(t, opts).await?;
-    let Measured { result, target_cpu } =
-        s.run(&job, &target.probe).await.with_context(|| format!("{}: {}", t.id, w.label))?;
+    let Measured { result, target_cpu, device } =
+        s.run(&job, &target.probe, disk).await.with_context(|| format!("{}: {}", t.id, w.label))?;
     s.logout().await?;
     tracing::info!(target = t.id, workload = w.id, iops = result.iops, cpu_us_per_io = target_cpu.cpu_us_per_io, "job done");
-    Ok(JobRun { workload: w.id, result, target_cpu })
+    Ok(JobRun { workload: w.id, result, target_cpu, device })
 }
 
 // ---- report -------------------------------------------------------------------------------
@@ -538,6 +548,17 @@ pub fn render_table(r: &IscsiReport) -> String {
         line(&mut out, &table_row(&cells, &lat_w, |i| i == 0));
     }
     out.push('\n');
+    if let Some(disk) = &r.disk {
+        let dev_w = [20, 34, 34, 34];
+        let head = [format!("{disk} requests per I/O"), "tgt".into(), "Basalt 1x".into(), "Basalt 3x".into()];
+        line(&mut out, &table_row(&head, &dev_w, |i| i == 0));
+        let dev = |j: &JobRun| j.device.as_ref().map(DeviceIo::describe).unwrap_or_else(|| "-".into());
+        for x in &r.rows {
+            let cells = [x.workload.label.to_string(), dev(&x.tgt), dev(&x.basalt), dev(&x.replicated)];
+            line(&mut out, &table_row(&cells, &dev_w, |i| i == 0));
+        }
+        out.push('\n');
+    }
     if r.rounds > 1 {
         line(&mut out, "ratio of each round (Basalt 1x / tgt, jobs run side by side), in run order");
         for x in &r.rows {
@@ -560,6 +581,17 @@ pub fn render_table(r: &IscsiReport) -> String {
         &mut out,
         "initiator CPU per I/O = this process (the load generator) per I/O, for tgt / Basalt 1x / Basalt 3x.",
     );
+    if let Some(disk) = &r.disk {
+        line(
+            &mut out,
+            &format!(
+                "{disk} requests per I/O = writes (W) + cache flushes (F) and KiB written, reads (R) and KiB read, that \
+                 the disk completed during the job (/proc/diskstats, whole disk), per I/O of the job. The kernel counts \
+                 the empty write that carries an fsync's flush as a write too: one durable write through a file is \
+                 2 W + 1 F."
+            ),
+        );
+    }
     line(
         &mut out,
         &format!(
@@ -593,6 +625,7 @@ mod tests {
                 client_cpu_us_per_io: 4.0,
             },
             target_cpu: ProcessCpu { cpu_seconds: 1.0, wall_seconds: 5.0, cpu_us_per_io: cpu, steal_percent: None },
+            device: None,
         }
     }
 
@@ -622,6 +655,7 @@ mod tests {
             rounds,
             tgt_file: "/var/tmp/b/tgt-lun1.dat".into(),
             tgt_bsoflags: tgt::BSOFLAGS,
+            disk: None,
             proposal: Proposal::default(),
             targets,
             rows,
@@ -693,10 +727,40 @@ mod tests {
         // The second table (latency, initiator CPU) repeats the labels.
         let lat = table.lines().filter(|l| l.starts_with("rand read 4K QD32")).last().expect("latency row");
         assert!(lat.contains("120 µs / 2.50 ms") && lat.ends_with("4 / 4 / 4 µs"), "{lat}");
+        assert!(!table.contains("requests per I/O"), "no disk, no device table: {table}");
         let json = serde_json::to_value(&report).expect("json");
         assert_eq!(json["rows"][1]["verdict"], "not_met");
         assert_eq!(json["rows"][0]["workload"]["goal"]["min_ratio"], 1.0);
         assert_eq!(json["targets"][2]["processes"], 3);
+    }
+
+    #[test]
+    fn each_targets_disk_traffic_per_io_is_shown_where_it_was_measured() {
+        let tgt_run = target("tgt", "tgtd", 1, &[1000.0; 6], 30.0);
+        let basalt = target("basalt-1", "storaged", 1, &[900.0; 6], 40.0);
+        let replicated = target("basalt-3", "storaged", 3, &[500.0; 6], 140.0);
+        let mut rows = rows(&workloads(), 1, &tgt_run, &basalt, &replicated).expect("rows");
+        let io = |w: f64, f: f64, kib: f64| DeviceIo {
+            disk: "vda".into(),
+            writes_per_io: w,
+            flushes_per_io: Some(f),
+            reads_per_io: 0.0,
+            kib_written_per_io: kib,
+            kib_read_per_io: 0.0,
+        };
+        rows[0].tgt.device = Some(io(1.0, 1.0, 4.0));
+        rows[0].basalt.device = Some(io(2.0, 1.0, 12.0));
+        let mut report = report(1, vec![tgt_run, basalt, replicated], rows);
+        report.disk = Some("vda".into());
+        let table = render_table(&report);
+        assert!(table.contains("vda requests per I/O"), "{table}");
+        let row = table.lines().filter(|l| l.starts_with("rand write 4K QD1")).last().expect("device row");
+        assert!(row.contains("1.00 W + 1.00 F, 4.0 KiB") && row.contains("2.00 W + 1.00 F, 12.0 KiB"), "{row}");
+        assert!(row.trim_end().ends_with('-'), "the replicated job measured nothing: {row}");
+        let json = serde_json::to_value(&report).expect("json");
+        assert_eq!(json["disk"], "vda");
+        assert_eq!(json["rows"][0]["basalt"]["device"]["writes_per_io"], 2.0);
+        assert!(json["rows"][0]["replicated"].get("device").is_none());
     }
 
     #[test]
