@@ -29,8 +29,6 @@ pub struct DiskCounters {
 /// A job's disk traffic, per I/O of the job.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct DeviceIo {
-    /// The disk the counters are of (`vda`, `nvme0n1`).
-    pub disk: String,
     pub writes_per_io: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub flushes_per_io: Option<f64>,
@@ -40,6 +38,20 @@ pub struct DeviceIo {
 }
 
 impl DeviceIo {
+    /// The traffic between two samples, per I/O of the `ios` (at least one) done meanwhile.
+    pub fn between(before: &DiskCounters, after: &DiskCounters, ios: u64) -> DeviceIo {
+        let d = |a: u64, b: u64| b.saturating_sub(a) as f64;
+        let n = ios.max(1) as f64;
+        DeviceIo {
+            writes_per_io: d(before.writes, after.writes) / n,
+            flushes_per_io: before.flushes.zip(after.flushes).map(|(a, b)| d(a, b) / n),
+            reads_per_io: d(before.reads, after.reads) / n,
+            // Sectors of /proc/diskstats are 512 bytes whatever the disk's block size.
+            kib_written_per_io: d(before.sectors_written, after.sectors_written) / 2.0 / n,
+            kib_read_per_io: d(before.sectors_read, after.sectors_read) / 2.0 / n,
+        }
+    }
+
     /// "2.00 W + 1.00 F, 12.0 KiB" for writes; reads are added when there are any.
     pub fn describe(&self) -> String {
         let mut s = format!("{:.2} W", self.writes_per_io);
@@ -61,8 +73,8 @@ pub struct DiskProbe {
 }
 
 impl DiskProbe {
-    /// The whole disk under `dir` (a partition's counters do not include the cache flushes,
-    /// which the kernel sends to the disk). None where `dir` is on no block device (tmpfs,
+    /// The whole disk under `dir` (not its partition: the disk is what serves the requests,
+    /// and what `/sys/block` describes). None where `dir` is on no block device (tmpfs,
     /// overlay): there is no disk to account then.
     pub fn for_dir(dir: &Path) -> Result<Option<DiskProbe>> {
         use std::os::unix::fs::MetadataExt;
@@ -91,21 +103,6 @@ impl DiskProbe {
     pub fn sample(&self) -> Result<DiskCounters> {
         let text = std::fs::read_to_string("/proc/diskstats").context("reading /proc/diskstats")?;
         parse_diskstats(&text, &self.disk).ok_or_else(|| anyhow!("/proc/diskstats has no line for {}", self.disk))
-    }
-
-    /// The traffic between two samples, per I/O.
-    pub fn per_io(&self, before: &DiskCounters, after: &DiskCounters, ios: u64) -> DeviceIo {
-        let d = |a: u64, b: u64| b.saturating_sub(a) as f64;
-        let n = ios.max(1) as f64;
-        DeviceIo {
-            disk: self.disk.clone(),
-            writes_per_io: d(before.writes, after.writes) / n,
-            flushes_per_io: before.flushes.zip(after.flushes).map(|(a, b)| d(a, b) / n),
-            reads_per_io: d(before.reads, after.reads) / n,
-            // Sectors of /proc/diskstats are 512 bytes whatever the disk's block size.
-            kib_written_per_io: d(before.sectors_written, after.sectors_written) / 2.0 / n,
-            kib_read_per_io: d(before.sectors_read, after.sectors_read) / 2.0 / n,
-        }
     }
 }
 
@@ -166,20 +163,19 @@ mod tests {
 
     #[test]
     fn traffic_is_divided_by_the_jobs_ios() {
-        let p = DiskProbe { disk: "vda".into() };
         let a = DiskCounters { reads: 10, sectors_read: 80, writes: 100, sectors_written: 800, flushes: Some(50) };
         let b = DiskCounters { reads: 10, sectors_read: 80, writes: 300, sectors_written: 3200, flushes: Some(150) };
-        let io = p.per_io(&a, &b, 100);
+        let io = DeviceIo::between(&a, &b, 100);
         assert_eq!(io.writes_per_io, 2.0);
         assert_eq!(io.flushes_per_io, Some(1.0));
         assert_eq!(io.kib_written_per_io, 12.0);
         assert_eq!(io.reads_per_io, 0.0);
         assert_eq!(io.describe(), "2.00 W + 1.00 F, 12.0 KiB");
         let reads = DiskCounters { reads: 110, sectors_read: 880, ..b };
-        assert_eq!(p.per_io(&b, &reads, 100).describe(), "0.00 W + 0.00 F, 0.0 KiB; 1.00 R, 4.0 KiB");
+        assert_eq!(DeviceIo::between(&b, &reads, 100).describe(), "0.00 W + 0.00 F, 0.0 KiB; 1.00 R, 4.0 KiB");
         // No flush counter on either side: not shown rather than shown as zero.
         let old = DiskCounters { flushes: None, ..a };
-        assert_eq!(p.per_io(&old, &DiskCounters { flushes: None, ..b }, 100).flushes_per_io, None);
+        assert_eq!(DeviceIo::between(&old, &DiskCounters { flushes: None, ..b }, 100).flushes_per_io, None);
     }
 
     #[test]

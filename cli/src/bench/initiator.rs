@@ -777,7 +777,8 @@ impl Session {
                 cpu_us_per_io: per_io(c1 - c0),
                 steal_percent: None,
             },
-            device: disk.zip(d0.zip(d1)).map(|(p, (a, b))| p.per_io(&a, &b, ios)),
+            // Per I/O of nothing says nothing.
+            device: d0.zip(d1).filter(|_| ios > 0).map(|(a, b)| DeviceIo::between(&a, &b, ios)),
         })
     }
 

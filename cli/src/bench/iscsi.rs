@@ -741,7 +741,6 @@ mod tests {
         let replicated = target("basalt-3", "storaged", 3, &[500.0; 6], 140.0);
         let mut rows = rows(&workloads(), 1, &tgt_run, &basalt, &replicated).expect("rows");
         let io = |w: f64, f: f64, kib: f64| DeviceIo {
-            disk: "vda".into(),
             writes_per_io: w,
             flushes_per_io: Some(f),
             reads_per_io: 0.0,
