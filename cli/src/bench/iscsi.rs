@@ -549,13 +549,24 @@ pub fn render_table(r: &IscsiReport) -> String {
     }
     out.push('\n');
     if let Some(disk) = &r.disk {
-        let dev_w = [20, 34, 34, 34];
         let head = [format!("{disk} requests per I/O"), "tgt".into(), "Basalt 1x".into(), "Basalt 3x".into()];
-        line(&mut out, &table_row(&head, &dev_w, |i| i == 0));
         let dev = |j: &JobRun| j.device.as_ref().map(DeviceIo::describe).unwrap_or_else(|| "-".into());
-        for x in &r.rows {
-            let cells = [x.workload.label.to_string(), dev(&x.tgt), dev(&x.basalt), dev(&x.replicated)];
-            line(&mut out, &table_row(&cells, &dev_w, |i| i == 0));
+        let rows: Vec<[String; 4]> = r
+            .rows
+            .iter()
+            .map(|x| [x.workload.label.to_string(), dev(&x.tgt), dev(&x.basalt), dev(&x.replicated)])
+            .collect();
+        // Cells vary in length (a read adds its own figures): each column as wide as its
+        // widest cell keeps the columns aligned.
+        let mut dev_w = [20usize; 4];
+        for cells in std::iter::once(&head).chain(&rows) {
+            for (w, c) in dev_w.iter_mut().zip(cells) {
+                *w = (*w).max(c.chars().count());
+            }
+        }
+        line(&mut out, &table_row(&head, &dev_w, |i| i == 0));
+        for cells in &rows {
+            line(&mut out, &table_row(cells, &dev_w, |i| i == 0));
         }
         out.push('\n');
     }
