@@ -3,8 +3,13 @@
 //! feature phase (command window, Data-Out/R2T, Data-In, task management, NOP, text,
 //! logout).
 //!
-//! Sessions have exactly one connection (MaxConnections=1) and ErrorRecoveryLevel 0: any
-//! protocol or digest error ends the connection, and with it the session.
+//! Sessions have exactly one connection (MaxConnections=1) and ErrorRecoveryLevel 0: a
+//! protocol error or a damaged header ends the connection, and with it the session. Lost or
+//! damaged write data (a Data-Out that fails its data digest, or a gap in DataSN, which RFC
+//! 7143 7.9 reads as an earlier Data-Out lost to a digest error) fails only its command:
+//! the damaged PDU is rejected, the rest of the command's data is taken in, and the command
+//! ends with CHECK CONDITION, PROTOCOL SERVICE CRC ERROR without being executed (RFC 7143
+//! 7.8, option b, the one open at ErrorRecoveryLevel 0).
 //!
 //! Structure of a running connection: the connection loop reads and decodes PDUs (a
 //! read-ahead buffer: one system call for a burst of small PDUs, data read straight into it)
@@ -33,6 +38,7 @@ use crate::pdu::{
     self, reject, Ahs, DataIn, Digests, Error, Header, LoginResponse, Pdu, Result,
     LOGIN_MAX_DATA, RESERVED_TAG,
 };
+use crate::scsi::sense::{Failure, Sense};
 use crate::text::{self, Negotiator, SessionParams, SessionType, TargetLimits};
 
 /// Connection settings.
@@ -654,6 +660,10 @@ struct Task {
     expected_in: u32,
     /// Set once the task has given its slot in the command window back.
     released: Arc<AtomicBool>,
+    /// Some of its Data-Out was damaged (data digest) or is missing (a DataSN gap): the
+    /// command is not executed but ends with CHECK CONDITION, PROTOCOL SERVICE CRC ERROR,
+    /// once all its data is in (RFC 7143 7.8 b, 7.9). The session goes on.
+    data_fault: bool,
     abort: Option<tokio::task::AbortHandle>,
 }
 
@@ -668,8 +678,8 @@ struct Conn {
     tasks: HashMap<u32, Task>,
     /// Non-immediate PDUs that arrived ahead of ExpCmdSN, by CmdSN.
     pending: HashMap<u32, Pdu>,
-    /// Data-Out for commands still in `pending`.
-    early_data: HashMap<u32, Vec<Pdu>>,
+    /// Data-Out for commands still in `pending` (each with whether its data was damaged).
+    early_data: HashMap<u32, Vec<(Pdu, bool)>>,
     done_tx: mpsc::UnboundedSender<(u32, u64)>,
     next_gen: u64,
     next_ttt: u32,
@@ -758,6 +768,17 @@ where
                         Ok(None) => {}
                         Ok(Some(end)) => break Ok(end),
                         Err(e) => break Err(e),
+                    }
+                }
+                // Data that failed its digest: rejected and discarded, and its command
+                // fails once all of its data is in (RFC 7143 7.8); the session goes on.
+                Err(Error::DataOutDigest { pdu, got, want }) => {
+                    c.last_rx = Instant::now();
+                    c.ping = None;
+                    warn!(itt = pdu.header.itt(), got, want, "Data-Out data digest error");
+                    c.reject(reject::DATA_DIGEST, &pdu).await;
+                    if let Err(e) = c.on_data_out(*pdu, true).await {
+                        break Err(e);
                     }
                 }
                 Ok(None) => break Ok(End::Closed),
@@ -851,7 +872,7 @@ impl Conn {
             // A NOP-Out answering our ping (ITT reserved) is not a command.
             Header::NopOut(h) if h.itt == RESERVED_TAG => (true, h.cmdsn),
             Header::NopOut(h) => (h.immediate, h.cmdsn),
-            Header::DataOut(_) => return self.on_data_out(p).await.map(|_| None),
+            Header::DataOut(_) => return self.on_data_out(p, false).await.map(|_| None),
             Header::Snack(_) => {
                 // ERL 0: no retransmission.
                 self.reject(reject::SNACK_REJECT, &p).await;
@@ -899,8 +920,8 @@ impl Conn {
             if let Some(end) = self.dispatch(next).await? {
                 return Ok(Some(end));
             }
-            for d in self.early_data.remove(&itt).unwrap_or_default() {
-                self.on_data_out(d).await?;
+            for (d, damaged) in self.early_data.remove(&itt).unwrap_or_default() {
+                self.on_data_out(d, damaged).await?;
             }
         }
         Ok(None)
@@ -1141,6 +1162,7 @@ impl Conn {
             expected_in,
             released: Arc::new(AtomicBool::new(false)),
             abort: None,
+            data_fault: false,
         };
         let itt = h.itt;
         self.tasks.insert(itt, task);
@@ -1181,14 +1203,16 @@ impl Conn {
         }
     }
 
-    async fn on_data_out(&mut self, p: Pdu) -> Result<()> {
+    /// One Data-Out PDU; `damaged` when its data failed the data digest (its header is
+    /// sound, so its offset and length still count).
+    async fn on_data_out(&mut self, p: Pdu, damaged: bool) -> Result<()> {
         let Header::DataOut(h) = &p.header else { return Ok(()) };
         let len = p.data.len() as u32;
         let Some(t) = self.tasks.get_mut(&h.itt) else {
             if self.pending.values().any(|q| q.header.itt() == h.itt) {
                 let stash = self.early_data.entry(h.itt).or_default();
                 if stash.len() < 1024 {
-                    stash.push(p);
+                    stash.push((p, damaged));
                     return Ok(());
                 }
                 return Err(Error::Protocol("too much Data-Out ahead of its command".into()));
@@ -1197,42 +1221,56 @@ impl Conn {
             debug!(itt = h.itt, "Data-Out for an unknown task dropped");
             return Ok(());
         };
+        // The offset must be the next one (DataPDUInOrder=Yes): a wrong offset is a protocol
+        // error that ends the connection. A DataSN out of order, though, means a Data-Out
+        // before it was lost (RFC 7143 7.9): that fails only this command.
+        let expected_datasn;
         if h.ttt == RESERVED_TAG {
-            if h.offset != t.unsolicited_next || h.datasn != t.unsolicited_datasn {
+            if h.offset != t.unsolicited_next {
                 return Err(Error::Protocol(format!(
-                    "unsolicited Data-Out offset {} DataSN {} (expected {} / {})",
-                    h.offset, h.datasn, t.unsolicited_next, t.unsolicited_datasn
+                    "unsolicited Data-Out offset {} (expected {})",
+                    h.offset, t.unsolicited_next
                 )));
             }
             if h.offset.checked_add(len).is_none_or(|e| e > t.unsolicited_end) {
                 return Err(Error::Protocol("unsolicited data beyond FirstBurstLength".into()));
             }
+            expected_datasn = t.unsolicited_datasn;
             t.unsolicited_next += len;
             t.unsolicited_datasn += 1;
         } else {
             let Some(r) = t.r2ts.get_mut(&h.ttt) else {
                 return Err(Error::Protocol(format!("Data-Out with unknown TTT {:#x}", h.ttt)));
             };
-            if h.offset != r.offset + r.received || h.datasn != r.next_datasn {
+            if h.offset != r.offset + r.received {
                 return Err(Error::Protocol(format!(
-                    "Data-Out offset {} DataSN {} (expected {} / {})",
+                    "Data-Out offset {} (expected {})",
                     h.offset,
-                    h.datasn,
-                    r.offset + r.received,
-                    r.next_datasn
+                    r.offset + r.received
                 )));
             }
             if r.received + len > r.len {
                 return Err(Error::Protocol("Data-Out beyond the R2T's desired length".into()));
             }
+            expected_datasn = r.next_datasn;
             r.received += len;
             r.next_datasn += 1;
             if r.received == r.len {
                 t.r2ts.remove(&h.ttt);
             }
         }
-        let (o, l) = (h.offset as usize, len as usize);
-        t.buf.as_mut()[o..o + l].copy_from_slice(&p.data);
+        if h.datasn != expected_datasn && !t.data_fault {
+            warn!(itt = h.itt, datasn = h.datasn, expected = expected_datasn, "Data-Out out of sequence: the command will fail");
+            t.data_fault = true;
+        }
+        if damaged && !t.data_fault {
+            warn!(itt = h.itt, offset = h.offset, "Data-Out failed its data digest: the command will fail");
+            t.data_fault = true;
+        }
+        if !t.data_fault {
+            let (o, l) = (h.offset as usize, len as usize);
+            t.buf.as_mut()[o..o + l].copy_from_slice(&p.data);
+        }
         t.received += len;
         let itt = h.itt;
         self.issue_r2ts(itt).await;
@@ -1266,8 +1304,13 @@ impl Conn {
         let gen = t.gen;
         let released = t.released.clone();
         let win = self.win.clone();
+        let fault = t.data_fault;
         let fut = async move {
-            let resp = scsi.execute(cmd).await;
+            let resp = if fault {
+                Failure::Check(Sense::protocol_service_crc_error()).into_response()
+            } else {
+                scsi.execute(cmd).await
+            };
             // Give the window slot back before the final PDU so that PDU carries the
             // reopened MaxCmdSN.
             if !released.swap(true, Ordering::AcqRel) {

@@ -645,6 +645,78 @@ async fn bad_data_out_and_garbage_close_the_connection() {
     assert!(matches!(c.server.await.expect("join"), Err(Error::Ahs(_))));
 }
 
+/// The sense of a SCSI Response PDU: (key, ASC, ASCQ).
+fn sense_of(p: &Pdu) -> (u8, u8, u8) {
+    let d = &p.data[2..];
+    (d[2] & 0x0f, d[12], d[13])
+}
+
+#[tokio::test]
+async fn a_data_sn_gap_fails_only_its_command_and_the_session_goes_on() {
+    let s = setup(None, vec![], Config::default());
+    let mut c = connect(&s.ctx);
+    c.login(T1, &[("InitialR2T", "No"), ("ImmediateData", "No")]).await;
+    let old = pattern(1024, 1);
+    let itt = c.command(&write10(0, 2), false, true, 1024, Bytes::new(), false).await;
+    c.data_out(itt, RESERVED_TAG, 0, 0, old.slice(..512), false).await;
+    c.data_out(itt, RESERVED_TAG, 1, 512, old.slice(512..), true).await;
+    assert_eq!(c.read_result().await.1, 0);
+    // Unsolicited data: DataSN 0 twice (the one between was "lost").
+    let new = pattern(1024, 2);
+    let itt = c.command(&write10(0, 2), false, true, 1024, Bytes::new(), false).await;
+    c.data_out(itt, RESERVED_TAG, 0, 0, new.slice(..512), false).await;
+    c.data_out(itt, RESERVED_TAG, 0, 512, new.slice(512..), true).await;
+    let (_, status, p, _) = c.read_result().await;
+    assert_eq!((status, sense_of(&p)), (2, (0x0b, 0x47, 0x05)), "ABORTED COMMAND, PROTOCOL SERVICE CRC ERROR");
+    // Solicited data: DataSN 27 for the first Data-Out of an R2T.
+    let itt = c.command(&write10(0, 2), false, true, 1024, Bytes::new(), true).await;
+    let Header::R2t(r) = c.recv().await.header else { panic!("expected R2T") };
+    c.data_out(itt, r.ttt, 27, 0, new.clone(), true).await;
+    let (_, status, p, _) = c.read_result().await;
+    assert_eq!((status, sense_of(&p)), (2, (0x0b, 0x47, 0x05)));
+    // Neither failed write reached the unit, and the session still works.
+    c.command(&read10(0, 2), true, false, 1024, Bytes::new(), true).await;
+    assert_eq!(c.read_result().await.0, old.to_vec());
+    let itt = c.command(&write10(0, 2), false, true, 1024, Bytes::new(), true).await;
+    let Header::R2t(r) = c.recv().await.header else { panic!("expected R2T") };
+    c.data_out(itt, r.ttt, 0, 0, new.clone(), true).await;
+    assert_eq!(c.read_result().await.1, 0);
+    c.command(&read10(0, 2), true, false, 1024, Bytes::new(), true).await;
+    assert_eq!(c.read_result().await.0, new.to_vec());
+}
+
+#[tokio::test]
+async fn a_data_out_failing_its_digest_is_rejected_and_fails_its_command() {
+    let s = setup(None, vec![], Config::default());
+    let mut c = connect(&s.ctx);
+    c.login(T1, &[("HeaderDigest", "CRC32C"), ("DataDigest", "CRC32C"), ("InitialR2T", "Yes")]).await;
+    c.digests = Digests { header: true, data: true };
+    let data = pattern(1024, 3);
+    let itt = c.command(&write10(0, 2), false, true, 1024, Bytes::new(), true).await;
+    let Header::R2t(r) = c.recv().await.header else { panic!("expected R2T") };
+    let h = DataOut { final_: false, lun: [0; 8], itt, ttt: r.ttt, exp_statsn: 0, datasn: 0, offset: 0 };
+    let mut wire = pdu::encode(&Pdu::with_data(Header::DataOut(h), data.slice(..512)), c.digests).expect("encode").to_vec();
+    wire[48 + 4 + 100] ^= 0x10;
+    c.s.write_all(&wire).await.expect("write");
+    let p = c.recv().await;
+    let Header::Reject(rj) = &p.header else { panic!("expected Reject, got {p:?}") };
+    assert_eq!(rj.reason, reject::DATA_DIGEST);
+    assert_eq!(&p.data[..4], &wire[..4], "the Reject carries the rejected header");
+    // The rest of the data still comes; then the command ends with CHECK CONDITION.
+    c.data_out(itt, r.ttt, 1, 512, data.slice(512..), true).await;
+    let (_, status, p, _) = c.read_result().await;
+    assert_eq!((status, sense_of(&p)), (2, (0x0b, 0x47, 0x05)));
+    c.command(&read10(0, 2), true, false, 1024, Bytes::new(), true).await;
+    assert_eq!(c.read_result().await.0, vec![0u8; 1024], "nothing was written");
+    // Bad data in any other PDU still ends the connection (ERL 0).
+    let h = NopOut { immediate: true, lun: [0; 8], itt: 99, ttt: RESERVED_TAG, cmdsn: c.cmdsn, exp_statsn: 0 };
+    let mut wire = pdu::encode(&Pdu::with_data(Header::NopOut(h), pattern(8, 1)), c.digests).expect("encode").to_vec();
+    wire[48 + 4 + 1] ^= 1;
+    c.s.write_all(&wire).await.expect("write");
+    assert!(c.closed().await);
+    assert!(matches!(c.server.await.expect("join"), Err(Error::DataDigest { .. })));
+}
+
 #[tokio::test]
 async fn logout_ends_the_session_and_releases_the_nexus() {
     let s = setup(None, vec![], Config::default());

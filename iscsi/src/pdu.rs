@@ -27,6 +27,11 @@ pub enum Error {
     HeaderDigest { got: u32, want: u32 },
     #[error("data digest mismatch (got {got:#010x}, computed {want:#010x})")]
     DataDigest { got: u32, want: u32 },
+    /// A Data-Out PDU whose header is sound but whose data failed its digest. The PDU has
+    /// been taken off the stream (its header gave its length), so the connection can go on:
+    /// RFC 7143 7.8 lets the target reject it and end only its task.
+    #[error("data digest mismatch in Data-Out for ITT {:#010x} (got {got:#010x}, computed {want:#010x})", pdu.header.itt())]
+    DataOutDigest { pdu: Box<Pdu>, got: u32, want: u32 },
     #[error("data segment of {len} bytes exceeds the limit of {max}")]
     DataTooLong { len: u32, max: u32 },
     #[error("malformed AHS: {0}")]
@@ -1138,6 +1143,11 @@ impl<R: AsyncRead + Unpin> PduReader<R> {
             let got = le32_at(&self.buf, data_end);
             let want = crc32c(&[&self.buf[head..data_end]]);
             if got != want {
+                if matches!(header, Header::DataOut(_)) {
+                    let frame = self.buf.split_to(total).freeze();
+                    let pdu = Pdu { header, ahs, data: frame.slice(head..head + len) };
+                    return Err(Error::DataOutDigest { pdu: Box::new(pdu), got, want });
+                }
                 return Err(Error::DataDigest { got, want });
             }
         }
@@ -1407,6 +1417,30 @@ mod tests {
         let mut bad = wire.to_vec();
         bad[BHS_LEN + 4 + 1] ^= 1;
         assert!(matches!(read_pdu(&mut &bad[..], d, 8192).await, Err(Error::DataDigest { .. })));
+    }
+
+    #[tokio::test]
+    async fn a_data_out_with_bad_data_is_handed_back_and_the_stream_goes_on() {
+        let d = Digests { header: true, data: true };
+        let h = Header::DataOut(DataOut { final_: true, lun: [0; 8], itt: 7, ttt: RESERVED_TAG, exp_statsn: 1, datasn: 0, offset: 0 });
+        let data_out = Pdu::with_data(h, Bytes::from_static(b"block of data"));
+        let next = Pdu::with_data(all_headers().remove(0), Bytes::from_static(b"ping"));
+        let mut wire = encode(&data_out, d).expect("encode").to_vec();
+        wire[BHS_LEN + 4 + 2] ^= 0x40;
+        wire.extend_from_slice(&encode(&next, d).expect("encode"));
+        let mut r = PduReader::new(&wire[..]);
+        match r.read(d, 8192).await {
+            Err(Error::DataOutDigest { pdu, .. }) => {
+                assert_eq!(pdu.header, data_out.header);
+                assert_ne!(pdu.data, data_out.data, "the damaged data is what arrived");
+            }
+            other => panic!("expected DataOutDigest, got {other:?}"),
+        }
+        assert_eq!(r.read(d, 8192).await.expect("next").expect("pdu"), next);
+        // Any other PDU with bad data still ends the stream.
+        let mut bad = encode(&next, d).expect("encode").to_vec();
+        bad[BHS_LEN + 4] ^= 1;
+        assert!(matches!(PduReader::new(&bad[..]).read(d, 8192).await, Err(Error::DataDigest { .. })));
     }
 
     #[test]

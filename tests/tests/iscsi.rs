@@ -310,12 +310,6 @@ const KNOWN_FAILURES: &[(&str, &str)] = &[
          physical blocks; SBC says it starts at the requested LBA, which is what we answer \
          (test_get_lba_status_unmap_single.c:135)",
     ),
-    (
-        "iSCSI.iSCSIdatasn.iSCSIDataSnInvalid",
-        "after we drop the connection for the bad DataSN (as RFC 7143 requires at \
-         ErrorRecoveryLevel 0), libiscsi 1.19 reconnects without the test's ImmediateData=No, \
-         so the next write has no Data-Out PDU left for the test to corrupt",
-    ),
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

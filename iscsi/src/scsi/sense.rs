@@ -131,6 +131,11 @@ impl Sense {
     pub const fn mode_parameters_changed() -> Self {
         Sense::new(key::UNIT_ATTENTION, 0x2A, 0x01)
     }
+    /// ABORTED COMMAND, PROTOCOL SERVICE CRC ERROR: the transport lost or damaged some of
+    /// the command's data (an iSCSI data digest error, RFC 7143 7.8 and 11.4.7.2).
+    pub const fn protocol_service_crc_error() -> Self {
+        Sense::new(key::ABORTED_COMMAND, 0x47, 0x05)
+    }
     pub const fn no_sense() -> Self {
         Sense::new(key::NO_SENSE, 0x00, 0x00)
     }
