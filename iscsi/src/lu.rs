@@ -33,8 +33,16 @@ pub struct Nexus {
 impl Nexus {
     /// The initiator port name used in TransportIDs: `<name>,i,0x<isid hex>`.
     pub fn initiator_port(&self) -> String {
-        let isid: String = self.isid.iter().map(|b| format!("{b:02x}")).collect();
-        format!("{},i,0x{isid}", self.initiator_name)
+        // Built on every command (it keys unit attentions and reservations): one allocation.
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut s = String::with_capacity(self.initiator_name.len() + 5 + 2 * self.isid.len());
+        s.push_str(&self.initiator_name);
+        s.push_str(",i,0x");
+        for b in self.isid {
+            s.push(char::from(HEX[usize::from(b >> 4)]));
+            s.push(char::from(HEX[usize::from(b & 0x0f)]));
+        }
+        s
     }
 }
 
@@ -427,5 +435,16 @@ pub mod memory {
         async fn port_groups(&self) -> Vec<PortGroup> {
             vec![PortGroup { id: 1, state: AccessState::ActiveOptimized, ports: vec![1] }]
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Nexus;
+
+    #[test]
+    fn the_initiator_port_name_is_the_name_then_the_isid_in_lower_case_hex() {
+        let n = Nexus { initiator_name: "iqn.2024-01.org.example:h1".into(), isid: [0x80, 0, 0x12, 0xab, 0x0f, 1], relative_port: 1, tpgt: 1 };
+        assert_eq!(n.initiator_port(), "iqn.2024-01.org.example:h1,i,0x800012ab0f01");
     }
 }

@@ -264,7 +264,13 @@ impl LogicalUnit {
 
     /// Takes the oldest unit attention of `key`, registering the nexus if it is new.
     fn take_attention(&self, key: &NexusKey) -> Option<Sense> {
-        self.attentions().entry(key.clone()).or_default().pop_front()
+        // Every command asks: a known nexus (the usual case) costs no copy of its key.
+        let mut map = self.attentions();
+        if let Some(queue) = map.get_mut(key) {
+            return queue.pop_front();
+        }
+        map.insert(key.clone(), VecDeque::new());
+        None
     }
 
     /// Executes one command on this unit.
