@@ -775,7 +775,7 @@ where
                 Err(Error::DataOutDigest { pdu, got, want }) => {
                     c.last_rx = Instant::now();
                     c.ping = None;
-                    warn!(itt = pdu.header.itt(), got, want, "Data-Out data digest error");
+                    warn!(itt = pdu.header.itt(), got, want, "Data-Out data digest error: the command will fail");
                     c.reject(reject::DATA_DIGEST, &pdu).await;
                     if let Err(e) = c.on_data_out(*pdu, true).await {
                         break Err(e);
@@ -1259,14 +1259,12 @@ impl Conn {
                 t.r2ts.remove(&h.ttt);
             }
         }
-        if h.datasn != expected_datasn && !t.data_fault {
+        // (A damaged PDU was logged where its digest was checked.)
+        let gap = h.datasn != expected_datasn;
+        if gap && !t.data_fault {
             warn!(itt = h.itt, datasn = h.datasn, expected = expected_datasn, "Data-Out out of sequence: the command will fail");
-            t.data_fault = true;
         }
-        if damaged && !t.data_fault {
-            warn!(itt = h.itt, offset = h.offset, "Data-Out failed its data digest: the command will fail");
-            t.data_fault = true;
-        }
+        t.data_fault |= gap || damaged;
         if !t.data_fault {
             let (o, l) = (h.offset as usize, len as usize);
             t.buf.as_mut()[o..o + l].copy_from_slice(&p.data);
