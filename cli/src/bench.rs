@@ -270,7 +270,6 @@ fn parse_machine_cpu(stat: &str) -> Option<MachineCpu> {
 }
 
 /// Reads the summed user + system CPU time of a set of processes (all their threads).
-#[derive(Clone, Debug)]
 pub struct CpuProbe {
     /// What the processes are, for errors ("storaged", "tgtd").
     what: String,

@@ -434,24 +434,10 @@ async fn run_workload(target: &Target<'_>, w: Workload, opts: &IscsiOptions, dis
         span: opts.size,
         limit: JobLimit::Timed { ramp: opts.ramp, runtime: opts.runtime },
     };
-    // The session runs as a task of its own rather than on the thread that waits for it
-    // (`block_on`'s): its reader task and it then wake each other on one worker thread, as a
-    // kernel initiator's receive path and its submitter share a CPU, instead of a futex wake
-    // of another thread per answer, which at QD1 cost the load generator about 20 µs per I/O
-    // and made every target's latency depend on where the scheduler put that thread.
-    let (portal, iqn, lun, proposal) = (t.portal, t.iqn.to_string(), t.lun, opts.proposal.clone());
-    let (probe, disk) = (target.probe.clone(), disk.cloned());
-    let what = format!("{} at {}", t.description, t.portal);
-    let session = tokio::spawn(async move {
-        let mut s = Session::login(portal, &iqn, lun, &proposal).await.with_context(|| what)?;
-        let measured = s.run(&job, &probe, disk.as_ref()).await?;
-        s.logout().await?;
-        anyhow::Ok(measured)
-    });
-    let Measured { result, target_cpu, device } = session
-        .await
-        .map_err(|e| anyhow!("the load generator's task failed: {e}"))?
-        .with_context(|| format!("{}: {}", t.id, w.label))?;
+    let mut s = login(t, opts).await?;
+    let Measured { result, target_cpu, device } =
+        s.run(&job, &target.probe, disk).await.with_context(|| format!("{}: {}", t.id, w.label))?;
+    s.logout().await?;
     tracing::info!(target = t.id, workload = w.id, iops = result.iops, cpu_us_per_io = target_cpu.cpu_us_per_io, "job done");
     Ok(JobRun { workload: w.id, result, target_cpu, device })
 }
