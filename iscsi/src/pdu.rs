@@ -1033,19 +1033,44 @@ pub fn encode(pdu: &Pdu, digests: Digests) -> Result<BytesMut> {
 /// Most PDUs gathered into one `writev`.
 pub const MAX_GATHER: usize = 64;
 
-/// Writes whole frames, gathering up to [`MAX_GATHER`] of them into each vectored write, so a
-/// burst of responses costs one system call and no copy of their data.
+/// Bytes after which a vectored write ends and the writer yields before the next one.
+///
+/// A connection's writer shares its worker thread with its reader and with every other
+/// connection's tasks. Without a bound, the answers of eight 1 MiB reads that complete
+/// together left in one `writev` of 7 MiB, which held the thread for 1.8 ms (traced on the
+/// development VM) while the initiator's next commands waited unread and the disk idled; the
+/// next eight reads were then submitted, merged and completed together too, so reads and
+/// sends took turns instead of overlapping. In bursts of this size the reader takes those
+/// commands in, and their reads start, between two writes. Measured with `basalt bench iscsi
+/// --workloads read-1m-qd8`: 0.85-0.97x of tgt before (3 rounds), 0.96-1.11x after (6
+/// rounds), the disk's requests per read going from 0.6 (merged) to 0.9.
+pub const WRITE_BURST: usize = 512 << 10;
+
+/// Writes whole frames, gathering up to [`MAX_GATHER`] of them (and about [`WRITE_BURST`]
+/// bytes) into each vectored write, so a burst of responses costs one system call and no copy
+/// of their data.
 pub async fn write_frames<W: AsyncWrite + Unpin>(w: &mut W, frames: &[Frame]) -> Result<()> {
     for group in frames.chunks(MAX_GATHER) {
         let mut slices: Vec<IoSlice<'_>> =
             group.iter().flat_map(|f| f.parts()).filter(|p| !p.is_empty()).map(IoSlice::new).collect();
         let mut rest = &mut slices[..];
         while !rest.is_empty() {
-            let n = w.write_vectored(rest).await?;
+            // Slices up to the one that reaches a burst (a PDU's parts are never split
+            // between two writes by this: only the socket's room can do that).
+            let (mut take, mut bytes) = (0, 0);
+            while take < rest.len() && bytes < WRITE_BURST {
+                bytes += rest[take].len();
+                take += 1;
+            }
+            let capped = take < rest.len();
+            let n = w.write_vectored(&rest[..take]).await?;
             if n == 0 {
                 return Err(Error::Io(std::io::ErrorKind::WriteZero.into()));
             }
             IoSlice::advance_slices(&mut rest, n);
+            if capped && !rest.is_empty() {
+                tokio::task::yield_now().await;
+            }
         }
     }
     Ok(())
@@ -1532,5 +1557,68 @@ mod tests {
         for l in [0u64, 1, 255, 256, 0x3fff] {
             assert_eq!(decode_lun(&encode_lun(l)), l);
         }
+    }
+
+    /// Records what each vectored write was handed, takes all of it.
+    #[derive(Default)]
+    struct Recorder {
+        calls: Vec<usize>,
+        bytes: Vec<u8>,
+    }
+
+    impl AsyncWrite for Recorder {
+        fn poll_write(mut self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>, b: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
+            self.calls.push(b.len());
+            self.bytes.extend_from_slice(b);
+            std::task::Poll::Ready(Ok(b.len()))
+        }
+        fn poll_write_vectored(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let n = bufs.iter().map(|b| b.len()).sum();
+            self.calls.push(n);
+            for b in bufs {
+                self.bytes.extend_from_slice(b);
+            }
+            std::task::Poll::Ready(Ok(n))
+        }
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+        fn poll_flush(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_large_batch_is_written_in_bursts_and_a_small_one_at_once() {
+        let lun = [0; 8];
+        let nop = |i: u32, len: usize| {
+            Pdu::with_data(
+                Header::NopOut(NopOut { immediate: true, lun, itt: i, ttt: RESERVED_TAG, cmdsn: i, exp_statsn: 0 }),
+                Bytes::from(vec![i as u8; len]),
+            )
+        };
+        // Small: eight 4 KiB answers go in one write.
+        let small: Vec<Frame> = (0..8).map(|i| Frame::new(&nop(i, 4096), Digests::default()).expect("frame")).collect();
+        let mut w = Recorder::default();
+        write_frames(&mut w, &small).await.expect("write");
+        assert_eq!(w.calls.len(), 1);
+        let want: Vec<u8> = small.iter().flat_map(|f| f.parts().concat()).collect();
+        assert_eq!(w.bytes, want);
+        // Large: 4 MiB of 256 KiB segments goes in several writes, none much past a burst,
+        // every byte in order.
+        let large: Vec<Frame> = (0..16).map(|i| Frame::new(&nop(i, 256 << 10), Digests::default()).expect("frame")).collect();
+        let mut w = Recorder::default();
+        write_frames(&mut w, &large).await.expect("write");
+        assert!(w.calls.len() >= (4 << 20) / WRITE_BURST, "{:?}", w.calls);
+        assert!(w.calls.iter().all(|&n| n < WRITE_BURST + (256 << 10) + BHS_LEN), "{:?}", w.calls);
+        let want: Vec<u8> = large.iter().flat_map(|f| f.parts().concat()).collect();
+        assert_eq!(w.bytes, want);
     }
 }
