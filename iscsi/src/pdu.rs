@@ -1055,8 +1055,7 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(w: &mut W, frames: &[Frame]) ->
             group.iter().flat_map(|f| f.parts()).filter(|p| !p.is_empty()).map(IoSlice::new).collect();
         let mut rest = &mut slices[..];
         while !rest.is_empty() {
-            // Slices up to the one that reaches a burst (a PDU's parts are never split
-            // between two writes by this: only the socket's room can do that).
+            // Whole slices, up to the one that reaches a burst.
             let (mut take, mut bytes) = (0, 0);
             while take < rest.len() && bytes < WRITE_BURST {
                 bytes += rest[take].len();
@@ -1068,7 +1067,7 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(w: &mut W, frames: &[Frame]) ->
                 return Err(Error::Io(std::io::ErrorKind::WriteZero.into()));
             }
             IoSlice::advance_slices(&mut rest, n);
-            if capped && !rest.is_empty() {
+            if capped {
                 tokio::task::yield_now().await;
             }
         }
