@@ -64,6 +64,7 @@ impl TargetDef {
             alias: self.alias.clone(),
             chap: self.chap.clone(),
             initiators: self.initiators.clone(),
+            luns: self.luns.iter().map(|l| (l.lun, l.volume.clone())).collect(),
         }
     }
 
@@ -188,7 +189,10 @@ pub async fn update_target(
         }
         let value = serde_json::to_vec(&def).map_err(|e| e.to_string())?;
         match client.put_record(&target_key(name), Some(value), Some(version)).await {
-            Ok(_) => return Ok(def),
+            Ok(_) => {
+                announce_target_change(client, name).await;
+                return Ok(def);
+            }
             Err(e) if e.remote_code() == Some(ErrorCode::StaleVersion) => continue,
             Err(e) => return Err(client_err(e)),
         }
@@ -200,8 +204,21 @@ pub async fn delete_target(client: &StorageClient, name: &str) -> Result<(), Str
         return Err(format!("target {name} does not exist"));
     }
     client.put_record(&target_key(name), None, None).await.map_err(client_err)?;
+    announce_target_change(client, name).await;
     Ok(())
 }
+
+/// Tells every node that a target changed, so that sessions that may no longer use it end
+/// now. Best effort: a node that misses it finds out at its next periodic check
+/// ([`SESSION_RECHECK`]).
+async fn announce_target_change(client: &StorageClient, name: &str) {
+    let notice = basalt_types::Notice::TargetChanged { name: name.to_string() };
+    client.broadcast_notice(notice, None, NOTICE_TIMEOUT).await;
+}
+
+/// How often a node checks the targets of its live sessions against their definitions,
+/// for changes whose notice it missed.
+pub const SESSION_RECHECK: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Announces this node's iSCSI portal.
 pub async fn publish_portal(client: &StorageClient, node: NodeId, addr: SocketAddr) -> Result<(), String> {
@@ -659,7 +676,9 @@ mod tests {
 }
 
 /// The targets this node serves: read from metadata at each discovery and login, so
-/// changes made with `basalt iscsi` apply to the next login on every node. Logical units
+/// changes made with `basalt iscsi` apply to the next login on every node. Live sessions
+/// are checked against a target when it changes (`Notice::TargetChanged`, and every
+/// [`SESSION_RECHECK`] for a missed notice): those that may no longer use it are closed. Logical units
 /// are shared node-wide per volume (one write lease, one COMPARE AND WRITE lock, one set of
 /// unit attentions), whichever target and session use them.
 pub struct ClusterTargets {
@@ -669,6 +688,8 @@ pub struct ClusterTargets {
     units: tokio::sync::Mutex<std::collections::HashMap<VolumeId, std::sync::Weak<crate::scsi::LogicalUnit>>>,
     /// The caches of each served volume, for notices from other nodes.
     caches: std::sync::Mutex<std::collections::HashMap<VolumeId, (AluaCache, std::sync::Weak<RecordReservations>)>>,
+    /// The live sessions of this node's portal.
+    sessions: Arc<crate::conn::Sessions>,
 }
 
 impl ClusterTargets {
@@ -679,7 +700,41 @@ impl ClusterTargets {
             node_name: node_name.to_string(),
             units: tokio::sync::Mutex::new(std::collections::HashMap::new()),
             caches: std::sync::Mutex::new(std::collections::HashMap::new()),
+            sessions: crate::conn::Sessions::new(),
         })
+    }
+
+    /// The sessions of this node's portal: serve it with these
+    /// ([`crate::portal::serve_with`]), so that target changes reach them.
+    pub fn sessions(&self) -> Arc<crate::conn::Sessions> {
+        self.sessions.clone()
+    }
+
+    /// Checks the live sessions of `target` against its definition now, closing those
+    /// that may no longer use it. Nothing happens when the definition cannot be read.
+    pub async fn revalidate(&self, target: &str) -> usize {
+        match get_target(&self.client, target).await {
+            Ok(found) => self.sessions.revalidate(target, found.map(|(def, _)| def.access()).as_ref()),
+            Err(e) => {
+                tracing::debug!(target_name = %target, error = %e, "cannot reread a target to check its sessions");
+                0
+            }
+        }
+    }
+
+    /// Rechecks the targets of the live sessions every [`SESSION_RECHECK`] until
+    /// `shutdown`: the fallback for a [`basalt_types::Notice::TargetChanged`] this node
+    /// missed.
+    pub async fn recheck_sessions(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(SESSION_RECHECK) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            for target in self.sessions.targets() {
+                self.revalidate(&target).await;
+            }
+        }
     }
 
     /// Another node changed something this node caches, or an event happened there that
@@ -714,6 +769,9 @@ impl ClusterTargets {
                 if let Some(unit) = self.served_unit(*volume).await {
                     unit.reset_elsewhere();
                 }
+            }
+            Notice::TargetChanged { name } => {
+                self.revalidate(name).await;
             }
             Notice::VolumeResized { volume } => {
                 // Reported now rather than at the unit's next command: same outcome, but the

@@ -95,7 +95,34 @@ struct SessionKey {
 
 struct SessionEntry {
     tsih: u16,
+    /// Ends the session (reinstatement, or access withdrawn: then `revoked` says why).
     cancel: CancellationToken,
+    revoked: Arc<std::sync::OnceLock<String>>,
+    /// What the session logged in under (None for discovery sessions).
+    access: Option<TargetAccess>,
+}
+
+/// Why a live session may no longer use its target, now defined as `now`: the checks of a
+/// login, applied again. A session keeps what it proved at login: CHAP it did not pass, or
+/// passed with other credentials, does not cover it; neither does an ACL without its
+/// initiator, nor a LUN it uses that was removed or now stands for another volume.
+pub fn withdrawn(login: &TargetAccess, now: &TargetAccess, initiator: &str) -> Option<String> {
+    if !now.initiators.is_empty() && !now.initiators.iter().any(|i| i == initiator) {
+        return Some(format!("{initiator} is no longer in the target's ACL"));
+    }
+    match (&login.chap, &now.chap) {
+        (_, None) => {}
+        (None, Some(_)) => return Some("the target now requires CHAP".into()),
+        (Some(a), Some(b)) if a.user != b.user || a.secret != b.secret => {
+            return Some("the target's CHAP credentials changed".into())
+        }
+        (Some(_), Some(_)) => {}
+    }
+    login
+        .luns
+        .iter()
+        .find(|l| !now.luns.contains(l))
+        .map(|(lun, volume)| format!("LUN {lun} (volume {volume}) was removed or now stands for another volume"))
 }
 
 /// The sessions of one portal: TSIH allocation and reinstatement (a new login with the
@@ -131,8 +158,15 @@ impl Sessions {
     }
 
     /// Registers a new session, cancelling the one it reinstates (if any).
-    fn register(&self, key: SessionKey, tsih: u16, cancel: CancellationToken) {
-        if let Some(old) = self.lock().insert(key, SessionEntry { tsih, cancel }) {
+    fn register(
+        &self,
+        key: SessionKey,
+        tsih: u16,
+        cancel: CancellationToken,
+        revoked: Arc<std::sync::OnceLock<String>>,
+        access: Option<TargetAccess>,
+    ) {
+        if let Some(old) = self.lock().insert(key, SessionEntry { tsih, cancel, revoked, access }) {
             info!(old_tsih = old.tsih, new_tsih = tsih, "session reinstatement: closing the old session");
             old.cancel.cancel();
         }
@@ -143,6 +177,39 @@ impl Sessions {
         if m.get(key).is_some_and(|e| e.tsih == tsih) {
             m.remove(key);
         }
+    }
+
+    /// Applies a change of `target` to its live sessions: each one that may no longer use
+    /// it ([`withdrawn`]; all of them when `now` is None, the target is gone) is told the
+    /// target drops it (asynchronous event 3) and closed. A new login is checked against
+    /// the new definition. Returns how many sessions were closed.
+    pub fn revalidate(&self, target: &str, now: Option<&TargetAccess>) -> usize {
+        let m = self.lock();
+        let mut closed = 0;
+        for (key, e) in m.iter().filter(|(k, _)| k.target == target) {
+            let Some(login) = &e.access else { continue };
+            let why = match now {
+                None => Some("the target was deleted".to_string()),
+                Some(now) => withdrawn(login, now, &key.initiator),
+            };
+            if let Some(why) = why {
+                if e.revoked.set(why.clone()).is_ok() {
+                    info!(target_name = %target, initiator = %key.initiator, tsih = e.tsih, reason = %why, "closing a session: access withdrawn");
+                    e.cancel.cancel();
+                    closed += 1;
+                }
+            }
+        }
+        closed
+    }
+
+    /// The targets that have live normal sessions here.
+    pub fn targets(&self) -> Vec<String> {
+        let mut names: Vec<String> =
+            self.lock().iter().filter(|(_, e)| e.access.is_some()).map(|(k, _)| k.target.clone()).collect();
+        names.sort();
+        names.dedup();
+        names
     }
 
     /// Number of live sessions.
@@ -217,6 +284,7 @@ struct LoggedIn {
     next_statsn: u32,
     exp_cmdsn: u32,
     cancel: CancellationToken,
+    revoked: Arc<std::sync::OnceLock<String>>,
     key: SessionKey,
 }
 
@@ -297,7 +365,9 @@ where
                 target: target.as_ref().map(|t| t.0.name.clone()).unwrap_or_default(),
             };
             let cancel = CancellationToken::new();
-            ctx.sessions.register(key.clone(), tsih, cancel.clone());
+            let revoked = Arc::new(std::sync::OnceLock::new());
+            let access = target.as_ref().map(|t| t.0.clone());
+            ctx.sessions.register(key.clone(), tsih, cancel.clone(), revoked.clone(), access);
             return Ok(Some(LoggedIn {
                 nexus: Nexus { initiator_name, isid: f.isid, relative_port, tpgt },
                 params,
@@ -307,6 +377,7 @@ where
                 next_statsn: statsn,
                 exp_cmdsn: f.cmdsn,
                 cancel,
+                revoked,
                 key,
             }));
         }
@@ -743,6 +814,7 @@ where
         config: ctx.config.clone(),
     };
     let session_cancel = s.cancel;
+    let revoked = s.revoked;
     let result: Result<End> = loop {
         let nop_at = match c.ping {
             Some((_, sent)) => sent + c.config.nop_timeout,
@@ -794,15 +866,19 @@ where
                 let h = pdu::NopIn { lun: [0; 8], itt: RESERVED_TAG, ttt, statsn: 0, exp_cmdsn: 0, max_cmdsn: 0 };
                 c.send(Pdu::new(Header::NopIn(h))).await;
             }
-            _ = session_cancel.cancelled() => break Err(Error::Protocol("session reinstated by a new login".into())),
+            _ = session_cancel.cancelled() => match revoked.get() {
+                Some(why) => {
+                    // As at shutdown, the target drops the session (event 3); the
+                    // initiator's next login is checked against the new definition.
+                    c.send(Pdu::new(Header::AsyncMessage(drop_session_event()))).await;
+                    break Err(Error::AccessWithdrawn(why.clone()));
+                }
+                None => break Err(Error::Protocol("session reinstated by a new login".into())),
+            },
             _ = ctx.shutdown.cancelled() => {
                 // Tell the initiator the target drops the session (event 3), with
                 // Time2Wait/Time2Retain, so it retries later instead of declaring failure.
-                let h = pdu::AsyncMessage {
-                    lun: [0; 8], statsn: 0, exp_cmdsn: 0, max_cmdsn: 0,
-                    event: 3, vcode: 0, param1: 0, param2: 2, param3: 0,
-                };
-                c.send(Pdu::new(Header::AsyncMessage(h))).await;
+                c.send(Pdu::new(Header::AsyncMessage(drop_session_event()))).await;
                 break Ok(End::Closed);
             }
         }
@@ -833,6 +909,13 @@ where
         Ok(End::Closed) => Ok(()),
         Err(e) => Err(e),
     }
+}
+
+/// Asynchronous event 3 (RFC 7143 11.9.1): the target drops all the connections of the
+/// session; the initiator may log in again after Time2Wait (2 s), and nothing is kept for
+/// it (Time2Retain 0).
+fn drop_session_event() -> pdu::AsyncMessage {
+    pdu::AsyncMessage { lun: [0; 8], statsn: 0, exp_cmdsn: 0, max_cmdsn: 0, event: 3, vcode: 0, param1: 0, param2: 2, param3: 0 }
 }
 
 impl Conn {

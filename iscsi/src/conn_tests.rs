@@ -30,7 +30,7 @@ fn setup(chap: Option<Chap>, acl: Vec<String>, config: Config) -> Setup {
     let reg = FakeRegistry {
         targets: vec![
             (
-                TargetAccess { name: T1.into(), alias: Some("one".into()), chap, initiators: acl },
+                TargetAccess { name: T1.into(), alias: Some("one".into()), chap, initiators: acl, luns: vec![] },
                 t1.clone() as Arc<dyn ScsiTarget>,
             ),
             (TargetAccess { name: T2.into(), ..Default::default() }, t2 as Arc<dyn ScsiTarget>),
@@ -809,4 +809,68 @@ fn write_residuals_compare_the_cdb_length_with_the_expected_length() {
     assert_eq!(response(response_pdus(&info(1024), wrote(1024))), (false, false, 0));
     let none = lu::ScsiResponse::default();
     assert_eq!(response(response_pdus(&info(1024), none)), (false, false, 0));
+}
+
+#[test]
+fn a_session_keeps_its_target_only_while_a_new_login_would_pass() {
+    let chap = |user: &str, secret: &str| Some(Chap { user: user.into(), secret: secret.into(), mutual: None });
+    let login = TargetAccess {
+        name: T1.into(),
+        chap: chap("u", "secret-one-two"),
+        initiators: vec![INI.into()],
+        luns: vec![(0, "v0".into()), (1, "v1".into())],
+        ..Default::default()
+    };
+    let same = login.clone();
+    assert_eq!(withdrawn(&login, &same, INI), None);
+    // Widening access or adding a LUN takes nothing away.
+    let wider = TargetAccess { chap: None, initiators: vec![], luns: vec![(0, "v0".into()), (1, "v1".into()), (2, "v2".into())], ..same.clone() };
+    assert_eq!(withdrawn(&login, &wider, INI), None);
+    let mutual = TargetAccess { chap: Some(Chap { mutual: Some(("t".into(), "target-secret-1".into())), ..chap("u", "secret-one-two").expect("chap") }), ..same.clone() };
+    assert_eq!(withdrawn(&login, &mutual, INI), None, "the target's own credentials are not the initiator's");
+    let acl = TargetAccess { initiators: vec!["iqn.2024-01.org.example:other".into()], ..same.clone() };
+    assert!(withdrawn(&login, &acl, INI).expect("withdrawn").contains("ACL"));
+    let secret = TargetAccess { chap: chap("u", "secret-three-four"), ..same.clone() };
+    assert!(withdrawn(&login, &secret, INI).expect("withdrawn").contains("CHAP"));
+    let open = TargetAccess { chap: None, ..login.clone() };
+    assert!(withdrawn(&open, &same, INI).expect("withdrawn").contains("requires CHAP"));
+    let removed = TargetAccess { luns: vec![(0, "v0".into())], ..same.clone() };
+    assert!(withdrawn(&login, &removed, INI).expect("withdrawn").contains("LUN 1"));
+    let remapped = TargetAccess { luns: vec![(0, "v0".into()), (1, "v9".into())], ..same.clone() };
+    assert!(withdrawn(&login, &remapped, INI).expect("withdrawn").contains("LUN 1"));
+}
+
+#[tokio::test]
+async fn a_target_change_closes_the_sessions_it_shuts_out_and_only_those() {
+    let s = setup(None, vec![], Config::default());
+    let mut a = connect(&s.ctx);
+    a.login(T1, &[]).await;
+    let mut b = connect(&s.ctx);
+    b.isid = [0x80, 0, 0, 0, 0, 2];
+    b.login(T2, &[]).await;
+    assert_eq!(s.ctx.sessions.targets(), vec![T1.to_string(), T2.to_string()]);
+
+    // A change that keeps this initiator in: nothing happens.
+    let keeps = TargetAccess { name: T1.into(), initiators: vec![INI.into()], ..Default::default() };
+    assert_eq!(s.ctx.sessions.revalidate(T1, Some(&keeps)), 0);
+    a.command(&[0x00], false, false, 0, Bytes::new(), true).await;
+    assert_eq!(a.read_result().await.1, 0);
+
+    // The ACL now names someone else: the T1 session is told (event 3) and closed.
+    let shuts_out = TargetAccess { initiators: vec!["iqn.2024-01.org.example:other".into()], ..keeps };
+    assert_eq!(s.ctx.sessions.revalidate(T1, Some(&shuts_out)), 1);
+    let p = a.recv().await;
+    let Header::AsyncMessage(m) = p.header else { panic!("{p:?}") };
+    assert_eq!(m.event, 3);
+    assert!(a.closed().await, "session closed");
+    let r = a.server.await.expect("join");
+    assert!(matches!(&r, Err(Error::AccessWithdrawn(why)) if why.contains("ACL")), "{r:?}");
+    assert_eq!(s.ctx.sessions.targets(), vec![T2.to_string()]);
+
+    // The other target's session goes on; deleting that target closes it too.
+    b.command(&[0x00], false, false, 0, Bytes::new(), true).await;
+    assert_eq!(b.read_result().await.1, 0);
+    assert_eq!(s.ctx.sessions.revalidate(T2, None), 1);
+    assert!(b.closed().await);
+    assert!(s.ctx.sessions.is_empty());
 }

@@ -297,6 +297,11 @@ pub struct TargetAccess {
     pub chap: Option<Chap>,
     /// Initiator names allowed to log in; empty = any.
     pub initiators: Vec<String>,
+    /// The LUNs and what backs each (a volume name), as a login sees them. A live session
+    /// whose LUN goes away or is backed by something else is closed (see
+    /// `conn::Sessions::revalidate`); empty where the registry does not say.
+    #[serde(default)]
+    pub luns: Vec<(u64, String)>,
 }
 
 /// A network portal of a target (for SendTargets): address and portal group tag.

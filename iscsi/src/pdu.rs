@@ -44,6 +44,10 @@ pub enum Error {
     Timeout(&'static str),
     #[error("connection closed by peer")]
     Closed,
+    /// The session's target changed so that it may no longer use it (ACL, CHAP, LUNs, or
+    /// the target deleted); the session was closed.
+    #[error("access withdrawn: {0}")]
+    AccessWithdrawn(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

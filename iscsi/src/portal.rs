@@ -24,12 +24,19 @@ pub async fn serve_with_config(
     config: Config,
     shutdown: CancellationToken,
 ) {
-    let ctx = Context {
-        registry,
-        sessions: Sessions::new(),
-        config: Arc::new(config),
-        shutdown: shutdown.clone(),
-    };
+    serve_with(listener, registry, config, Sessions::new(), shutdown).await
+}
+
+/// As [`serve_with_config`], with the session table given: whoever holds it can close
+/// sessions whose target changed ([`Sessions::revalidate`]).
+pub async fn serve_with(
+    listener: TcpListener,
+    registry: Arc<dyn TargetRegistry>,
+    config: Config,
+    sessions: Arc<Sessions>,
+    shutdown: CancellationToken,
+) {
+    let ctx = Context { registry, sessions, config: Arc::new(config), shutdown: shutdown.clone() };
     let local = listener.local_addr().ok();
     info!(addr = ?local, "iSCSI portal listening");
     let mut conns = JoinSet::new();

@@ -237,7 +237,10 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
             targets.forget_own_reservations().await;
             let _ = iscsi_slot.set(targets.clone());
             info!(%addr, "iSCSI target listening");
-            tasks.spawn(basalt_iscsi::portal::serve(iscsi, targets, shutdown.clone()).in_current_span());
+            tasks.spawn(targets.clone().recheck_sessions(shutdown.clone()).in_current_span());
+            let sessions = targets.sessions();
+            let config = basalt_iscsi::conn::Config::default();
+            tasks.spawn(basalt_iscsi::portal::serve_with(iscsi, targets, config, sessions, shutdown.clone()).in_current_span());
         }
         if listeners.s3.is_some() || listeners.s3_tls.is_some() {
             // One object store per node (it holds the node's data volume), whichever of

@@ -101,6 +101,15 @@ async fn every_node_serves_the_targets_to_libiscsi_and_qemu_with_chap() -> Resul
         assert_same_file(&src, &back)?;
     }
 
+    // Sessions that logged in without CHAP, on two nodes: requiring CHAP closes them (a
+    // session keeps only what it proved at login), whichever node they use.
+    let mut open = Vec::new();
+    for (i, node) in ["node1", "node2"].into_iter().enumerate() {
+        let isid = [0x80, 0, 0, 0, 0, i as u8 + 1];
+        let mut s = Session::login(portal(&c, node)?, IQN, "iqn.2026-11.io.basalt:host-a", isid).await?;
+        s.command(0, &TEST_UNIT_READY, &[], 0).await?.good("TEST UNIT READY before CHAP")?;
+        open.push((node, s));
+    }
     // CHAP: no credentials and a wrong secret are refused, the right one logs in.
     update_target(&client, IQN, false, |t| {
         t.chap = Some(Chap { user: "alice".into(), secret: "alice-secret-12".into(), mutual: None });
@@ -114,7 +123,43 @@ async fn every_node_serves_the_targets_to_libiscsi_and_qemu_with_chap() -> Resul
     assert!(!wrong.status.success(), "wrong CHAP secret accepted: {}", text(&wrong));
     let right = run("iscsi-inq", &[&url(&c, "node3", "alice%alice-secret-12@")?])?;
     assert!(right.status.success() && text(&right).contains("Vendor:BASALT"), "right secret refused: {}", text(&right));
+    for (node, s) in &mut open {
+        until_closed(s).await.with_context(|| format!("unauthenticated session on {node} after CHAP was required"))?;
+    }
+
+    // Removing the LUN closes a session that uses it; the next login sees no LUN 0.
+    update_target(&client, IQN, false, |t| {
+        t.chap = None;
+        Ok(())
+    })
+    .await
+    .map_err(anyhow::Error::msg)?;
+    let mut s = Session::login(portal(&c, "node3")?, IQN, "iqn.2026-11.io.basalt:host-a", [0x80, 0, 0, 0, 0, 3]).await?;
+    s.command(0, &TEST_UNIT_READY, &[], 0).await?.good("TEST UNIT READY before the LUN goes")?;
+    update_target(&client, IQN, false, |t| {
+        t.luns.clear();
+        Ok(())
+    })
+    .await
+    .map_err(anyhow::Error::msg)?;
+    until_closed(&mut s).await.context("session on node3 after its LUN was removed")?;
+    let mut s = Session::login(portal(&c, "node3")?, IQN, "iqn.2026-11.io.basalt:host-a", [0x80, 0, 0, 0, 0, 3]).await?;
+    let r = s.command(0, &TEST_UNIT_READY, &[], 0).await?;
+    assert_eq!(r.status, CHECK_CONDITION, "LUN 0 after its removal");
     c.passed()
+}
+
+/// Waits until the target ends `s` (a command fails for want of a connection); errors if
+/// it still answers after 30 s, which covers a missed notice (`SESSION_RECHECK`).
+async fn until_closed(s: &mut Session) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while s.command(0, &TEST_UNIT_READY, &[], 0).await.is_ok() {
+        if std::time::Instant::now() > deadline {
+            bail!("the session still answers 30 s after its access was withdrawn");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

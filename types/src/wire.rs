@@ -35,6 +35,9 @@ pub enum Notice {
     /// A volume's size changed (`ResizeVolume`): nodes reread the size of the volume where
     /// they have it open; iSCSI units report CAPACITY DATA HAS CHANGED.
     VolumeResized { volume: crate::VolumeId },
+    /// An iSCSI target's definition changed or it was deleted (`basalt iscsi ...`): nodes
+    /// close the sessions that may no longer use it (ACL, CHAP, LUNs).
+    TargetChanged { name: String },
 }
 
 /// A SCSI unit attention for one I_T nexus of a logical unit.
