@@ -1,5 +1,6 @@
 //! `basalt iscsi ...`: targets, LUNs, CHAP and initiator ACLs, stored in cluster metadata
-//! (every node's target serves them; changes apply to new logins).
+//! (every node's target serves them; changes apply to new logins, and end the live sessions
+//! they shut out), and the sessions logged in through every node.
 
 use anyhow::{anyhow, Result};
 use basalt_iscsi::cluster::{self, LunDef, TargetDef};
@@ -54,6 +55,14 @@ pub enum IscsiCmd {
     /// Allow an initiator name (once any is listed, only listed initiators may log in).
     AclAdd { target: String, initiator: String },
     AclRemove { target: String, initiator: String },
+    /// List the sessions logged in through every node's portal.
+    Sessions {
+        /// Only the sessions of this target.
+        #[arg(long)]
+        target: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub async fn run(client: &StorageClient, cmd: IscsiCmd) -> Result<()> {
@@ -184,6 +193,70 @@ pub async fn run(client: &StorageClient, cmd: IscsiCmd) -> Result<()> {
             .map_err(e)?;
             println!("{initiator} removed from the ACL of {target}");
         }
+        IscsiCmd::Sessions { target, json } => {
+            let (answered, silent) = client.iscsi_sessions().await?;
+            let mut rows: Vec<(&basalt_types::NodeInfo, &basalt_types::IscsiSession)> = answered
+                .iter()
+                .flat_map(|(n, list)| list.iter().map(move |s| (n, s)))
+                .filter(|(_, s)| target.as_ref().is_none_or(|t| &s.target == t))
+                .collect();
+            rows.sort_by(|a, b| (&a.1.target, &a.1.initiator, a.0.id).cmp(&(&b.1.target, &b.1.initiator, b.0.id)));
+            if json {
+                let shown: Vec<serde_json::Value> = rows
+                    .iter()
+                    .map(|(n, s)| {
+                        serde_json::json!({
+                            "node": n.name,
+                            "node_id": n.id,
+                            "target": s.target,
+                            "initiator": s.initiator,
+                            "isid": hex_isid(&s.isid),
+                            "tsih": s.tsih,
+                            "peer": s.peer,
+                            "since_ms": s.since_ms,
+                            "chap": s.chap,
+                            "header_digest": s.header_digest,
+                            "data_digest": s.data_digest,
+                        })
+                    })
+                    .collect();
+                let silent: Vec<&str> = silent.iter().map(|n| n.name.as_str()).collect();
+                println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "sessions": shown, "unreachable": silent }))?);
+                return Ok(());
+            }
+            if rows.is_empty() {
+                println!("no sessions");
+            }
+            let now = std::time::SystemTime::now();
+            for (n, s) in &rows {
+                let since = std::time::UNIX_EPOCH + std::time::Duration::from_millis(s.since_ms);
+                let age = now.duration_since(since).unwrap_or_default();
+                let age = humantime::format_duration(std::time::Duration::from_secs(age.as_secs()));
+                let isid = hex_isid(&s.isid);
+                let auth = if s.chap { "CHAP" } else { "no auth" };
+                let digests = match (s.header_digest, s.data_digest) {
+                    (false, false) => "no digests",
+                    (true, false) => "header digest",
+                    (false, true) => "data digest",
+                    (true, true) => "header+data digests",
+                };
+                println!(
+                    "{}  {}  ISID {isid} TSIH {}  via {} from {}  {auth}, {digests}, up {age}",
+                    s.target,
+                    s.initiator,
+                    s.tsih,
+                    n.name,
+                    s.peer.as_deref().unwrap_or("?"),
+                );
+            }
+            for n in &silent {
+                println!("node {} did not answer: its sessions are not listed", n.name);
+            }
+        }
     }
     Ok(())
+}
+
+fn hex_isid(isid: &[u8; 6]) -> String {
+    isid.iter().map(|b| format!("{b:02x}")).collect()
 }

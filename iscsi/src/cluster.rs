@@ -690,6 +690,9 @@ pub struct ClusterTargets {
     caches: std::sync::Mutex<std::collections::HashMap<VolumeId, (AluaCache, std::sync::Weak<RecordReservations>)>>,
     /// The live sessions of this node's portal.
     sessions: Arc<crate::conn::Sessions>,
+    /// The SCSI side of each login (one per session), by target name, for LUNs added
+    /// while sessions are live.
+    opened: std::sync::Mutex<Vec<(String, std::sync::Weak<crate::scsi::Target>)>>,
 }
 
 impl ClusterTargets {
@@ -701,6 +704,7 @@ impl ClusterTargets {
             units: tokio::sync::Mutex::new(std::collections::HashMap::new()),
             caches: std::sync::Mutex::new(std::collections::HashMap::new()),
             sessions: crate::conn::Sessions::new(),
+            opened: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -711,13 +715,54 @@ impl ClusterTargets {
     }
 
     /// Checks the live sessions of `target` against its definition now, closing those
-    /// that may no longer use it. Nothing happens when the definition cannot be read.
+    /// that may no longer use it, and serves the LUNs added since to the others (with a
+    /// REPORTED LUNS DATA HAS CHANGED unit attention). Nothing happens when the definition
+    /// cannot be read. Returns how many sessions were closed.
     pub async fn revalidate(&self, target: &str) -> usize {
-        match get_target(&self.client, target).await {
-            Ok(found) => self.sessions.revalidate(target, found.map(|(def, _)| def.access()).as_ref()),
+        let def = match get_target(&self.client, target).await {
+            Ok(found) => found.map(|(def, _)| def),
             Err(e) => {
                 tracing::debug!(target_name = %target, error = %e, "cannot reread a target to check its sessions");
-                0
+                return 0;
+            }
+        };
+        let closed = self.sessions.revalidate(target, def.as_ref().map(|d| d.access()).as_ref());
+        if let Some(def) = def {
+            self.add_new_luns(&def).await;
+        }
+        closed
+    }
+
+    /// Gives the live logins to `def`'s target the LUNs of `def` they do not serve yet.
+    async fn add_new_luns(&self, def: &TargetDef) {
+        let live: Vec<Arc<crate::scsi::Target>> = {
+            let mut opened = self.opened.lock().unwrap_or_else(|p| p.into_inner());
+            opened.retain(|(_, t)| t.strong_count() > 0);
+            opened.iter().filter(|(name, _)| name == &def.name).filter_map(|(_, t)| t.upgrade()).collect()
+        };
+        if live.is_empty() {
+            return;
+        }
+        let (relative_port, tpgt) = crate::lu::TargetRegistry::local_port(self);
+        let told: Vec<crate::lu::Nexus> = self
+            .sessions
+            .initiator_ports(&def.name)
+            .into_iter()
+            .map(|(initiator_name, isid)| crate::lu::Nexus { initiator_name, isid, relative_port, tpgt })
+            .collect();
+        for t in live {
+            let served = t.lun_numbers();
+            let mut added = Vec::new();
+            for l in def.luns.iter().filter(|l| !served.contains(&l.lun)) {
+                match self.unit(&l.volume).await {
+                    Ok(unit) => added.push((l.lun, unit)),
+                    // Retried at each check; the login that left it out warned already.
+                    Err(e) => tracing::debug!(target_name = %def.name, lun = l.lun, volume = %l.volume, error = %e, "new LUN not served"),
+                }
+            }
+            if !added.is_empty() {
+                tracing::info!(target_name = %def.name, luns = ?added.iter().map(|(l, _)| *l).collect::<Vec<_>>(), "LUNs added to live sessions");
+                t.add_luns(added, &told);
             }
         }
     }
@@ -921,7 +966,13 @@ impl crate::lu::TargetRegistry for ClusterTargets {
                 Err(e) => tracing::warn!(target_name = %name, lun = l.lun, volume = %l.volume, error = %e, "LUN not served"),
             }
         }
-        Some((def.access(), Arc::new(target)))
+        let target = Arc::new(target);
+        {
+            let mut opened = self.opened.lock().unwrap_or_else(|p| p.into_inner());
+            opened.retain(|(_, t)| t.strong_count() > 0);
+            opened.push((def.name.clone(), Arc::downgrade(&target)));
+        }
+        Some((def.access(), target))
     }
 
     fn local_port(&self) -> (u16, u16) {

@@ -100,6 +100,23 @@ struct SessionEntry {
     revoked: Arc<std::sync::OnceLock<String>>,
     /// What the session logged in under (None for discovery sessions).
     access: Option<TargetAccess>,
+    info: SessionInfo,
+}
+
+/// A live session, for listing (`Sessions::list`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionInfo {
+    /// Empty for a discovery session.
+    pub target: String,
+    pub initiator: String,
+    pub isid: [u8; 6],
+    pub tsih: u16,
+    pub peer: Option<std::net::SocketAddr>,
+    pub since: std::time::SystemTime,
+    /// The login passed CHAP.
+    pub chap: bool,
+    pub header_digest: bool,
+    pub data_digest: bool,
 }
 
 /// Why a live session may no longer use its target, now defined as `now`: the checks of a
@@ -165,8 +182,9 @@ impl Sessions {
         cancel: CancellationToken,
         revoked: Arc<std::sync::OnceLock<String>>,
         access: Option<TargetAccess>,
+        info: SessionInfo,
     ) {
-        if let Some(old) = self.lock().insert(key, SessionEntry { tsih, cancel, revoked, access }) {
+        if let Some(old) = self.lock().insert(key, SessionEntry { tsih, cancel, revoked, access, info }) {
             info!(old_tsih = old.tsih, new_tsih = tsih, "session reinstatement: closing the old session");
             old.cancel.cancel();
         }
@@ -184,23 +202,45 @@ impl Sessions {
     /// target drops it (asynchronous event 3) and closed. A new login is checked against
     /// the new definition. Returns how many sessions were closed.
     pub fn revalidate(&self, target: &str, now: Option<&TargetAccess>) -> usize {
-        let m = self.lock();
+        let mut m = self.lock();
         let mut closed = 0;
-        for (key, e) in m.iter().filter(|(k, _)| k.target == target) {
+        for (key, e) in m.iter_mut().filter(|(k, _)| k.target == target) {
             let Some(login) = &e.access else { continue };
             let why = match now {
                 None => Some("the target was deleted".to_string()),
                 Some(now) => withdrawn(login, now, &key.initiator),
             };
-            if let Some(why) = why {
-                if e.revoked.set(why.clone()).is_ok() {
-                    info!(target_name = %target, initiator = %key.initiator, tsih = e.tsih, reason = %why, "closing a session: access withdrawn");
-                    e.cancel.cancel();
-                    closed += 1;
+            match why {
+                Some(why) => {
+                    if e.revoked.set(why.clone()).is_ok() {
+                        info!(target_name = %target, initiator = %key.initiator, tsih = e.tsih, reason = %why, "closing a session: access withdrawn");
+                        e.cancel.cancel();
+                        closed += 1;
+                    }
                 }
+                // It passes the new definition, which is what later changes are held
+                // against (LUNs added to it live, credentials dropped).
+                None => e.access = now.cloned(),
             }
         }
         closed
+    }
+
+    /// The live normal sessions, by target, initiator and ISID.
+    pub fn list(&self) -> Vec<SessionInfo> {
+        let mut all: Vec<SessionInfo> =
+            self.lock().values().filter(|e| e.access.is_some()).map(|e| e.info.clone()).collect();
+        all.sort_by(|a, b| (&a.target, &a.initiator, a.isid).cmp(&(&b.target, &b.initiator, b.isid)));
+        all
+    }
+
+    /// The initiator ports (name, ISID) of the live sessions of `target`.
+    pub fn initiator_ports(&self, target: &str) -> Vec<(String, [u8; 6])> {
+        self.lock()
+            .iter()
+            .filter(|(k, e)| k.target == target && e.access.is_some() && e.revoked.get().is_none())
+            .map(|(k, _)| (k.initiator.clone(), k.isid))
+            .collect()
     }
 
     /// The targets that have live normal sessions here.
@@ -241,11 +281,19 @@ pub async fn serve_connection<S>(stream: S, ctx: Context) -> Result<()>
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
+    serve_connection_from(stream, None, ctx).await
+}
+
+/// As [`serve_connection`], for a connection from `peer` (shown in session listings).
+pub async fn serve_connection_from<S>(stream: S, peer: Option<std::net::SocketAddr>, ctx: Context) -> Result<()>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
     let (rd, mut wr) = tokio::io::split(stream);
     let mut rd = pdu::PduReader::new(rd);
     let span = tracing::Span::current();
     let login = tokio::select! {
-        r = tokio::time::timeout(ctx.config.login_timeout, login(&mut rd, &mut wr, &ctx)) => match r {
+        r = tokio::time::timeout(ctx.config.login_timeout, login(&mut rd, &mut wr, &ctx, peer)) => match r {
             Ok(r) => r?,
             Err(_) => return Err(Error::Timeout("login")),
         },
@@ -297,7 +345,12 @@ impl<E: std::fmt::Display> From<(u16, E)> for LoginFail {
 }
 
 /// Runs the login phase. `Ok(None)`: login refused (the refusal has been sent).
-async fn login<R, W>(rd: &mut pdu::PduReader<R>, wr: &mut W, ctx: &Context) -> Result<Option<LoggedIn>>
+async fn login<R, W>(
+    rd: &mut pdu::PduReader<R>,
+    wr: &mut W,
+    ctx: &Context,
+    peer: Option<std::net::SocketAddr>,
+) -> Result<Option<LoggedIn>>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -367,7 +420,19 @@ where
             let cancel = CancellationToken::new();
             let revoked = Arc::new(std::sync::OnceLock::new());
             let access = target.as_ref().map(|t| t.0.clone());
-            ctx.sessions.register(key.clone(), tsih, cancel.clone(), revoked.clone(), access);
+            let info = SessionInfo {
+                target: key.target.clone(),
+                initiator: initiator_name.clone(),
+                isid: f.isid,
+                tsih,
+                peer,
+                since: std::time::SystemTime::now(),
+                // A target with CHAP lets no one in without it.
+                chap: access.as_ref().is_some_and(|a| a.chap.is_some()),
+                header_digest: params.header_digest,
+                data_digest: params.data_digest,
+            };
+            ctx.sessions.register(key.clone(), tsih, cancel.clone(), revoked.clone(), access, info);
             return Ok(Some(LoggedIn {
                 nexus: Nexus { initiator_name, isid: f.isid, relative_port, tpgt },
                 params,

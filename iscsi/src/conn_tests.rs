@@ -849,6 +849,12 @@ async fn a_target_change_closes_the_sessions_it_shuts_out_and_only_those() {
     b.isid = [0x80, 0, 0, 0, 0, 2];
     b.login(T2, &[]).await;
     assert_eq!(s.ctx.sessions.targets(), vec![T1.to_string(), T2.to_string()]);
+    let listed: Vec<(String, String, [u8; 6], bool)> =
+        s.ctx.sessions.list().into_iter().map(|i| (i.target, i.initiator, i.isid, i.peer.is_none())).collect();
+    assert_eq!(
+        listed,
+        vec![(T1.into(), INI.into(), [0x80, 0, 0, 0, 0, 1], true), (T2.into(), INI.into(), [0x80, 0, 0, 0, 0, 2], true)]
+    );
 
     // A change that keeps this initiator in: nothing happens.
     let keeps = TargetAccess { name: T1.into(), initiators: vec![INI.into()], ..Default::default() };

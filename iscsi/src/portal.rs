@@ -50,7 +50,7 @@ pub async fn serve_with(
                     let ctx = ctx.clone();
                     conns.spawn(
                         async move {
-                            match conn::serve_connection(stream, ctx).await {
+                            match conn::serve_connection_from(stream, Some(peer), ctx).await {
                                 Ok(()) => info!("connection closed"),
                                 // Malformed PDUs, digest errors, timeouts: this connection
                                 // ends, the daemon does not.

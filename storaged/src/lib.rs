@@ -135,7 +135,26 @@ impl Service for NodeService {
                 let (resp, data) = self.chunks.handle(req, data).await;
                 (NodeResponse::Chunk(resp), data)
             }
+            NodeRequest::IscsiSessions => {
+                let sessions = self.iscsi.get().map(|t| t.sessions().list()).unwrap_or_default();
+                (NodeResponse::IscsiSessions(sessions.into_iter().map(session_to_wire).collect()), Bytes::new())
+            }
         }
+    }
+}
+
+fn session_to_wire(s: basalt_iscsi::conn::SessionInfo) -> basalt_types::IscsiSession {
+    let since_ms = s.since.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    basalt_types::IscsiSession {
+        target: s.target,
+        initiator: s.initiator,
+        isid: s.isid,
+        tsih: s.tsih,
+        peer: s.peer.map(|p| p.to_string()),
+        since_ms,
+        chap: s.chap,
+        header_digest: s.header_digest,
+        data_digest: s.data_digest,
     }
 }
 

@@ -110,6 +110,18 @@ async fn every_node_serves_the_targets_to_libiscsi_and_qemu_with_chap() -> Resul
         s.command(0, &TEST_UNIT_READY, &[], 0).await?.good("TEST UNIT READY before CHAP")?;
         open.push((node, s));
     }
+    // Each node lists the session logged in through it.
+    let (answered, silent) = client.iscsi_sessions().await?;
+    assert!(silent.is_empty(), "nodes that did not answer: {silent:?}");
+    let mut listed: Vec<(String, [u8; 6], bool)> = answered
+        .iter()
+        .flat_map(|(n, list)| list.iter().map(move |s| (n, s)))
+        .filter(|(_, s)| s.initiator == "iqn.2026-11.io.basalt:host-a" && s.target == IQN)
+        .map(|(n, s)| (n.name.clone(), s.isid, s.chap))
+        .collect();
+    listed.sort();
+    let expected = vec![("node1".to_string(), [0x80, 0, 0, 0, 0, 1], false), ("node2".to_string(), [0x80, 0, 0, 0, 0, 2], false)];
+    assert_eq!(listed, expected, "sessions listed: {answered:?}");
     // CHAP: no credentials and a wrong secret are refused, the right one logs in.
     update_target(&client, IQN, false, |t| {
         t.chap = Some(Chap { user: "alice".into(), secret: "alice-secret-12".into(), mutual: None });
@@ -125,6 +137,15 @@ async fn every_node_serves_the_targets_to_libiscsi_and_qemu_with_chap() -> Resul
     assert!(right.status.success() && text(&right).contains("Vendor:BASALT"), "right secret refused: {}", text(&right));
     for (node, s) in &mut open {
         until_closed(s).await.with_context(|| format!("unauthenticated session on {node} after CHAP was required"))?;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (answered, _) = client.iscsi_sessions().await?;
+        if answered.iter().all(|(_, list)| list.iter().all(|s| s.initiator != "iqn.2026-11.io.basalt:host-a")) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "closed sessions still listed: {answered:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     // Removing the LUN closes a session that uses it; the next login sees no LUN 0.
@@ -146,6 +167,31 @@ async fn every_node_serves_the_targets_to_libiscsi_and_qemu_with_chap() -> Resul
     let mut s = Session::login(portal(&c, "node3")?, IQN, "iqn.2026-11.io.basalt:host-a", [0x80, 0, 0, 0, 0, 3]).await?;
     let r = s.command(0, &TEST_UNIT_READY, &[], 0).await?;
     assert_eq!(r.status, CHECK_CONDITION, "LUN 0 after its removal");
+
+    // A LUN added while the session lives is served to it, announced with REPORTED LUNS
+    // DATA HAS CHANGED, and listed by REPORT LUNS: no new login needed.
+    client.create_volume("lun1", 16 * MIB, Some(8 * MIB)).await?;
+    update_target(&client, IQN, false, |t| {
+        t.luns.push(LunDef { lun: 1, volume: "lun1".into() });
+        Ok(())
+    })
+    .await
+    .map_err(anyhow::Error::msg)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut announced = false;
+    loop {
+        let r = s.command(1, &TEST_UNIT_READY, &[], 0).await?;
+        if r.status == 0 {
+            break;
+        }
+        announced |= r.sense == Some(REPORTED_LUNS_CHANGED);
+        assert!(std::time::Instant::now() < deadline, "LUN 1 not served 30 s after it was added: {:?}", r.sense);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(announced, "no REPORTED LUNS DATA HAS CHANGED before LUN 1 answered");
+    let luns = s.command(0, &[0xA0, 0, 0, 0, 0, 0, 0, 0, 0, 64, 0, 0], &[], 64).await?.good("REPORT LUNS")?;
+    assert_eq!(luns.get(0..4), Some(&[0u8, 0, 0, 8][..]), "one LUN listed: {luns:02x?}");
+    assert_eq!(luns.get(8..16), Some(&[0u8, 1, 0, 0, 0, 0, 0, 0][..]), "LUN 1 listed: {luns:02x?}");
     c.passed()
 }
 
@@ -225,6 +271,7 @@ async fn last_lba(s: &mut Session) -> Result<u64> {
 }
 
 const TEST_UNIT_READY: [u8; 6] = [0; 6];
+const REPORTED_LUNS_CHANGED: (u8, u8, u8) = (0x06, 0x3F, 0x0E);
 const CHECK_CONDITION: u8 = 0x02;
 const RESERVATION_CONFLICT: u8 = 0x18;
 const REGISTRATIONS_PREEMPTED: (u8, u8, u8) = (0x6, 0x2A, 0x05);

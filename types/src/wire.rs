@@ -16,6 +16,8 @@ pub enum NodeRequest {
     MetaForwarded(MetaRequest),
     /// Tells a node's frontends that something they cache changed (answered `Done`).
     Notice(Notice),
+    /// The iSCSI sessions logged in through the node's portal (answered `IscsiSessions`).
+    IscsiSessions,
 }
 
 /// Cache invalidations and events between the frontends of different nodes. Best effort: a
@@ -68,4 +70,23 @@ pub enum NodeResponse {
     Error(RemoteError),
     /// A notice was taken into account.
     Done,
+    IscsiSessions(Vec<IscsiSession>),
+}
+
+/// A normal iSCSI session as the node serving it sees it (`basalt iscsi sessions`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IscsiSession {
+    pub target: String,
+    pub initiator: String,
+    /// Initiator session id: with the name, the initiator port.
+    pub isid: [u8; 6],
+    pub tsih: u16,
+    /// The initiator's address, when the connection is TCP.
+    pub peer: Option<String>,
+    /// Login time (ms since the Unix epoch).
+    pub since_ms: u64,
+    /// The login passed CHAP (the target required it).
+    pub chap: bool,
+    pub header_digest: bool,
+    pub data_digest: bool,
 }

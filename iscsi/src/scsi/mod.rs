@@ -262,6 +262,13 @@ impl LogicalUnit {
         }
     }
 
+    /// Drops a pending `sense` of `key`, if any.
+    fn clear_attention(&self, key: &NexusKey, sense: Sense) {
+        if let Some(q) = self.attentions().get_mut(key) {
+            q.retain(|s| *s != sense);
+        }
+    }
+
     /// Takes the oldest unit attention of `key`, registering the nexus if it is new.
     fn take_attention(&self, key: &NexusKey) -> Option<Sense> {
         // Every command asks: a known nexus (the usual case) costs no copy of its key.
@@ -453,35 +460,76 @@ static NO_PEERS: BTreeMap<u64, Arc<LogicalUnit>> = BTreeMap::new();
 /// The logical units of one iSCSI target.
 pub struct Target {
     name: String,
-    luns: BTreeMap<u64, Arc<LogicalUnit>>,
+    /// Replaced whole when LUNs are added to a live target; a command works on the map it
+    /// started with.
+    luns: std::sync::RwLock<Arc<BTreeMap<u64, Arc<LogicalUnit>>>>,
 }
 
 impl Target {
     /// `name` is the iSCSI target name (`iqn.…`), reported in device identification.
     pub fn new(name: impl Into<String>) -> Self {
-        Target { name: name.into(), luns: BTreeMap::new() }
+        Target { name: name.into(), luns: std::sync::RwLock::new(Arc::new(BTreeMap::new())) }
     }
 
-    pub fn with_lun(mut self, lun: u64, unit: Arc<LogicalUnit>) -> Self {
-        self.luns.insert(lun, unit);
+    pub fn with_lun(self, lun: u64, unit: Arc<LogicalUnit>) -> Self {
+        self.add_luns(vec![(lun, unit)], &[]);
         self
     }
 
-    pub fn lun(&self, lun: u64) -> Option<&Arc<LogicalUnit>> {
-        self.luns.get(&lun)
+    fn luns(&self) -> Arc<BTreeMap<u64, Arc<LogicalUnit>>> {
+        self.luns.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn lun(&self, lun: u64) -> Option<Arc<LogicalUnit>> {
+        self.luns().get(&lun).cloned()
+    }
+
+    /// The LUNs served, in order.
+    pub fn lun_numbers(&self) -> Vec<u64> {
+        self.luns().keys().copied().collect()
+    }
+
+    /// Adds LUNs to a live target (LUN numbers already served are left as they are), and
+    /// gives each nexus in `told` a REPORTED LUNS DATA HAS CHANGED unit attention on every
+    /// unit of the target, so initiators rescan (SPC-4 6.33, 7.9).
+    pub fn add_luns(&self, added: Vec<(u64, Arc<LogicalUnit>)>, told: &[Nexus]) {
+        let units: Vec<Arc<LogicalUnit>> = {
+            let mut luns = self.luns.write().unwrap_or_else(|p| p.into_inner());
+            let map = Arc::make_mut(&mut luns);
+            for (lun, unit) in added {
+                map.entry(lun).or_insert(unit);
+            }
+            map.values().cloned().collect()
+        };
+        let keys: Vec<NexusKey> = told.iter().map(nexus_key).collect();
+        if keys.is_empty() {
+            return;
+        }
+        for unit in units {
+            unit.post_attention(Sense::reported_luns_changed(), &keys, |k| keys.contains(k));
+        }
     }
 
     async fn run(&self, cmd: &ScsiCommand) -> ScsiResponse {
         let op = cmd.cdb.first().copied().unwrap_or(0xFF);
+        let luns = self.luns();
         // REPORT LUNS goes to any LUN, LUN 0 included when it does not exist (SPC-4 6.33).
         if op == 0xA0 {
-            return match maint::report_luns(&cmd.cdb, self.luns.keys().copied()) {
-                Ok(data_in) => ScsiResponse { status: status::GOOD, data_in, ..Default::default() },
+            return match maint::report_luns(&cmd.cdb, luns.keys().copied()) {
+                Ok(data_in) => {
+                    // The initiator has the new list: REPORTED LUNS DATA HAS CHANGED is
+                    // cleared for its nexus (SPC-4 6.33).
+                    let key = nexus_key(&cmd.nexus);
+                    for unit in luns.values() {
+                        unit.clear_attention(&key, Sense::reported_luns_changed());
+                    }
+                    ScsiResponse { status: status::GOOD, data_in, ..Default::default() }
+                }
                 Err(f) => f.into_response(),
             };
         }
-        if let Some(unit) = self.luns.get(&cmd.lun) {
-            return unit.execute_among(cmd, &self.name, &self.luns).await;
+        if let Some(unit) = luns.get(&cmd.lun) {
+            return unit.execute_among(cmd, &self.name, &luns).await;
         }
         match op {
             0x12 => match inquiry::absent_lun(Cdb(&cmd.cdb)) {
@@ -519,7 +567,7 @@ impl ScsiTarget for Target {
             | TaskManagement::ClearAca => TmfOutcome::Complete,
             // Persistent reservations survive resets (SPC-4 5.12.1); SPC-2 reservations
             // do not (SPC-2 5.5.1). The unit attention is established.
-            TaskManagement::LogicalUnitReset => match self.luns.get(&lun) {
+            TaskManagement::LogicalUnitReset => match self.luns().get(&lun) {
                 Some(unit) => {
                     unit.reset(&key);
                     unit.drop_reserved(None).await;
@@ -529,7 +577,7 @@ impl ScsiTarget for Target {
                 None => TmfOutcome::NoSuchLun,
             },
             TaskManagement::TargetWarmReset | TaskManagement::TargetColdReset => {
-                for unit in self.luns.values() {
+                for unit in self.luns().values() {
                     unit.reset(&key);
                     unit.drop_reserved(None).await;
                     unit.announce_reset().await;
@@ -545,10 +593,11 @@ impl ScsiTarget for Target {
         // only the bookkeeping of a nexus with nothing pending is dropped, so the attention
         // map does not grow with every session ever seen.
         let key = nexus_key(nexus);
-        for unit in self.luns.values() {
+        let luns = self.luns();
+        for unit in luns.values() {
             unit.drop_reserved(Some(&key)).await;
         }
-        for unit in self.luns.values() {
+        for unit in luns.values() {
             let mut map = unit.attentions();
             if map.get(&key).is_some_and(|q| q.is_empty()) {
                 map.remove(&key);

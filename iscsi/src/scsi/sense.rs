@@ -128,6 +128,10 @@ impl Sense {
     pub const fn capacity_changed() -> Self {
         Sense::new(key::UNIT_ATTENTION, 0x2A, 0x09)
     }
+    /// REPORTED LUNS DATA HAS CHANGED: LUNs were added to the target (SPC-4 6.33).
+    pub const fn reported_luns_changed() -> Self {
+        Sense::new(key::UNIT_ATTENTION, 0x3F, 0x0E)
+    }
     pub const fn mode_parameters_changed() -> Self {
         Sense::new(key::UNIT_ATTENTION, 0x2A, 0x01)
     }

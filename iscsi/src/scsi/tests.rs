@@ -1655,3 +1655,37 @@ async fn a_resized_device_raises_capacity_changed_once_per_nexus_and_io_follows_
     assert_eq!(check(&f.run_as(&a, &tur, &[]).await), CAPACITY_CHANGED);
     good(&f.run_as(&a, &tur, &[]).await);
 }
+
+const REPORTED_LUNS_CHANGED: (u8, u8, u8) = (key::UNIT_ATTENTION, 0x3F, 0x0E);
+
+#[tokio::test]
+async fn luns_added_to_a_live_target_are_served_and_announced_to_the_nexuses_told() {
+    let f = fixture();
+    let (a, b) = (nexus("a", 1), nexus("b", 1));
+    let tur = [0u8, 0, 0, 0, 0, 0];
+    let report_luns = [0xA0, 0, 0, 0, 0, 0, 0, 0, 0, 64, 0, 0];
+    good(&f.run_as(&a, &tur, &[]).await);
+    good(&f.run_as(&b, &tur, &[]).await);
+    assert_eq!(check(&exec_lun(&f.target, 3, &a, &tur, &[]).await), (key::ILLEGAL_REQUEST, 0x25, 0x00), "LUN 3 not there yet");
+
+    let dev = Arc::new(MemoryDevice::new(BLOCKS * BS as u64));
+    let lu3 = unit(dev, Arc::new(SinglePath), Arc::new(MemoryReservations::default()));
+    f.target.add_luns(vec![(3, lu3)], std::slice::from_ref(&a));
+    assert_eq!(f.target.lun_numbers(), vec![0, 3]);
+    // Only the nexus told gets the attention, once per unit (an I_T_L nexus each).
+    assert_eq!(check(&f.run_as(&a, &tur, &[]).await), REPORTED_LUNS_CHANGED);
+    good(&f.run_as(&a, &tur, &[]).await);
+    assert_eq!(check(&exec_lun(&f.target, 3, &a, &tur, &[]).await), REPORTED_LUNS_CHANGED);
+    good(&exec_lun(&f.target, 3, &a, &tur, &[]).await);
+    good(&f.run_as(&b, &tur, &[]).await);
+
+    // REPORT LUNS lists the new LUN and clears the attention on every unit.
+    let dev = Arc::new(MemoryDevice::new(BLOCKS * BS as u64));
+    let lu5 = unit(dev, Arc::new(SinglePath), Arc::new(MemoryReservations::default()));
+    f.target.add_luns(vec![(5, lu5)], std::slice::from_ref(&b));
+    let r = f.run_as(&b, &report_luns, &[]).await;
+    let list = good(&r);
+    assert_eq!(list.get(0..4), Some(&[0u8, 0, 0, 24][..]), "three LUNs: {list:02x?}");
+    good(&f.run_as(&b, &tur, &[]).await);
+    good(&exec_lun(&f.target, 5, &b, &tur, &[]).await);
+}

@@ -420,6 +420,27 @@ impl StorageClient {
         futures::future::join_all(calls).await.into_iter().filter(|ok| *ok).count()
     }
 
+    /// The iSCSI sessions of every live node, with the node; a node that does not answer
+    /// (or runs no portal) lists none, and is named in the second list.
+    pub async fn iscsi_sessions(&self) -> Result<(Vec<(NodeInfo, Vec<basalt_types::IscsiSession>)>, Vec<NodeInfo>)> {
+        let nodes = self.list_nodes().await?;
+        let calls = nodes.into_iter().filter(|n| n.state == NodeState::Alive).map(|n| async move {
+            let Ok(addr) = n.rpc_addr.parse::<SocketAddr>() else { return Err(n) };
+            match self.rpc.call::<NodeRequest, NodeResponse>(addr, &NodeRequest::IscsiSessions, Bytes::new(), CALL_TIMEOUT).await {
+                Ok((NodeResponse::IscsiSessions(s), _)) => Ok((n, s)),
+                _ => Err(n),
+            }
+        });
+        let (mut answered, mut silent) = (Vec::new(), Vec::new());
+        for r in futures::future::join_all(calls).await {
+            match r {
+                Ok(found) => answered.push(found),
+                Err(n) => silent.push(n),
+            }
+        }
+        Ok((answered, silent))
+    }
+
     /// Send one chunk-service request to a node.
     pub async fn chunk_call(
         &self,

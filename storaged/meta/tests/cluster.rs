@@ -39,6 +39,7 @@ impl Service for Dispatch {
             (Some(_), NodeRequest::Chunk(_)) => {
                 NodeResponse::Error(RemoteError::new(ErrorCode::InvalidArgument, "no chunk service here"))
             }
+            (Some(_), NodeRequest::IscsiSessions) => NodeResponse::IscsiSessions(Vec::new()),
         };
         (resp, Bytes::new())
     }
