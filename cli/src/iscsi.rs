@@ -260,3 +260,18 @@ pub async fn run(client: &StorageClient, cmd: IscsiCmd) -> Result<()> {
 fn hex_isid(isid: &[u8; 6]) -> String {
     isid.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// Deletes a volume unless an iSCSI target exports it: a LUN whose volume is gone fails
+/// every command of the sessions that use it, so the LUN must be removed first.
+pub async fn delete_volume_unless_exported(client: &StorageClient, name: &str) -> Result<()> {
+    let exports = cluster::exports_of_volume(client, name).await.map_err(|m| anyhow!(m))?;
+    if let Some((target, lun)) = exports.first() {
+        let all: Vec<String> = exports.iter().map(|(t, l)| format!("LUN {l} of {t}")).collect();
+        return Err(anyhow!(
+            "volume {name} is exported as {}; remove it first (basalt iscsi lun-remove {target} --lun {lun})",
+            all.join(", ")
+        ));
+    }
+    client.delete_volume(name).await?;
+    Ok(())
+}

@@ -449,7 +449,7 @@ async fn volume_cmd(dir: &std::path::Path, cmd: VolumeCmd) -> Result<()> {
             }
         }
         VolumeCmd::Delete { name } => {
-            client.delete_volume(&name).await?;
+            basalt_cli::iscsi::delete_volume_unless_exported(&client, &name).await?;
             println!("deleted {name}");
         }
         VolumeCmd::Resize { name, size } => {

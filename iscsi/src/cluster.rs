@@ -155,6 +155,15 @@ pub async fn list_targets(client: &StorageClient) -> Result<Vec<TargetDef>, Stri
         .collect()
 }
 
+/// The targets and LUN numbers that export `volume`.
+pub async fn exports_of_volume(client: &StorageClient, volume: &str) -> Result<Vec<(String, u64)>, String> {
+    Ok(list_targets(client)
+        .await?
+        .into_iter()
+        .flat_map(|t| t.luns.into_iter().filter(|l| l.volume == volume).map(move |l| (t.name.clone(), l.lun)))
+        .collect())
+}
+
 pub async fn get_target(client: &StorageClient, name: &str) -> Result<Option<(TargetDef, u64)>, String> {
     match client.get_record(&target_key(name)).await.map_err(client_err)? {
         None => Ok(None),

@@ -148,6 +148,12 @@ async fn every_node_serves_the_targets_to_libiscsi_and_qemu_with_chap() -> Resul
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    // A volume that a target exports cannot be deleted.
+    let refused = basalt_cli::iscsi::delete_volume_unless_exported(&client, "lun0").await;
+    let why = refused.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(why.contains("LUN 0 of") && why.contains("lun-remove"), "exported volume deleted or unclear refusal: {why:?}");
+    client.volume("lun0").await.context("lun0 after the refused delete")?;
+
     // Removing the LUN closes a session that uses it; the next login sees no LUN 0.
     update_target(&client, IQN, false, |t| {
         t.chap = None;
@@ -192,6 +198,8 @@ async fn every_node_serves_the_targets_to_libiscsi_and_qemu_with_chap() -> Resul
     let luns = s.command(0, &[0xA0, 0, 0, 0, 0, 0, 0, 0, 0, 64, 0, 0], &[], 64).await?.good("REPORT LUNS")?;
     assert_eq!(luns.get(0..4), Some(&[0u8, 0, 0, 8][..]), "one LUN listed: {luns:02x?}");
     assert_eq!(luns.get(8..16), Some(&[0u8, 1, 0, 0, 0, 0, 0, 0][..]), "LUN 1 listed: {luns:02x?}");
+    // lun0 is exported no more: it can go.
+    basalt_cli::iscsi::delete_volume_unless_exported(&client, "lun0").await?;
     c.passed()
 }
 
