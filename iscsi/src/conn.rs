@@ -124,7 +124,7 @@ pub struct SessionInfo {
 /// passed with other credentials, does not cover it; neither does an ACL without its
 /// initiator, nor a LUN it uses that was removed or now stands for another volume.
 pub fn withdrawn(login: &TargetAccess, now: &TargetAccess, initiator: &str) -> Option<String> {
-    if !now.initiators.is_empty() && !now.initiators.iter().any(|i| i == initiator) {
+    if !now.admits(initiator) {
         return Some(format!("{initiator} is no longer in the target's ACL"));
     }
     match (&login.chap, &now.chap) {
@@ -498,7 +498,7 @@ async fn login_step(
             let Some((access, scsi)) = ctx.registry.open(&name).await else {
                 return Err(LoginFail(NOT_FOUND, format!("no target {name}")));
             };
-            if !access.initiators.is_empty() && !access.initiators.iter().any(|i| i == &initiator) {
+            if !access.admits(&initiator) {
                 return Err(LoginFail(AUTHORIZATION_FAILURE, format!("{initiator} not allowed on {name}")));
             }
             if req.tsih != 0 {
@@ -1215,9 +1215,7 @@ impl Conn {
             if wanted.as_ref().is_some_and(|w| w != &access.name) {
                 continue;
             }
-            let allowed = access.initiators.is_empty()
-                || access.initiators.iter().any(|i| i == &self.nexus.initiator_name);
-            if !allowed {
+            if !access.admits(&self.nexus.initiator_name) {
                 continue;
             }
             out.push(("TargetName".into(), access.name.clone()));

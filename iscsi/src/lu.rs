@@ -304,6 +304,13 @@ pub struct TargetAccess {
     pub luns: Vec<(u64, String)>,
 }
 
+impl TargetAccess {
+    /// The ACL lets `initiator` in (an empty ACL lets anyone in).
+    pub fn admits(&self, initiator: &str) -> bool {
+        self.initiators.is_empty() || self.initiators.iter().any(|i| i == initiator)
+    }
+}
+
 /// A network portal of a target (for SendTargets): address and portal group tag.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Portal {

@@ -11,24 +11,14 @@ use tracing::{info, info_span, warn, Instrument};
 use crate::conn::{self, Config, Context, Sessions};
 use crate::lu::TargetRegistry;
 
-/// Serves the portal with the default [`Config`].
+/// Serves the portal with the default [`Config`] and a session table of its own.
 pub async fn serve(listener: TcpListener, registry: Arc<dyn TargetRegistry>, shutdown: CancellationToken) {
-    serve_with_config(listener, registry, Config::default(), shutdown).await
+    serve_with(listener, registry, Config::default(), Sessions::new(), shutdown).await
 }
 
 /// Accepts connections until `shutdown` fires, then waits for the connections to close
-/// (each tells its initiator and ends on the same token).
-pub async fn serve_with_config(
-    listener: TcpListener,
-    registry: Arc<dyn TargetRegistry>,
-    config: Config,
-    shutdown: CancellationToken,
-) {
-    serve_with(listener, registry, config, Sessions::new(), shutdown).await
-}
-
-/// As [`serve_with_config`], with the session table given: whoever holds it can close
-/// sessions whose target changed ([`Sessions::revalidate`]).
+/// (each tells its initiator and ends on the same token). Whoever holds `sessions` can
+/// close sessions whose target changed ([`Sessions::revalidate`]).
 pub async fn serve_with(
     listener: TcpListener,
     registry: Arc<dyn TargetRegistry>,

@@ -404,38 +404,31 @@ impl StorageClient {
     /// them; returns how many took it. Best effort: nodes that miss it rely on expiry.
     pub async fn broadcast_notice(&self, notice: Notice, except: Option<NodeId>, timeout: Duration) -> usize {
         let Ok(nodes) = self.list_nodes().await else { return 0 };
-        let calls = nodes
-            .iter()
-            .filter(|n| Some(n.id) != except && n.state == NodeState::Alive)
-            .filter_map(|n| n.rpc_addr.parse::<SocketAddr>().ok())
-            .map(|addr| {
-                let req = NodeRequest::Notice(notice.clone());
-                async move {
-                    matches!(
-                        self.rpc.call::<NodeRequest, NodeResponse>(addr, &req, Bytes::new(), timeout).await,
-                        Ok((NodeResponse::Done, _))
-                    )
-                }
-            });
-        futures::future::join_all(calls).await.into_iter().filter(|ok| *ok).count()
+        let nodes = nodes.into_iter().filter(|n| Some(n.id) != except).collect();
+        let answers = self.ask_alive(nodes, &NodeRequest::Notice(notice), timeout).await;
+        answers.iter().filter(|(_, a)| matches!(a, Some(NodeResponse::Done))).count()
+    }
+
+    /// Sends `req` to each of `nodes` that is alive, at once, waiting at most `timeout`
+    /// for each; a node that cannot be reached or fails to answer has `None`.
+    async fn ask_alive(&self, nodes: Vec<NodeInfo>, req: &NodeRequest, timeout: Duration) -> Vec<(NodeInfo, Option<NodeResponse>)> {
+        let calls = nodes.into_iter().filter(|n| n.state == NodeState::Alive).map(|n| async move {
+            let Ok(addr) = n.rpc_addr.parse::<SocketAddr>() else { return (n, None) };
+            let answer = self.rpc.call::<NodeRequest, NodeResponse>(addr, req, Bytes::new(), timeout).await;
+            (n, answer.ok().map(|(a, _)| a))
+        });
+        futures::future::join_all(calls).await
     }
 
     /// The iSCSI sessions of every live node, with the node; a node that does not answer
     /// (or runs no portal) lists none, and is named in the second list.
     pub async fn iscsi_sessions(&self) -> Result<(Vec<(NodeInfo, Vec<basalt_types::IscsiSession>)>, Vec<NodeInfo>)> {
         let nodes = self.list_nodes().await?;
-        let calls = nodes.into_iter().filter(|n| n.state == NodeState::Alive).map(|n| async move {
-            let Ok(addr) = n.rpc_addr.parse::<SocketAddr>() else { return Err(n) };
-            match self.rpc.call::<NodeRequest, NodeResponse>(addr, &NodeRequest::IscsiSessions, Bytes::new(), CALL_TIMEOUT).await {
-                Ok((NodeResponse::IscsiSessions(s), _)) => Ok((n, s)),
-                _ => Err(n),
-            }
-        });
         let (mut answered, mut silent) = (Vec::new(), Vec::new());
-        for r in futures::future::join_all(calls).await {
-            match r {
-                Ok(found) => answered.push(found),
-                Err(n) => silent.push(n),
+        for (n, answer) in self.ask_alive(nodes, &NodeRequest::IscsiSessions, CALL_TIMEOUT).await {
+            match answer {
+                Some(NodeResponse::IscsiSessions(s)) => answered.push((n, s)),
+                _ => silent.push(n),
             }
         }
         Ok((answered, silent))
