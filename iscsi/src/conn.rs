@@ -989,6 +989,11 @@ impl Conn {
         let _ = self.out.send(Out::Pdu(p)).await;
     }
 
+    /// The SCSI side of the target this session logged in to (None in discovery).
+    fn scsi(&self) -> Option<Arc<dyn ScsiTarget>> {
+        self.target.as_ref().map(|(_, scsi)| scsi.clone())
+    }
+
     fn alloc_ttt(&mut self) -> u32 {
         let t = self.next_ttt;
         self.next_ttt = self.next_ttt.wrapping_add(1);
@@ -1232,7 +1237,7 @@ impl Conn {
 
     async fn on_command(&mut self, p: Pdu) -> Result<()> {
         let Header::ScsiCommand(h) = &p.header else { return Ok(()) };
-        let Some((_, scsi)) = self.target.clone() else {
+        let Some(scsi) = self.scsi() else {
             // Discovery sessions carry no SCSI commands.
             self.reject(reject::PROTOCOL_ERROR, &p).await;
             return Ok(());
@@ -1418,7 +1423,7 @@ impl Conn {
         t.received += len;
         let itt = h.itt;
         self.issue_r2ts(itt).await;
-        if let Some((_, scsi)) = self.target.clone() {
+        if let Some(scsi) = self.scsi() {
             self.maybe_start(itt, scsi);
         }
         Ok(())
@@ -1483,7 +1488,7 @@ impl Conn {
     }
 
     async fn on_tmf(&mut self, h: pdu::TaskMgmtRequest, p: &Pdu) -> Result<Option<End>> {
-        let Some((_, scsi)) = self.target.clone() else {
+        let Some(scsi) = self.scsi() else {
             self.reject(reject::PROTOCOL_ERROR, p).await;
             return Ok(None);
         };

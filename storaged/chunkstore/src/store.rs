@@ -6,7 +6,7 @@ use basalt_iobuf::AlignedBuf;
 use crate::disk::{fsync_dir, write_meta, Disk, ReplicaMeta};
 use crate::error::{Error, IoContext, Result};
 use crate::journal::{self, DataWrite, DataWritten, FastOutcome, Journal, Record};
-use crate::uring::{Uring, WriteOp};
+use crate::uring::{RunToEnd, Uring, WriteOp};
 use crate::replica::{
     blocks_of, classify, classify_all, lock, set_entry, sum_at, BlockSet, BlockState, Files, InFlight, Replica, ReplicaState, BS, ENTRY,
     ZERO_SUM,
@@ -356,18 +356,17 @@ impl ChunkStore {
         if let Some(fast) = journal.begin_fast(&record, &files, &data)? {
             // The journal is idle: this write writes its own commit beside its data write,
             // in one submission, and nothing else has to wake up for it (see
-            // `Journal::begin_fast`). Both run in a task of their own so that they end (and
-            // free the journal) even if our caller stops waiting; it keeps the store open
-            // until then.
+            // `Journal::begin_fast`). Both must end (and free the journal) even if our caller
+            // stops waiting: they run here, and move to a task of their own only if this
+            // future is dropped first (`RunToEnd`), keeping the store open until then.
             let (inner, commit_ring) = (self.inner.clone(), ring.clone());
             let in_place = WriteOp { file: fd, data, offset: at, keep: Box::new(guard), flags: 0 };
-            let commit = tokio::spawn(async move {
+            let FastOutcome { committed, wrote } = RunToEnd::new(async move {
                 let outcome = fast.run(&commit_ring, in_place).await;
                 drop(inner);
                 outcome
-            });
-            let FastOutcome { committed, wrote } =
-                commit.await.map_err(|e| Error::BadDisk(format!("journal commit task failed: {e}")))?;
+            })
+            .await;
             return check(wrote).and(committed);
         }
         // The record goes to the journal now, so its journal write runs beside the data

@@ -18,6 +18,9 @@ use basalt_iobuf::AlignedBuf;
 use bytes::Bytes;
 use io_uring::{opcode, types, IoUring};
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -352,6 +355,62 @@ impl Drop for Uring {
     }
 }
 
+/// Runs a future that must not stop half-way (it holds the journal, or a buffer the kernel
+/// writes) in the caller's task, and hands what is left of it to a task of its own if the
+/// caller stops waiting first. Spawning it up front would do the same, but would cost every
+/// write a task and one more wake-up (the spawned task, then the caller it answers) for
+/// the rare caller that goes away.
+pub(crate) struct RunToEnd<F: Future + Send + 'static>
+where
+    F::Output: Send + 'static,
+{
+    fut: Option<Pin<Box<F>>>,
+}
+
+impl<F: Future + Send + 'static> RunToEnd<F>
+where
+    F::Output: Send + 'static,
+{
+    pub(crate) fn new(fut: F) -> Self {
+        Self { fut: Some(Box::pin(fut)) }
+    }
+}
+
+impl<F: Future + Send + 'static> Future for RunToEnd<F>
+where
+    F::Output: Send + 'static,
+{
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let Some(fut) = self.fut.as_mut() else {
+            // Only polled again after it answered: a caller's bug, not a state to recover.
+            panic!("RunToEnd polled after it completed");
+        };
+        let out = std::task::ready!(fut.as_mut().poll(cx));
+        self.fut = None;
+        Poll::Ready(out)
+    }
+}
+
+impl<F: Future + Send + 'static> Drop for RunToEnd<F>
+where
+    F::Output: Send + 'static,
+{
+    fn drop(&mut self) {
+        if let Some(fut) = self.fut.take() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn(fut);
+                }
+                // No runtime (it is shutting down): nothing could run the rest, as nothing
+                // would run a task spawned earlier either.
+                Err(_) => drop(fut),
+            }
+        }
+    }
+}
+
 /// A raw descriptor wrapper for callers that own the file elsewhere (the ring's own
 /// descriptor, tests).
 pub(crate) struct BorrowedRaw(pub RawFd);
@@ -457,6 +516,33 @@ mod tests {
         let mut b = vec![0u8; 16];
         f.read_exact_at(&mut b, off).unwrap();
         b
+    }
+
+    /// The work goes on to its end when its caller stops waiting half-way, and answers in
+    /// place when the caller waits.
+    #[tokio::test]
+    async fn run_to_end_finishes_the_work_its_caller_abandoned() {
+        let (go_tx, go_rx) = oneshot::channel::<()>();
+        let (done_tx, done_rx) = oneshot::channel::<&str>();
+        let mut work = Box::pin(RunToEnd::new(async move {
+            let _ = go_rx.await;
+            let _ = done_tx.send("finished");
+        }));
+        // Polled once (it waits for `go`), then abandoned.
+        assert!(futures_poll_once(work.as_mut()).await.is_none());
+        drop(work);
+        go_tx.send(()).unwrap();
+        let done = tokio::time::timeout(std::time::Duration::from_secs(10), done_rx).await;
+        assert_eq!(done.expect("abandoned work never finished").unwrap(), "finished");
+        assert_eq!(RunToEnd::new(async { 7 }).await, 7);
+    }
+
+    async fn futures_poll_once<F: Future + Unpin>(mut f: F) -> Option<F::Output> {
+        std::future::poll_fn(|cx| Poll::Ready(match Pin::new(&mut f).poll(cx) {
+            Poll::Ready(v) => Some(v),
+            Poll::Pending => None,
+        }))
+        .await
     }
 
     #[tokio::test]
