@@ -16,8 +16,11 @@
 //! and owns all task state; a writer task owns the socket's write half, stamps
 //! StatSN/ExpCmdSN/MaxCmdSN onto each PDU as it leaves (so the numbering follows the wire
 //! order), and sends everything queued meanwhile in one vectored write.
-//! Each SCSI command runs in its own tokio task; aborting a command aborts that task, which
-//! drops the `ScsiTarget::execute` future.
+//! The SCSI commands run in the connection's own task, polled beside the reader
+//! (`Conn::running`): a command costs no task of its own, and the wake-ups that drive it
+//! (its disk completions) wake the connection's task directly. Aborting a command drops its
+//! `ScsiTarget::execute` future the next time the loop turns. One connection's commands thus
+//! share one thread, as they do in tgt and LIO; sessions and connections spread over threads.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, Ordering};
@@ -30,6 +33,11 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use futures::future::{AbortHandle, Abortable};
+use futures::stream::{FuturesUnordered, StreamExt};
+use std::future::Future;
+use std::pin::Pin;
+use sync_wrapper::SyncWrapper;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::chap::{self, Challenge};
@@ -800,8 +808,11 @@ struct Task {
     /// command is not executed but ends with CHECK CONDITION, PROTOCOL SERVICE CRC ERROR,
     /// once all its data is in (RFC 7143 7.8 b, 7.9). The session goes on.
     data_fault: bool,
-    abort: Option<tokio::task::AbortHandle>,
+    abort: Option<AbortHandle>,
 }
+
+/// A command being executed: answers its ITT and generation when done.
+type Running = Abortable<Pin<Box<dyn Future<Output = (u32, u64)> + Send>>>;
 
 struct Conn {
     params: SessionParams,
@@ -816,7 +827,10 @@ struct Conn {
     pending: HashMap<u32, Pdu>,
     /// Data-Out for commands still in `pending` (each with whether its data was damaged).
     early_data: HashMap<u32, Vec<(Pdu, bool)>>,
-    done_tx: mpsc::UnboundedSender<(u32, u64)>,
+    /// The commands being executed, polled by the connection loop. (`SyncWrapper`: the
+    /// futures are `Send` but not `Sync`, and `Conn` is shared by reference across awaits;
+    /// only `&mut Conn` ever reaches them.)
+    running: SyncWrapper<FuturesUnordered<Running>>,
     next_gen: u64,
     next_ttt: u32,
     text_acc: text::Accumulator,
@@ -851,7 +865,6 @@ where
     let (out_tx, out_rx) = mpsc::channel(256);
     let writer = tokio::spawn(writer(wr, out_rx, s.next_statsn, win.clone(), digests).in_current_span());
     let max_in = s.params.target_max_recv_dsl;
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
     let mut limits = ctx.config.limits.clone();
     limits.max_recv_data_segment_length = s.params.target_max_recv_dsl;
     let mut neg = Negotiator::new(limits);
@@ -867,7 +880,7 @@ where
         tasks: HashMap::new(),
         pending: HashMap::new(),
         early_data: HashMap::new(),
-        done_tx,
+        running: SyncWrapper::new(FuturesUnordered::new()),
         next_gen: 0,
         next_ttt: 1,
         text_acc: text::Accumulator::default(),
@@ -880,11 +893,13 @@ where
     };
     let session_cancel = s.cancel;
     let revoked = s.revoked;
+    // Made once, not at every turn of the loop (each would register with the timer wheel or
+    // the token again): the timer is armed for the earliest moment a ping could be due and
+    // looks again when it fires; the cancellations end the loop when they fire.
+    let mut nop_timer = std::pin::pin!(tokio::time::sleep_until(c.last_rx + c.config.nop_interval));
+    let mut revoked_now = std::pin::pin!(session_cancel.cancelled());
+    let mut shutting_down = std::pin::pin!(ctx.shutdown.cancelled());
     let result: Result<End> = loop {
-        let nop_at = match c.ping {
-            Some((_, sent)) => sent + c.config.nop_timeout,
-            None => c.last_rx + c.config.nop_interval,
-        };
         tokio::select! {
             // Cancel safe: a PDU leaves the reader's buffer only once it is whole.
             r = rd.read(digests, max_in) => match r {
@@ -892,15 +907,6 @@ where
                     // Any PDU shows the initiator alive.
                     c.last_rx = Instant::now();
                     c.ping = None;
-                    // Forget the commands that finished since the last PDU. This is done
-                    // here rather than by waiting on the channel: every use of `tasks`
-                    // follows a PDU, and a command's end then wakes only the writer (two
-                    // wake-ups at once make tokio wake a second worker thread for one).
-                    while let Ok((itt, gen)) = done_rx.try_recv() {
-                        if c.tasks.get(&itt).is_some_and(|t| t.gen == gen) {
-                            c.tasks.remove(&itt);
-                        }
-                    }
                     match c.on_pdu(p).await {
                         Ok(None) => {}
                         Ok(Some(end)) => break Ok(end),
@@ -921,17 +927,36 @@ where
                 Ok(None) => break Ok(End::Closed),
                 Err(e) => break Err(e),
             },
-            _ = tokio::time::sleep_until(nop_at) => {
+            // A command ended (its response is queued) or was aborted: forget it, unless its
+            // ITT already names a newer command.
+            Some(ended) = c.running.get_mut().next(), if !c.running.get_mut().is_empty() => {
+                if let Ok((itt, gen)) = ended {
+                    if c.tasks.get(&itt).is_some_and(|t| t.gen == gen) {
+                        c.tasks.remove(&itt);
+                    }
+                }
+            }
+            _ = &mut nop_timer => {
+                let due = match c.ping {
+                    Some((_, sent)) => sent + c.config.nop_timeout,
+                    None => c.last_rx + c.config.nop_interval,
+                };
+                let now = Instant::now();
+                if now < due {
+                    nop_timer.as_mut().reset(due);
+                    continue;
+                }
                 if c.ping.is_some() {
                     break Err(Error::Timeout("initiator did not answer our NOP-In"));
                 }
                 let ttt = c.alloc_ttt();
-                c.ping = Some((ttt, Instant::now()));
+                c.ping = Some((ttt, now));
+                nop_timer.as_mut().reset(now + c.config.nop_timeout);
                 debug!(ttt, "idle connection: NOP-In ping");
                 let h = pdu::NopIn { lun: [0; 8], itt: RESERVED_TAG, ttt, statsn: 0, exp_cmdsn: 0, max_cmdsn: 0 };
                 c.send(Pdu::new(Header::NopIn(h))).await;
             }
-            _ = session_cancel.cancelled() => match revoked.get() {
+            _ = &mut revoked_now => match revoked.get() {
                 Some(why) => {
                     // As at shutdown, the target drops the session (event 3); the
                     // initiator's next login is checked against the new definition.
@@ -940,7 +965,7 @@ where
                 }
                 None => break Err(Error::Protocol("session reinstated by a new login".into())),
             },
-            _ = ctx.shutdown.cancelled() => {
+            _ = &mut shutting_down => {
                 // Tell the initiator the target drops the session (event 3), with
                 // Time2Wait/Time2Retain, so it retries later instead of declaring failure.
                 c.send(Pdu::new(Header::AsyncMessage(drop_session_event()))).await;
@@ -948,12 +973,9 @@ where
             }
         }
     };
-    // Abort what is still running: no response will be sent for it.
-    for (_, t) in c.tasks.drain() {
-        if let Some(a) = t.abort {
-            a.abort();
-        }
-    }
+    // Drop what is still running: no response will be sent for it.
+    c.tasks.clear();
+    c.running.get_mut().clear();
     if let (Some((_, scsi)), false) = (&c.target, c.nexus_released) {
         scsi.nexus_gone(&c.nexus).await;
     }
@@ -1449,7 +1471,6 @@ impl Conn {
             max_burst: self.params.max_burst_length,
         };
         let out = self.out.clone();
-        let done = self.done_tx.clone();
         let gen = t.gen;
         let released = t.released.clone();
         let win = self.win.clone();
@@ -1470,10 +1491,11 @@ impl Conn {
                     break;
                 }
             }
-            let _ = done.send((itt, gen));
+            (itt, gen)
         };
-        let handle = tokio::spawn(fut.in_current_span());
-        t.abort = Some(handle.abort_handle());
+        let (abort, registration) = AbortHandle::new_pair();
+        t.abort = Some(abort);
+        self.running.get_mut().push(Abortable::new(Box::pin(fut), registration));
     }
 
     fn abort_task(&mut self, itt: u32) -> bool {
