@@ -737,13 +737,16 @@ impl ClusterTargets {
         };
         let closed = self.sessions.revalidate(target, def.as_ref().map(|d| d.access()).as_ref());
         if let Some(def) = def {
-            self.add_new_luns(&def).await;
+            self.sync_live_luns(&def).await;
         }
         closed
     }
 
-    /// Gives the live logins to `def`'s target the LUNs of `def` they do not serve yet.
-    async fn add_new_luns(&self, def: &TargetDef) {
+    /// Brings the live logins to `def`'s target to `def`'s LUNs: LUNs added are served, LUNs
+    /// removed are no longer (each told nexus gets REPORTED LUNS DATA HAS CHANGED). A LUN
+    /// that now stands for another volume closed its sessions already (`conn::withdrawn`);
+    /// a login that raced with the change gets the new unit.
+    async fn sync_live_luns(&self, def: &TargetDef) {
         let live: Vec<Arc<crate::scsi::Target>> = {
             let mut opened = self.opened.lock().unwrap_or_else(|p| p.into_inner());
             opened.retain(|(_, t)| t.strong_count() > 0);
@@ -760,18 +763,23 @@ impl ClusterTargets {
             .map(|(initiator_name, isid)| crate::lu::Nexus { initiator_name, isid, relative_port, tpgt })
             .collect();
         for t in live {
-            let served = t.lun_numbers();
-            let mut added = Vec::new();
-            for l in def.luns.iter().filter(|l| !served.contains(&l.lun)) {
+            let served = t.units();
+            let mut set = Vec::new();
+            for l in &def.luns {
                 match self.unit(&l.volume).await {
-                    Ok(unit) => added.push((l.lun, unit)),
+                    Ok(unit) if served.get(&l.lun).is_some_and(|u| Arc::ptr_eq(u, &unit)) => {}
+                    Ok(unit) => set.push((l.lun, unit)),
                     // Retried at each check; the login that left it out warned already.
                     Err(e) => tracing::debug!(target_name = %def.name, lun = l.lun, volume = %l.volume, error = %e, "new LUN not served"),
                 }
             }
-            if !added.is_empty() {
-                tracing::info!(target_name = %def.name, luns = ?added.iter().map(|(l, _)| *l).collect::<Vec<_>>(), "LUNs added to live sessions");
-                t.add_luns(added, &told);
+            let removed: Vec<u64> = served.keys().copied().filter(|n| !def.luns.iter().any(|l| l.lun == *n)).collect();
+            if set.is_empty() && removed.is_empty() {
+                continue;
+            }
+            let added: Vec<u64> = set.iter().map(|(l, _)| *l).collect();
+            if t.change_luns(set, &removed, &told) {
+                tracing::info!(target_name = %def.name, ?added, ?removed, "LUNs of live sessions changed");
             }
         }
     }

@@ -130,7 +130,8 @@ pub struct SessionInfo {
 /// Why a live session may no longer use its target, now defined as `now`: the checks of a
 /// login, applied again. A session keeps what it proved at login: CHAP it did not pass, or
 /// passed with other credentials, does not cover it; neither does an ACL without its
-/// initiator, nor a LUN it uses that was removed or now stands for another volume.
+/// initiator, nor a LUN it uses that now stands for another volume. (A LUN removed is taken
+/// from the live session, not the session from the initiator: see `ClusterTargets`.)
 pub fn withdrawn(login: &TargetAccess, now: &TargetAccess, initiator: &str) -> Option<String> {
     if !now.admits(initiator) {
         return Some(format!("{initiator} is no longer in the target's ACL"));
@@ -143,11 +144,13 @@ pub fn withdrawn(login: &TargetAccess, now: &TargetAccess, initiator: &str) -> O
         }
         (Some(_), Some(_)) => {}
     }
-    login
-        .luns
-        .iter()
-        .find(|l| !now.luns.contains(l))
-        .map(|(lun, volume)| format!("LUN {lun} (volume {volume}) was removed or now stands for another volume"))
+    // A LUN removed is taken from the live session instead (REPORTED LUNS DATA HAS CHANGED,
+    // then LOGICAL UNIT NOT SUPPORTED); one that now stands for another volume is not: the
+    // initiator could go on writing to a LUN it believes is the old volume.
+    login.luns.iter().find_map(|(lun, volume)| {
+        let moved = now.luns.iter().find(|(l, _)| l == lun).filter(|(_, v)| v != volume)?;
+        Some(format!("LUN {lun} now stands for volume {} instead of {volume}", moved.1))
+    })
 }
 
 /// The sessions of one portal: TSIH allocation and reinstatement (a new login with the

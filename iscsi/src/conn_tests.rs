@@ -834,10 +834,12 @@ fn a_session_keeps_its_target_only_while_a_new_login_would_pass() {
     assert!(withdrawn(&login, &secret, INI).expect("withdrawn").contains("CHAP"));
     let open = TargetAccess { chap: None, ..login.clone() };
     assert!(withdrawn(&open, &same, INI).expect("withdrawn").contains("requires CHAP"));
+    // A LUN removed is taken from the live session (the session stays); one that now
+    // stands for another volume ends it.
     let removed = TargetAccess { luns: vec![(0, "v0".into())], ..same.clone() };
-    assert!(withdrawn(&login, &removed, INI).expect("withdrawn").contains("LUN 1"));
+    assert_eq!(withdrawn(&login, &removed, INI), None);
     let remapped = TargetAccess { luns: vec![(0, "v0".into()), (1, "v9".into())], ..same.clone() };
-    assert!(withdrawn(&login, &remapped, INI).expect("withdrawn").contains("LUN 1"));
+    assert!(withdrawn(&login, &remapped, INI).expect("withdrawn").contains("LUN 1 now stands for volume v9"));
 }
 
 #[tokio::test]

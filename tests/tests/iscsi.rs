@@ -154,7 +154,8 @@ async fn every_node_serves_the_targets_to_libiscsi_and_qemu_with_chap() -> Resul
     assert!(why.contains("LUN 0 of") && why.contains("lun-remove"), "exported volume deleted or unclear refusal: {why:?}");
     client.volume("lun0").await.context("lun0 after the refused delete")?;
 
-    // Removing the LUN closes a session that uses it; the next login sees no LUN 0.
+    // Removing a LUN takes it from the live session, which stays: LUN 0 answers LOGICAL UNIT
+    // NOT SUPPORTED.
     update_target(&client, IQN, false, |t| {
         t.chap = None;
         Ok(())
@@ -169,10 +170,15 @@ async fn every_node_serves_the_targets_to_libiscsi_and_qemu_with_chap() -> Resul
     })
     .await
     .map_err(anyhow::Error::msg)?;
-    until_closed(&mut s).await.context("session on node3 after its LUN was removed")?;
-    let mut s = Session::login(portal(&c, "node3")?, IQN, "iqn.2026-11.io.basalt:host-a", [0x80, 0, 0, 0, 0, 3]).await?;
-    let r = s.command(0, &TEST_UNIT_READY, &[], 0).await?;
-    assert_eq!(r.status, CHECK_CONDITION, "LUN 0 after its removal");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = s.command(0, &TEST_UNIT_READY, &[], 0).await.context("session on node3 after its LUN was removed")?;
+        if r.sense == Some(LUN_NOT_SUPPORTED) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "LUN 0 still served 30 s after its removal: {:?}", r.sense);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // A LUN added while the session lives is served to it, announced with REPORTED LUNS
     // DATA HAS CHANGED, and listed by REPORT LUNS: no new login needed.
@@ -200,6 +206,17 @@ async fn every_node_serves_the_targets_to_libiscsi_and_qemu_with_chap() -> Resul
     assert_eq!(luns.get(8..16), Some(&[0u8, 1, 0, 0, 0, 0, 0, 0][..]), "LUN 1 listed: {luns:02x?}");
     // lun0 is exported no more: it can go.
     basalt_cli::iscsi::delete_volume_unless_exported(&client, "lun0").await?;
+
+    // A LUN that comes to stand for another volume closes the sessions using it: they could
+    // go on writing to what they take for the old volume.
+    client.create_volume("lun2", 16 * MIB, Some(8 * MIB)).await?;
+    update_target(&client, IQN, false, |t| {
+        t.luns = vec![LunDef { lun: 1, volume: "lun2".into() }];
+        Ok(())
+    })
+    .await
+    .map_err(anyhow::Error::msg)?;
+    until_closed(&mut s).await.context("session on node3 after its LUN was given another volume")?;
     c.passed()
 }
 
@@ -280,6 +297,7 @@ async fn last_lba(s: &mut Session) -> Result<u64> {
 
 const TEST_UNIT_READY: [u8; 6] = [0; 6];
 const REPORTED_LUNS_CHANGED: (u8, u8, u8) = (0x06, 0x3F, 0x0E);
+const LUN_NOT_SUPPORTED: (u8, u8, u8) = (0x05, 0x25, 0x00);
 const CHECK_CONDITION: u8 = 0x02;
 const RESERVATION_CONFLICT: u8 = 0x18;
 const REGISTRATIONS_PREEMPTED: (u8, u8, u8) = (0x6, 0x2A, 0x05);

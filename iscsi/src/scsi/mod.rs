@@ -493,21 +493,41 @@ impl Target {
     /// gives each nexus in `told` a REPORTED LUNS DATA HAS CHANGED unit attention on every
     /// unit of the target, so initiators rescan (SPC-4 6.33, 7.9).
     pub fn add_luns(&self, added: Vec<(u64, Arc<LogicalUnit>)>, told: &[Nexus]) {
-        let units: Vec<Arc<LogicalUnit>> = {
+        let added = added.into_iter().filter(|(lun, _)| self.lun(*lun).is_none()).collect();
+        self.change_luns(added, &[], told);
+    }
+
+    /// Changes the LUN map of a live target: `set` serves a unit at each LUN (replacing
+    /// whatever was there), `removed` stops serving those LUNs (commands to them get LOGICAL
+    /// UNIT NOT SUPPORTED; commands already running on them finish). When the map changed,
+    /// each nexus in `told` gets REPORTED LUNS DATA HAS CHANGED on every unit the target
+    /// still has (SPC-4 6.33, 7.9). Returns whether the map changed.
+    pub fn change_luns(&self, set: Vec<(u64, Arc<LogicalUnit>)>, removed: &[u64], told: &[Nexus]) -> bool {
+        let (changed, units): (bool, Vec<Arc<LogicalUnit>>) = {
             let mut luns = self.luns.write().unwrap_or_else(|p| p.into_inner());
             let map = Arc::make_mut(&mut luns);
-            for (lun, unit) in added {
-                map.entry(lun).or_insert(unit);
+            let mut changed = false;
+            for lun in removed {
+                changed |= map.remove(lun).is_some();
             }
-            map.values().cloned().collect()
+            for (lun, unit) in set {
+                changed |= map.get(&lun).is_none_or(|old| !Arc::ptr_eq(old, &unit));
+                map.insert(lun, unit);
+            }
+            (changed, map.values().cloned().collect())
         };
         let keys: Vec<NexusKey> = told.iter().map(nexus_key).collect();
-        if keys.is_empty() {
-            return;
+        if changed && !keys.is_empty() {
+            for unit in units {
+                unit.post_attention(Sense::reported_luns_changed(), &keys, |k| keys.contains(k));
+            }
         }
-        for unit in units {
-            unit.post_attention(Sense::reported_luns_changed(), &keys, |k| keys.contains(k));
-        }
+        changed
+    }
+
+    /// The units served, by LUN.
+    pub fn units(&self) -> Arc<BTreeMap<u64, Arc<LogicalUnit>>> {
+        self.luns()
     }
 
     async fn run(&self, cmd: &ScsiCommand) -> ScsiResponse {

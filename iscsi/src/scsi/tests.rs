@@ -1689,3 +1689,39 @@ async fn luns_added_to_a_live_target_are_served_and_announced_to_the_nexuses_tol
     good(&f.run_as(&b, &tur, &[]).await);
     good(&exec_lun(&f.target, 5, &b, &tur, &[]).await);
 }
+
+#[tokio::test]
+async fn luns_removed_from_a_live_target_stop_being_served_and_are_announced() {
+    let f = fixture();
+    let (a, b) = (nexus("a", 1), nexus("b", 1));
+    let tur = [0u8, 0, 0, 0, 0, 0];
+    let report_luns = [0xA0, 0, 0, 0, 0, 0, 0, 0, 0, 64, 0, 0];
+    let dev = Arc::new(MemoryDevice::new(BLOCKS * BS as u64));
+    let lu3 = unit(dev, Arc::new(SinglePath), Arc::new(MemoryReservations::default()));
+    f.target.add_luns(vec![(3, lu3.clone())], &[]);
+    good(&f.run_as(&a, &tur, &[]).await);
+    good(&exec_lun(&f.target, 3, &a, &tur, &[]).await);
+    good(&f.run_as(&b, &tur, &[]).await);
+
+    // Nothing changes: nobody is told.
+    assert!(!f.target.change_luns(vec![(3, lu3.clone())], &[7], std::slice::from_ref(&a)));
+    good(&f.run_as(&a, &tur, &[]).await);
+
+    assert!(f.target.change_luns(vec![], &[3], std::slice::from_ref(&a)));
+    assert_eq!(f.target.lun_numbers(), vec![0]);
+    // The removed LUN is gone for everyone; the nexus told hears of it on the units left.
+    assert_eq!(check(&exec_lun(&f.target, 3, &a, &tur, &[]).await), (key::ILLEGAL_REQUEST, 0x25, 0x00));
+    assert_eq!(check(&exec_lun(&f.target, 3, &b, &tur, &[]).await), (key::ILLEGAL_REQUEST, 0x25, 0x00));
+    assert_eq!(check(&f.run_as(&a, &tur, &[]).await), REPORTED_LUNS_CHANGED);
+    good(&f.run_as(&b, &tur, &[]).await);
+    let r = f.run_as(&a, &report_luns, &[]).await;
+    let list = good(&r);
+    assert_eq!(list.get(0..4), Some(&[0u8, 0, 0, 8][..]), "one LUN left: {list:02x?}");
+
+    // A LUN given another unit is a change too.
+    let dev = Arc::new(MemoryDevice::new(BLOCKS * BS as u64));
+    let other = unit(dev, Arc::new(SinglePath), Arc::new(MemoryReservations::default()));
+    assert!(f.target.change_luns(vec![(0, other.clone())], &[], std::slice::from_ref(&b)));
+    assert!(Arc::ptr_eq(&f.target.lun(0).expect("lun 0"), &other));
+    assert_eq!(check(&f.run_as(&b, &tur, &[]).await), REPORTED_LUNS_CHANGED);
+}
