@@ -657,8 +657,8 @@ pub(crate) struct FastOutcome {
 impl FastCommit {
     /// Writes the commit and the data in place (one submission), and gives the token back
     /// once both are over. `in_place`'s flags are set here (whether it must be durable by
-    /// itself depends on the commit). Run it to the end (in a task of its own): dropping it
-    /// half-way would leave the journal busy for ever.
+    /// itself depends on the commit). Run it to the end (under `uring::RunToEnd`): dropping
+    /// it half-way would leave the journal busy for ever.
     pub async fn run(self, ring: &crate::uring::Uring, mut in_place: WriteOp) -> FastOutcome {
         let FastCommit { shared, files, lsn, buf, with_data } = self;
         let latency = *lock(&shared.latency);
