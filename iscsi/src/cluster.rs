@@ -763,7 +763,7 @@ impl ClusterTargets {
             .map(|(initiator_name, isid)| crate::lu::Nexus { initiator_name, isid, relative_port, tpgt })
             .collect();
         for t in live {
-            let served = t.units();
+            let served = t.luns();
             let mut set = Vec::new();
             for l in &def.luns {
                 match self.unit(&l.volume).await {

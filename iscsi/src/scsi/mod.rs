@@ -472,11 +472,12 @@ impl Target {
     }
 
     pub fn with_lun(self, lun: u64, unit: Arc<LogicalUnit>) -> Self {
-        self.add_luns(vec![(lun, unit)], &[]);
+        self.change_luns(vec![(lun, unit)], &[], &[]);
         self
     }
 
-    fn luns(&self) -> Arc<BTreeMap<u64, Arc<LogicalUnit>>> {
+    /// The units served, by LUN (a snapshot: a change swaps in a new map).
+    pub fn luns(&self) -> Arc<BTreeMap<u64, Arc<LogicalUnit>>> {
         self.luns.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
@@ -487,14 +488,6 @@ impl Target {
     /// The LUNs served, in order.
     pub fn lun_numbers(&self) -> Vec<u64> {
         self.luns().keys().copied().collect()
-    }
-
-    /// Adds LUNs to a live target (LUN numbers already served are left as they are), and
-    /// gives each nexus in `told` a REPORTED LUNS DATA HAS CHANGED unit attention on every
-    /// unit of the target, so initiators rescan (SPC-4 6.33, 7.9).
-    pub fn add_luns(&self, added: Vec<(u64, Arc<LogicalUnit>)>, told: &[Nexus]) {
-        let added = added.into_iter().filter(|(lun, _)| self.lun(*lun).is_none()).collect();
-        self.change_luns(added, &[], told);
     }
 
     /// Changes the LUN map of a live target: `set` serves a unit at each LUN (replacing
@@ -523,11 +516,6 @@ impl Target {
             }
         }
         changed
-    }
-
-    /// The units served, by LUN.
-    pub fn units(&self) -> Arc<BTreeMap<u64, Arc<LogicalUnit>>> {
-        self.luns()
     }
 
     async fn run(&self, cmd: &ScsiCommand) -> ScsiResponse {

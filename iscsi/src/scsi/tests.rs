@@ -40,6 +40,12 @@ fn unit(
     Arc::new(LogicalUnit::new(dev, alua, res, Identity::for_volume(0x1234, "Volume", "0001")))
 }
 
+/// A unit of its own (a fresh in-memory device, one path, no reservations).
+fn memory_unit() -> Arc<LogicalUnit> {
+    let dev = Arc::new(MemoryDevice::new(BLOCKS * BS as u64));
+    unit(dev, Arc::new(SinglePath), Arc::new(MemoryReservations::default()))
+}
+
 fn fixture() -> Fixture {
     fixture_with(Arc::new(SinglePath))
 }
@@ -1668,9 +1674,8 @@ async fn luns_added_to_a_live_target_are_served_and_announced_to_the_nexuses_tol
     good(&f.run_as(&b, &tur, &[]).await);
     assert_eq!(check(&exec_lun(&f.target, 3, &a, &tur, &[]).await), (key::ILLEGAL_REQUEST, 0x25, 0x00), "LUN 3 not there yet");
 
-    let dev = Arc::new(MemoryDevice::new(BLOCKS * BS as u64));
-    let lu3 = unit(dev, Arc::new(SinglePath), Arc::new(MemoryReservations::default()));
-    f.target.add_luns(vec![(3, lu3)], std::slice::from_ref(&a));
+    let lu3 = memory_unit();
+    f.target.change_luns(vec![(3, lu3)], &[], std::slice::from_ref(&a));
     assert_eq!(f.target.lun_numbers(), vec![0, 3]);
     // Only the nexus told gets the attention, once per unit (an I_T_L nexus each).
     assert_eq!(check(&f.run_as(&a, &tur, &[]).await), REPORTED_LUNS_CHANGED);
@@ -1680,9 +1685,8 @@ async fn luns_added_to_a_live_target_are_served_and_announced_to_the_nexuses_tol
     good(&f.run_as(&b, &tur, &[]).await);
 
     // REPORT LUNS lists the new LUN and clears the attention on every unit.
-    let dev = Arc::new(MemoryDevice::new(BLOCKS * BS as u64));
-    let lu5 = unit(dev, Arc::new(SinglePath), Arc::new(MemoryReservations::default()));
-    f.target.add_luns(vec![(5, lu5)], std::slice::from_ref(&b));
+    let lu5 = memory_unit();
+    f.target.change_luns(vec![(5, lu5)], &[], std::slice::from_ref(&b));
     let r = f.run_as(&b, &report_luns, &[]).await;
     let list = good(&r);
     assert_eq!(list.get(0..4), Some(&[0u8, 0, 0, 24][..]), "three LUNs: {list:02x?}");
@@ -1696,9 +1700,8 @@ async fn luns_removed_from_a_live_target_stop_being_served_and_are_announced() {
     let (a, b) = (nexus("a", 1), nexus("b", 1));
     let tur = [0u8, 0, 0, 0, 0, 0];
     let report_luns = [0xA0, 0, 0, 0, 0, 0, 0, 0, 0, 64, 0, 0];
-    let dev = Arc::new(MemoryDevice::new(BLOCKS * BS as u64));
-    let lu3 = unit(dev, Arc::new(SinglePath), Arc::new(MemoryReservations::default()));
-    f.target.add_luns(vec![(3, lu3.clone())], &[]);
+    let lu3 = memory_unit();
+    f.target.change_luns(vec![(3, lu3.clone())], &[], &[]);
     good(&f.run_as(&a, &tur, &[]).await);
     good(&exec_lun(&f.target, 3, &a, &tur, &[]).await);
     good(&f.run_as(&b, &tur, &[]).await);
@@ -1719,8 +1722,7 @@ async fn luns_removed_from_a_live_target_stop_being_served_and_are_announced() {
     assert_eq!(list.get(0..4), Some(&[0u8, 0, 0, 8][..]), "one LUN left: {list:02x?}");
 
     // A LUN given another unit is a change too.
-    let dev = Arc::new(MemoryDevice::new(BLOCKS * BS as u64));
-    let other = unit(dev, Arc::new(SinglePath), Arc::new(MemoryReservations::default()));
+    let other = memory_unit();
     assert!(f.target.change_luns(vec![(0, other.clone())], &[], std::slice::from_ref(&b)));
     assert!(Arc::ptr_eq(&f.target.lun(0).expect("lun 0"), &other));
     assert_eq!(check(&f.run_as(&b, &tur, &[]).await), REPORTED_LUNS_CHANGED);
