@@ -802,17 +802,23 @@ impl ClusterTargets {
     /// Another node changed something this node caches, or an event happened there that
     /// the nexuses served here must see. For `VolumeResized` the caller has already made the
     /// storage client reread the volume's size.
+    /// Drops this node's cached copy of a volume's reservation record (reservations and
+    /// the unit's software write protection), so the next command reads the new one.
+    fn forget_reservations(&self, volume: VolumeId) {
+        let cached = {
+            let caches = self.caches.lock().unwrap_or_else(|p| p.into_inner());
+            caches.get(&volume).and_then(|(_, r)| r.upgrade())
+        };
+        if let Some(r) = cached {
+            r.invalidate();
+        }
+    }
+
     pub async fn on_notice(&self, notice: &basalt_types::Notice) {
         use basalt_types::Notice;
         match notice {
             Notice::ReservationsChanged { volume, attentions } => {
-                let cached = {
-                    let caches = self.caches.lock().unwrap_or_else(|p| p.into_inner());
-                    caches.get(volume).and_then(|(_, r)| r.upgrade())
-                };
-                if let Some(r) = cached {
-                    r.invalidate();
-                }
+                self.forget_reservations(*volume);
                 // Only the nexuses logged in through this node's port are served here.
                 let port = port_of(self.node);
                 let here: Vec<_> = attentions.iter().filter(|a| a.relative_port == port).cloned().collect();
@@ -820,6 +826,12 @@ impl ClusterTargets {
                     if let Some(unit) = self.served_unit(*volume).await {
                         unit.attentions_from_elsewhere(&here);
                     }
+                }
+            }
+            Notice::ModeParametersChanged { volume } => {
+                self.forget_reservations(*volume);
+                if let Some(unit) = self.served_unit(*volume).await {
+                    unit.mode_changed_elsewhere();
                 }
             }
             Notice::PathMoved { volume } => {
@@ -948,6 +960,13 @@ impl crate::lu::UnitEvents for UnitNotifier {
         // see those attentions), so a conflict is enforced on every path right away.
         let notice =
             basalt_types::Notice::ReservationsChanged { volume: self.volume, attentions: attentions.to_vec() };
+        self.client.broadcast_notice(notice, Some(self.node), NOTICE_TIMEOUT).await;
+    }
+
+    async fn mode_changed(&self) {
+        // As for reservations: the MODE SELECT completes once every node rereads the
+        // record, so write protection holds on every path right away.
+        let notice = basalt_types::Notice::ModeParametersChanged { volume: self.volume };
         self.client.broadcast_notice(notice, Some(self.node), NOTICE_TIMEOUT).await;
     }
 }

@@ -195,6 +195,12 @@ pub struct Reservations {
     /// written before it existed read as unreserved.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reserved_by: Option<ReservedBy>,
+    /// The Control mode page's SWP (software write protect) bit, set and cleared by MODE
+    /// SELECT: while set, commands that would write the medium fail with DATA PROTECT.
+    /// Kept here for the same reason as `reserved_by`: a mode page is the unit's, so every
+    /// node serving it must see one value. Records written before it existed read as clear.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub software_write_protect: bool,
 }
 
 /// The I_T nexus holding an SPC-2 reservation (initiator port + relative target port).
@@ -250,6 +256,10 @@ pub trait UnitEvents: Send + Sync + 'static {
     /// its nexus. Returns when they did or a timeout passed: the PERSISTENT RESERVE OUT
     /// completes only then.
     async fn reservations_changed(&self, attentions: &[NexusAttention]);
+    /// A MODE SELECT changed the unit's mode parameters here (the new values are stored).
+    /// The other nodes drop what they cached of them and establish MODE PARAMETERS CHANGED
+    /// for every nexus they serve. Returns when they did or a timeout passed.
+    async fn mode_changed(&self);
 }
 
 /// How a task management function ended (RFC 7143 11.6.1 response codes).

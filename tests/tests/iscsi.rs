@@ -31,12 +31,22 @@ fn url(c: &TestCluster, node: &str, auth: &str) -> Result<String> {
 }
 
 fn require_iscsi_tools() -> Result<()> {
-    for t in ["iscsi-ls", "iscsi-inq", "iscsi-readcapacity16", "iscsi-test-cu", "qemu-img", "qemu-io"] {
+    for t in ["iscsi-ls", "iscsi-inq", "iscsi-readcapacity16", "iscsi-swp", "iscsi-test-cu", "qemu-img", "qemu-io"] {
         require(t)?;
     }
     let help = run("qemu-img", &["--help"])?;
     if !text(&help).contains("iscsi") {
         bail!("qemu-img has no iscsi driver: install qemu-block-extra (scripts/install-deps.sh)");
+    }
+    Ok(())
+}
+
+/// Turns the LUN's software write protection `on` or `off` with libiscsi's `iscsi-swp`
+/// (MODE SENSE, then MODE SELECT of the Control page), as its own initiator.
+fn set_swp(url: &str, swp: &str) -> Result<()> {
+    let o = run("iscsi-swp", &["--swp", swp, url])?;
+    if !o.status.success() {
+        bail!("iscsi-swp --swp {swp} {url}: {}", text(&o));
     }
     Ok(())
 }
@@ -303,14 +313,19 @@ const RESERVATION_CONFLICT: u8 = 0x18;
 const REGISTRATIONS_PREEMPTED: (u8, u8, u8) = (0x6, 0x2A, 0x05);
 const CAPACITY_DATA_HAS_CHANGED: (u8, u8, u8) = (0x6, 0x2A, 0x09);
 const LBA_OUT_OF_RANGE: (u8, u8, u8) = (0x5, 0x21, 0x00);
+const MODE_PARAMETERS_CHANGED: (u8, u8, u8) = (0x6, 0x2A, 0x01);
+const SOFTWARE_WRITE_PROTECTED: (u8, u8, u8) = (0x7, 0x27, 0x02);
 
 /// Unit attentions reach an initiator whatever node its session is on: a registrant logged
 /// in through node2 learns that an initiator on node1 preempted its registration, and after
 /// `basalt volume resize` the sessions on both nodes are told the capacity changed, see the
-/// new size and can use it (and nothing past the end of a shrunk volume). An SPC-2
-/// reservation held through node2 goes when node2 restarts before it is declared dead.
+/// new size and can use it (and nothing past the end of a shrunk volume). Software write
+/// protection set with libiscsi's `iscsi-swp` through node1 holds on node2, and clearing
+/// it through node2 frees both. An SPC-2 reservation held through node2 goes when node2
+/// restarts before it is declared dead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reservation_and_capacity_attentions_reach_sessions_on_other_nodes() -> Result<()> {
+    require_iscsi_tools()?;
     let mut c = cluster_with_lun(16 * MIB).await?;
     let client = c.client()?;
     let mut a = Session::login(portal(&c, "node1")?, IQN, "iqn.2026-11.io.basalt:host-a", [0x80, 0, 0, 0, 0, 0xA]).await?;
@@ -353,6 +368,23 @@ async fn reservation_and_capacity_attentions_reach_sessions_on_other_nodes() -> 
         let r = s.command(0, &rw16(0x88, last), &[], 512).await?;
         assert_eq!((r.status, r.sense), (CHECK_CONDITION, Some(LBA_OUT_OF_RANGE)), "{name}");
         assert_eq!(last_lba(s).await?, 16 * MIB / 512 - 1, "{name}");
+    }
+
+    // SWP on through node1 by another initiator (iscsi-swp logs in on its own): both
+    // sessions are told the mode parameters changed, then their writes are refused.
+    for (swp, node) in [("on", "node1"), ("off", "node2")] {
+        set_swp(&url(&c, node, "")?, swp)?;
+        for (name, s) in [("a on node1", &mut a), ("b on node2", &mut b)] {
+            let r = s.command(0, &rw16(0x8A, 0), &block, 0).await?;
+            assert_eq!((r.status, r.sense), (CHECK_CONDITION, Some(MODE_PARAMETERS_CHANGED)), "{name}, SWP {swp}");
+            let r = s.command(0, &rw16(0x8A, 0), &block, 0).await?;
+            if swp == "on" {
+                assert_eq!((r.status, r.sense), (CHECK_CONDITION, Some(SOFTWARE_WRITE_PROTECTED)), "{name}");
+                s.command(0, &rw16(0x88, 0), &[], 512).await?.good("READ (16) while write protected")?;
+            } else {
+                r.good("WRITE (16) once SWP is off")?;
+            }
+        }
     }
 
     // SPC-2: b reserves the unit through node2 (once the registrations are cleared: the two
@@ -473,6 +505,18 @@ async fn libiscsi_conformance_suite_passes_outside_a_short_justified_list() -> R
         }
         results.extend(parsed.into_iter().map(|(k, v)| (format!("{family}.{k}"), v)));
     }
+    // With software write protection on (libiscsi's iscsi-swp), the suite sees a read-only
+    // LUN and runs its ReadOnly family instead of skipping it: every command that writes
+    // the medium must fail with DATA PROTECT.
+    set_swp(&u1, "on")?;
+    let o = run("iscsi-test-cu", &["-d", "-v", "-t", "SCSI.ReadOnly", &u1])?;
+    let out = text(&o);
+    let parsed = parse_cunit(&out);
+    if parsed.get("ReadOnly.ReadOnlySBC") != Some(&"passed") {
+        bail!("iscsi-test-cu -t SCSI.ReadOnly with SWP on: {parsed:?}\n{out}");
+    }
+    results.extend(parsed.into_iter().map(|(k, v)| (format!("SCSI(SWP on).{k}"), v)));
+    set_swp(&u1, "off")?;
     // The whole suite once more without --dataloss, as a user checking a LUN that holds data
     // would run it: nothing may fail there but the tests that cannot pass in that mode.
     let o = run("iscsi-test-cu", &["-v", "-t", "ALL", &u1])?;

@@ -34,6 +34,10 @@ pub enum Notice {
     /// An initiator reset the logical unit of a volume (LUN or target reset): every other
     /// nexus gets a reset unit attention, whatever node it is logged in through.
     UnitReset { volume: crate::VolumeId },
+    /// A MODE SELECT changed the mode parameters of a volume's logical unit (its software
+    /// write protection, kept with its reservations): nodes drop their cached copy and
+    /// every other nexus gets MODE PARAMETERS CHANGED.
+    ModeParametersChanged { volume: crate::VolumeId },
     /// A volume's size changed (`ResizeVolume`): nodes reread the size of the volume where
     /// they have it open; iSCSI units report CAPACITY DATA HAS CHANGED.
     VolumeResized { volume: crate::VolumeId },

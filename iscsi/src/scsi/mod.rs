@@ -3,7 +3,8 @@
 //! [`Target`] implements [`ScsiTarget`]: REPORT LUNS and commands to absent LUNs are
 //! answered here, everything else goes to the [`LogicalUnit`]'s dispatcher, which checks the
 //! CDB against the opcode table ([`opcodes`]), reports pending unit attentions, applies the
-//! persistent reservation conflict rules and the port's ALUA state, then runs the handler:
+//! persistent reservation conflict rules, the unit's software write protection (SWP) and
+//! the port's ALUA state, then runs the handler:
 //! [`inquiry`] (INQUIRY, VPD), [`rw`] (block I/O, UNMAP, WRITE SAME, COMPARE AND WRITE,
 //! ORWRITE, PRE-FETCH, capacity, defect data), [`mode`] (MODE SENSE/SELECT), [`pr`]
 //! (persistent reservations), [`reserve`] (SPC-2 RESERVE/RELEASE) and [`maint`]
@@ -11,9 +12,10 @@
 //!
 //! State a unit keeps in this process: pending unit attentions per I_T nexus, the capacity
 //! it last saw (a device that changes size raises CAPACITY DATA HAS CHANGED for every
-//! nexus) and the lock that makes COMPARE AND WRITE atomic. Reservations live in the
-//! [`ReservationStore`], so every node serving the unit sees the same ones; the attentions a
-//! reservation change raises for nexuses on other nodes go to them through [`UnitEvents`].
+//! nexus) and the lock that makes COMPARE AND WRITE atomic. Reservations and SWP live in
+//! the [`ReservationStore`], so every node serving the unit sees the same ones; the attentions
+//! a reservation or mode change raises for nexuses on other nodes go to them through
+//! [`UnitEvents`].
 
 pub mod cdb;
 mod inquiry;
@@ -211,6 +213,12 @@ impl LogicalUnit {
         }
     }
 
+    /// Another node changed the unit's mode parameters: every nexus served here gets MODE
+    /// PARAMETERS CHANGED (the caller has dropped the cached parameters).
+    pub fn mode_changed_elsewhere(&self) {
+        self.post_attention(Sense::mode_parameters_changed(), &[], |_| true);
+    }
+
     /// Establishes CAPACITY DATA HAS CHANGED (SBC-3 4.8) for every nexus seen if the
     /// device's size differs from the one this unit last saw. Runs before every command, so
     /// a resize is reported whichever way the device learnt of it.
@@ -368,6 +376,10 @@ impl LogicalUnit {
         if pr::conflicts(&state, nexus, access) {
             return Err(Failure::Conflict);
         }
+        // After the reservation checks: a conflict is reported before DATA PROTECT.
+        if state.software_write_protect && info.cmd.writes_medium() {
+            return Err(Sense::software_write_protected().into());
+        }
         Ok(())
     }
 
@@ -401,8 +413,8 @@ impl LogicalUnit {
             Cmd::ReadCapacity10 => self.read_capacity10(ctx),
             Cmd::ReadCapacity16 => self.read_capacity16(ctx),
             Cmd::GetLbaStatus => self.get_lba_status(ctx).await,
-            Cmd::ModeSense => self.mode_sense(ctx),
-            Cmd::ModeSelect => self.mode_select(ctx),
+            Cmd::ModeSense => self.mode_sense(ctx).await,
+            Cmd::ModeSelect => self.mode_select(ctx).await,
             Cmd::PersistentReserveIn => self.persistent_reserve_in(ctx).await,
             Cmd::PersistentReserveOut => self.persistent_reserve_out(ctx).await,
             Cmd::ReportLuns => Err(Sense::invalid_opcode().into()), // answered by Target

@@ -1,9 +1,13 @@
 //! MODE SENSE and MODE SELECT (SPC-4 6.11-6.14, 7.5; SBC-3 6.5).
 //!
-//! Our mode pages are fixed: nothing is changeable (the changeable mask is all zeros),
-//! defaults equal current values and there are no saved pages. MODE SELECT therefore
-//! accepts a page only when it repeats the current values, which is what `sdparm --set`
-//! round trips and the Linux sd driver's cache-type probe need.
+//! One field can change: SWP (software write protect) in the Control page, the unit's
+//! write protection that `sdparm --set SWP` and libiscsi's `iscsi-swp` turn on and off.
+//! It lives with the reservations in the unit's shared record, so it is one value on
+//! every node serving the unit (and survives restarts). Everything else is fixed: the
+//! changeable mask is zero elsewhere, defaults equal the values with SWP clear, and there
+//! are no saved pages. MODE SELECT accepts a page when it repeats the current values in
+//! every field that cannot change, which is what `sdparm --set` round trips and the Linux
+//! sd driver's cache-type probe need.
 
 use super::cdb::{be16, be32, be64, truncate};
 use super::sense::{CmdResult, Sense};
@@ -12,8 +16,13 @@ use super::*;
 /// The pages we have, in ascending page code order (how "all pages" lists them).
 const PAGE_CODES: [u8; 4] = [0x01, 0x08, 0x0A, 0x1C];
 
-/// Current (= default) contents of a page, header included.
-fn page(code: u8) -> Option<Vec<u8>> {
+/// Byte and bit of SWP in the Control page (SPC-4 7.5.8).
+const SWP_BYTE: usize = 4;
+const SWP_BIT: u8 = 0x08;
+
+/// Current contents of a page, header included, with SWP as given (the defaults have it
+/// clear).
+fn page(code: u8, swp: bool) -> Option<Vec<u8>> {
     let p = match code {
         // Read-write error recovery: no retries to tune; all zeros.
         0x01 => {
@@ -30,12 +39,15 @@ fn page(code: u8) -> Option<Vec<u8>> {
             p
         }
         // Control: QUEUE ALGORITHM MODIFIER 1 (commands run concurrently, unordered),
-        // fixed-format sense (D_SENSE 0), no ACA.
+        // fixed-format sense (D_SENSE 0), no ACA; SWP as the unit has it.
         0x0A => {
             let mut p = vec![0u8; 12];
             p[0] = 0x0A;
             p[1] = 0x0A;
             p[3] = 0x10;
+            if swp {
+                p[SWP_BYTE] |= SWP_BIT;
+            }
             p
         }
         // Informational exceptions control: DEXCPT, we never report failure predictions.
@@ -51,20 +63,24 @@ fn page(code: u8) -> Option<Vec<u8>> {
     Some(p)
 }
 
-/// The changeable-values mask of a page: header, then zeros.
+/// The changeable-values mask of a page: header, then zeros but for SWP.
 fn changeable(code: u8) -> Option<Vec<u8>> {
-    page(code).map(|mut p| {
+    page(code, false).map(|mut p| {
         p[2..].fill(0);
+        if code == 0x0A {
+            p[SWP_BYTE] = SWP_BIT;
+        }
         p
     })
 }
 
-/// DEVICE-SPECIFIC PARAMETER: WP = 0, DPOFUA = 1 (DPO and FUA are accepted on reads and
-/// writes; libiscsi checks the two agree).
+/// DEVICE-SPECIFIC PARAMETER: DPOFUA = 1 (DPO and FUA are accepted on reads and writes;
+/// libiscsi checks the two agree), and WP (bit 7) while SWP is set (SBC-3 6.5.2).
 const DEVICE_SPECIFIC: u8 = 0x10;
+const WP: u8 = 0x80;
 
 impl LogicalUnit {
-    pub(super) fn mode_sense(&self, ctx: &Ctx<'_>) -> CmdResult {
+    pub(super) async fn mode_sense(&self, ctx: &Ctx<'_>) -> CmdResult {
         let cdb = ctx.cdb;
         let ten = cdb.op() == 0x5A;
         let dbd = cdb.u8(1) & 0x08 != 0;
@@ -80,7 +96,14 @@ impl LogicalUnit {
         if subpage != 0 && !(code == 0x3F && subpage == 0xFF) {
             return Err(Sense::invalid_cdb(3, None).into());
         }
-        let get = |c: u8| if pc == 1 { changeable(c) } else { page(c) };
+        let swp = self.load_reservations().await?.0.software_write_protect;
+        // Defaults (PC 2) have SWP clear; current values (PC 0) show it as set.
+        let get = |c: u8| match pc {
+            1 => changeable(c),
+            2 => page(c, false),
+            _ => page(c, swp),
+        };
+        let device_specific = if swp { DEVICE_SPECIFIC | WP } else { DEVICE_SPECIFIC };
         let mut pages = Vec::new();
         if code == 0x3F {
             for c in PAGE_CODES {
@@ -108,12 +131,12 @@ impl LogicalUnit {
 
         let mut out = if ten {
             let mut h = vec![0u8; 8];
-            h[3] = DEVICE_SPECIFIC;
+            h[3] = device_specific;
             h[4] = u8::from(llbaa && !dbd);
             h[6..8].copy_from_slice(&(descriptor.len() as u16).to_be_bytes());
             h
         } else {
-            vec![0, 0, DEVICE_SPECIFIC, descriptor.len() as u8]
+            vec![0, 0, device_specific, descriptor.len() as u8]
         };
         out.extend(descriptor);
         out.extend(pages);
@@ -127,8 +150,9 @@ impl LogicalUnit {
         Ok(truncate(out, alloc))
     }
 
-    /// MODE SELECT: validated against the current values; nothing can change.
-    pub(super) fn mode_select(&self, ctx: &Ctx<'_>) -> CmdResult {
+    /// MODE SELECT: validated against the current values; SWP may change (stored, then
+    /// MODE PARAMETERS CHANGED for every other nexus, SPC-4 7.5.2).
+    pub(super) async fn mode_select(&self, ctx: &Ctx<'_>) -> CmdResult {
         let cdb = ctx.cdb;
         let ten = cdb.op() == 0x55;
         if cdb.u8(1) & 0x01 != 0 {
@@ -176,6 +200,8 @@ impl LogicalUnit {
                 return Err(Sense::invalid_param(at as u16, None).into());
             }
         }
+        let swp_now = self.load_reservations().await?.0.software_write_protect;
+        let mut swp_wanted = None;
         let mut at = header + bdl;
         while at < plen {
             if at + 2 > plen {
@@ -185,7 +211,8 @@ impl LogicalUnit {
                 return Err(Sense::invalid_param(at as u16, Some(6)).into()); // SPF: no subpages
             }
             let code = list[at] & 0x3F;
-            let current = page(code).ok_or(Sense::invalid_param(at as u16, Some(5)))?;
+            let current = page(code, swp_now).ok_or(Sense::invalid_param(at as u16, Some(5)))?;
+            let mask = changeable(code).unwrap_or_default();
             let len = usize::from(list[at + 1]) + 2;
             if len != current.len() {
                 return Err(Sense::invalid_param(at as u16 + 1, None).into());
@@ -193,11 +220,34 @@ impl LogicalUnit {
             if at + len > plen {
                 return Err(Sense::param_list_length().into());
             }
-            // PS (bit 7 of byte 0) is reserved in MODE SELECT: compare the rest.
-            if let Some(i) = (2..len).find(|&i| list[at + i] != current[i]) {
+            // PS (bit 7 of byte 0) is reserved in MODE SELECT: compare the rest, but for
+            // the bits that may change.
+            if let Some(i) = (2..len).find(|&i| (list[at + i] ^ current[i]) & !mask[i] != 0) {
                 return Err(Sense::invalid_param((at + i) as u16, None).into());
             }
+            if code == 0x0A {
+                swp_wanted = Some(list[at + SWP_BYTE] & SWP_BIT != 0);
+            }
             at += len;
+        }
+        // Applied once the whole list passed: a list with a bad page changes nothing.
+        if let Some(wanted) = swp_wanted {
+            let changed = self
+                .update_reservations(|st| {
+                    if st.software_write_protect == wanted {
+                        return Ok(None);
+                    }
+                    st.software_write_protect = wanted;
+                    Ok(Some(()))
+                })
+                .await?;
+            if changed.is_some() {
+                tracing::info!(naa = ?self.identity.naa, swp = wanted, "software write protect changed by MODE SELECT");
+                self.post_attention(Sense::mode_parameters_changed(), &[], |k| k != ctx.key);
+                if let Some(events) = &self.events {
+                    events.mode_changed().await;
+                }
+            }
         }
         Ok(bytes::Bytes::new())
     }

@@ -39,6 +39,15 @@ pub enum Cmd {
     ReceiveCopyResults,
 }
 
+impl Cmd {
+    /// Whether the command writes the medium of the unit it is sent to (refused while the
+    /// unit is software write protected). EXTENDED COPY writes only its destination, which
+    /// the copy manager checks as a WRITE(16) from the same nexus.
+    pub fn writes_medium(self) -> bool {
+        matches!(self, Cmd::Write | Cmd::WriteAndVerify | Cmd::WriteSame | Cmd::Unmap | Cmd::CompareAndWrite | Cmd::OrWrite)
+    }
+}
+
 /// How a command fares when another I_T nexus holds a persistent reservation (SPC-4
 /// 5.12.2 table 62 and SBC-3 4.17 table 13, reduced to the commands we implement).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -329,7 +329,7 @@ impl LogicalUnit {
         }
     }
 
-    async fn load_reservations(&self) -> CmdResult<(Reservations, u64)> {
+    pub(super) async fn load_reservations(&self) -> CmdResult<(Reservations, u64)> {
         self.reservations.load().await.map_err(|e| device_error(&e, Io::Read))
     }
 

@@ -15,6 +15,7 @@ pub mod key {
     pub const MEDIUM_ERROR: u8 = 0x3;
     pub const ILLEGAL_REQUEST: u8 = 0x5;
     pub const UNIT_ATTENTION: u8 = 0x6;
+    pub const DATA_PROTECT: u8 = 0x7;
     pub const COPY_ABORTED: u8 = 0xA;
     pub const ABORTED_COMMAND: u8 = 0xB;
     pub const MISCOMPARE: u8 = 0xE;
@@ -111,6 +112,11 @@ impl Sense {
     /// (BUSY would be retried too, but only a few times by some initiators).
     pub const fn becoming_ready() -> Self {
         Sense::new(key::NOT_READY, 0x04, 0x01)
+    }
+    /// LOGICAL UNIT SOFTWARE WRITE PROTECTED: the Control mode page's SWP is set (SBC-3
+    /// 4.12, SPC-4 7.5.8).
+    pub const fn software_write_protected() -> Self {
+        Sense::new(key::DATA_PROTECT, 0x27, 0x02)
     }
     pub const fn power_on_reset() -> Self {
         Sense::new(key::UNIT_ATTENTION, 0x29, 0x00)

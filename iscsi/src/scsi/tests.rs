@@ -977,6 +977,92 @@ async fn mode_select_accepts_current_values_only() {
     assert_eq!(check(&f.run(&[0x15, 0x11, 0, 0, 4, 0], &[0; 4]).await), INVALID_FIELD);
 }
 
+/// The Control page through MODE SENSE(6), current values: (WP bit of the header, page).
+async fn control_page(t: &Target, n: &Nexus) -> (bool, Vec<u8>) {
+    let r = exec_lun(t, 0, n, &[0x1A, 0x08, 0x0A, 0, 255, 0], &[]).await;
+    let d = good(&r).to_vec();
+    (d[2] & 0x80 != 0, d[4..].to_vec())
+}
+
+/// MODE SELECT(6) of the Control page with SWP as given.
+async fn select_swp(t: &Target, n: &Nexus, on: bool) -> ScsiResponse {
+    let mut list = vec![0u8; 4];
+    let mut page = control_page(t, n).await.1;
+    page[4] = if on { page[4] | 0x08 } else { page[4] & !0x08 };
+    list.extend(page);
+    exec_lun(t, 0, n, &[0x15, 0x10, 0, 0, list.len() as u8, 0], &list).await
+}
+
+const WRITE_PROTECTED: (u8, u8, u8) = (key::DATA_PROTECT, 0x27, 0x02);
+const MODE_PARAMETERS_CHANGED: (u8, u8, u8) = (key::UNIT_ATTENTION, 0x2A, 0x01);
+
+/// SWP is the one changeable mode field. Set through one node, it shows (with WP) and is
+/// enforced on every node serving the unit (they share the reservation record), every
+/// other nexus is told MODE PARAMETERS CHANGED, and clearing it lets writes through again.
+#[tokio::test]
+async fn software_write_protect_is_set_by_mode_select_and_enforced_on_every_path() {
+    let dev = Arc::new(MemoryDevice::new(BLOCKS * BS as u64));
+    let store = Arc::new(MemoryReservations::default());
+    let events = Arc::new(CountResets::default());
+    let identity = || Identity::for_volume(7, "Volume", "0001");
+    let here = Arc::new(LogicalUnit::new(dev.clone(), Arc::new(SinglePath), store.clone(), identity()).with_events(events.clone()));
+    let there = Arc::new(LogicalUnit::new(dev, Arc::new(SinglePath), store, identity()));
+    let (t1, t2) = (Target::new("iqn.2024-01.basalt:vol").with_lun(0, here), Target::new("iqn.2024-01.basalt:vol").with_lun(0, there.clone()));
+    let (a, b, c) = (nexus("a", 1), nexus("b", 1), nexus("c", 2));
+    let tur = [0u8, 0, 0, 0, 0, 0];
+    good(&exec_lun(&t1, 0, &b, &tur, &[]).await);
+    good(&exec_lun(&t2, 0, &c, &tur, &[]).await);
+
+    // Changeable: only SWP, in byte 4 of the Control page.
+    let r = exec_lun(&t1, 0, &a, &[0x1A, 0x08, 0x4A, 0, 255, 0], &[]).await;
+    assert_eq!(&good(&r)[4..], &[0x0A, 0x0A, 0, 0, 0x08, 0, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(control_page(&t1, &a).await, (false, vec![0x0A, 0x0A, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 0]));
+
+    good(&select_swp(&t1, &a, true).await);
+    assert_eq!(events.2.load(std::sync::atomic::Ordering::SeqCst), 1, "the change was not announced");
+    let (wp, page) = control_page(&t1, &a).await;
+    assert!(wp && page[4] & 0x08 != 0, "SWP not shown as set: {wp} {page:02x?}");
+    // The defaults keep SWP clear.
+    let r = exec_lun(&t1, 0, &a, &[0x1A, 0x08, 0x8A, 0, 255, 0], &[]).await;
+    assert_eq!(good(&r)[4 + 4], 0);
+    let w10 = |lba: u8| [0x2A, 0, 0, 0, 0, lba, 0, 0, 1, 0];
+    let block = vec![0xA5u8; BS];
+    assert_eq!(check(&exec_lun(&t1, 0, &a, &w10(3), &block).await), WRITE_PROTECTED);
+    for (cdb, data) in [
+        (vec![0x41, 0x08, 0, 0, 0, 3, 0, 0, 1, 0], vec![0u8; BS]), // WRITE SAME(10) UNMAP
+        (vec![0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0], unmap_list(&[(3, 1)])),
+        (vec![0x2E, 0, 0, 0, 0, 3, 0, 0, 1, 0], block.clone()), // WRITE AND VERIFY(10)
+        (vec![0x89, 0, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 1, 0, 0], vec![0u8; 2 * BS]),
+    ] {
+        assert_eq!(check(&exec_lun(&t1, 0, &a, &cdb, &data).await), WRITE_PROTECTED, "{cdb:02x?}");
+    }
+    // Reads and cache flushes go on.
+    good(&exec_lun(&t1, 0, &a, &[0x28, 0, 0, 0, 0, 3, 0, 0, 1, 0], &[]).await);
+    good(&exec_lun(&t1, 0, &a, &[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]).await);
+    // The other nexus of this node is told, then is refused too; so is the other node's.
+    assert_eq!(check(&exec_lun(&t1, 0, &b, &w10(3), &block).await), MODE_PARAMETERS_CHANGED);
+    assert_eq!(check(&exec_lun(&t1, 0, &b, &w10(3), &block).await), WRITE_PROTECTED);
+    there.mode_changed_elsewhere();
+    assert_eq!(check(&exec_lun(&t2, 0, &c, &w10(3), &block).await), MODE_PARAMETERS_CHANGED);
+    assert_eq!(check(&exec_lun(&t2, 0, &c, &w10(3), &block).await), WRITE_PROTECTED);
+    assert!(control_page(&t2, &c).await.0, "WP not shown on the other node");
+
+    // Anything else in the page must still repeat the current values.
+    let mut list = vec![0u8; 4];
+    list.extend(control_page(&t1, &a).await.1);
+    list[4 + 3] = 0;
+    assert_eq!(check(&exec_lun(&t1, 0, &a, &[0x15, 0x10, 0, 0, 16, 0], &list).await), INVALID_PARAM);
+    assert!(control_page(&t1, &a).await.0, "a refused MODE SELECT changed SWP");
+
+    // Cleared from the other node: writes pass everywhere.
+    good(&select_swp(&t2, &c, false).await);
+    assert!(!control_page(&t1, &a).await.0);
+    good(&exec_lun(&t1, 0, &a, &w10(3), &block).await);
+    // Selecting the value it already has changes (and announces) nothing.
+    good(&select_swp(&t1, &a, false).await);
+    assert_eq!(events.2.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
 // ---- unit attentions ---------------------------------------------------------------------
 
 #[tokio::test]
@@ -1507,7 +1593,7 @@ async fn report_supported_tmfs() {
 /// Records what a unit announces to the other nodes: resets (counted) and the attentions
 /// of each reservation change.
 #[derive(Default)]
-struct CountResets(std::sync::atomic::AtomicUsize, std::sync::Mutex<Vec<Vec<NexusAttention>>>);
+struct CountResets(std::sync::atomic::AtomicUsize, std::sync::Mutex<Vec<Vec<NexusAttention>>>, std::sync::atomic::AtomicUsize);
 
 #[async_trait::async_trait]
 impl crate::lu::UnitEvents for CountResets {
@@ -1516,6 +1602,9 @@ impl crate::lu::UnitEvents for CountResets {
     }
     async fn reservations_changed(&self, attentions: &[NexusAttention]) {
         self.1.lock().expect("events").push(attentions.to_vec());
+    }
+    async fn mode_changed(&self) {
+        self.2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
