@@ -3,7 +3,9 @@
 //! One field can change: SWP (software write protect) in the Control page, the unit's
 //! write protection that `sdparm --set SWP` and libiscsi's `iscsi-swp` turn on and off.
 //! It lives with the reservations in the unit's shared record, so it is one value on
-//! every node serving the unit (and survives restarts). Everything else is fixed: the
+//! every node serving the unit. It stays set across unit resets and restarts until a MODE
+//! SELECT clears it, as tgt's does: multipath initiators reset units when they fail over,
+//! and a write protection an administrator set must not drop with that. Everything else is fixed: the
 //! changeable mask is zero elsewhere, defaults equal the values with SWP clear, and there
 //! are no saved pages. MODE SELECT accepts a page when it repeats the current values in
 //! every field that cannot change, which is what `sdparm --set` round trips and the Linux
