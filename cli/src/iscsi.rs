@@ -30,6 +30,10 @@ pub enum IscsiCmd {
         lun: u64,
         #[arg(long)]
         volume: String,
+        /// Export it read-only: initiators see a write-protected disk, writes fail with
+        /// DATA PROTECT, and the LUN never takes the volume's write lease.
+        #[arg(long)]
+        read_only: bool,
     },
     /// Remove a LUN from a target (the volume is kept).
     LunRemove {
@@ -118,24 +122,24 @@ pub async fn run(client: &StorageClient, cmd: IscsiCmd) -> Result<()> {
                 let acl = if t.initiators.is_empty() { "any initiator".to_string() } else { t.initiators.join(", ") };
                 println!("{}  [{auth}; {acl}]", t.name);
                 for l in &t.luns {
-                    println!("  LUN {:<4} volume {}", l.lun, l.volume);
+                    println!("  LUN {:<4} volume {}{}", l.lun, l.volume, if l.read_only { " (read-only)" } else { "" });
                 }
             }
             let list: Vec<String> = portals.iter().map(|(n, a)| format!("{a} (node {n})")).collect();
             println!("portals: {}", if list.is_empty() { "none".into() } else { list.join(", ") });
         }
-        IscsiCmd::LunAdd { target, lun, volume } => {
+        IscsiCmd::LunAdd { target, lun, volume, read_only } => {
             cluster::update_target(client, &target, false, |t| {
                 if t.luns.iter().any(|l| l.lun == lun) {
                     return Err(format!("LUN {lun} of {target} is already in use"));
                 }
-                t.luns.push(LunDef { lun, volume: volume.clone() });
+                t.luns.push(LunDef { lun, volume: volume.clone(), read_only });
                 t.luns.sort_by_key(|l| l.lun);
                 Ok(())
             })
             .await
             .map_err(e)?;
-            println!("volume {volume} is LUN {lun} of {target}");
+            println!("volume {volume} is LUN {lun} of {target}{}", if read_only { ", read-only" } else { "" });
         }
         IscsiCmd::LunRemove { target, lun } => {
             cluster::update_target(client, &target, false, |t| {

@@ -55,6 +55,11 @@ pub struct TargetDef {
 pub struct LunDef {
     pub lun: u64,
     pub volume: String,
+    /// The LUN gives its volume read-only: MODE SENSE reports it write protected and
+    /// commands that would write it fail with DATA PROTECT. It never takes the volume's
+    /// write lease, so it can be served beside a writer elsewhere.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
 }
 
 impl TargetDef {
@@ -65,6 +70,7 @@ impl TargetDef {
             chap: self.chap.clone(),
             initiators: self.initiators.clone(),
             luns: self.luns.iter().map(|l| (l.lun, l.volume.clone())).collect(),
+            read_only: self.luns.iter().filter(|l| l.read_only).map(|l| l.lun).collect(),
         }
     }
 
@@ -628,7 +634,7 @@ mod tests {
         TargetDef {
             name: "iqn.2026-11.io.basalt:t1".into(),
             alias: None,
-            luns: vec![LunDef { lun: 0, volume: "v".into() }],
+            luns: vec![LunDef { lun: 0, volume: "v".into(), read_only: false }],
             chap: None,
             initiators: vec![],
         }
@@ -648,7 +654,7 @@ mod tests {
     fn targets_are_validated() {
         assert_eq!(def().validate(), Ok(()));
         let mut d = def();
-        d.luns.push(LunDef { lun: 0, volume: "w".into() });
+        d.luns.push(LunDef { lun: 0, volume: "w".into(), read_only: false });
         assert!(d.validate().unwrap_err().contains("twice"));
         let mut d = def();
         d.luns[0].lun = MAX_LUN + 1;
@@ -767,8 +773,8 @@ impl ClusterTargets {
             let mut set = Vec::new();
             for l in &def.luns {
                 match self.unit(&l.volume).await {
-                    Ok(unit) if served.get(&l.lun).is_some_and(|u| Arc::ptr_eq(u, &unit)) => {}
-                    Ok(unit) => set.push((l.lun, unit)),
+                    Ok(unit) if served.get(&l.lun).is_some_and(|u| Arc::ptr_eq(u, &unit)) && served.is_read_only(l.lun) == l.read_only => {}
+                    Ok(unit) => set.push(crate::scsi::Lun { lun: l.lun, unit, read_only: l.read_only }),
                     // Retried at each check; the login that left it out warned already.
                     Err(e) => tracing::debug!(target_name = %def.name, lun = l.lun, volume = %l.volume, error = %e, "new LUN not served"),
                 }
@@ -777,7 +783,7 @@ impl ClusterTargets {
             if set.is_empty() && removed.is_empty() {
                 continue;
             }
-            let added: Vec<u64> = set.iter().map(|(l, _)| *l).collect();
+            let added: Vec<u64> = set.iter().map(|l| l.lun).collect();
             if t.change_luns(set, &removed, &told) {
                 tracing::info!(target_name = %def.name, ?added, ?removed, "LUNs of live sessions changed");
             }
@@ -994,10 +1000,12 @@ impl crate::lu::TargetRegistry for ClusterTargets {
                 return None;
             }
         };
-        let mut target = crate::scsi::Target::new(def.name.clone());
+        let target = crate::scsi::Target::new(def.name.clone());
         for l in &def.luns {
             match self.unit(&l.volume).await {
-                Ok(unit) => target = target.with_lun(l.lun, unit),
+                Ok(unit) => {
+                    target.change_luns(vec![crate::scsi::Lun { lun: l.lun, unit, read_only: l.read_only }], &[], &[]);
+                }
                 // A LUN whose volume is gone or unreachable is left out; the others serve.
                 Err(e) => tracing::warn!(target_name = %name, lun = l.lun, volume = %l.volume, error = %e, "LUN not served"),
             }

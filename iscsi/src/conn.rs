@@ -130,7 +130,8 @@ pub struct SessionInfo {
 /// Why a live session may no longer use its target, now defined as `now`: the checks of a
 /// login, applied again. A session keeps what it proved at login: CHAP it did not pass, or
 /// passed with other credentials, does not cover it; neither does an ACL without its
-/// initiator, nor a LUN it uses that now stands for another volume. (A LUN removed is taken
+/// initiator, nor a LUN it uses that now stands for another volume or changed between
+/// read-only and writable. (A LUN removed is taken
 /// from the live session, not the session from the initiator: see `ClusterTargets`.)
 pub fn withdrawn(login: &TargetAccess, now: &TargetAccess, initiator: &str) -> Option<String> {
     if !now.admits(initiator) {
@@ -147,9 +148,17 @@ pub fn withdrawn(login: &TargetAccess, now: &TargetAccess, initiator: &str) -> O
     // A LUN removed is taken from the live session instead (REPORTED LUNS DATA HAS CHANGED,
     // then LOGICAL UNIT NOT SUPPORTED); one that now stands for another volume is not: the
     // initiator could go on writing to a LUN it believes is the old volume.
-    login.luns.iter().find_map(|(lun, volume)| {
+    let moved = login.luns.iter().find_map(|(lun, volume)| {
         let moved = now.luns.iter().find(|(l, _)| l == lun).filter(|(_, v)| v != volume)?;
         Some(format!("LUN {lun} now stands for volume {} instead of {volume}", moved.1))
+    });
+    // Nor one that turned read-only or writable: the initiator probed its mode at login.
+    moved.or_else(|| {
+        login.luns.iter().map(|(lun, _)| *lun).find_map(|lun| {
+            let (was, is) = (login.read_only.contains(&lun), now.read_only.contains(&lun));
+            let kept = now.luns.iter().any(|(l, _)| *l == lun);
+            (kept && was != is).then(|| format!("LUN {lun} is now {}", if is { "read-only" } else { "writable" }))
+        })
     })
 }
 

@@ -30,7 +30,7 @@ fn setup(chap: Option<Chap>, acl: Vec<String>, config: Config) -> Setup {
     let reg = FakeRegistry {
         targets: vec![
             (
-                TargetAccess { name: T1.into(), alias: Some("one".into()), chap, initiators: acl, luns: vec![] },
+                TargetAccess { name: T1.into(), alias: Some("one".into()), chap, initiators: acl, ..Default::default() },
                 t1.clone() as Arc<dyn ScsiTarget>,
             ),
             (TargetAccess { name: T2.into(), ..Default::default() }, t2 as Arc<dyn ScsiTarget>),
@@ -840,6 +840,12 @@ fn a_session_keeps_its_target_only_while_a_new_login_would_pass() {
     assert_eq!(withdrawn(&login, &removed, INI), None);
     let remapped = TargetAccess { luns: vec![(0, "v0".into()), (1, "v9".into())], ..same.clone() };
     assert!(withdrawn(&login, &remapped, INI).expect("withdrawn").contains("LUN 1 now stands for volume v9"));
+    // So does a LUN turned read-only, or writable again; a read-only LUN removed does not.
+    let read_only = TargetAccess { read_only: vec![1], ..same.clone() };
+    assert!(withdrawn(&login, &read_only, INI).expect("withdrawn").contains("LUN 1 is now read-only"));
+    assert!(withdrawn(&read_only, &same, INI).expect("withdrawn").contains("LUN 1 is now writable"));
+    let gone = TargetAccess { luns: vec![(0, "v0".into())], ..same.clone() };
+    assert_eq!(withdrawn(&read_only, &gone, INI), None);
 }
 
 #[tokio::test]

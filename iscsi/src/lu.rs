@@ -312,6 +312,11 @@ pub struct TargetAccess {
     /// `conn::Sessions::revalidate`); empty where the registry does not say.
     #[serde(default)]
     pub luns: Vec<(u64, String)>,
+    /// The LUNs that give their volume read-only. A live session whose LUN changes between
+    /// read-only and writable is closed too: its initiator learns the new mode at its next
+    /// login.
+    #[serde(default)]
+    pub read_only: Vec<u64>,
 }
 
 impl TargetAccess {

@@ -57,7 +57,7 @@ async fn cluster_with_lun(size: u64) -> Result<TestCluster> {
     let client = c.client()?;
     client.create_volume("lun0", size, Some(8 * MIB)).await?;
     update_target(&client, IQN, true, |t| {
-        t.luns = vec![LunDef { lun: 0, volume: "lun0".into() }];
+        t.luns = vec![LunDef { lun: 0, volume: "lun0".into(), read_only: false }];
         Ok(())
     })
     .await
@@ -110,6 +110,28 @@ async fn every_node_serves_the_targets_to_libiscsi_and_qemu_with_chap() -> Resul
         assert!(o.status.success(), "qemu-img read via {node}: {}", text(&o));
         assert_same_file(&src, &back)?;
     }
+
+    // The same volume as a read-only LUN 1 too. Through node2, qemu reads LUN 0's data
+    // from it but will not open it for writing (MODE SENSE says write protected); a WRITE
+    // sent anyway is refused, and never takes the write lease from node1's path.
+    update_target(&client, IQN, false, |t| {
+        t.luns.push(LunDef { lun: 1, volume: "lun0".into(), read_only: true });
+        Ok(())
+    })
+    .await
+    .map_err(anyhow::Error::msg)?;
+    let ro = format!("iscsi://{}/{IQN}/1", portal(&c, "node2")?);
+    let back = c.dir().join("back-ro.img");
+    let o = run("qemu-img", &["convert", "-f", "raw", "-O", "raw", &ro, back.to_str().unwrap_or_default()])?;
+    assert!(o.status.success(), "qemu-img read of the read-only LUN: {}", text(&o));
+    assert_same_file(&src, &back)?;
+    assert!(qemu_io(&ro, &["write -P 0x11 0 4k"]).is_err(), "qemu wrote to a read-only LUN");
+    let mut s = Session::login(portal(&c, "node2")?, IQN, "iqn.2026-11.io.basalt:host-ro", [0x80, 0, 0, 0, 0, 9]).await?;
+    let r = s.command(1, &rw16(0x8A, 0), &[0x22; 512], 0).await?;
+    assert_eq!((r.status, r.sense), (CHECK_CONDITION, Some(WRITE_PROTECTED)), "WRITE (16) to the read-only LUN");
+    s.logout().await?;
+    let lease = client.volume("lun0").await?.lease.map(|l| l.holder);
+    assert_eq!(lease.as_deref(), Some("iscsi@node1"), "the read-only LUN moved the write lease");
 
     // Sessions that logged in without CHAP, on two nodes: requiring CHAP closes them (a
     // session keeps only what it proved at login), whichever node they use.
@@ -194,7 +216,7 @@ async fn every_node_serves_the_targets_to_libiscsi_and_qemu_with_chap() -> Resul
     // DATA HAS CHANGED, and listed by REPORT LUNS: no new login needed.
     client.create_volume("lun1", 16 * MIB, Some(8 * MIB)).await?;
     update_target(&client, IQN, false, |t| {
-        t.luns.push(LunDef { lun: 1, volume: "lun1".into() });
+        t.luns.push(LunDef { lun: 1, volume: "lun1".into(), read_only: false });
         Ok(())
     })
     .await
@@ -221,7 +243,7 @@ async fn every_node_serves_the_targets_to_libiscsi_and_qemu_with_chap() -> Resul
     // go on writing to what they take for the old volume.
     client.create_volume("lun2", 16 * MIB, Some(8 * MIB)).await?;
     update_target(&client, IQN, false, |t| {
-        t.luns = vec![LunDef { lun: 1, volume: "lun2".into() }];
+        t.luns = vec![LunDef { lun: 1, volume: "lun2".into(), read_only: false }];
         Ok(())
     })
     .await
@@ -315,6 +337,7 @@ const CAPACITY_DATA_HAS_CHANGED: (u8, u8, u8) = (0x6, 0x2A, 0x09);
 const LBA_OUT_OF_RANGE: (u8, u8, u8) = (0x5, 0x21, 0x00);
 const MODE_PARAMETERS_CHANGED: (u8, u8, u8) = (0x6, 0x2A, 0x01);
 const SOFTWARE_WRITE_PROTECTED: (u8, u8, u8) = (0x7, 0x27, 0x02);
+const WRITE_PROTECTED: (u8, u8, u8) = (0x7, 0x27, 0x00);
 
 /// Unit attentions reach an initiator whatever node its session is on: a registrant logged
 /// in through node2 learns that an initiator on node1 preempted its registration, and after

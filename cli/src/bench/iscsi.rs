@@ -359,7 +359,7 @@ async fn start_cluster(fresh: &FreshCluster, nodes: usize, opts: &IscsiOptions) 
     let volume = "bench";
     client.create_volume(volume, opts.size, Some(opts.chunk_size)).await.context("creating the volume")?;
     update_target(&client, BASALT_IQN, true, |t| {
-        t.luns = vec![LunDef { lun: BASALT_LUN, volume: volume.into() }];
+        t.luns = vec![LunDef { lun: BASALT_LUN, volume: volume.into(), read_only: false }];
         Ok(())
     })
     .await

@@ -290,30 +290,21 @@ impl LogicalUnit {
 
     /// Executes one command on this unit.
     pub async fn execute(&self, cmd: &ScsiCommand, target_name: &str) -> ScsiResponse {
-        self.execute_among(cmd, target_name, &NO_PEERS).await
+        self.execute_mapped(cmd, target_name, &NO_PEERS, false).await
     }
 
     /// Executes one command on this unit, which `peers` (the units of its target) may serve
-    /// as copy sources and destinations of EXTENDED COPY.
-    pub async fn execute_among(
-        &self,
-        cmd: &ScsiCommand,
-        target_name: &str,
-        peers: &BTreeMap<u64, Arc<LogicalUnit>>,
-    ) -> ScsiResponse {
-        let resp = match self.run(cmd, target_name, peers).await {
+    /// as copy sources and destinations of EXTENDED COPY; `read_only` when the LUN it came
+    /// to maps the unit read-only (then nothing through it writes the medium).
+    pub async fn execute_mapped(&self, cmd: &ScsiCommand, target_name: &str, peers: &LunMap, read_only: bool) -> ScsiResponse {
+        let resp = match self.run(cmd, target_name, peers, read_only).await {
             Ok(data_in) => ScsiResponse { status: status::GOOD, data_in, ..Default::default() },
             Err(f) => f.into_response(),
         };
         ScsiResponse { data_out_len: data_out_len(Cdb(&cmd.cdb)), ..resp }
     }
 
-    async fn run(
-        &self,
-        cmd: &ScsiCommand,
-        target_name: &str,
-        peers: &BTreeMap<u64, Arc<LogicalUnit>>,
-    ) -> CmdResult {
+    async fn run(&self, cmd: &ScsiCommand, target_name: &str, peers: &LunMap, read_only: bool) -> CmdResult {
         let cdb = Cdb(&cmd.cdb);
         let info = match opcodes::lookup(cdb.op(), cdb.service_action()) {
             Lookup::Found(info) => info,
@@ -339,10 +330,14 @@ impl LogicalUnit {
             }
         }
         self.check_reservation(info, cdb, &cmd.nexus, &key).await?;
+        // As SWP does, after the reservation checks.
+        if read_only && info.cmd.writes_medium() {
+            return Err(Sense::write_protected().into());
+        }
         if info.medium {
             self.check_alua(cmd.nexus.relative_port).await?;
         }
-        let ctx = Ctx { cdb, cmd, target_name, key: &key, peers };
+        let ctx = Ctx { cdb, cmd, target_name, key: &key, peers, read_only };
         self.dispatch(info, &ctx).await
     }
 
@@ -463,33 +458,80 @@ pub(crate) struct Ctx<'a> {
     pub target_name: &'a str,
     key: &'a NexusKey,
     /// The other units of the target, reachable as EXTENDED COPY sources and destinations.
-    peers: &'a BTreeMap<u64, Arc<LogicalUnit>>,
+    peers: &'a LunMap,
+    /// The LUN the command came to maps the unit read-only.
+    read_only: bool,
 }
 
 /// The peers of a unit executed outside a [`Target`].
-static NO_PEERS: BTreeMap<u64, Arc<LogicalUnit>> = BTreeMap::new();
+static NO_PEERS: LunMap = LunMap { units: BTreeMap::new(), read_only: std::collections::BTreeSet::new() };
+
+/// One LUN of a target: the unit it stands for, and whether it gives it read-only.
+pub struct Lun {
+    pub lun: u64,
+    pub unit: Arc<LogicalUnit>,
+    pub read_only: bool,
+}
+
+impl Lun {
+    pub fn new(lun: u64, unit: Arc<LogicalUnit>) -> Lun {
+        Lun { lun, unit, read_only: false }
+    }
+
+    pub fn read_only(lun: u64, unit: Arc<LogicalUnit>) -> Lun {
+        Lun { lun, unit, read_only: true }
+    }
+}
 
 /// The logical units of one iSCSI target.
 pub struct Target {
     name: String,
     /// Replaced whole when LUNs are added to a live target; a command works on the map it
     /// started with.
-    luns: std::sync::RwLock<Arc<BTreeMap<u64, Arc<LogicalUnit>>>>,
+    luns: std::sync::RwLock<Arc<LunMap>>,
+}
+
+/// The units a target serves, by LUN, and which LUNs map their unit read-only. Derefs to
+/// the units.
+#[derive(Clone, Default)]
+pub struct LunMap {
+    units: BTreeMap<u64, Arc<LogicalUnit>>,
+    read_only: std::collections::BTreeSet<u64>,
+}
+
+impl LunMap {
+    /// Whether `lun` maps its unit read-only.
+    pub fn is_read_only(&self, lun: u64) -> bool {
+        self.read_only.contains(&lun)
+    }
+
+    /// Whether some LUN of the map gives `unit` read-only (a copy manager must not write
+    /// it through this target).
+    fn protects(&self, unit: &LogicalUnit) -> bool {
+        self.units.iter().any(|(lun, u)| std::ptr::eq(&**u, unit) && self.read_only.contains(lun))
+    }
+}
+
+impl std::ops::Deref for LunMap {
+    type Target = BTreeMap<u64, Arc<LogicalUnit>>;
+    fn deref(&self) -> &Self::Target {
+        &self.units
+    }
 }
 
 impl Target {
     /// `name` is the iSCSI target name (`iqn.…`), reported in device identification.
     pub fn new(name: impl Into<String>) -> Self {
-        Target { name: name.into(), luns: std::sync::RwLock::new(Arc::new(BTreeMap::new())) }
+        Target { name: name.into(), luns: std::sync::RwLock::new(Arc::new(LunMap::default())) }
     }
 
     pub fn with_lun(self, lun: u64, unit: Arc<LogicalUnit>) -> Self {
-        self.change_luns(vec![(lun, unit)], &[], &[]);
+        self.change_luns(vec![Lun::new(lun, unit)], &[], &[]);
         self
     }
 
     /// The units served, by LUN (a snapshot: a change swaps in a new map).
-    pub fn luns(&self) -> Arc<BTreeMap<u64, Arc<LogicalUnit>>> {
+    pub fn luns(&self) -> Arc<LunMap> {
         self.luns.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
@@ -507,19 +549,26 @@ impl Target {
     /// UNIT NOT SUPPORTED; commands already running on them finish). When the map changed,
     /// each nexus in `told` gets REPORTED LUNS DATA HAS CHANGED on every unit the target
     /// still has (SPC-4 6.33, 7.9). Returns whether the map changed.
-    pub fn change_luns(&self, set: Vec<(u64, Arc<LogicalUnit>)>, removed: &[u64], told: &[Nexus]) -> bool {
+    pub fn change_luns(&self, set: Vec<Lun>, removed: &[u64], told: &[Nexus]) -> bool {
         let (changed, units): (bool, Vec<Arc<LogicalUnit>>) = {
             let mut luns = self.luns.write().unwrap_or_else(|p| p.into_inner());
             let map = Arc::make_mut(&mut luns);
             let mut changed = false;
             for lun in removed {
-                changed |= map.remove(lun).is_some();
+                changed |= map.units.remove(lun).is_some();
+                map.read_only.remove(lun);
             }
-            for (lun, unit) in set {
-                changed |= map.get(&lun).is_none_or(|old| !Arc::ptr_eq(old, &unit));
-                map.insert(lun, unit);
+            for Lun { lun, unit, read_only } in set {
+                changed |= map.units.get(&lun).is_none_or(|old| !Arc::ptr_eq(old, &unit));
+                changed |= map.read_only.contains(&lun) != read_only;
+                map.units.insert(lun, unit);
+                if read_only {
+                    map.read_only.insert(lun);
+                } else {
+                    map.read_only.remove(&lun);
+                }
             }
-            (changed, map.values().cloned().collect())
+            (changed, map.units.values().cloned().collect())
         };
         let keys: Vec<NexusKey> = told.iter().map(nexus_key).collect();
         if changed && !keys.is_empty() {
@@ -549,7 +598,7 @@ impl Target {
             };
         }
         if let Some(unit) = luns.get(&cmd.lun) {
-            return unit.execute_among(cmd, &self.name, &luns).await;
+            return unit.execute_mapped(cmd, &self.name, &luns, luns.is_read_only(cmd.lun)).await;
         }
         match op {
             0x12 => match inquiry::absent_lun(Cdb(&cmd.cdb)) {

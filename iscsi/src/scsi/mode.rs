@@ -105,7 +105,8 @@ impl LogicalUnit {
             2 => page(c, false),
             _ => page(c, swp),
         };
-        let device_specific = if swp { DEVICE_SPECIFIC | WP } else { DEVICE_SPECIFIC };
+        // WP: write protected by SWP, or by a read-only LUN.
+        let device_specific = if swp || ctx.read_only { DEVICE_SPECIFIC | WP } else { DEVICE_SPECIFIC };
         let mut pages = Vec::new();
         if code == 0x3F {
             for c in PAGE_CODES {
@@ -232,7 +233,11 @@ impl LogicalUnit {
             }
             at += len;
         }
-        // Applied once the whole list passed: a list with a bad page changes nothing.
+        // Applied once the whole list passed: a list with a bad page changes nothing. A
+        // read-only LUN may not change what writers through other LUNs see.
+        if swp_wanted.is_some_and(|w| w != swp_now) && ctx.read_only {
+            return Err(Sense::write_protected().into());
+        }
         if let Some(wanted) = swp_wanted {
             let changed = self
                 .update_reservations(|st| {

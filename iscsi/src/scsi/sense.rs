@@ -118,6 +118,10 @@ impl Sense {
     pub const fn software_write_protected() -> Self {
         Sense::new(key::DATA_PROTECT, 0x27, 0x02)
     }
+    /// WRITE PROTECTED: the LUN maps its unit read-only (the target's configuration).
+    pub const fn write_protected() -> Self {
+        Sense::new(key::DATA_PROTECT, 0x27, 0x00)
+    }
     pub const fn power_on_reset() -> Self {
         Sense::new(key::UNIT_ATTENTION, 0x29, 0x00)
     }

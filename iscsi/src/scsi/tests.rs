@@ -1063,6 +1063,50 @@ async fn software_write_protect_is_set_by_mode_select_and_enforced_on_every_path
     assert_eq!(events.2.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
 
+/// A LUN that gives its unit read-only: reported write protected, every write refused with
+/// WRITE PROTECTED (after the reservation checks) and reads served, while the same unit
+/// through a writable LUN takes writes; through it, MODE SELECT may not set SWP either.
+#[tokio::test]
+async fn a_read_only_lun_reports_write_protect_and_refuses_every_write() {
+    let unit = memory_unit();
+    let target = Target::new("iqn.2024-01.basalt:vol");
+    target.change_luns(vec![Lun::new(0, unit.clone()), Lun::read_only(1, unit)], &[], &[]);
+    let a = nexus("a", 1);
+    let wp = |r: ScsiResponse| good(&r)[2] & 0x80 != 0;
+    assert!(!wp(exec_lun(&target, 0, &a, &[0x1A, 0x08, 0x0A, 0, 255, 0], &[]).await));
+    assert!(wp(exec_lun(&target, 1, &a, &[0x1A, 0x08, 0x0A, 0, 255, 0], &[]).await));
+    const PROTECTED: (u8, u8, u8) = (key::DATA_PROTECT, 0x27, 0x00);
+    let block = vec![0x5Au8; BS];
+    let w10 = [0x2A, 0, 0, 0, 0, 3, 0, 0, 1, 0];
+    for (cdb, data) in [
+        (w10.to_vec(), block.clone()),
+        (vec![0x8A, 0, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 1, 0, 0], block.clone()), // WRITE(16)
+        (vec![0x41, 0x08, 0, 0, 0, 3, 0, 0, 1, 0], vec![0u8; BS]),               // WRITE SAME(10) UNMAP
+        (vec![0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0], unmap_list(&[(3, 1)])),
+        (vec![0xAE, 0, 0, 0, 0, 3, 0, 0, 0, 0, 1, 0], block.clone()), // WRITE AND VERIFY(12)
+        (vec![0x89, 0, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 1, 0, 0], vec![0u8; 2 * BS]),
+        (vec![0x8B, 0, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 1, 0, 0], block.clone()), // ORWRITE
+    ] {
+        assert_eq!(check(&exec_lun(&target, 1, &a, &cdb, &data).await), PROTECTED, "{cdb:02x?}");
+    }
+    // The writable LUN writes; the read-only one reads what it wrote.
+    good(&exec_lun(&target, 0, &a, &w10, &block).await);
+    let r = exec_lun(&target, 1, &a, &[0x28, 0, 0, 0, 0, 3, 0, 0, 1, 0], &[]).await;
+    assert_eq!(good(&r), &block[..]);
+    good(&exec_lun(&target, 1, &a, &[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]).await);
+    // SWP cannot be set through it (a repeat of the current page is fine).
+    let mut list = vec![0u8; 4];
+    list.extend(control_page(&target, &a).await.1);
+    good(&exec_lun(&target, 1, &a, &[0x15, 0x10, 0, 0, 16, 0], &list).await);
+    list[4 + 4] |= 0x08;
+    assert_eq!(check(&exec_lun(&target, 1, &a, &[0x15, 0x10, 0, 0, 16, 0], &list).await), PROTECTED);
+    assert!(!control_page(&target, &a).await.0, "SWP was set through a read-only LUN");
+    // A reservation conflict still comes first.
+    let b = nexus("b", 1);
+    good(&exec_lun(&target, 0, &b, &[0x16, 0, 0, 0, 0, 0], &[]).await);
+    assert_eq!(exec_lun(&target, 1, &a, &w10, &block).await.status, status::RESERVATION_CONFLICT);
+}
+
 // ---- unit attentions ---------------------------------------------------------------------
 
 #[tokio::test]
@@ -1764,7 +1808,7 @@ async fn luns_added_to_a_live_target_are_served_and_announced_to_the_nexuses_tol
     assert_eq!(check(&exec_lun(&f.target, 3, &a, &tur, &[]).await), (key::ILLEGAL_REQUEST, 0x25, 0x00), "LUN 3 not there yet");
 
     let lu3 = memory_unit();
-    f.target.change_luns(vec![(3, lu3)], &[], std::slice::from_ref(&a));
+    f.target.change_luns(vec![Lun::new(3, lu3)], &[], std::slice::from_ref(&a));
     assert_eq!(f.target.lun_numbers(), vec![0, 3]);
     // Only the nexus told gets the attention, once per unit (an I_T_L nexus each).
     assert_eq!(check(&f.run_as(&a, &tur, &[]).await), REPORTED_LUNS_CHANGED);
@@ -1775,7 +1819,7 @@ async fn luns_added_to_a_live_target_are_served_and_announced_to_the_nexuses_tol
 
     // REPORT LUNS lists the new LUN and clears the attention on every unit.
     let lu5 = memory_unit();
-    f.target.change_luns(vec![(5, lu5)], &[], std::slice::from_ref(&b));
+    f.target.change_luns(vec![Lun::new(5, lu5)], &[], std::slice::from_ref(&b));
     let r = f.run_as(&b, &report_luns, &[]).await;
     let list = good(&r);
     assert_eq!(list.get(0..4), Some(&[0u8, 0, 0, 24][..]), "three LUNs: {list:02x?}");
@@ -1790,13 +1834,13 @@ async fn luns_removed_from_a_live_target_stop_being_served_and_are_announced() {
     let tur = [0u8, 0, 0, 0, 0, 0];
     let report_luns = [0xA0, 0, 0, 0, 0, 0, 0, 0, 0, 64, 0, 0];
     let lu3 = memory_unit();
-    f.target.change_luns(vec![(3, lu3.clone())], &[], &[]);
+    f.target.change_luns(vec![Lun::new(3, lu3.clone())], &[], &[]);
     good(&f.run_as(&a, &tur, &[]).await);
     good(&exec_lun(&f.target, 3, &a, &tur, &[]).await);
     good(&f.run_as(&b, &tur, &[]).await);
 
     // Nothing changes: nobody is told.
-    assert!(!f.target.change_luns(vec![(3, lu3.clone())], &[7], std::slice::from_ref(&a)));
+    assert!(!f.target.change_luns(vec![Lun::new(3, lu3.clone())], &[7], std::slice::from_ref(&a)));
     good(&f.run_as(&a, &tur, &[]).await);
 
     assert!(f.target.change_luns(vec![], &[3], std::slice::from_ref(&a)));
@@ -1812,7 +1856,7 @@ async fn luns_removed_from_a_live_target_stop_being_served_and_are_announced() {
 
     // A LUN given another unit is a change too.
     let other = memory_unit();
-    assert!(f.target.change_luns(vec![(0, other.clone())], &[], std::slice::from_ref(&b)));
+    assert!(f.target.change_luns(vec![Lun::new(0, other.clone())], &[], std::slice::from_ref(&b)));
     assert!(Arc::ptr_eq(&f.target.lun(0).expect("lun 0"), &other));
     assert_eq!(check(&f.run_as(&b, &tur, &[]).await), REPORTED_LUNS_CHANGED);
 }

@@ -490,6 +490,12 @@ impl LogicalUnit {
             }
         }
         for (unit, writes) in &units {
+            // A destination this target maps read-only (through the LUN the command came
+            // to, or another) is not written through it.
+            let mapped_read_only = (std::ptr::eq(*unit, self) && ctx.read_only) || ctx.peers.protects(unit);
+            if *writes && mapped_read_only {
+                return Err(Sense::write_protected().into());
+            }
             unit.check_copy_access(&ctx.cmd.nexus, *writes).await?;
         }
 

@@ -583,3 +583,26 @@ async fn rsoc_reports_extended_copy_and_receive_copy_results() {
     let r = f.run(&c, &[]).await;
     assert_eq!(good(&r)[1] & 0x07, 0x01);
 }
+
+/// A unit the target maps read-only may be a copy source, never a destination: nothing
+/// writes it through this target, the copy manager included.
+#[tokio::test]
+async fn a_read_only_lun_is_a_copy_source_but_never_a_destination() {
+    let f = fixture();
+    let b = f.target.lun(1).expect("lun 1");
+    f.target.change_luns(vec![crate::scsi::Lun::read_only(1, b)], &[], &[]);
+    let data = pattern(8 * BS, 5);
+    f.b.write(0, Bytes::from(data.clone())).await.expect("seed");
+    // B (read-only) to A: allowed.
+    let l = list(1, NO_LIST_ID, &[cscd(VOL_A), cscd(VOL_B)], &[b2b(1, 0, 8, 0, 20)]);
+    good(&f.xcopy(&l).await);
+    assert_eq!(bytes(&f.a, 20 * BS as u64, 8 * BS as u64).await, data);
+    // A to B: refused whole, B untouched.
+    let l = list(1, NO_LIST_ID, &[cscd(VOL_A), cscd(VOL_B)], &[b2b(0, 1, 8, 20, 50)]);
+    let r = f.xcopy(&l).await;
+    assert_eq!(check(&r).0, (crate::scsi::sense::key::DATA_PROTECT, 0x27, 0x00));
+    assert!(bytes(&f.b, 50 * BS as u64, 8 * BS as u64).await.iter().all(|&b| b == 0));
+    // Sent to the read-only LUN itself, the same copy is refused too.
+    let r = f.exec(&nexus("a"), 1, &xcopy_cdb(l.len() as u32), &l).await;
+    assert_eq!(check(&r).0, (crate::scsi::sense::key::DATA_PROTECT, 0x27, 0x00));
+}
