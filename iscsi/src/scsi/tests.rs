@@ -993,7 +993,7 @@ async fn select_swp(t: &Target, n: &Nexus, on: bool) -> ScsiResponse {
     exec_lun(t, 0, n, &[0x15, 0x10, 0, 0, list.len() as u8, 0], &list).await
 }
 
-const WRITE_PROTECTED: (u8, u8, u8) = (key::DATA_PROTECT, 0x27, 0x02);
+const SOFTWARE_WRITE_PROTECTED: (u8, u8, u8) = (key::DATA_PROTECT, 0x27, 0x02);
 const MODE_PARAMETERS_CHANGED: (u8, u8, u8) = (key::UNIT_ATTENTION, 0x2A, 0x01);
 
 /// SWP is the one changeable mode field. Set through one node, it shows (with WP) and is
@@ -1027,24 +1027,24 @@ async fn software_write_protect_is_set_by_mode_select_and_enforced_on_every_path
     assert_eq!(good(&r)[4 + 4], 0);
     let w10 = |lba: u8| [0x2A, 0, 0, 0, 0, lba, 0, 0, 1, 0];
     let block = vec![0xA5u8; BS];
-    assert_eq!(check(&exec_lun(&t1, 0, &a, &w10(3), &block).await), WRITE_PROTECTED);
+    assert_eq!(check(&exec_lun(&t1, 0, &a, &w10(3), &block).await), SOFTWARE_WRITE_PROTECTED);
     for (cdb, data) in [
         (vec![0x41, 0x08, 0, 0, 0, 3, 0, 0, 1, 0], vec![0u8; BS]), // WRITE SAME(10) UNMAP
         (vec![0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0], unmap_list(&[(3, 1)])),
         (vec![0x2E, 0, 0, 0, 0, 3, 0, 0, 1, 0], block.clone()), // WRITE AND VERIFY(10)
         (vec![0x89, 0, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 1, 0, 0], vec![0u8; 2 * BS]),
     ] {
-        assert_eq!(check(&exec_lun(&t1, 0, &a, &cdb, &data).await), WRITE_PROTECTED, "{cdb:02x?}");
+        assert_eq!(check(&exec_lun(&t1, 0, &a, &cdb, &data).await), SOFTWARE_WRITE_PROTECTED, "{cdb:02x?}");
     }
     // Reads and cache flushes go on.
     good(&exec_lun(&t1, 0, &a, &[0x28, 0, 0, 0, 0, 3, 0, 0, 1, 0], &[]).await);
     good(&exec_lun(&t1, 0, &a, &[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]).await);
     // The other nexus of this node is told, then is refused too; so is the other node's.
     assert_eq!(check(&exec_lun(&t1, 0, &b, &w10(3), &block).await), MODE_PARAMETERS_CHANGED);
-    assert_eq!(check(&exec_lun(&t1, 0, &b, &w10(3), &block).await), WRITE_PROTECTED);
+    assert_eq!(check(&exec_lun(&t1, 0, &b, &w10(3), &block).await), SOFTWARE_WRITE_PROTECTED);
     there.mode_changed_elsewhere();
     assert_eq!(check(&exec_lun(&t2, 0, &c, &w10(3), &block).await), MODE_PARAMETERS_CHANGED);
-    assert_eq!(check(&exec_lun(&t2, 0, &c, &w10(3), &block).await), WRITE_PROTECTED);
+    assert_eq!(check(&exec_lun(&t2, 0, &c, &w10(3), &block).await), SOFTWARE_WRITE_PROTECTED);
     assert!(control_page(&t2, &c).await.0, "WP not shown on the other node");
 
     // Anything else in the page must still repeat the current values.
