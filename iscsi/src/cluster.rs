@@ -1000,16 +1000,16 @@ impl crate::lu::TargetRegistry for ClusterTargets {
                 return None;
             }
         };
-        let target = crate::scsi::Target::new(def.name.clone());
+        let mut luns = Vec::with_capacity(def.luns.len());
         for l in &def.luns {
             match self.unit(&l.volume).await {
-                Ok(unit) => {
-                    target.change_luns(vec![crate::scsi::Lun { lun: l.lun, unit, read_only: l.read_only }], &[], &[]);
-                }
+                Ok(unit) => luns.push(crate::scsi::Lun { lun: l.lun, unit, read_only: l.read_only }),
                 // A LUN whose volume is gone or unreachable is left out; the others serve.
                 Err(e) => tracing::warn!(target_name = %name, lun = l.lun, volume = %l.volume, error = %e, "LUN not served"),
             }
         }
+        let target = crate::scsi::Target::new(def.name.clone());
+        target.change_luns(luns, &[], &[]);
         let target = Arc::new(target);
         {
             let mut opened = self.opened.lock().unwrap_or_else(|p| p.into_inner());
