@@ -32,7 +32,7 @@ use tokio::sync::{oneshot, Notify, Semaphore};
 /// so the completion queue (twice as large) can never overflow.
 const ENTRIES: u32 = 256;
 
-/// The `user_data` of the no-op that [`Uring::write_two`] adds to its submission (see there).
+/// The `user_data` of the no-op that [`submit`] adds to a submission of two entries.
 /// Never an operation's id in practice: ids count up from 0 by one per operation.
 const PLUG_NOP: u64 = u64::MAX;
 
@@ -79,17 +79,40 @@ struct Flush<'a>(&'a Uring);
 
 impl Drop for Flush<'_> {
     fn drop(&mut self) {
-        let st = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
         // Cleared under the lock before submitting: an entry pushed after this submit finds
         // the flag clear and submits it itself; one pushed before goes now.
         self.0.flush_due.store(false, Ordering::Release);
-        if let Err(e) = st.ring.submit() {
+        if let Err(e) = submit(&mut st.ring) {
             // The entries stay queued and go with the next submission (`drain` also retries);
             // the completions still come. Only log: no operation is lost.
             tracing::warn!(error = %e, "io_uring submit failed; retried with the next one");
         }
         drop(st);
     }
+}
+
+/// Submits the queued entries. A submission of exactly two gets a no-op that posts no
+/// completion. Why: io_uring plugs the block layer (`blk_start_plug`) only for a submission
+/// of more than two entries (`io_submit_state_start`: `need_plug = max_ios > 2`, Linux 5.15
+/// to 6.18 at least). Unplugged, each of two writes reaches the device by itself, one
+/// doorbell each (ext4's direct I/O plugs only its own bio): `block:block_unplug` counts two
+/// for a fast commit's pair (its journal commit and its data write). Plugged, the pair goes
+/// in one batch with one doorbell, which on a virtual disk is one VM exit fewer.
+fn submit(ring: &mut IoUring) -> io::Result<usize> {
+    let mut sq = ring.submission();
+    if sq.len() == 2 && sq.capacity() > 2 {
+        // No completion on success (`IOSQE_CQE_SKIP_SUCCESS`). A kernel without that flag
+        // fails the no-op instead, and `drain` ignores its completion (no operation has this
+        // id); the completion queue has room for it: it is twice the submission queue, and
+        // there is at most one no-op per two operations in flight.
+        let nop = opcode::Nop::new().build().user_data(PLUG_NOP).flags(io_uring::squeue::Flags::SKIP_SUCCESS);
+        // SAFETY: a no-op points at no memory; there is room (checked just above).
+        let pushed = unsafe { sq.push(&nop) };
+        debug_assert!(pushed.is_ok());
+    }
+    drop(sq);
+    ring.submit()
 }
 
 /// Errors of a ring operation that say "use the blocking path instead", as opposed to an I/O
@@ -178,22 +201,15 @@ impl Uring {
     }
 
     /// Two writes (with their `pwritev2` flags, e.g. `RWF_DSYNC`: durable when it completes)
-    /// handed to the kernel in one submission, answered when both are over.
-    ///
-    /// The submission also carries a no-op that posts no completion. Why: io_uring plugs the
-    /// block layer (`blk_start_plug`) only for a submission of more than two entries
-    /// (`io_submit_state_start`: `need_plug = max_ios > 2`, Linux 5.15 to 6.18 at least).
-    /// Unplugged, each write reaches the device by itself, one doorbell each (ext4's direct
-    /// I/O plugs only its own bio): `block:block_unplug` counts two per pair. Plugged, the
-    /// pair goes in one batch with one doorbell, which on a virtual disk is one VM exit
-    /// fewer per write.
+    /// handed to the kernel in one submission (one plugged batch, see [`submit`]), answered
+    /// when both are over.
     pub(crate) async fn write_two(
         &self,
         a: WriteOp,
         b: WriteOp,
     ) -> Result<(io::Result<usize>, io::Result<usize>), Unavailable> {
         let (ea, eb) = (a.entry()?, b.entry()?);
-        let [ra, rb] = self.queue_plugged([ea, eb], true).await?;
+        let [ra, rb] = self.queue([ea, eb]).await?;
         let (a, b) = tokio::join!(Self::outcome(ra), Self::outcome(rb));
         Ok((a?.0, b?.0))
     }
@@ -212,17 +228,15 @@ impl Uring {
         held: Held,
         file: Arc<dyn AsRawFd + Send + Sync>,
     ) -> Result<(io::Result<usize>, Held), Unavailable> {
-        let [rx] = self.queue_plugged([(entry, held, file)], false).await?;
+        let [rx] = self.queue([(entry, held, file)]).await?;
         Self::outcome(rx).await
     }
 
     /// Queues `N` operations together and sees them submitted; returns where each one's
-    /// completion arrives. With `plug`, a no-op goes with them when there is room for it, so
-    /// the submission is large enough for io_uring to plug (see [`write_two`](Self::write_two)).
-    async fn queue_plugged<const N: usize>(
+    /// completion arrives.
+    async fn queue<const N: usize>(
         &self,
         ops: [(io_uring::squeue::Entry, Held, Arc<dyn AsRawFd + Send + Sync>); N],
-        plug: bool,
     ) -> Result<[oneshot::Receiver<(i32, Held)>; N], Unavailable> {
         let permit = self.slots.acquire_many(N as u32).await.map_err(|_| Unavailable::Stopped)?;
         let (rxs, busy) = {
@@ -238,16 +252,6 @@ impl Uring {
             };
             if room < N {
                 return Err(Unavailable::Stopped);
-            }
-            if plug && room > N {
-                // No completion on success (`IOSQE_CQE_SKIP_SUCCESS`). A kernel without that
-                // flag fails the no-op instead, and `drain` ignores its completion (no
-                // operation has this id); the completion queue has room for it, being twice
-                // the submission queue.
-                let nop = opcode::Nop::new().build().user_data(PLUG_NOP).flags(io_uring::squeue::Flags::SKIP_SUCCESS);
-                // SAFETY: a no-op points at no memory; there is room (checked just above).
-                let pushed = unsafe { st.ring.submission().push(&nop) };
-                debug_assert!(pushed.is_ok());
             }
             let rxs = ops.map(|(entry, held, file)| {
                 let (tx, rx) = oneshot::channel();
@@ -313,7 +317,7 @@ impl Uring {
             }
             // Entries left queued by a failed submit go now.
             if !ring.submission().is_empty() {
-                let _ = ring.submit();
+                let _ = submit(ring);
             }
         }
         self.slots.add_permits(done.len());
@@ -523,7 +527,7 @@ mod tests {
         assert!(done.is_ok(), "operations hung: slots were lost");
     }
 
-    /// Pairs of writes, each submitted with its plug no-op, many at once: every write lands,
+    /// Pairs of writes, many at once (each pair submitted alone gets the plug no-op): every write lands,
     /// and afterwards no slot and no pending entry is left over (the no-op holds neither,
     /// and on kernels that post its completion, that completion is ignored).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
