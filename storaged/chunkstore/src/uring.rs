@@ -527,9 +527,9 @@ mod tests {
         assert!(done.is_ok(), "operations hung: slots were lost");
     }
 
-    /// Pairs of writes, many at once (each pair submitted alone gets the plug no-op): every write lands,
-    /// and afterwards no slot and no pending entry is left over (the no-op holds neither,
-    /// and on kernels that post its completion, that completion is ignored).
+    /// Pairs of writes, many at once (a pair submitted alone gets the plug no-op): every
+    /// write lands, and afterwards no slot and no pending entry is left over (the no-op holds
+    /// neither, and on kernels that post its completion, that completion is ignored).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn write_pairs_land_and_give_every_slot_back() {
         let dir = tempfile::tempdir().unwrap();
