@@ -9,8 +9,11 @@
 //! queued meanwhile, writes them as one *commit* with `O_DIRECT`, and fdatasyncs the journal.
 //! That fdatasync also flushes the device's write cache, which makes the `O_DIRECT` data writes
 //! that completed before it durable too. A lone ring write on an idle journal skips the thread
-//! and writes its own commit (see [`Journal::begin_fast`]). The `.sums` files themselves are fdatasynced only at
-//! a *checkpoint*, when half of the ring is in use: after it, their records are no longer needed.
+//! and writes its own commit (see [`Journal::begin_fast`]); a small one puts its data in that
+//! commit, is answered when the commit is durable and writes its data in place afterwards
+//! ([`FastCommit::commit_alone`]). The `.sums` files themselves are fdatasynced only at
+//! a *checkpoint*, when half of the ring is in use: after it, their records are no longer
+//! needed (a checkpoint waits for answered data still to be written in place first).
 //!
 //! # File layout (`journal` in the disk's directory)
 //!
@@ -195,6 +198,12 @@ struct Queue {
     /// The committer thread sleeps on `wake` for records: writers notify only then (a
     /// notification is a system call even when nobody waits).
     sleeping: bool,
+    /// Acknowledged data commits whose in-place write is not over ([`Placement`]). The tail
+    /// may not move past them (their data's only durable copy is in the ring), so a
+    /// checkpoint waits for zero.
+    placing: u32,
+    /// The committer waits for `placing` to reach zero (and is notified then).
+    awaiting_placed: bool,
 }
 
 struct Shared {
@@ -393,6 +402,8 @@ impl Opened {
                 dirty: HashMap::new(),
                 lone: true,
                 sleeping: false,
+                placing: 0,
+                awaiting_placed: false,
             }),
             wake: Condvar::new(),
             path: self.path.clone(),
@@ -571,7 +582,7 @@ impl Journal {
         };
         let buf = if with_data { encode(KIND_DATA, lsn, &[record], data) } else { encode_commit(KIND_RECORDS, lsn, &[record]) };
         debug_assert_eq!(buf.len() as u64, len);
-        Ok(Some(FastCommit { shared: self.shared.clone(), files: files.clone(), lsn, buf, with_data }))
+        Ok(Some(FastCommit { shared: self.shared.clone(), files: files.clone(), lsn, buf: Some(buf), with_data }))
     }
 
     /// Commits written by writers themselves, for the store's statistics.
@@ -616,6 +627,11 @@ impl Journal {
     }
 
     #[cfg(test)]
+    pub fn tail(&self) -> u64 {
+        lock(&self.shared.queue).tail
+    }
+
+    #[cfg(test)]
     pub fn set_latency(&self, latency: Duration) {
         *lock(&self.shared.latency) = latency;
     }
@@ -632,19 +648,23 @@ impl Drop for Journal {
 }
 
 /// A commit of one record that its writer writes itself, holding the journal's token
-/// (`Queue::busy`) from [`Journal::begin_fast`] until [`run`](Self::run) is over.
+/// (`Queue::busy`) from [`Journal::begin_fast`] until its commit is over.
 ///
 /// The commit is written with `RWF_DSYNC`: it is durable when it completes, with no
-/// fdatasync. When it carries the write's data (`with_data`, small writes), the in-place data
-/// write beside it needs no durability of its own: replay writes the data again, and the
-/// tail only moves past the commit at a checkpoint, whose flush comes after the in-place
-/// write completed (the token is held until then). Otherwise the in-place write is a
-/// `RWF_DSYNC` write of its own (on a device with FUA, the commit's write flushes nothing else).
+/// fdatasync. When it carries the write's data (`with_data`, small writes), the write is
+/// durable with it ([`commit_alone`](Self::commit_alone)): it is answered then, and its
+/// in-place data write runs afterwards and needs no durability of its own. Replay writes the
+/// data again, and the tail only moves past the commit at a checkpoint, which first waits
+/// for every such in-place write to be over (`Queue::placing`), so its flush makes them
+/// durable before the commit stops being replayed. Otherwise ([`run`](Self::run)) the data
+/// write goes beside the commit, as a `RWF_DSYNC` write of its own (on a device with FUA,
+/// the commit's write flushes nothing else), and the token is held until both are over.
 pub(crate) struct FastCommit {
     shared: Arc<Shared>,
     files: Arc<Files>,
     lsn: u64,
-    buf: AlignedBuf,
+    /// Taken when written.
+    buf: Option<AlignedBuf>,
     with_data: bool,
 }
 
@@ -655,20 +675,21 @@ pub(crate) struct FastOutcome {
 }
 
 impl FastCommit {
+    /// Whether the commit carries the write's data: then [`commit_alone`](Self::commit_alone)
+    /// may leave the in-place write until after the answer.
+    pub fn with_data(&self) -> bool {
+        self.with_data
+    }
+
     /// Writes the commit and the data in place (one submission), and gives the token back
     /// once both are over. `in_place`'s flags are set here (whether it must be durable by
     /// itself depends on the commit). Run it to the end (under `uring::RunToEnd`): dropping
     /// it half-way would leave the journal busy for ever.
-    pub async fn run(self, ring: &crate::uring::Uring, mut in_place: WriteOp) -> FastOutcome {
-        let FastCommit { shared, files, lsn, buf, with_data } = self;
-        let latency = *lock(&shared.latency);
-        if !latency.is_zero() {
-            tokio::time::sleep(latency).await;
-        }
+    pub async fn run(mut self, ring: &crate::uring::Uring, mut in_place: WriteOp) -> FastOutcome {
+        let (buf, at) = self.prepare().await;
+        in_place.flags = if self.with_data { 0 } else { libc::RWF_DSYNC };
+        let file: Arc<dyn std::os::fd::AsRawFd + Send + Sync> = self.shared.file.clone();
         let len = buf.len() as u64;
-        let file: Arc<dyn std::os::fd::AsRawFd + Send + Sync> = shared.file.clone();
-        let at = AREA + lsn % shared.ring;
-        in_place.flags = if with_data { 0 } else { libc::RWF_DSYNC };
         // Both writes go to the kernel in one submission.
         let written = ring
             .write_two(
@@ -678,22 +699,78 @@ impl FastCommit {
             .await;
         let (journal, wrote) = match written {
             Ok((journal, wrote)) => (Ok(journal), Ok(wrote)),
-            Err(u) => (Err(()), Err(u)),
+            Err(u) => (Err(u), Err(u)),
         };
-        let outcome = match journal {
+        let committed = self.finish(journal, len, false);
+        FastOutcome { committed, wrote }
+    }
+
+    /// Writes the commit alone, with the write's data in it (only for a commit
+    /// [`with_data`](Self::with_data)), and gives the token back once it is durable. The
+    /// write is then acknowledged, and its in-place data write is left to the returned
+    /// [`Placement`], to be submitted after the answer went out.
+    ///
+    /// Why: at queue depth 1 the in-place write only delays the answer. Beside the commit it
+    /// shares the device with it (the commit's flush waits for the device cache, which holds
+    /// it), and its completion, which comes before the commit's, wakes the writer once more
+    /// for nothing. After the answer it runs while the initiator prepares its next command.
+    /// Measured on the development VM's disk (4000 writes each): the commit alone 141 to 148
+    /// µs at the median, beside its data write 156 to 170 µs.
+    pub async fn commit_alone(
+        mut self,
+        ring: &crate::uring::Uring,
+        replica: Arc<crate::replica::Replica>,
+        blocks: (u64, u64),
+    ) -> Result<Placement> {
+        debug_assert!(self.with_data);
+        let (buf, at) = self.prepare().await;
+        let file: Arc<dyn std::os::fd::AsRawFd + Send + Sync> = self.shared.file.clone();
+        let len = buf.len() as u64;
+        let written = ring.write_at_flags(file, buf.into_bytes(), at, Box::new(()), libc::RWF_DSYNC).await;
+        self.finish(written, len, true)?;
+        // Counted before anyone can learn the write was acknowledged: a read or write of the
+        // replica that starts after the answer waits for this placement (`Replica::placed`).
+        replica.defer(blocks.0, blocks.1);
+        Ok(Placement { shared: self.shared.clone(), replica, blocks, len: 0, written: false })
+    }
+
+    /// The commit's bytes and where they go, after the test latency if any.
+    async fn prepare(&mut self) -> (AlignedBuf, u64) {
+        let latency = *lock(&self.shared.latency);
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+        let buf = self.buf.take().unwrap_or_else(|| unreachable!("a fast commit is written once (run and commit_alone take it)"));
+        (buf, AREA + self.lsn % self.shared.ring)
+    }
+
+    /// Takes the commit write's outcome: moves the head past a durable commit (counting its
+    /// in-place write as outstanding if `placing`), fails the journal otherwise, and gives
+    /// the token back.
+    fn finish(
+        &self,
+        written: std::result::Result<io::Result<usize>, crate::uring::Unavailable>,
+        len: u64,
+        placing: bool,
+    ) -> Result<()> {
+        let outcome = match written {
             Ok(Ok(n)) if n as u64 == len => Ok(()),
             Ok(Ok(n)) => Err(io::Error::new(io::ErrorKind::WriteZero, format!("wrote {n} of {len} bytes"))),
             Ok(Err(e)) => Err(e),
             // The ring stopped under us (the runtime is going away): the write's fate is
             // unknown, so nothing may be committed after it.
-            Err(()) => Err(io::Error::other("replica I/O ring stopped")),
+            Err(_) => Err(io::Error::other("replica I/O ring stopped")),
         };
+        let shared = &self.shared;
         let mut q = lock(&shared.queue);
         q.busy = false;
         let committed = match outcome {
             Ok(()) => {
-                q.head = lsn + len;
-                q.dirty.entry(Arc::as_ptr(&files) as usize).or_insert(files);
+                q.head = self.lsn + len;
+                q.dirty.entry(Arc::as_ptr(&self.files) as usize).or_insert_with(|| self.files.clone());
+                if placing {
+                    q.placing += 1;
+                }
                 shared.fast_commits.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
@@ -714,7 +791,78 @@ impl FastCommit {
         if wake {
             shared.wake.notify_one();
         }
-        FastOutcome { committed, wrote }
+        committed
+    }
+}
+
+/// The in-place write of an acknowledged data commit ([`FastCommit::commit_alone`]), still
+/// to be done. Until it is over the replica lists its blocks as deferred and the journal counts it in
+/// `placing`. If it fails, or never runs (the ring went away), the acknowledged data is
+/// only in the journal: the replica refuses reads (they could return the previous data) and
+/// the journal refuses writes, so its tail never moves past the commit and the next start
+/// replays it into place.
+pub(crate) struct Placement {
+    shared: Arc<Shared>,
+    replica: Arc<crate::replica::Replica>,
+    /// First block and count.
+    blocks: (u64, u64),
+    len: usize,
+    written: bool,
+}
+
+impl Placement {
+    /// Queues the in-place write (`op`, whose `keep` ends with it) on the ring, submitted
+    /// by the ring's driver task (see `Uring::write_detached`); returns at once.
+    pub async fn submit(mut self, ring: &crate::uring::Uring, op: WriteOp) -> Result<()> {
+        self.len = op.data.len();
+        let done = Box::new(move |res: i32| self.written(res));
+        ring.write_detached(op, done).await.map_err(|_| Error::BadDisk("replica I/O ring stopped".into()))
+    }
+
+    fn written(mut self, res: i32) {
+        match usize::try_from(res) {
+            Ok(n) if n == self.len => self.written = true,
+            Ok(n) => self.fail(&io::Error::new(io::ErrorKind::WriteZero, format!("wrote {n} of {} bytes", self.len))),
+            Err(_) => self.fail(&io::Error::from_raw_os_error(-res)),
+        }
+    }
+
+    fn fail(&self, e: &io::Error) {
+        let rep = &self.replica;
+        tracing::error!(
+            disk = rep.disk, chunk = %rep.chunk, error = %e,
+            "in-place write of an acknowledged write failed; its data stays in the journal, the disk refuses further writes"
+        );
+        rep.fail(e.kind(), format!("in-place write of {} failed: {e}", rep.paths.data.display()));
+        let mut q = lock(&self.shared.queue);
+        if q.failed.is_none() {
+            q.failed = Some(Failure::new(&rep.paths.data, e));
+        }
+        let f = q.failed.clone();
+        for p in q.pending.drain(..) {
+            if let Some(f) = &f {
+                let _ = p.done.send(Err(f.to_error()));
+            }
+        }
+        drop(q);
+        self.shared.wake.notify_all();
+    }
+}
+
+impl Drop for Placement {
+    fn drop(&mut self) {
+        if !self.written {
+            self.fail(&io::Error::other("the in-place write did not run (the replica I/O ring stopped)"));
+        }
+        // Failure first, so whoever the release wakes finds it.
+        self.replica.place_done(self.blocks.0, self.blocks.1);
+        let mut q = lock(&self.shared.queue);
+        q.placing -= 1;
+        let wake = q.placing == 0 && (q.awaiting_placed || q.head - q.tail > self.shared.ring / 2);
+        drop(q);
+        if wake {
+            self.shared.wake.notify_all();
+        }
     }
 }
 
@@ -743,7 +891,9 @@ impl Committer {
                         self.drain_failed();
                         return;
                     }
-                    let due = q.head - q.tail > self.shared.ring / 2;
+                    // A checkpoint waits for the in-place writes of acknowledged data
+                    // commits; the last one to end wakes us (`Placement`).
+                    let due = q.head - q.tail > self.shared.ring / 2 && q.placing == 0;
                     if !q.busy && (!q.pending.is_empty() || due) {
                         break;
                     }
@@ -790,7 +940,10 @@ impl Committer {
                     self.dirty.entry(Arc::as_ptr(&p.files) as usize).or_insert_with(|| p.files.clone());
                 }
             }
-            if result.is_ok() && self.head - self.tail > self.shared.ring / 2 {
+            // With in-place writes outstanding, the checkpoint waits for the round that finds
+            // none (the last one to end wakes the thread); fast commits stop meanwhile
+            // (`begin_fast`), so it comes soon.
+            if result.is_ok() && self.head - self.tail > self.shared.ring / 2 && lock(&self.shared.queue).placing == 0 {
                 if let Err(f) = self.checkpoint() {
                     tracing::error!(path = %f.path.display(), error = %f.message, "journal checkpoint failed; the disk refuses further writes");
                     lock(&self.shared.queue).failed = Some(f);
@@ -826,6 +979,30 @@ impl Committer {
             if q.stop {
                 return;
             }
+            q = self.shared.wake.wait(q).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Waits until every acknowledged data commit's in-place write is over: their data must
+    /// be in the data files (and flushed with them by the fdatasync below) before the tail
+    /// moves past their commits. The token is held, so no new one starts meanwhile. Gives up
+    /// if the journal failed (a failed in-place write fails it), or when the store is
+    /// stopping: the write that needed this checkpoint's room was not acknowledged.
+    fn await_placed(&self) -> std::result::Result<(), Failure> {
+        let mut q = lock(&self.shared.queue);
+        loop {
+            if let Some(f) = &q.failed {
+                return Err(f.clone());
+            }
+            if q.placing == 0 {
+                q.awaiting_placed = false;
+                return Ok(());
+            }
+            if q.stop {
+                q.awaiting_placed = false;
+                return Err(self.fail(&io::Error::other("store closing with in-place writes outstanding")));
+            }
+            q.awaiting_placed = true;
             q = self.shared.wake.wait(q).unwrap_or_else(|p| p.into_inner());
         }
     }
@@ -882,6 +1059,7 @@ impl Committer {
 
     /// Makes every journalled sums file durable, then moves the tail to the head.
     fn checkpoint(&mut self) -> std::result::Result<(), Failure> {
+        self.await_placed()?;
         for (_, f) in self.dirty.drain() {
             f.sums.sync_data().map_err(|e| Failure::new(&f.sums_path, &e))?;
             self.shared.fdatasyncs.fetch_add(1, Ordering::Relaxed);

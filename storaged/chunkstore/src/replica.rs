@@ -121,13 +121,26 @@ pub(crate) struct Replica {
     /// this replica (until the process restarts and the replica is verified again).
     pub failed: Mutex<Option<(io::ErrorKind, String)>>,
     /// Data writes submitted to the ring after their sums were updated and the lock released
-    /// (see `ChunkStore::write_with_sums`). While any is in flight a block may hold neither
+    /// (see `ChunkStore::write_with_sums`), answered or not (see `deferred`). While any is in
+    /// flight a block may hold neither
     /// of its listed sums, so the verifying paths wait for zero under the lock
     /// ([`read_state`](Self::read_state), [`write_state`](Self::write_state)); a writer
     /// raises it only under the write lock, so zero seen under the lock stays zero.
     pub in_flight: AtomicU32,
     /// Lock waiters waiting for `in_flight` to drain.
     pub settling: AtomicU32,
+    /// The blocks (first, count) of acknowledged writes whose data is in the journal but not
+    /// yet in place (a small fast commit writes its data in place after its answer:
+    /// `FastCommit::commit_alone`). Until it is, the data file may hold the previous contents
+    /// of an acknowledged block, which verify (against the previous slot): the lock-free
+    /// paths (the ring read, the ring write's sums update) wait for the blocks they touch
+    /// first ([`placed`](Self::placed)); the locked paths wait for `in_flight`, which these
+    /// writes also hold.
+    deferred: Mutex<Vec<(u64, u64)>>,
+    /// `deferred.len()`, checked without the lock.
+    deferred_count: AtomicU32,
+    /// Woken when a deferred write is in place.
+    placed_now: tokio::sync::Notify,
 }
 
 /// Decrements a replica's in-flight ring writes when the operation is over (it lives in the
@@ -197,6 +210,58 @@ impl Replica {
             failed: Mutex::new(None),
             in_flight: AtomicU32::new(0),
             settling: AtomicU32::new(0),
+            deferred: Mutex::new(Vec::new()),
+            deferred_count: AtomicU32::new(0),
+            placed_now: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Counts an acknowledged write of `count` blocks from `first` as not yet in place.
+    pub fn defer(&self, first: u64, count: u64) {
+        lock(&self.deferred).push((first, count));
+        self.deferred_count.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Whether an acknowledged write of any of these blocks is not in place yet.
+    pub fn unplaced(&self, first: u64, count: u64) -> bool {
+        if self.deferred_count.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        lock(&self.deferred).iter().any(|&(f, n)| f < first + count && first < f + n)
+    }
+
+    /// Waits until every acknowledged write of these blocks is in place.
+    pub async fn placed(&self, first: u64, count: u64) {
+        loop {
+            let notified = self.placed_now.notified();
+            let mut notified = std::pin::pin!(notified);
+            // Registered before the check, so a placement right after it still wakes us.
+            notified.as_mut().enable();
+            if !self.unplaced(first, count) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// The deferred write of [`defer`](Self::defer)`(first, count)` is over.
+    pub fn place_done(&self, first: u64, count: u64) {
+        {
+            let mut d = lock(&self.deferred);
+            if let Some(i) = d.iter().position(|&r| r == (first, count)) {
+                d.swap_remove(i);
+                self.deferred_count.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        self.placed_now.notify_waiters();
+    }
+
+    /// Refuses every further read and write of this replica (until the process restarts and
+    /// the replica is verified again).
+    pub fn fail(&self, kind: io::ErrorKind, message: String) {
+        let mut f = lock(&self.failed);
+        if f.is_none() {
+            *f = Some((kind, message));
         }
     }
 

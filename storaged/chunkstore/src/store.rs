@@ -112,6 +112,16 @@ impl Drop for Inner {
 pub(crate) struct TestHooks {
     /// Makes the next write stop right after its sums pwrite, as if the process were killed.
     pub crash_after_sums: std::sync::atomic::AtomicBool,
+    /// What happens to the next deferred in-place write (`FastCommit::commit_alone`).
+    pub next_placement: Mutex<Option<PlacementHook>>,
+}
+
+#[cfg(test)]
+pub(crate) enum PlacementHook {
+    /// Submitted only once this is notified.
+    Hold(Arc<tokio::sync::Notify>),
+    /// Never submitted, as if the ring had stopped.
+    Drop,
 }
 
 /// Reads up to this size are verified (and ring writes without the writer's sums hashed) on
@@ -131,6 +141,8 @@ impl std::os::fd::AsRawFd for DataFd {
 
 enum ReadPlan {
     Empty,
+    /// An acknowledged write of the replica is not in place yet: wait for it, then plan again.
+    Placing(Arc<Replica>),
     /// The lock is taken (by a writer on the blocking pool): read there, waiting for it.
     Blocking,
     /// Read `entries.len() / ENTRY` blocks from `first` through the ring.
@@ -142,6 +154,17 @@ struct RingWrite {
     files: Arc<Files>,
     record: Record,
     guard: InFlight,
+}
+
+/// What [`Inner::plan_ring_write`] decided.
+enum RingPlan {
+    /// Sums updated: write the data through the ring.
+    Ring(RingWrite),
+    /// Not for the ring: take the blocking path.
+    Blocking,
+    /// An acknowledged write of the replica is not in place yet: wait for it, then plan
+    /// again (so this write's data cannot land before it).
+    Placing(Arc<Replica>),
 }
 
 /// What a mutation leaves for the journal: the sum entries it wrote, to be made durable.
@@ -294,8 +317,15 @@ impl ChunkStore {
         }
         let _epoch = self.admit(chunk.volume, epoch).await?;
         if let Some(ring) = &self.inner.uring {
-            if let Some(plan) = self.inner.plan_ring_write(disk, chunk, chunk_size, version, offset, &data, &sums)? {
-                return self.ring_write(ring, disk, plan, data).await;
+            loop {
+                match self.inner.plan_ring_write(disk, chunk, chunk_size, version, offset, &data, &sums)? {
+                    RingPlan::Ring(plan) => return self.ring_write(ring, disk, plan, data).await,
+                    RingPlan::Placing(rep) => {
+                        let (first, n) = block_span(offset, data.len() as u64);
+                        rep.placed(first, n).await
+                    }
+                    RingPlan::Blocking => break,
+                }
             }
         }
         // The blocking task hands its record straight to the journal and the outcome comes
@@ -354,13 +384,48 @@ impl ChunkStore {
             Err(_) => Err(Error::BadDisk("replica I/O ring stopped".into())),
         };
         if let Some(fast) = journal.begin_fast(&record, &files, &data)? {
-            // The journal is idle: this write writes its own commit beside its data write,
-            // in one submission, and nothing else has to wake up for it (see
-            // `Journal::begin_fast`). Both must end (and free the journal) even if our caller
-            // stops waiting: they run here, and move to a task of their own only if this
-            // future is dropped first (`RunToEnd`), keeping the store open until then.
+            // The journal is idle: this write writes its own commit, and nothing else has to
+            // wake up for it (see `Journal::begin_fast`). It must end (and free the journal)
+            // even if our caller stops waiting: it runs here, and moves to a task of its own
+            // only if this future is dropped first (`RunToEnd`), keeping the store open until
+            // then.
             let (inner, commit_ring) = (self.inner.clone(), ring.clone());
+            let (replica, blocks) = (guard.0.clone(), (record.first, (record.entries.len() / ENTRY) as u64));
             let in_place = WriteOp { file: fd, data, offset: at, keep: Box::new(guard), flags: 0 };
+            if fast.with_data() {
+                // The commit holds the data: the write is answered once the commit is
+                // durable, and its in-place write goes after the answer
+                // (`FastCommit::commit_alone`).
+                #[cfg(test)]
+                let hook = lock(&self.inner.hooks.next_placement).take();
+                return RunToEnd::new(async move {
+                    let placed = async {
+                        let placement = fast.commit_alone(&commit_ring, replica, blocks).await?;
+                        #[cfg(test)]
+                        match hook {
+                            Some(PlacementHook::Hold(release)) => {
+                                let ring = commit_ring.clone();
+                                tokio::spawn(async move {
+                                    release.notified().await;
+                                    let _ = placement.submit(&ring, in_place).await;
+                                });
+                                return Ok(());
+                            }
+                            Some(PlacementHook::Drop) => {
+                                drop((placement, in_place));
+                                return Ok(());
+                            }
+                            None => {}
+                        }
+                        placement.submit(&commit_ring, in_place).await
+                    }
+                    .await;
+                    drop(inner);
+                    placed
+                })
+                .await;
+            }
+            // Both writes go in one submission, the in-place one `RWF_DSYNC` itself.
             let FastOutcome { committed, wrote } = RunToEnd::new(async move {
                 let outcome = fast.run(&commit_ring, in_place).await;
                 drop(inner);
@@ -394,10 +459,16 @@ impl ChunkStore {
         offset: u64,
         len: u64,
     ) -> Result<Option<Bytes>> {
-        let (files, first, entries) = match self.inner.plan_read(disk, chunk, version, offset, len)? {
-            ReadPlan::Empty => return Ok(Some(Bytes::new())),
-            ReadPlan::Blocking => return Ok(None),
-            ReadPlan::Ring { files, first, entries } => (files, first, entries),
+        let (files, first, entries) = loop {
+            match self.inner.plan_read(disk, chunk, version, offset, len)? {
+                ReadPlan::Empty => return Ok(Some(Bytes::new())),
+                ReadPlan::Placing(rep) => {
+                    let (first, n) = block_span(offset, len);
+                    rep.placed(first, n).await
+                }
+                ReadPlan::Blocking => return Ok(None),
+                ReadPlan::Ring { files, first, entries } => break (files, first, entries),
+            }
         };
         let n = entries.len() / ENTRY;
         let size = n * BS;
@@ -700,6 +771,12 @@ impl ChunkStore {
     #[cfg(test)]
     pub(crate) fn journal_busy(&self) -> bool {
         self.inner.journals.first().is_some_and(Journal::busy)
+    }
+
+    /// The first disk's journal tail (where replay would start).
+    #[cfg(test)]
+    pub(crate) fn journal_tail(&self) -> u64 {
+        self.inner.journals.first().map_or(0, Journal::tail)
     }
 
     /// Makes every journal commit take `latency` longer, standing in for a slow disk.
@@ -1021,10 +1098,10 @@ impl Inner {
         offset: u64,
         data: &[u8],
         sums: &[BlockSum],
-    ) -> Result<Option<RingWrite>> {
+    ) -> Result<RingPlan> {
         let len = data.len() as u64;
         if len == 0 || offset % BLOCK_SIZE != 0 || len % BLOCK_SIZE != 0 {
-            return Ok(None);
+            return Ok(RingPlan::Blocking);
         }
         let computed;
         let sums = if sums.is_empty() && data.len() <= VERIFY_INLINE_MAX {
@@ -1034,15 +1111,21 @@ impl Inner {
             sums
         };
         if sums.len() as u64 != len / BLOCK_SIZE {
-            return Ok(None);
+            return Ok(RingPlan::Blocking);
         }
-        let Ok(rep) = self.lookup(disk, chunk) else { return Ok(None) };
+        let Ok(rep) = self.lookup(disk, chunk) else { return Ok(RingPlan::Blocking) };
         rep.check()?;
-        self.journal(disk)?.check()?;
         let (first, n) = block_span(offset, len);
-        let Some(st) = rep.try_write_state() else { return Ok(None) };
+        // Checked before the sums change: every write of these blocks answered before this
+        // one began is listed until its data is in place (one answered since is concurrent
+        // with this one, and may land before or after it).
+        if rep.unplaced(first, n) {
+            return Ok(RingPlan::Placing(rep));
+        }
+        self.journal(disk)?.check()?;
+        let Some(st) = rep.try_write_state() else { return Ok(RingPlan::Blocking) };
         if st.deleted || version > st.version || !rep.ring_open() || !rep.is_allocated(first, n) {
-            return Ok(None);
+            return Ok(RingPlan::Blocking);
         }
         if st.chunk_size != chunk_size {
             return Err(Error::ChunkSizeMismatch { have: st.chunk_size, got: chunk_size });
@@ -1065,7 +1148,7 @@ impl Inner {
         rep.in_flight.fetch_add(1, Ordering::AcqRel);
         drop(st);
         let record = Record { volume: chunk.volume, index: chunk.index, nonce: rep.nonce, first, entries, data: None };
-        Ok(Some(RingWrite { files, record, guard: InFlight(rep) }))
+        Ok(RingPlan::Ring(RingWrite { files, record, guard: InFlight(rep) }))
     }
 
     /// The checks of a read and the sum entries of its blocks, read under the replica's lock
@@ -1080,6 +1163,12 @@ impl Inner {
     ) -> Result<ReadPlan> {
         let rep = self.lookup(disk, chunk)?;
         rep.check()?;
+        // Every write of these blocks answered before this read began is in place once none
+        // is listed (the locked read waits for `in_flight`, which those writes also hold).
+        let (first, n) = block_span(offset, len);
+        if rep.unplaced(first, n) {
+            return Ok(ReadPlan::Placing(rep));
+        }
         let Some(st) = rep.try_read_state() else { return Ok(ReadPlan::Blocking) };
         if st.deleted {
             return Err(Error::NotFound { disk, chunk });
@@ -1092,7 +1181,6 @@ impl Inner {
             return Ok(ReadPlan::Empty);
         }
         let files = self.files(&rep, st.chunk_size)?;
-        let (first, n) = block_span(offset, len);
         let entries = files.read_entries(first, n)?;
         Ok(ReadPlan::Ring { files, first, entries })
     }

@@ -852,3 +852,119 @@ async fn a_new_journal_is_written_whole_and_a_truncated_one_is_recreated() {
     s.write(0, chunk(0), CS, 1, 1, 0, Bytes::from(pattern(1, B as usize))).await.expect("write after recreate");
     assert_eq!(std::fs::metadata(&journal).expect("journal").len(), len);
 }
+
+/// Holds the next deferred in-place write until the returned notify is notified.
+fn hold_next_placement(s: &ChunkStore) -> Arc<tokio::sync::Notify> {
+    let release = Arc::new(tokio::sync::Notify::new());
+    *s.inner().hooks.next_placement.lock().expect("hooks") = Some(crate::store::PlacementHook::Hold(release.clone()));
+    release
+}
+
+/// Whether `task` is still running after a while in which it would have finished had it not
+/// been waiting for something.
+async fn still_waiting<T>(task: &tokio::task::JoinHandle<T>) -> bool {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    !task.is_finished()
+}
+
+/// A small lone overwrite is answered once its commit (which holds its data) is durable and
+/// writes its data in place afterwards. Until it has, a read of its blocks waits (the
+/// previous data still verifies, against the previous sum, and would be returned), and so
+/// does a later write of them (whose data must not land before it); other blocks do not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_and_writes_after_an_answer_wait_for_its_data_in_place() {
+    let dir = TempDir::new().expect("tempdir");
+    let c = chunk(37);
+    let s = Arc::new(open(&dir, 1).await);
+    s.write(0, c, CS, 1, 1, 0, Bytes::from(pattern(1, 4 * B as usize))).await.expect("allocating write");
+    let before = s.stats().fast_commits;
+
+    let release = hold_next_placement(&s);
+    s.write(0, c, CS, 1, 1, B, Bytes::from(pattern(2, B as usize))).await.expect("answered write");
+    assert_eq!(s.stats().fast_commits - before, 1, "the overwrite did not commit itself");
+    let read = {
+        let s = s.clone();
+        tokio::spawn(async move { s.read(0, c, 1, B, B).await })
+    };
+    assert!(still_waiting(&read).await, "a read returned before an answered write's data was in place");
+    release.notify_one();
+    let got = tokio::time::timeout(Duration::from_secs(20), read).await.expect("read never ended").expect("task");
+    assert_eq!(&got.expect("read")[..], &pattern(2, B as usize)[..]);
+
+    let release = hold_next_placement(&s);
+    s.write(0, c, CS, 1, 1, B, Bytes::from(pattern(3, B as usize))).await.expect("answered write");
+    // Other blocks of the replica do not wait.
+    let other = tokio::time::timeout(Duration::from_secs(20), async {
+        s.write(0, c, CS, 1, 1, 2 * B, Bytes::from(pattern(5, B as usize))).await.expect("write of another block");
+        s.read(0, c, 1, 2 * B, 2 * B).await.expect("read of other blocks")
+    });
+    let got = other.await.expect("an access to other blocks waited for the held one");
+    assert_eq!(&got[..B as usize], &pattern(5, B as usize)[..]);
+    let later = {
+        let s = s.clone();
+        tokio::spawn(async move { s.write(0, c, CS, 1, 1, B, Bytes::from(pattern(4, B as usize))).await })
+    };
+    assert!(still_waiting(&later).await, "a write went ahead of an answered write of its block");
+    release.notify_one();
+    let wrote = tokio::time::timeout(Duration::from_secs(20), later).await.expect("write never ended").expect("task");
+    wrote.expect("later write");
+    let got = s.read(0, c, 1, B, B).await.expect("read");
+    assert_eq!(&got[..], &pattern(4, B as usize)[..], "the earlier write's data landed last");
+    assert_eq!(s.stats().fast_commits - before, 4);
+}
+
+/// An answered write whose in-place write never happens (it failed, or the ring went away)
+/// still has its data in the journal: the replica refuses reads (they would return the
+/// previous data), the disk refuses writes (the journal's tail must not move past it), and
+/// the next start replays the data into place.
+#[tokio::test]
+async fn an_answered_write_that_never_lands_in_place_is_replayed() {
+    let dir = TempDir::new().expect("tempdir");
+    let c = chunk(38);
+    let mut model = vec![0u8; CS as usize];
+    {
+        let s = open(&dir, 1).await;
+        write_model(&s, &mut model, c, 0, pattern(1, 4 * B as usize)).await;
+        *s.inner().hooks.next_placement.lock().expect("hooks") = Some(crate::store::PlacementHook::Drop);
+        write_model(&s, &mut model, c, 2 * B, pattern(2, B as usize)).await;
+        s.read(0, c, 1, 2 * B, B).await.expect_err("read of a replica whose answered data is not in place");
+        s.write(0, chunk(39), CS, 1, 1, 0, Bytes::from(pattern(3, B as usize)))
+            .await
+            .expect_err("write to a disk whose journal keeps an answered write's only copy");
+    }
+    let on_disk = std::fs::read(data_file(&dir, 0, c)).expect("read data file");
+    assert_eq!(&on_disk[2 * B as usize..3 * B as usize], &pattern(1, 4 * B as usize)[2 * B as usize..3 * B as usize]);
+    reopen_and_check(&dir, c, &model, 4, "replay did not put the answered write in place").await;
+}
+
+/// The journal's tail does not move past an answered data commit whose in-place write is
+/// not over (its data's only durable copy is in the ring): the checkpoint waits, and runs
+/// once the write is in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_waits_for_answered_data_to_be_in_place() {
+    let dir = TempDir::new().expect("tempdir");
+    let (held, other) = (chunk(40), chunk(41));
+    let s = open(&dir, 1).await;
+    s.write(0, held, CS, 1, 1, 0, Bytes::from(pattern(1, B as usize))).await.expect("allocating write");
+    s.write(0, other, CS, 1, 1, 0, Bytes::from(pattern(2, CS as usize))).await.expect("allocating write");
+    let tail = s.journal_tail();
+    let release = hold_next_placement(&s);
+    s.write(0, held, CS, 1, 1, 0, Bytes::from(pattern(3, B as usize))).await.expect("answered write");
+    // Each small overwrite's commit takes 8 KiB: these fill more than half of the smallest
+    // ring, when a checkpoint is due.
+    let n = crate::MIN_JOURNAL_BYTES / (2 * B) * 3 / 4;
+    for i in 0..n {
+        let at = (i % (CS / B)) * B;
+        s.write(0, other, CS, 1, 1, at, Bytes::from(pattern(10 + i, B as usize))).await.expect("overwrite");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(s.journal_tail(), tail, "the tail moved past a commit whose data was not in place");
+    release.notify_one();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while s.journal_tail() == tail {
+        assert!(Instant::now() < deadline, "no checkpoint once the data was in place");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let got = s.read(0, held, 1, 0, B).await.expect("read");
+    assert_eq!(&got[..], &pattern(3, B as usize)[..]);
+}

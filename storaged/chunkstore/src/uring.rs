@@ -48,7 +48,28 @@ struct Pending {
     held: Held,
     /// The file the operation targets, kept open until it completes.
     _file: Arc<dyn AsRawFd + Send + Sync>,
-    done: oneshot::Sender<(i32, Held)>,
+    done: Done,
+}
+
+/// Who learns how an operation ended.
+enum Done {
+    /// A caller waiting for it (or that stopped waiting: the send then fails).
+    Reply(oneshot::Sender<(i32, Held)>),
+    /// Nobody waits ([`Uring::write_detached`]): called with the result, once.
+    Call(Box<dyn FnOnce(i32) + Send>),
+}
+
+impl Done {
+    fn finish(self, res: i32, held: Held) {
+        match self {
+            // A caller that stopped waiting drops the buffer here, after the kernel is done.
+            Done::Reply(tx) => drop(tx.send((res, held))),
+            Done::Call(f) => {
+                f(res);
+                drop(held);
+            }
+        }
+    }
 }
 
 struct State {
@@ -70,6 +91,8 @@ pub(crate) struct Uring {
     driving: AtomicBool,
     /// Set while some caller has queued entries and will submit them (see `submit`).
     flush_due: AtomicBool,
+    /// Asks the driver task to submit what is queued (see [`Uring::write_detached`]).
+    kick: Notify,
     stop: Notify,
 }
 
@@ -117,7 +140,7 @@ fn submit(ring: &mut IoUring) -> io::Result<usize> {
 
 /// Errors of a ring operation that say "use the blocking path instead", as opposed to an I/O
 /// error of the operation itself.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub(crate) enum Unavailable {
     Stopped,
 }
@@ -160,6 +183,7 @@ impl Uring {
             slots: Semaphore::new(ENTRIES as usize),
             driving: AtomicBool::new(true),
             flush_due: AtomicBool::new(false),
+            kick: Notify::new(),
             stop: Notify::new(),
         });
         tokio::spawn(drive(uring.clone()));
@@ -196,7 +220,19 @@ impl Uring {
         offset: u64,
         keep: Box<dyn Send + Sync>,
     ) -> Result<io::Result<usize>, Unavailable> {
-        let (entry, held, file) = WriteOp { file, data, offset, keep, flags: 0 }.entry()?;
+        self.write_at_flags(file, data, offset, keep, 0).await
+    }
+
+    /// [`write_at`](Self::write_at) with `pwritev2` flags (e.g. `RWF_DSYNC`).
+    pub(crate) async fn write_at_flags(
+        &self,
+        file: Arc<dyn AsRawFd + Send + Sync>,
+        data: Bytes,
+        offset: u64,
+        keep: Box<dyn Send + Sync>,
+        flags: i32,
+    ) -> Result<io::Result<usize>, Unavailable> {
+        let (entry, held, file) = WriteOp { file, data, offset, keep, flags }.entry()?;
         Ok(self.submit(entry, held, file).await?.0)
     }
 
@@ -212,6 +248,45 @@ impl Uring {
         let [ra, rb] = self.queue([ea, eb]).await?;
         let (a, b) = tokio::join!(Self::outcome(ra), Self::outcome(rb));
         Ok((a?.0, b?.0))
+    }
+
+    /// Queues a write that nobody waits for: `done` is called with its result (a byte count,
+    /// or a negated errno) when the kernel is done with it, from the driver task, or with
+    /// `-ECANCELED` if the ring goes away without learning the result. The write is not
+    /// submitted here but by the driver task, which this wakes: it runs after the tasks the
+    /// caller wakes before it next yields (tokio runs the task woken last first), so a write
+    /// queued on the way to an answer reaches the kernel after that answer was sent.
+    pub(crate) async fn write_detached(&self, op: WriteOp, done: Box<dyn FnOnce(i32) + Send>) -> Result<(), Unavailable> {
+        let (entry, held, file) = op.entry()?;
+        let permit = self.slots.acquire().await.map_err(|_| Unavailable::Stopped)?;
+        {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if !self.driving.load(Ordering::Acquire) {
+                return Err(Unavailable::Stopped);
+            }
+            let room = {
+                let sq = st.ring.submission();
+                sq.capacity() - sq.len()
+            };
+            if room == 0 {
+                return Err(Unavailable::Stopped);
+            }
+            let id = st.next_id;
+            st.next_id = st.next_id.wrapping_add(1);
+            let entry = entry.user_data(id);
+            // SAFETY: as in `queue`: the buffer and descriptor move into `pending` below and
+            // stay there until the completion for `id` is reaped; there is room.
+            let pushed = unsafe { st.ring.submission().push(&entry) };
+            debug_assert!(pushed.is_ok());
+            st.pending.insert(id, Pending { held, _file: file, done: Done::Call(done) });
+        }
+        permit.forget();
+        // Whoever set the flag submits; if a caller already holds it, the entry goes with
+        // theirs.
+        if !self.flush_due.swap(true, Ordering::AcqRel) {
+            self.kick.notify_one();
+        }
+        Ok(())
     }
 
     async fn outcome(rx: oneshot::Receiver<(i32, Held)>) -> Result<(io::Result<usize>, Held), Unavailable> {
@@ -264,7 +339,7 @@ impl Uring {
                 // above, under the same lock).
                 let pushed = unsafe { st.ring.submission().push(&entry) };
                 debug_assert!(pushed.is_ok());
-                st.pending.insert(id, Pending { held, _file: file, done: tx });
+                st.pending.insert(id, Pending { held, _file: file, done: Done::Reply(tx) });
                 rx
             });
             (rxs, st.pending.len() > N)
@@ -322,8 +397,7 @@ impl Uring {
         }
         self.slots.add_permits(done.len());
         for (p, res) in done {
-            // A caller that stopped waiting drops the buffer here, after the kernel is done.
-            let _ = p.done.send((res, p.held));
+            p.done.finish(res, p.held);
         }
     }
 }
@@ -344,6 +418,10 @@ async fn drive(uring: Arc<Uring>) {
     loop {
         let readable = tokio::select! {
             r = uring.ready.readable() => r,
+            _ = uring.kick.notified() => {
+                drop(Flush(&uring));
+                continue;
+            }
             _ = uring.stop.notified() => break,
         };
         let Ok(mut guard) = readable else {
@@ -371,13 +449,21 @@ impl Drop for Uring {
                     // Leaking the buffers is the only safe choice when we cannot learn that
                     // the kernel is done with them.
                     tracing::error!(error = %e, pending = st.pending.len(), "io_uring wait failed; leaking buffers");
-                    std::mem::forget(std::mem::take(&mut st.pending));
+                    for (_, p) in std::mem::take(&mut st.pending) {
+                        if let Done::Call(f) = p.done {
+                            f(-libc::ECANCELED);
+                        }
+                        std::mem::forget(p.held);
+                        std::mem::forget(p._file);
+                    }
                     return;
                 }
             }
-            let ids: Vec<u64> = st.ring.completion().map(|c| c.user_data()).collect();
-            for id in ids {
-                st.pending.remove(&id);
+            let done: Vec<(u64, i32)> = st.ring.completion().map(|c| (c.user_data(), c.result())).collect();
+            for (id, res) in done {
+                if let Some(p) = st.pending.remove(&id) {
+                    p.done.finish(res, p.held);
+                }
             }
         }
     }
