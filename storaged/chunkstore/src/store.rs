@@ -103,6 +103,10 @@ impl Drop for Inner {
     fn drop(&mut self) {
         if let Some(ring) = &self.uring {
             ring.stop();
+            // What is still in flight now is the in-place writes of answered writes (every
+            // other operation holds the store): they land before the disks are unlocked, so
+            // a store opened again after this cannot see one land over a newer write.
+            ring.finish_pending();
         }
     }
 }

@@ -366,8 +366,9 @@ impl Uring {
         Ok(rxs)
     }
 
-    /// Waits (blocking) for every pending operation and answers it.
-    fn finish_pending(&self) {
+    /// Waits (blocking) for every pending operation and answers it. Needs no other task: safe
+    /// on any thread, the runtime's included.
+    pub(crate) fn finish_pending(&self) {
         loop {
             {
                 let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
