@@ -6,7 +6,9 @@
 //! the new sum entries to this journal and waits. A ring write hands them over as it submits
 //! its data, so the commit's journal write runs beside the data write; the commit's fdatasync
 //! waits for that data write (`DataWrite`). The committer thread takes every record
-//! queued meanwhile, writes them as one *commit* with `O_DIRECT`, and fdatasyncs the journal.
+//! queued meanwhile, writes them as one *commit* with `O_DIRECT`, and hands it to the syncer
+//! thread, which fdatasyncs the journal and answers it (meanwhile the committer writes the
+//! next commit; see `Syncing`).
 //! That fdatasync also flushes the device's write cache, which makes the `O_DIRECT` data writes
 //! that completed before it durable too. A lone ring write on an idle journal skips the thread
 //! and writes its own commit (see [`Journal::begin_fast`]); a small one puts its data in that
@@ -46,7 +48,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::replica::{lock, Files};
 use crate::uring::WriteOp;
 use basalt_types::VolumeId;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -209,6 +211,10 @@ struct Queue {
 struct Shared {
     queue: Mutex<Queue>,
     wake: Condvar,
+    /// Group commits written and waiting for the fdatasync that makes them durable (the
+    /// syncer thread's work), and its notifications both ways.
+    syncing: Mutex<Syncing>,
+    sync_wake: Condvar,
     path: PathBuf,
     file: Arc<File>,
     ring: u64,
@@ -217,6 +223,9 @@ struct Shared {
     fast_commits: AtomicU64,
     /// Extra latency per commit, used by tests to stand in for a slow disk.
     latency: Mutex<Duration>,
+    /// Extra latency per fdatasync of the syncer, for tests.
+    #[cfg(test)]
+    sync_latency: Mutex<Duration>,
 }
 
 /// Handle to one disk's journal and its committer thread; the thread stops when this is
@@ -406,18 +415,30 @@ impl Opened {
                 awaiting_placed: false,
             }),
             wake: Condvar::new(),
+            syncing: Mutex::new(Syncing::default()),
+            sync_wake: Condvar::new(),
             path: self.path.clone(),
             file: Arc::new(self.file),
             ring: self.ring,
             fdatasyncs,
             fast_commits: AtomicU64::new(0),
             latency: Mutex::new(Duration::ZERO),
+            #[cfg(test)]
+            sync_latency: Mutex::new(Duration::ZERO),
         });
+        let syncer = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("journal-sync".into())
+                .spawn(move || sync_loop(&shared))
+                .map_err(|e| Error::BadDisk(format!("cannot start the journal sync thread: {e}")))?
+        };
         let committer = Committer {
             shared: shared.clone(),
             head: 0,
             tail: 0,
             dirty: HashMap::new(),
+            syncer: Some(syncer),
         };
         let thread = std::thread::Builder::new()
             .name("journal".into())
@@ -624,6 +645,11 @@ impl Journal {
     #[cfg(test)]
     pub fn busy(&self) -> bool {
         lock(&self.shared.queue).busy
+    }
+
+    #[cfg(test)]
+    pub fn head(&self) -> u64 {
+        lock(&self.shared.queue).head
     }
 
     #[cfg(test)]
@@ -872,6 +898,87 @@ struct Committer {
     tail: u64,
     /// Files whose sums were journalled since the last checkpoint, by address.
     dirty: HashMap<usize, Arc<Files>>,
+    /// The syncer thread, stopped and joined when this thread ends.
+    syncer: Option<JoinHandle<()>>,
+}
+
+/// The syncer's queue. Why a second thread: a group commit is two device round trips, its
+/// journal write (beside its data writes) and the fdatasync; done one commit after the
+/// other, writes arriving during a commit wait for both before theirs even starts. With the
+/// fdatasync on its own thread, the next commit's write runs during this one's fdatasync,
+/// and one fdatasync serves every commit written meanwhile. A commit is still answered only
+/// after an fdatasync that began after its journal write completed, in log order.
+#[derive(Default)]
+struct Syncing {
+    /// Written commits, oldest first, with the failure of their journal write if any.
+    written: VecDeque<Vec<Pending>>,
+    /// The syncer holds commits taken from `written` and not answered yet.
+    busy: bool,
+    stop: bool,
+}
+
+impl Drop for Committer {
+    fn drop(&mut self) {
+        lock(&self.shared.syncing).stop = true;
+        self.shared.sync_wake.notify_all();
+        if let Some(t) = self.syncer.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The syncer thread: fdatasyncs the journal for every commit written, and answers them.
+fn sync_loop(shared: &Shared) {
+    loop {
+        let batches: Vec<Vec<Pending>> = {
+            let mut s = lock(&shared.syncing);
+            while s.written.is_empty() {
+                if s.stop {
+                    return;
+                }
+                s = shared.sync_wake.wait(s).unwrap_or_else(|p| p.into_inner());
+            }
+            s.busy = true;
+            s.written.drain(..).collect()
+        };
+        sync_and_answer(shared, batches);
+        lock(&shared.syncing).busy = false;
+        shared.sync_wake.notify_all();
+    }
+}
+
+/// Fdatasyncs the journal, then answers `batches` (written before) with the outcome.
+fn sync_and_answer(shared: &Shared, batches: Vec<Vec<Pending>>) {
+    {
+        // After a failure no later sync can be trusted (the kernel may have dropped dirty
+        // state): nothing more is answered as durable.
+        let failed = lock(&shared.queue).failed.clone();
+        let result = match failed {
+            Some(f) => Err(f),
+            None => {
+                #[cfg(test)]
+                std::thread::sleep(*lock(&shared.sync_latency));
+                let r = shared.file.sync_data().map_err(|e| Failure::new(&shared.path, &e));
+                shared.fdatasyncs.fetch_add(1, Ordering::Relaxed);
+                r
+            }
+        };
+        if let Err(f) = &result {
+            let mut q = lock(&shared.queue);
+            if q.failed.is_none() {
+                tracing::error!(path = %f.path.display(), error = %f.message, "journal fdatasync failed; the disk refuses further writes");
+                q.failed = Some(f.clone());
+            }
+            for p in q.pending.drain(..) {
+                let _ = p.done.send(Err(f.to_error()));
+            }
+            drop(q);
+            shared.wake.notify_all();
+        }
+        for p in batches.into_iter().flatten() {
+            let _ = p.done.send(result.clone().map_err(|f| f.to_error()));
+        }
+    }
 }
 
 /// Bytes of records taken into one commit (a single bigger record still goes alone).
@@ -959,11 +1066,31 @@ impl Committer {
                 q.lone = lone && q.pending.is_empty();
                 q.busy = false;
             }
-            // Answered once the token is back, so a writer answered here and writing again
-            // at once finds the journal idle.
-            for p in batch {
-                let _ = p.done.send(result.clone().map_err(|f| f.to_error()));
+            // Handed to the syncer (answered by it once durable) after the token is back, so a
+            // writer answered and writing again at once finds the journal idle.
+            match result {
+                Ok(()) if !batch.is_empty() => {
+                    // Always handed over, even with nothing else waiting: syncing here when
+                    // idle saves the syncer's wake-up at low load, but measured 5% fewer 4 KiB
+                    // writes at queue depth 32 (records arriving during that sync wait for it).
+                    lock(&self.shared.syncing).written.push_back(batch);
+                    self.shared.sync_wake.notify_all();
+                }
+                Ok(()) => {}
+                Err(f) => {
+                    for p in batch {
+                        let _ = p.done.send(Err(f.to_error()));
+                    }
+                }
             }
+        }
+    }
+
+    /// Waits until the syncer has answered every commit handed to it: they are durable.
+    fn await_synced(&self) {
+        let mut s = lock(&self.shared.syncing);
+        while !s.written.is_empty() || s.busy {
+            s = self.shared.sync_wake.wait(s).unwrap_or_else(|p| p.into_inner());
         }
     }
 
@@ -1051,8 +1178,7 @@ impl Committer {
                 self.shared.fdatasyncs.fetch_add(1, Ordering::Relaxed);
             }
         }
-        self.shared.file.sync_data().map_err(|e| self.fail(&e))?;
-        self.shared.fdatasyncs.fetch_add(1, Ordering::Relaxed);
+        // The journal's fdatasync is the syncer's (`sync_loop`), which answers the batch.
         self.head = lsn + len;
         Ok(())
     }
@@ -1060,6 +1186,12 @@ impl Committer {
     /// Makes every journalled sums file durable, then moves the tail to the head.
     fn checkpoint(&mut self) -> std::result::Result<(), Failure> {
         self.await_placed()?;
+        // The tail moves to the head: every commit before it must be durable (and answered
+        // in order) first.
+        self.await_synced();
+        if let Some(f) = &lock(&self.shared.queue).failed {
+            return Err(f.clone());
+        }
         for (_, f) in self.dirty.drain() {
             f.sums.sync_data().map_err(|e| Failure::new(&f.sums_path, &e))?;
             self.shared.fdatasyncs.fetch_add(1, Ordering::Relaxed);
@@ -1108,5 +1240,45 @@ mod tests {
         drop(DataWritten(data));
         let answer = tokio::time::timeout(Duration::from_secs(30), committed).await;
         assert!(matches!(answer, Ok(Ok(Ok(())))), "the commit was not answered after its data write: {answer:?}");
+    }
+
+    /// Under load (a record already waiting when a commit is written) the next commit's
+    /// journal write does not wait for the previous commit's fdatasync, and neither commit is
+    /// answered before an fdatasync that followed its write.
+    #[tokio::test]
+    async fn the_next_commit_is_written_during_the_previous_ones_fdatasync() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let opened = Opened::open(&dir.path().join("journal"), MIN_RING).expect("journal");
+        let journal = opened.start(Arc::new(AtomicU64::new(0))).expect("committer");
+        journal.set_latency(Duration::from_millis(300));
+        *lock(&journal.shared.sync_latency) = Duration::from_millis(1500);
+        let files = Arc::new(Files::scratch(dir.path()));
+        let record = |first| Record { volume: 1, index: 0, nonce: 7, first, entries: vec![3u8; ENTRY], data: None };
+        async fn written_past(j: &Journal, head: u64) {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            while j.head() <= head {
+                assert!(tokio::time::Instant::now() < deadline, "a commit was never written");
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        let start = journal.head();
+        let (tx, mut first) = tokio::sync::oneshot::channel();
+        journal.enqueue(record(0), files.clone(), tx);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !journal.busy() {
+            assert!(tokio::time::Instant::now() < deadline, "the first commit never started");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // Queued while the first commit is being written.
+        let (tx, second) = tokio::sync::oneshot::channel();
+        journal.enqueue(record(1), files.clone(), tx);
+        written_past(&journal, start).await;
+        let after_first = journal.head();
+        written_past(&journal, after_first).await;
+        assert!(first.try_recv().is_err(), "the second commit was written only after the first one's fdatasync");
+        let first = tokio::time::timeout(Duration::from_secs(30), first).await;
+        assert!(matches!(first, Ok(Ok(Ok(())))), "first commit: {first:?}");
+        let second = tokio::time::timeout(Duration::from_secs(30), second).await;
+        assert!(matches!(second, Ok(Ok(Ok(())))), "second commit: {second:?}");
     }
 }

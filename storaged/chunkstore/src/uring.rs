@@ -679,7 +679,7 @@ mod tests {
                 let data = Bytes::from(vec![i as u8; 4096]);
                 if i % 2 == 0 {
                     let op = WriteOp { file, data, offset: i * 4096, keep: Box::new(()), flags: 0 };
-                    ring.write_detached(op, Box::new(move |res| drop(tx.send((i, res))))).await.unwrap();
+                    ring.write_detached(op, Box::new(move |res| { let _ = tx.send((i, res)); })).await.unwrap();
                 } else {
                     assert_eq!(ring.write_at(file, data, i * 4096, Box::new(())).await.unwrap().unwrap(), 4096);
                 }
