@@ -169,6 +169,26 @@ impl WriteOp {
     }
 }
 
+impl State {
+    /// Queues one operation under a new id. The caller checked there is room
+    /// ([`Uring::state_with_room`]).
+    fn push(&mut self, entry: io_uring::squeue::Entry, held: Held, file: Arc<dyn AsRawFd + Send + Sync>, done: Done) {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        let entry = entry.user_data(id);
+        // SAFETY: the buffer `entry` points into and the descriptor it names are moved into
+        // `pending` right below and stay there until the completion for `id` is reaped
+        // (`drain`), or until `Drop` has waited for it. There is room (the caller checked,
+        // under the same lock).
+        let pushed = unsafe { self.ring.submission().push(&entry) };
+        debug_assert!(pushed.is_ok());
+        if matches!(done, Done::Call(_)) {
+            self.detached += 1;
+        }
+        self.pending.insert(id, Pending { held, _file: file, done });
+    }
+}
+
 impl Uring {
     /// Sets up a ring and spawns its driver on the current tokio runtime.
     pub(crate) fn start() -> io::Result<Arc<Uring>> {
@@ -261,28 +281,7 @@ impl Uring {
     pub(crate) async fn write_detached(&self, op: WriteOp, done: Box<dyn FnOnce(i32) + Send>) -> Result<(), Unavailable> {
         let (entry, held, file) = op.entry()?;
         let permit = self.slots.acquire().await.map_err(|_| Unavailable::Stopped)?;
-        {
-            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            if !self.driving.load(Ordering::Acquire) {
-                return Err(Unavailable::Stopped);
-            }
-            let room = {
-                let sq = st.ring.submission();
-                sq.capacity() - sq.len()
-            };
-            if room == 0 {
-                return Err(Unavailable::Stopped);
-            }
-            let id = st.next_id;
-            st.next_id = st.next_id.wrapping_add(1);
-            let entry = entry.user_data(id);
-            // SAFETY: as in `queue`: the buffer and descriptor move into `pending` below and
-            // stay there until the completion for `id` is reaped; there is room.
-            let pushed = unsafe { st.ring.submission().push(&entry) };
-            debug_assert!(pushed.is_ok());
-            st.pending.insert(id, Pending { held, _file: file, done: Done::Call(done) });
-            st.detached += 1;
-        }
+        self.state_with_room(1)?.push(entry, held, file, Done::Call(done));
         permit.forget();
         // Whoever set the flag submits; if a caller already holds it, the entry goes with
         // theirs.
@@ -318,31 +317,10 @@ impl Uring {
     ) -> Result<[oneshot::Receiver<(i32, Held)>; N], Unavailable> {
         let permit = self.slots.acquire_many(N as u32).await.map_err(|_| Unavailable::Stopped)?;
         let (rxs, busy) = {
-            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            if !self.driving.load(Ordering::Acquire) {
-                return Err(Unavailable::Stopped);
-            }
-            // Cannot fail while the semaphore bounds the operations in flight; refuse rather
-            // than risk it (nothing is pushed unless all fit).
-            let room = {
-                let sq = st.ring.submission();
-                sq.capacity() - sq.len()
-            };
-            if room < N {
-                return Err(Unavailable::Stopped);
-            }
+            let mut st = self.state_with_room(N)?;
             let rxs = ops.map(|(entry, held, file)| {
                 let (tx, rx) = oneshot::channel();
-                let id = st.next_id;
-                st.next_id = st.next_id.wrapping_add(1);
-                let entry = entry.user_data(id);
-                // SAFETY: the buffer `entry` points into and the descriptor it names are moved
-                // into `pending` right below and stay there until the completion for `id` is
-                // reaped (`drain`), or until `Drop` has waited for it. There is room (checked
-                // above, under the same lock).
-                let pushed = unsafe { st.ring.submission().push(&entry) };
-                debug_assert!(pushed.is_ok());
-                st.pending.insert(id, Pending { held, _file: file, done: Done::Reply(tx) });
+                st.push(entry, held, file, Done::Reply(tx));
                 rx
             });
             // Only operations someone waits for say other tasks are at work and may queue
@@ -364,6 +342,24 @@ impl Uring {
             drop(flush);
         }
         Ok(rxs)
+    }
+
+    /// The state, locked, if the ring is driven and its submission queue has room for `n`
+    /// more entries (it cannot lack room while the semaphore bounds the operations in
+    /// flight; refused rather than risked: nothing is pushed unless all fit).
+    fn state_with_room(&self, n: usize) -> Result<std::sync::MutexGuard<'_, State>, Unavailable> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.driving.load(Ordering::Acquire) {
+            return Err(Unavailable::Stopped);
+        }
+        let room = {
+            let sq = st.ring.submission();
+            sq.capacity() - sq.len()
+        };
+        if room < n {
+            return Err(Unavailable::Stopped);
+        }
+        Ok(st)
     }
 
     /// Waits (blocking) for every pending operation and answers it. Needs no other task: safe
