@@ -208,6 +208,15 @@ struct Queue {
     awaiting_placed: bool,
 }
 
+impl Queue {
+    /// Answers every queued record with `f` (the journal failed: none will be committed).
+    fn answer_pending(&mut self, f: &Failure) {
+        for p in self.pending.drain(..) {
+            let _ = p.done.send(Err(f.to_error()));
+        }
+    }
+}
+
 struct Shared {
     queue: Mutex<Queue>,
     wake: Condvar,
@@ -757,7 +766,7 @@ impl FastCommit {
         // Counted before anyone can learn the write was acknowledged: a read or write of the
         // replica that starts after the answer waits for this placement (`Replica::placed`).
         replica.defer(blocks.0, blocks.1);
-        Ok(Placement { shared: self.shared.clone(), replica, blocks, len: 0, written: false })
+        Ok(Placement { shared: self.shared.clone(), replica, blocks, written: false })
     }
 
     /// The commit's bytes and where they go, after the test latency if any.
@@ -804,9 +813,7 @@ impl FastCommit {
                 let f = Failure::new(&shared.path, &e);
                 tracing::error!(path = %f.path.display(), error = %f.message, "journal write failed; the disk refuses further writes");
                 q.failed = Some(f.clone());
-                for p in q.pending.drain(..) {
-                    let _ = p.done.send(Err(f.to_error()));
-                }
+                q.answer_pending(&f);
                 Err(f.to_error())
             }
         };
@@ -832,23 +839,22 @@ pub(crate) struct Placement {
     replica: Arc<crate::replica::Replica>,
     /// First block and count.
     blocks: (u64, u64),
-    len: usize,
     written: bool,
 }
 
 impl Placement {
     /// Queues the in-place write (`op`, whose `keep` ends with it) on the ring, submitted
     /// by the ring's driver task (see `Uring::write_detached`); returns at once.
-    pub async fn submit(mut self, ring: &crate::uring::Uring, op: WriteOp) -> Result<()> {
-        self.len = op.data.len();
-        let done = Box::new(move |res: i32| self.written(res));
+    pub async fn submit(self, ring: &crate::uring::Uring, op: WriteOp) -> Result<()> {
+        let len = op.data.len();
+        let done = Box::new(move |res: i32| self.written(res, len));
         ring.write_detached(op, done).await.map_err(|_| Error::BadDisk("replica I/O ring stopped".into()))
     }
 
-    fn written(mut self, res: i32) {
+    fn written(mut self, res: i32, len: usize) {
         match usize::try_from(res) {
-            Ok(n) if n == self.len => self.written = true,
-            Ok(n) => self.fail(&io::Error::new(io::ErrorKind::WriteZero, format!("wrote {n} of {} bytes", self.len))),
+            Ok(n) if n == len => self.written = true,
+            Ok(n) => self.fail(&io::Error::new(io::ErrorKind::WriteZero, format!("wrote {n} of {len} bytes"))),
             Err(_) => self.fail(&io::Error::from_raw_os_error(-res)),
         }
     }
@@ -861,15 +867,8 @@ impl Placement {
         );
         rep.fail(e.kind(), format!("in-place write of {} failed: {e}", rep.paths.data.display()));
         let mut q = lock(&self.shared.queue);
-        if q.failed.is_none() {
-            q.failed = Some(Failure::new(&rep.paths.data, e));
-        }
-        let f = q.failed.clone();
-        for p in q.pending.drain(..) {
-            if let Some(f) = &f {
-                let _ = p.done.send(Err(f.to_error()));
-            }
-        }
+        let f = q.failed.get_or_insert_with(|| Failure::new(&rep.paths.data, e)).clone();
+        q.answer_pending(&f);
         drop(q);
         self.shared.wake.notify_all();
     }
@@ -910,7 +909,7 @@ struct Committer {
 /// after an fdatasync that began after its journal write completed, in log order.
 #[derive(Default)]
 struct Syncing {
-    /// Written commits, oldest first, with the failure of their journal write if any.
+    /// Written commits (each a batch of records), oldest first.
     written: VecDeque<Vec<Pending>>,
     /// The syncer holds commits taken from `written` and not answered yet.
     busy: bool,
@@ -949,35 +948,31 @@ fn sync_loop(shared: &Shared) {
 
 /// Fdatasyncs the journal, then answers `batches` (written before) with the outcome.
 fn sync_and_answer(shared: &Shared, batches: Vec<Vec<Pending>>) {
-    {
-        // After a failure no later sync can be trusted (the kernel may have dropped dirty
-        // state): nothing more is answered as durable.
-        let failed = lock(&shared.queue).failed.clone();
-        let result = match failed {
-            Some(f) => Err(f),
-            None => {
-                #[cfg(test)]
-                std::thread::sleep(*lock(&shared.sync_latency));
-                let r = shared.file.sync_data().map_err(|e| Failure::new(&shared.path, &e));
-                shared.fdatasyncs.fetch_add(1, Ordering::Relaxed);
-                r
-            }
-        };
-        if let Err(f) = &result {
-            let mut q = lock(&shared.queue);
-            if q.failed.is_none() {
-                tracing::error!(path = %f.path.display(), error = %f.message, "journal fdatasync failed; the disk refuses further writes");
-                q.failed = Some(f.clone());
-            }
-            for p in q.pending.drain(..) {
-                let _ = p.done.send(Err(f.to_error()));
-            }
-            drop(q);
-            shared.wake.notify_all();
+    // After a failure no later sync can be trusted (the kernel may have dropped dirty
+    // state): nothing more is answered as durable.
+    let failed = lock(&shared.queue).failed.clone();
+    let result = match failed {
+        Some(f) => Err(f),
+        None => {
+            #[cfg(test)]
+            std::thread::sleep(*lock(&shared.sync_latency));
+            let r = shared.file.sync_data().map_err(|e| Failure::new(&shared.path, &e));
+            shared.fdatasyncs.fetch_add(1, Ordering::Relaxed);
+            r
         }
-        for p in batches.into_iter().flatten() {
-            let _ = p.done.send(result.clone().map_err(|f| f.to_error()));
+    };
+    if let Err(f) = &result {
+        let mut q = lock(&shared.queue);
+        if q.failed.is_none() {
+            tracing::error!(path = %f.path.display(), error = %f.message, "journal fdatasync failed; the disk refuses further writes");
+            q.failed = Some(f.clone());
         }
+        q.answer_pending(f);
+        drop(q);
+        shared.wake.notify_all();
+    }
+    for p in batches.into_iter().flatten() {
+        let _ = p.done.send(result.clone().map_err(|f| f.to_error()));
     }
 }
 
@@ -1038,9 +1033,7 @@ impl Committer {
                 tracing::error!(path = %f.path.display(), error = %f.message, "journal write failed; the disk refuses further writes");
                 let mut q = lock(&self.shared.queue);
                 q.failed = Some(f.clone());
-                for p in q.pending.drain(..) {
-                    let _ = p.done.send(Err(f.to_error()));
-                }
+                q.answer_pending(f);
             }
             if result.is_ok() {
                 for p in &batch {

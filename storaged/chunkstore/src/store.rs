@@ -145,8 +145,9 @@ impl std::os::fd::AsRawFd for DataFd {
 
 enum ReadPlan {
     Empty,
-    /// An acknowledged write of the replica is not in place yet: wait for it, then plan again.
-    Placing(Arc<Replica>),
+    /// An acknowledged write of these blocks (first, count) is not in place yet: wait for
+    /// it, then plan again.
+    Placing(Arc<Replica>, u64, u64),
     /// The lock is taken (by a writer on the blocking pool): read there, waiting for it.
     Blocking,
     /// Read `entries.len() / ENTRY` blocks from `first` through the ring.
@@ -166,9 +167,9 @@ enum RingPlan {
     Ring(RingWrite),
     /// Not for the ring: take the blocking path.
     Blocking,
-    /// An acknowledged write of the replica is not in place yet: wait for it, then plan
-    /// again (so this write's data cannot land before it).
-    Placing(Arc<Replica>),
+    /// An acknowledged write of these blocks (first, count) is not in place yet: wait for
+    /// it, then plan again (so this write's data cannot land before it).
+    Placing(Arc<Replica>, u64, u64),
 }
 
 /// What a mutation leaves for the journal: the sum entries it wrote, to be made durable.
@@ -324,10 +325,7 @@ impl ChunkStore {
             loop {
                 match self.inner.plan_ring_write(disk, chunk, chunk_size, version, offset, &data, &sums)? {
                     RingPlan::Ring(plan) => return self.ring_write(ring, disk, plan, data).await,
-                    RingPlan::Placing(rep) => {
-                        let (first, n) = block_span(offset, data.len() as u64);
-                        rep.placed(first, n).await
-                    }
+                    RingPlan::Placing(rep, first, n) => rep.placed(first, n).await,
                     RingPlan::Blocking => break,
                 }
             }
@@ -466,10 +464,7 @@ impl ChunkStore {
         let (files, first, entries) = loop {
             match self.inner.plan_read(disk, chunk, version, offset, len)? {
                 ReadPlan::Empty => return Ok(Some(Bytes::new())),
-                ReadPlan::Placing(rep) => {
-                    let (first, n) = block_span(offset, len);
-                    rep.placed(first, n).await
-                }
+                ReadPlan::Placing(rep, first, n) => rep.placed(first, n).await,
                 ReadPlan::Blocking => return Ok(None),
                 ReadPlan::Ring { files, first, entries } => break (files, first, entries),
             }
@@ -1124,7 +1119,7 @@ impl Inner {
         // one began is listed until its data is in place (one answered since is concurrent
         // with this one, and may land before or after it).
         if rep.unplaced(first, n) {
-            return Ok(RingPlan::Placing(rep));
+            return Ok(RingPlan::Placing(rep, first, n));
         }
         self.journal(disk)?.check()?;
         let Some(st) = rep.try_write_state() else { return Ok(RingPlan::Blocking) };
@@ -1171,7 +1166,7 @@ impl Inner {
         // is listed (the locked read waits for `in_flight`, which those writes also hold).
         let (first, n) = block_span(offset, len);
         if rep.unplaced(first, n) {
-            return Ok(ReadPlan::Placing(rep));
+            return Ok(ReadPlan::Placing(rep, first, n));
         }
         let Some(st) = rep.try_read_state() else { return Ok(ReadPlan::Blocking) };
         if st.deleted {
